@@ -1,0 +1,425 @@
+"""Image-classification data for snapshot-ensemble experiments.
+
+A front end: it loads images as numpy arrays split into train, validation
+and test, and turns arrays into `tf.data` pipelines with the standard
+augmentation of Huang et al. 2017, "Snapshot Ensembles: Train 1, get M for
+free" (arXiv:1704.00109). The validation split is always carved from the
+training data, never from the test data, so snapshots can be selected on
+validation without touching the test set.
+"""
+
+import dataclasses
+import gzip
+import os
+import struct
+
+import numpy as np
+import tensorflow as tf
+
+__all__ = [
+    "EMBEDDED_DATASETS",
+    "FASHION_MNIST_DIR",
+    "Dataset",
+    "load_dataset",
+    "make_dataset",
+]
+
+FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
+"""Where Debian's `dataset-fashion-mnist` package puts the IDX files."""
+
+EMBEDDED_DATASETS = ("digits", "fashion_mnist_local")
+"""Names `load_dataset` serves without tensorflow-datasets."""
+
+_DIGITS_TEST_FRACTION = 0.3
+_DIGITS_TEST_SEED = 0
+_PAD = 4
+_FASHION_FILES = {
+    "x_train": "train-images-idx3-ubyte.gz",
+    "y_train": "train-labels-idx1-ubyte.gz",
+    "x_test": "t10k-images-idx3-ubyte.gz",
+    "y_test": "t10k-labels-idx1-ubyte.gz",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Dataset:
+    """Train, validation and test arrays of one image-classification task.
+
+    Images are float32 in `[0, 1]`, shaped `(N, height, width, channels)`;
+    labels are int32 class indices in `[0, num_classes)`. The validation
+    arrays are carved from the original training split.
+
+    Attributes:
+        x_train: Training images.
+        y_train: Training labels.
+        x_val: Validation images (may hold 0 images).
+        y_val: Validation labels.
+        x_test: Test images.
+        y_test: Test labels.
+        num_classes: Number of classes.
+        input_shape: `(height, width, channels)` of one image.
+        name: The name the data was loaded with.
+    """
+
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_val: np.ndarray
+    y_val: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+    num_classes: int
+    input_shape: tuple[int, int, int]
+    name: str
+
+
+def _split(labels, fraction, seed):
+    """Stratified split: indices `(keep, held_out)`, both sorted.
+
+    `round(fraction * len(labels))` examples are held out, shared among the
+    classes in proportion to their sizes (largest remainders first, ties
+    broken at random), and chosen in each class by a permutation seeded with
+    `seed`.
+    """
+    rng = np.random.default_rng(seed)
+    classes, sizes = np.unique(labels, return_counts=True)
+    quotas = fraction * sizes
+    counts = np.floor(quotas).astype(np.int64)
+    missing = round(fraction * labels.size) - int(counts.sum())
+    order = np.lexsort((rng.permutation(sizes.size), counts - quotas))
+    counts[order[:missing]] += 1
+    held = []
+    for c, count in zip(classes, counts, strict=True):
+        members = np.flatnonzero(labels == c)
+        held.append(rng.permutation(members)[:count])
+    held = np.sort(np.concatenate(held)).astype(np.int64)
+    keep = np.setdiff1d(np.arange(labels.size), held)
+    return keep, held
+
+
+def _finish(
+    name, x_train, y_train, x_test, y_test, num_classes, fraction, seed
+):
+    """Carves validation from train, casts, and returns the `Dataset`."""
+    keep, held = _split(y_train, fraction, seed)
+    x_test = np.asarray(x_test, dtype=np.float32)
+    y_test = np.asarray(y_test, dtype=np.int32)
+    return Dataset(
+        x_train=np.asarray(x_train[keep], dtype=np.float32),
+        y_train=np.asarray(y_train[keep], dtype=np.int32),
+        x_val=np.asarray(x_train[held], dtype=np.float32),
+        y_val=np.asarray(y_train[held], dtype=np.int32),
+        x_test=x_test,
+        y_test=y_test,
+        num_classes=int(num_classes),
+        input_shape=tuple(int(d) for d in x_train.shape[1:]),
+        name=name,
+    )
+
+
+def _load_digits(fraction, seed):
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    images = (digits.images / 16.0)[..., np.newaxis]
+    labels = digits.target
+    train, test = _split(labels, _DIGITS_TEST_FRACTION, _DIGITS_TEST_SEED)
+    return _finish(
+        "digits",
+        images[train],
+        labels[train],
+        images[test],
+        labels[test],
+        10,
+        fraction,
+        seed,
+    )
+
+
+def _read_idx(path, magic, ndim):
+    """Reads one gzipped IDX file of unsigned bytes as a numpy array."""
+    with gzip.open(path, "rb") as f:
+        data = f.read()
+    header = 4 + 4 * ndim
+    found = struct.unpack(">I", data[:4])[0] if len(data) >= 4 else None
+    if found != magic:
+        raise ValueError(
+            f"{path!r} is not an IDX file of {ndim}-D unsigned bytes: its "
+            f"magic number is {found}, expected {magic}. Reinstall the data "
+            "with `apt-get install --reinstall dataset-fashion-mnist`."
+        )
+    shape = struct.unpack(f">{ndim}I", data[4:header])
+    array = np.frombuffer(data, dtype=np.uint8, offset=header)
+    if array.size != int(np.prod(shape)):
+        raise ValueError(
+            f"{path!r} is truncated: its header announces shape {shape} "
+            f"({int(np.prod(shape))} bytes) but it holds {array.size} bytes. "
+            "Reinstall it with "
+            "`apt-get install --reinstall dataset-fashion-mnist`."
+        )
+    return array.reshape(shape)
+
+
+def _load_fashion_mnist(data_dir, fraction, seed):
+    folder = data_dir if data_dir is not None else FASHION_MNIST_DIR
+    paths = {k: os.path.join(folder, f) for k, f in _FASHION_FILES.items()}
+    missing = [p for p in paths.values() if not os.path.isfile(p)]
+    if missing:
+        raise FileNotFoundError(
+            f"Fashion-MNIST files not found: {missing}. Install them with "
+            "`apt-get install -y dataset-fashion-mnist` (Debian), which puts "
+            f"them in {FASHION_MNIST_DIR}, or pass `data_dir=` the folder "
+            "holding the 4 original IDX gzip files."
+        )
+    arrays = {
+        k: _read_idx(p, 2051, 3) if k.startswith("x") else _read_idx(p, 2049, 1)
+        for k, p in paths.items()
+    }
+    return _finish(
+        "fashion_mnist_local",
+        arrays["x_train"][..., np.newaxis] / np.float32(255),
+        arrays["y_train"],
+        arrays["x_test"][..., np.newaxis] / np.float32(255),
+        arrays["y_test"],
+        10,
+        fraction,
+        seed,
+    )
+
+
+def _tfds_to_numpy(tfds, ds):
+    """Concatenates a supervised `tf.data.Dataset` into numpy arrays."""
+    xs, ys = [], []
+    for x, y in tfds.as_numpy(ds.batch(1024)):
+        xs.append(x)
+        ys.append(y)
+    return np.concatenate(xs), np.concatenate(ys)
+
+
+def _load_tfds(name, data_dir, fraction, seed):
+    import tensorflow_datasets as tfds
+
+    try:
+        builder = tfds.builder(name, data_dir=data_dir)
+    except tfds.core.registered.DatasetNotFoundError:
+        raise ValueError(
+            f"Unknown dataset {name!r}. Use one of the embedded datasets "
+            f"{list(EMBEDDED_DATASETS)}, or the name of any "
+            "tensorflow-datasets image-classification dataset (e.g. "
+            '"mnist", "cifar10", "cifar100", "svhn_cropped"). '
+            f"Received: name={name!r}"
+        ) from None
+    info = builder.info
+    keys = info.supervised_keys
+    image = info.features[keys[0]] if keys else None
+    label = info.features[keys[1]] if keys else None
+    classifies_images = isinstance(image, tfds.features.Image) and isinstance(
+        label, tfds.features.ClassLabel
+    )
+    if not classifies_images:
+        raise ValueError(
+            f"The tensorflow-datasets dataset {name!r} is not an image "
+            "classification dataset: its supervised keys are "
+            f"{keys}. Pick one whose input is an image and whose target is a "
+            f"class label. Received: name={name!r}"
+        )
+    if None in image.shape:
+        raise ValueError(
+            f"The images of {name!r} have variable sizes {image.shape}; "
+            "`load_dataset` needs fixed-size images. Pick a dataset of "
+            f"fixed-size images. Received: name={name!r}"
+        )
+    splits = set(info.splits.keys())
+    test_split = "test"
+    if splits and "test" not in splits:
+        if "validation" not in splits:
+            raise ValueError(
+                f"The dataset {name!r} has no 'test' or 'validation' split "
+                f"to test on (splits: {sorted(splits)}). Pick another "
+                f"dataset. Received: name={name!r}"
+            )
+        test_split = "validation"
+    train, test = tfds.load(
+        name,
+        split=["train", test_split],
+        data_dir=data_dir,
+        as_supervised=True,
+        shuffle_files=False,
+    )
+    x_train, y_train = _tfds_to_numpy(tfds, train)
+    x_test, y_test = _tfds_to_numpy(tfds, test)
+    return _finish(
+        name,
+        x_train / np.float32(255),
+        y_train,
+        x_test / np.float32(255),
+        y_test,
+        label.num_classes,
+        fraction,
+        seed,
+    )
+
+
+def load_dataset(
+    name: str = "digits",
+    data_dir: str | os.PathLike | None = None,
+    validation_fraction: float = 0.1,
+    seed: int = 0,
+) -> Dataset:
+    """Loads an image-classification dataset as numpy train/val/test arrays.
+
+    Snapshot ensembles (Huang et al. 2017, arXiv:1704.00109) are evaluated
+    on a held-out test set; choosing snapshots or ensemble sizes needs a
+    separate validation set. This function carves `validation_fraction` of
+    the training data (stratified by class, with `seed`) into validation and
+    leaves the test split untouched.
+
+    Names:
+        - `"digits"`: scikit-learn's bundled 8x8 handwritten digits (1797
+          images, 10 classes, no network). 30% of the images, stratified by
+          class and always the same whatever `seed`, are the test split.
+        - `"fashion_mnist_local"`: Fashion-MNIST (60000 + 10000 28x28
+          images) read from the original IDX gzip files in `data_dir`,
+          by default `/usr/share/datasets/fashion-mnist` where Debian's
+          `dataset-fashion-mnist` package installs them.
+        - Any other name: a tensorflow-datasets image-classification
+          dataset with fixed-size images (`"mnist"`, `"cifar10"`,
+          `"cifar100"`, ...), from `tfds.load(name, data_dir=data_dir,
+          as_supervised=True)`; it downloads if not in `data_dir`. Its
+          `"test"` split (or `"validation"` where there is no test split) is
+          the test set. The whole dataset is held in memory.
+
+    Args:
+        name: Dataset name, see above. Defaults to `"digits"`.
+        data_dir: Folder of the data: the IDX files for
+            `"fashion_mnist_local"`, tensorflow-datasets' `data_dir`
+            otherwise. Ignored for `"digits"`. Defaults to `None`.
+        validation_fraction: Fraction of the training split held out for
+            validation, in `[0, 1)`. Defaults to `0.1`.
+        seed: Seed of the validation split. Defaults to `0`.
+
+    Returns:
+        A `Dataset` of float32 NHWC images in `[0, 1]` and int32 labels.
+
+    Raises:
+        ValueError: If `name` is unknown or not an image-classification
+            dataset, or `validation_fraction` is out of range.
+        FileNotFoundError: If the Fashion-MNIST files are missing.
+
+    Example:
+
+    ```python
+    data = load_dataset("digits", validation_fraction=0.1, seed=0)
+    data.x_train.shape  # (1132, 8, 8, 1)
+    data.x_val.shape, data.x_test.shape  # (126, 8, 8, 1), (539, 8, 8, 1)
+    ```
+    """
+    if isinstance(validation_fraction, bool) or not (
+        isinstance(validation_fraction, (int, float))
+        and 0 <= validation_fraction < 1
+    ):
+        raise ValueError(
+            "`validation_fraction` must be a number in [0, 1), e.g. 0.1. "
+            f"Received: validation_fraction={validation_fraction!r}"
+        )
+    if not isinstance(name, str) or not name:
+        raise ValueError(
+            f"`name` must be a non-empty string: one of "
+            f"{list(EMBEDDED_DATASETS)} or a tensorflow-datasets name. "
+            f"Received: name={name!r}"
+        )
+    if data_dir is not None:
+        data_dir = os.fspath(data_dir)
+    if name == "digits":
+        return _load_digits(validation_fraction, seed)
+    if name == "fashion_mnist_local":
+        return _load_fashion_mnist(data_dir, validation_fraction, seed)
+    return _load_tfds(name, data_dir, validation_fraction, seed)
+
+
+def _augment(image, label, seeds):
+    """Pads 4 zero pixels per side, random-crops back, random h-flip."""
+    height, width, channels = image.shape
+    padded = tf.pad(image, [[_PAD, _PAD], [_PAD, _PAD], [0, 0]])
+    image = tf.image.stateless_random_crop(
+        padded, [height, width, channels], seed=seeds[0]
+    )
+    image = tf.image.stateless_random_flip_left_right(image, seed=seeds[1])
+    return image, label
+
+
+def make_dataset(
+    x: np.ndarray,
+    y: np.ndarray,
+    batch_size: int,
+    shuffle: bool = False,
+    augment: bool = False,
+    seed: int | None = None,
+) -> tf.data.Dataset:
+    """Turns image and label arrays into a batched `tf.data.Dataset`.
+
+    Optionally shuffles (anew each epoch), then applies the standard CIFAR
+    augmentation used by Huang et al. 2017 (arXiv:1704.00109) after He et
+    al. 2016: zero-pad 4 pixels on each side, take a random crop of the
+    original size, and flip horizontally with probability 1/2. Random
+    choices change every epoch and are reproducible when `seed` is set. The
+    dataset is batched (the last batch may be smaller) and prefetched.
+
+    Args:
+        x: Images, shaped `(N, height, width, channels)`.
+        y: Labels, shaped `(N,)` (or `(N, ...)`).
+        batch_size: Number of examples per batch, >= 1.
+        shuffle: Whether to shuffle the examples each epoch. Defaults to
+            `False`.
+        augment: Whether to apply the pad-crop-flip augmentation. Use it on
+            training data only, and on images where a mirror image is the
+            same class (not digits). Defaults to `False`.
+        seed: Seed of the shuffle and the augmentation; `None` gives
+            different orders and crops on every run. Defaults to `None`.
+
+    Returns:
+        A `tf.data.Dataset` of `(images, labels)` batches.
+
+    Example:
+
+    ```python
+    data = load_dataset("digits")
+    train = make_dataset(
+        data.x_train, data.y_train, 128, shuffle=True, augment=True, seed=0
+    )
+    ```
+    """
+    if (
+        isinstance(batch_size, bool)
+        or not isinstance(batch_size, int)
+        or batch_size < 1
+    ):
+        raise ValueError(
+            "`batch_size` must be an int >= 1, e.g. 128. Received: "
+            f"batch_size={batch_size!r}"
+        )
+    if len(x) != len(y):
+        raise ValueError(
+            "`x` and `y` must hold the same number of examples. Received: "
+            f"len(x)={len(x)}, len(y)={len(y)}"
+        )
+    if augment and np.ndim(x) != 4:
+        raise ValueError(
+            "`augment=True` needs images shaped (N, height, width, channels)."
+            f" Received: x with shape {np.shape(x)}"
+        )
+    ds = tf.data.Dataset.from_tensor_slices((x, y))
+    if shuffle:
+        ds = ds.shuffle(
+            max(len(x), 1), seed=seed, reshuffle_each_iteration=True
+        )
+    if augment:
+        # Two stateless seeds (crop, flip) per example, new each epoch.
+        seeds = tf.data.Dataset.random(
+            seed=seed, rerandomize_each_iteration=True
+        ).batch(4, drop_remainder=True)
+        seeds = seeds.map(lambda s: tf.reshape(s, [2, 2]))
+        ds = tf.data.Dataset.zip(ds, seeds).map(
+            lambda xy, s: _augment(xy[0], xy[1], s),
+            num_parallel_calls=tf.data.AUTOTUNE,
+        )
+    return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)

@@ -1,0 +1,391 @@
+"""Loading snapshots and averaging them in one functional Keras model."""
+
+import os
+import warnings
+
+import keras
+import numpy as np
+
+from keras_snapshot import manifest as manifest_lib
+from keras_snapshot.batchnorm import recalibrate_batchnorm
+
+
+def _check_last(last, available: int):
+    if last is None:
+        return available
+    if isinstance(last, bool) or not isinstance(last, int):
+        raise ValueError(
+            "`last` must be a positive integer (the number of most recent "
+            f"snapshots to keep). Received: last={last!r}."
+        )
+    if not 1 <= last <= available:
+        raise ValueError(
+            f"`last` must be between 1 and the number of snapshots "
+            f"({available}). Received: last={last}."
+        )
+    return last
+
+
+def snapshot_paths(
+    directory: str, last: int | None = None, skip_invalid: bool = False
+) -> list[str]:
+    """Paths of the verified snapshots of a directory, oldest first.
+
+    Every file is checked against the size and sha256 of the manifest.
+
+    Args:
+        directory: A folder written by `SnapshotCheckpoint`.
+        last: Keep only the last `last` snapshots.
+        skip_invalid: Skip missing or corrupted files with a warning instead
+            of raising an error.
+
+    Example:
+
+    ```python
+    paths = keras_snapshot.snapshot_paths("snapshots", last=3)
+    ```
+    """
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(
+            f"The snapshot directory {directory} does not exist."
+        )
+    try:
+        manifest = manifest_lib.read_manifest(directory)
+    except FileNotFoundError:
+        found = sorted(
+            name for name in os.listdir(directory) if name.endswith(".keras")
+        )
+        hint = (
+            f"It holds {found[:5]}: pass their paths as a list to use them "
+            "without a manifest."
+            if found
+            else "It holds no `.keras` files."
+        )
+        raise FileNotFoundError(
+            f"{directory} has no {manifest_lib.MANIFEST_NAME}, so it was not "
+            f"written by SnapshotCheckpoint. {hint}"
+        ) from None
+    paths = []
+    for entry in manifest["snapshots"]:
+        try:
+            paths.append(manifest_lib.verify_snapshot_file(directory, entry))
+        except (OSError, ValueError) as e:
+            if not skip_invalid:
+                raise
+            warnings.warn(f"Skipping snapshot: {e}", stacklevel=2)
+    if not paths:
+        raise ValueError(
+            f"The snapshot directory {directory} has no usable snapshots "
+            f"(its manifest lists {len(manifest['snapshots'])}). Train with "
+            "SnapshotCheckpoint first."
+        )
+    return paths[-_check_last(last, len(paths)) :]
+
+
+def load_snapshots(
+    snapshots,
+    last: int | None = None,
+    safe_mode: bool = True,
+    skip_invalid: bool = False,
+    custom_objects: dict | None = None,
+) -> list:
+    """Loads snapshot models from a directory, a list of paths or models.
+
+    Args:
+        snapshots: A directory written by `SnapshotCheckpoint` (read through
+            its manifest, each file checked against its sha256), a list of
+            `.keras` paths, or a list of Keras models.
+        last: Keep only the last `last` snapshots.
+        safe_mode: Passed to `keras.saving.load_model`; `True` refuses
+            snapshots that would run arbitrary code (`Lambda` layers). Set
+            `False` only for files you trust.
+        skip_invalid: Skip missing or corrupted snapshots with a warning.
+        custom_objects: Custom layers or functions needed to load.
+
+    Returns:
+        A list of Keras models, oldest snapshot first.
+
+    Example:
+
+    ```python
+    members = keras_snapshot.load_snapshots("snapshots", last=3)
+    ```
+    """
+    if isinstance(snapshots, (str, os.PathLike)):
+        directory = os.fspath(snapshots)
+        if not os.path.isdir(directory):
+            raise FileNotFoundError(
+                f"`snapshots` must be a snapshot directory, a list of `.keras`"
+                f" paths or a list of models. {directory} is not a directory."
+            )
+        items = snapshot_paths(directory, skip_invalid=skip_invalid)
+    elif isinstance(snapshots, keras.Model):
+        items = [snapshots]
+    else:
+        try:
+            items = list(snapshots)
+        except TypeError:
+            raise TypeError(
+                "`snapshots` must be a snapshot directory, a list of `.keras`"
+                f" paths or a list of Keras models. Received: {snapshots!r}."
+            ) from None
+    if not items:
+        raise ValueError(
+            "`snapshots` is empty: pass at least one snapshot (a directory "
+            "written by SnapshotCheckpoint, `.keras` paths or models)."
+        )
+    items = items[-_check_last(last, len(items)) :]
+    models = []
+    for item in items:
+        if isinstance(item, keras.Model):
+            models.append(item)
+            continue
+        if not isinstance(item, (str, os.PathLike)):
+            raise TypeError(
+                "Each snapshot must be a `.keras` path or a Keras model. "
+                f"Received: {item!r} (type {type(item).__name__})."
+            )
+        models.append(_load_one(os.fspath(item), safe_mode, custom_objects))
+    return models
+
+
+def _load_one(path: str, safe_mode: bool, custom_objects):
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"Snapshot file {path} does not exist.")
+    try:
+        return keras.saving.load_model(
+            path,
+            compile=False,
+            safe_mode=safe_mode,
+            custom_objects=custom_objects,
+        )
+    except ValueError as e:
+        if "safe_mode" in str(e) or "Lambda" in str(e):
+            raise ValueError(
+                f"Refusing to load snapshot {path}: it holds code (a Lambda "
+                "layer) that would run when loaded. If you trust this file, "
+                "pass `safe_mode=False`."
+            ) from e
+        raise ValueError(f"Could not load snapshot {path}: {e}") from e
+    except Exception as e:
+        raise ValueError(
+            f"Could not load snapshot {path}: {type(e).__name__}: {e}. The "
+            "file may be truncated or not a `.keras` model."
+        ) from e
+
+
+def _describe(model, item) -> str:
+    if isinstance(item, (str, os.PathLike)):
+        return os.fspath(item)
+    return f"model {model.name!r}"
+
+
+def _looks_like_probabilities(model) -> bool:
+    """Whether the model's outputs are non-negative and sum to one."""
+    shape = model.inputs[0].shape
+    if any(dim is None for dim in shape[1:]) or model.inputs[0].dtype not in (
+        "float16",
+        "float32",
+        "float64",
+        "bfloat16",
+    ):
+        return True  # Cannot probe; trust the caller.
+    probe = np.random.default_rng(0).normal(size=(2, *shape[1:]))
+    outputs = keras.ops.convert_to_numpy(
+        model(probe.astype(model.inputs[0].dtype), training=False)
+    )
+    return bool(
+        np.all(outputs >= -1e-6)
+        and np.allclose(outputs.sum(axis=-1), 1.0, atol=1e-3)
+    )
+
+
+def check_members(models: list, names: list | None = None) -> None:
+    """Checks that members can be averaged: one input, same shapes.
+
+    Raises:
+        ValueError: naming the offending member.
+    """
+    names = names or [_describe(m, m) for m in models]
+    reference = None
+    for model, name in zip(models, names):
+        if len(model.inputs) != 1 or len(model.outputs) != 1:
+            raise ValueError(
+                f"Snapshot {name} has {len(model.inputs)} inputs and "
+                f"{len(model.outputs)} outputs; build_ensemble averages "
+                "models with one input and one output (class probabilities)."
+            )
+        shapes = (
+            tuple(model.inputs[0].shape[1:]),
+            tuple(model.outputs[0].shape[1:]),
+        )
+        if reference is None:
+            reference = (shapes, name)
+        elif shapes != reference[0]:
+            raise ValueError(
+                f"Snapshot {name} has input shape {shapes[0]} and output "
+                f"shape {shapes[1]}, but {reference[1]} has input shape "
+                f"{reference[0][0]} and output shape {reference[0][1]}. All "
+                "members of an ensemble must agree."
+            )
+
+
+def build_ensemble(
+    snapshots,
+    last: int | None = None,
+    weights=None,
+    from_logits: bool = False,
+    recalibration_data=None,
+    safe_mode: bool = True,
+    skip_invalid: bool = False,
+    custom_objects: dict | None = None,
+    name: str = "snapshot_ensemble",
+):
+    """Averages snapshot models into one functional Keras model.
+
+    The prediction of a Snapshot Ensemble (Huang et al. 2017,
+    arXiv:1704.00109) is the average of its members' softmax outputs. This
+    builds that as an ordinary Keras model: every member is a sub-model with
+    a unique name (`snapshot_1`, ...), and a `keras.layers.Average` (or,
+    with `weights`, `Rescaling` and `Add` layers) combines their
+    probabilities. Only built-in Keras layers are used, so the ensemble
+    saves to `.keras` and reloads without importing keras_snapshot, and
+    `ensemble.export(path)` writes a TensorFlow SavedModel.
+
+    Args:
+        snapshots: A directory written by `SnapshotCheckpoint`, a list of
+            `.keras` paths, or a list of Keras models.
+        last: Use only the last `last` snapshots (often the best ones).
+        weights: Optional non-negative weight per member (after `last`);
+            normalised to sum to one. Choose them on validation data (see
+            `select_snapshots`), never on the test set.
+        from_logits: Set when members output logits: a softmax is applied
+            to each member before averaging.
+        recalibration_data: Optional training inputs; each member's
+            BatchNorm statistics are recomputed on it first (see
+            `recalibrate_batchnorm`). Models passed in are cloned, not
+            changed.
+        safe_mode: Passed to `keras.saving.load_model`.
+        skip_invalid: Skip missing or corrupted snapshot files with a
+            warning instead of raising an error.
+        custom_objects: Custom objects needed to load the snapshots.
+        name: Name of the ensemble model.
+
+    Returns:
+        A `keras.Model` that maps inputs to averaged class probabilities.
+
+    Example:
+
+    ```python
+    ensemble = keras_snapshot.build_ensemble("snapshots", last=3)
+    probabilities = ensemble.predict(x_test)
+    ensemble.save("ensemble.keras")
+    ensemble.export("ensemble_savedmodel")  # TensorFlow SavedModel
+    ```
+    """
+    from keras_snapshot.selection import normalize_weights
+
+    if isinstance(snapshots, (str, os.PathLike)) and os.path.isdir(snapshots):
+        items = snapshot_paths(
+            os.fspath(snapshots), last=last, skip_invalid=skip_invalid
+        )
+        last = None
+    elif isinstance(snapshots, (str, os.PathLike)):
+        items = [snapshots]
+    else:
+        items = snapshots
+    members = load_snapshots(
+        items,
+        last=last,
+        safe_mode=safe_mode,
+        custom_objects=custom_objects,
+    )
+    if isinstance(items, (list, tuple)):
+        names = [
+            _describe(m, item)
+            for m, item in zip(members, list(items)[-len(members) :])
+        ]
+    else:
+        names = None
+    check_members(members, names)
+    names = names or [_describe(m, m) for m in members]
+    if weights is not None:
+        weights = normalize_weights(weights, len(members))
+    if recalibration_data is not None:
+        members = [
+            recalibrate_batchnorm(_private_copy(m), recalibration_data)
+            for m in members
+        ]
+    if not from_logits:
+        for member, member_name in zip(members, names):
+            if not _looks_like_probabilities(member):
+                raise ValueError(
+                    f"Snapshot {member_name} does not output probabilities "
+                    "(its outputs are not non-negative rows that sum to 1). "
+                    "If it outputs logits, pass `from_logits=True`."
+                )
+    first = members[0]
+    inputs = keras.Input(
+        shape=first.inputs[0].shape[1:],
+        dtype=first.inputs[0].dtype,
+        name="inputs",
+    )
+    outputs = []
+    for i, member in enumerate(members, start=1):
+        wrapped = keras.Model(
+            member.inputs[0], member.outputs[0], name=f"snapshot_{i}"
+        )
+        output = wrapped(inputs)
+        if from_logits:
+            output = keras.layers.Softmax(name=f"snapshot_{i}_softmax")(output)
+        outputs.append(output)
+    if len(outputs) == 1 and weights is None:
+        probabilities = keras.layers.Identity(name="probabilities")(outputs[0])
+    elif weights is None:
+        probabilities = keras.layers.Average(name="probabilities")(outputs)
+    else:
+        scaled = [
+            keras.layers.Rescaling(float(w), name=f"snapshot_{i}_weight")(o)
+            for i, (w, o) in enumerate(zip(weights, outputs), start=1)
+        ]
+        if len(scaled) == 1:
+            probabilities = keras.layers.Identity(name="probabilities")(
+                scaled[0]
+            )
+        else:
+            probabilities = keras.layers.Add(name="probabilities")(scaled)
+    return keras.Model(inputs, probabilities, name=name)
+
+
+def _private_copy(model):
+    """A copy of `model` whose weights can be changed without touching it."""
+    copy = keras.models.clone_model(model)
+    copy.set_weights(model.get_weights())
+    return copy
+
+
+def export_ensemble(ensemble, path: str, format: str = "tf_saved_model"):
+    """Exports an ensemble for serving (a TensorFlow SavedModel by default).
+
+    The SavedModel has a `serve` endpoint and a `serving_default`
+    signature, both returning the averaged probabilities. It is
+    `ensemble.export(path)` with a clear error on backends that cannot
+    export.
+
+    Example:
+
+    ```python
+    keras_snapshot.export_ensemble(ensemble, "ensemble_savedmodel")
+    reloaded = tf.saved_model.load("ensemble_savedmodel")
+    probabilities = reloaded.serve(x_test)
+    ```
+    """
+    try:
+        ensemble.export(path, format=format, verbose=False)
+    except ImportError as e:
+        raise RuntimeError(
+            f"Exporting to {format} needs TensorFlow installed next to the "
+            f"{keras.backend.backend()} backend ({e}). Install tensorflow or "
+            "save a `.keras` file with `ensemble.save(...)` instead."
+        ) from e
+    return path

@@ -1,0 +1,174 @@
+"""The cyclic cosine learning rate of Snapshot Ensembles."""
+
+import math
+import numbers
+
+import keras
+from keras import ops
+
+
+def _check_positive_int(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ValueError(
+            f"`{name}` must be a positive integer. "
+            f"Received: {name}={value!r} (type {type(value).__name__})."
+        )
+    if value < 1:
+        raise ValueError(
+            f"`{name}` must be a positive integer. Received: {name}={value}."
+        )
+    return int(value)
+
+
+def _check_learning_rate(value) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(
+            "`initial_learning_rate` must be a finite positive number. "
+            f"Received: initial_learning_rate={value!r} "
+            f"(type {type(value).__name__})."
+        )
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(
+            "`initial_learning_rate` must be a finite positive number. "
+            f"Received: initial_learning_rate={value}."
+        )
+    return float(value)
+
+
+@keras.saving.register_keras_serializable(package="keras_snapshot")
+class SnapshotSchedule(keras.optimizers.schedules.LearningRateSchedule):
+    """Cyclic cosine annealing with restarts, one cycle per snapshot.
+
+    The schedule of Snapshot Ensembles (Huang et al. 2017, "Snapshot
+    Ensembles: Train 1, get M for free", arXiv:1704.00109). A budget of
+    `total_steps` optimizer steps is split into `num_snapshots` cycles of
+    `cycle_length = ceil(total_steps / num_snapshots)` steps. Within a cycle
+    the rate falls from `initial_learning_rate` to almost zero along a half
+    cosine, then restarts:
+
+    `lr(t) = initial_learning_rate / 2 * (cos(pi * (t mod c) / c) + 1)`
+
+    where `t` is the optimizer step counted from 0 and `c` the cycle length.
+    The rate is updated every step, not every epoch. At the end of each cycle
+    the model sits in a minimum: `SnapshotCheckpoint` saves it there.
+
+    This class is the one place where the cycle arithmetic lives:
+    `cycle_length`, `cycle_end_steps` and `cycle_of_step` answer every
+    question about cycles.
+
+    Args:
+        initial_learning_rate: Rate at the start of every cycle; a finite
+            positive number.
+        total_steps: Training budget `T` in optimizer steps (batches).
+        num_snapshots: Number of cycles `M`, between 1 and `total_steps`.
+        name: Optional name of the schedule.
+
+    Example:
+
+    ```python
+    schedule = keras_snapshot.SnapshotSchedule(
+        initial_learning_rate=0.1, total_steps=1000, num_snapshots=5
+    )
+    optimizer = keras.optimizers.SGD(learning_rate=schedule, momentum=0.9)
+    schedule.cycle_end_steps  # [200, 400, 600, 800, 1000]
+    ```
+    """
+
+    def __init__(
+        self,
+        initial_learning_rate: float,
+        total_steps: int,
+        num_snapshots: int,
+        name: str | None = None,
+    ):
+        super().__init__()
+        self.initial_learning_rate = _check_learning_rate(initial_learning_rate)
+        self.total_steps = _check_positive_int("total_steps", total_steps)
+        self.num_snapshots = _check_positive_int("num_snapshots", num_snapshots)
+        if self.num_snapshots > self.total_steps:
+            raise ValueError(
+                "`num_snapshots` must be between 1 and `total_steps` "
+                f"({self.total_steps}): each cycle needs at least one step. "
+                f"Received: num_snapshots={num_snapshots}. Train for more "
+                "steps or take fewer snapshots."
+            )
+        self.name = name
+
+    @classmethod
+    def from_epochs(
+        cls,
+        initial_learning_rate: float,
+        epochs: int,
+        steps_per_epoch: int,
+        num_snapshots: int,
+        name: str | None = None,
+    ) -> "SnapshotSchedule":
+        """Builds the schedule for `epochs` epochs of `steps_per_epoch` steps.
+
+        Example:
+
+        ```python
+        # 50k images, batch 64 -> 782 steps per epoch; 200 epochs, M=5.
+        schedule = SnapshotSchedule.from_epochs(0.2, 200, 782, 5)
+        ```
+        """
+        epochs = _check_positive_int("epochs", epochs)
+        steps_per_epoch = _check_positive_int(
+            "steps_per_epoch", steps_per_epoch
+        )
+        return cls(
+            initial_learning_rate,
+            total_steps=epochs * steps_per_epoch,
+            num_snapshots=num_snapshots,
+            name=name,
+        )
+
+    @property
+    def cycle_length(self) -> int:
+        """Steps per cycle, `ceil(total_steps / num_snapshots)`."""
+        return -(-self.total_steps // self.num_snapshots)
+
+    @property
+    def cycle_end_steps(self) -> list[int]:
+        """Step counts after which snapshots 1..M are taken.
+
+        Snapshot `k` is taken once `min(k * cycle_length, total_steps)`
+        optimizer steps have run, at the minimum of the learning rate.
+        """
+        c = self.cycle_length
+        return [
+            min(k * c, self.total_steps)
+            for k in range(1, self.num_snapshots + 1)
+        ]
+
+    def cycle_of_step(self, step: int) -> int:
+        """The 1-based cycle that optimizer step `step` (from 0) belongs to."""
+        return int(step) // self.cycle_length + 1
+
+    def __call__(self, step):
+        with keras.name_scope(self.name or "SnapshotSchedule"):
+            dtype = "float32"
+            cycle_length = self.cycle_length
+            position = ops.mod(ops.cast(step, "int64"), cycle_length)
+            fraction = ops.cast(position, dtype) / float(cycle_length)
+            cosine = ops.cos(ops.multiply(math.pi, fraction))
+            return (
+                ops.cast(self.initial_learning_rate, dtype)
+                / 2.0
+                * (cosine + 1.0)
+            )
+
+    def get_config(self) -> dict:
+        return {
+            "initial_learning_rate": self.initial_learning_rate,
+            "total_steps": self.total_steps,
+            "num_snapshots": self.num_snapshots,
+            "name": self.name,
+        }
+
+    def __repr__(self) -> str:
+        return (
+            f"SnapshotSchedule(initial_learning_rate="
+            f"{self.initial_learning_rate}, total_steps={self.total_steps}, "
+            f"num_snapshots={self.num_snapshots})"
+        )

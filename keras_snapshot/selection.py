@@ -1,0 +1,383 @@
+"""Choosing and calibrating ensemble members on validation predictions.
+
+Snapshot Ensembles (Huang et al. 2017, arXiv:1704.00109) average the softmax
+outputs of all snapshots, or of the last `m` only: early snapshots can be
+weak, and averaging them in can make the ensemble worse. This module picks
+members and weights from predictions, in plain numpy:
+
+- `greedy_selection`: greedy forward selection with replacement
+  (Caruana et al. 2004, "Ensemble Selection from Libraries of Models").
+- `best_last_m`: the number `m` of most recent snapshots to average.
+- `fit_temperature` and `apply_temperature`: temperature scaling
+  (Guo et al. 2017, "On Calibration of Modern Neural Networks").
+- `normalize_weights`: the one place where member weights are validated.
+
+All choices must be fitted on validation data, held out from training and
+distinct from the test set. Choosing members, `m` or a temperature on the
+test set makes the reported test numbers optimistic and meaningless.
+
+Member predictions have shape `(num_members, num_examples, num_classes)`,
+in snapshot order (oldest first), and labels are as in
+`keras_snapshot.metrics`: integer labels of shape `(num_examples,)` or
+`(num_examples, 1)`, or one-hot labels.
+"""
+
+import numbers
+
+import numpy as np
+from numpy.typing import ArrayLike
+
+from keras_snapshot import metrics
+
+_METRICS = ("nll", "error")
+# Temperatures are searched in [1e-2, 1e2], on a log scale.
+_LOG_T_BOUNDS = (np.log(1e-2), np.log(1e2))
+_LOG_T_GRID_SIZE = 81
+_LOG_T_TOLERANCE = 1e-7
+
+
+def _check_metric(metric: str) -> str:
+    if metric not in _METRICS:
+        raise ValueError(
+            f"`metric` must be one of {_METRICS}. Received: metric={metric!r}."
+        )
+    return metric
+
+
+def _score_keys(probs: np.ndarray, labels: np.ndarray, metric: str):
+    """Sort keys of shape (..., num_keys); lexicographically smaller wins.
+
+    "nll" is scored by NLL alone; "error" by error, ties broken by NLL.
+    """
+    nll = metrics._nll(probs, labels, metrics._EPS)
+    if metric == "nll":
+        return nll[..., None]
+    return np.stack([metrics._error(probs, labels), nll], axis=-1)
+
+
+def _argbest(keys: np.ndarray) -> int:
+    """Index of the lexicographically smallest row of keys (first on ties)."""
+    # np.lexsort is stable and takes its primary key last.
+    return int(np.lexsort(keys.T[::-1])[0])
+
+
+def normalize_weights(weights: ArrayLike, num_members: int) -> np.ndarray:
+    """Checks ensemble weights and scales them to sum to 1.
+
+    Weighted Snapshot Ensembles average member probabilities with these
+    weights. This is the one place where weights are validated: they must
+    be finite, non-negative, not all zero, and one per member.
+
+    Args:
+        weights: A 1-D sequence of `num_members` non-negative numbers, such
+            as member counts from `greedy_selection`.
+        num_members: The number of ensemble members.
+
+    Returns:
+        A float64 array of shape `(num_members,)` that sums to 1.
+
+    Example:
+
+    ```python
+    normalize_weights([2, 1, 1], num_members=3)  # [0.5, 0.25, 0.25]
+    ```
+    """
+    num_members = metrics._check_positive_int(num_members, "num_members")
+    try:
+        arr = np.asarray(weights, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise ValueError(
+            f"`weights` must be a 1-D sequence of {num_members} numbers. "
+            f"Received: weights={weights!r}."
+        ) from None
+    if arr.shape != (num_members,):
+        raise ValueError(
+            f"`weights` must have one entry per member, i.e. shape "
+            f"({num_members},). Received: weights.shape={arr.shape}, "
+            f"weights={weights!r}."
+        )
+    if not np.all(np.isfinite(arr)) or np.any(arr < 0):
+        raise ValueError(
+            "`weights` must be finite and non-negative. Received: "
+            f"weights={arr.tolist()}."
+        )
+    total = arr.sum()
+    if total <= 0:
+        raise ValueError(
+            "`weights` must not be all zero: at least one member needs a "
+            f"positive weight. Received: weights={arr.tolist()}."
+        )
+    return arr / total
+
+
+def greedy_selection(
+    member_probs: ArrayLike,
+    y_val: ArrayLike,
+    metric: str = "nll",
+    max_size: int | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Greedy forward selection of members, with replacement, on validation.
+
+    Implements ensemble selection of Caruana et al. 2004 ("Ensemble Selection
+    from Libraries of Models", ICML) for the snapshots of a Snapshot
+    Ensemble (Huang et al. 2017, arXiv:1704.00109). Starting from an empty
+    ensemble, each step adds the member (a member may be added again) whose
+    addition gives the best validation `metric` for the average of the
+    selected members' probabilities. Selection stops as soon as no addition
+    strictly improves the metric, or after `max_size` additions. Adding a
+    member several times gives it a proportionally larger weight. On ties,
+    the member with the lowest index is added.
+
+    Fit this on validation data only, never on the test set: the weights
+    are tuned to the data they are chosen on.
+
+    Args:
+        member_probs: Validation predictions of each member, of shape
+            `(num_members, num_examples, num_classes)`.
+        y_val: Validation labels: integers of shape `(num_examples,)` or
+            `(num_examples, 1)`, or one-hot of shape
+            `(num_examples, num_classes)`.
+        metric: `"nll"` (negative log-likelihood) or `"error"` (error rate,
+            ties broken by NLL, since the error alone rarely changes with
+            one addition). Defaults to `"nll"`.
+        max_size: The largest number of additions, counting repeats.
+            Defaults to `2 * num_members`, enough to give some members
+            double weight while keeping the selection cheap.
+
+    Returns:
+        A tuple `(weights, counts)`: `weights` is a float64 array of shape
+        `(num_members,)` summing to 1 (zero for unselected members) and
+        `counts` an integer array of shape `(num_members,)` with how often
+        each member was added; `counts.sum()` is the ensemble size.
+
+    Example:
+
+    ```python
+    rng = np.random.default_rng(0)
+    member_probs = rng.dirichlet(np.ones(10), size=(5, 100))
+    y_val = rng.integers(0, 10, size=100)
+    weights, counts = greedy_selection(member_probs, y_val, metric="nll")
+    ensemble_probs = np.tensordot(weights, member_probs, axes=1)
+    ```
+    """
+    member_probs = metrics._check_member_probs(member_probs)
+    num_members, num_examples, num_classes = member_probs.shape
+    labels = metrics._check_labels(
+        y_val, num_examples, num_classes, name="y_val"
+    )
+    metric = _check_metric(metric)
+    if max_size is None:
+        max_size = 2 * num_members
+    max_size = metrics._check_positive_int(max_size, "max_size")
+
+    counts = np.zeros(num_members, dtype=np.int64)
+    total = np.zeros((num_examples, num_classes))
+    best = None
+    for size in range(1, max_size + 1):
+        candidates = (total + member_probs) / size
+        keys = _score_keys(candidates, labels, metric)
+        index = _argbest(keys)
+        if best is not None and not tuple(keys[index]) < best:
+            break
+        best = tuple(keys[index])
+        counts[index] += 1
+        total += member_probs[index]
+    return normalize_weights(counts, num_members), counts
+
+
+def best_last_m(
+    member_probs: ArrayLike, y_val: ArrayLike, metric: str = "nll"
+) -> tuple[int, np.ndarray]:
+    """Number `m` of most recent snapshots whose average is best on validation.
+
+    Huang et al. 2017 (arXiv:1704.00109) report ensembles of the last `m`
+    snapshots; when early snapshots are weak (for example with a small
+    restart learning rate) the last few do better than all of them. This
+    scores the average of the last `m` members for every `m` from 1 to
+    `num_members` and keeps the best. On ties, the smaller `m` wins, since
+    it is cheaper at inference time.
+
+    Fit this on validation data only, never on the test set.
+
+    Args:
+        member_probs: Validation predictions of each member, of shape
+            `(num_members, num_examples, num_classes)`, oldest snapshot
+            first.
+        y_val: Validation labels: integers of shape `(num_examples,)` or
+            `(num_examples, 1)`, or one-hot of shape
+            `(num_examples, num_classes)`.
+        metric: `"nll"` (negative log-likelihood) or `"error"` (error rate,
+            ties broken by NLL). Defaults to `"nll"`.
+
+    Returns:
+        A tuple `(m, weights)`: the chosen Python int `m` and a float64
+        array of shape `(num_members,)` with `1 / m` on the last `m`
+        members and zeros elsewhere.
+
+    Example:
+
+    ```python
+    rng = np.random.default_rng(0)
+    member_probs = rng.dirichlet(np.ones(10), size=(6, 100))
+    y_val = rng.integers(0, 10, size=100)
+    m, weights = best_last_m(member_probs, y_val)
+    ```
+    """
+    member_probs = metrics._check_member_probs(member_probs)
+    num_members, num_examples, num_classes = member_probs.shape
+    labels = metrics._check_labels(
+        y_val, num_examples, num_classes, name="y_val"
+    )
+    metric = _check_metric(metric)
+
+    # Row i averages the last i + 1 members.
+    sizes = np.arange(1, num_members + 1)[:, None, None]
+    averages = np.cumsum(member_probs[::-1], axis=0) / sizes
+    m = _argbest(_score_keys(averages, labels, metric)) + 1
+    weights = np.zeros(num_members)
+    weights[num_members - m :] = 1.0
+    return m, normalize_weights(weights, num_members)
+
+
+def _as_logits(logits_or_probs: ArrayLike, from_logits: bool, ndim: int):
+    """Returns logits; probabilities are mapped to clipped log-probs."""
+    if from_logits:
+        arr = np.asarray(logits_or_probs, dtype=np.float64)
+        if arr.ndim != ndim or 0 in arr.shape or arr.shape[-1] < 2:
+            raise ValueError(
+                "`logits_or_probs` must be a non-empty array with at least 2 "
+                f"classes on its last axis and {ndim} dimensions. Received: "
+                f"shape={arr.shape}."
+            )
+        if not np.all(np.isfinite(arr)):
+            raise ValueError(
+                "`logits_or_probs` must contain only finite values. Received "
+                "NaN or infinite logits."
+            )
+        return arr
+    probs = metrics._check_probs(
+        logits_or_probs, name="logits_or_probs", ndim=ndim
+    )
+    return np.log(np.clip(probs, metrics._EPS, None))
+
+
+def _check_temperature(temperature: float) -> float:
+    if not (
+        isinstance(temperature, numbers.Real)
+        and np.isfinite(temperature)
+        and temperature > 0
+    ):
+        raise ValueError(
+            "`temperature` must be a finite positive number, e.g. the "
+            "output of `fit_temperature`. Received: "
+            f"temperature={temperature!r}."
+        )
+    return float(temperature)
+
+
+def _scaled_nll(logits: np.ndarray, labels: np.ndarray, log_t: float):
+    """Mean NLL of softmax(logits / exp(log_t))."""
+    z = logits / np.exp(log_t)
+    z_max = np.max(z, axis=1, keepdims=True)
+    log_norm = z_max[:, 0] + np.log(np.sum(np.exp(z - z_max), axis=1))
+    return float(np.mean(log_norm - z[np.arange(z.shape[0]), labels]))
+
+
+def fit_temperature(
+    logits_or_probs: ArrayLike, y_val: ArrayLike, from_logits: bool = False
+) -> float:
+    """Fits the temperature that minimises validation NLL.
+
+    Temperature scaling (Guo et al. 2017, "On Calibration of Modern Neural
+    Networks") divides the logits by a single scalar `T` before the
+    softmax: `T > 1` softens overconfident predictions, `T < 1` sharpens
+    them, and the predicted class never changes. For probabilities, such as
+    the averaged output of a Snapshot Ensemble (Huang et al. 2017,
+    arXiv:1704.00109), `log(probs)` serves as the logits (probabilities
+    below 1e-12 are clipped first). The NLL is convex in `1 / T`, so a
+    dense grid over `log T` followed by a golden-section search finds its
+    minimum; `T` is searched in `[0.01, 100]`.
+
+    Fit this on validation data only, never on the test set.
+
+    Args:
+        logits_or_probs: Validation predictions of shape
+            `(num_examples, num_classes)`: probabilities, or logits if
+            `from_logits=True`.
+        y_val: Validation labels: integers of shape `(num_examples,)` or
+            `(num_examples, 1)`, or one-hot of shape
+            `(num_examples, num_classes)`.
+        from_logits: Whether `logits_or_probs` holds logits. Defaults to
+            `False`.
+
+    Returns:
+        The fitted temperature, a positive Python float.
+
+    Example:
+
+    ```python
+    probs_val = np.array([[0.99, 0.01], [0.99, 0.01], [0.01, 0.99]])
+    y_val = np.array([0, 1, 1])
+    temperature = fit_temperature(probs_val, y_val)  # > 1: overconfident
+    calibrated = apply_temperature(probs_val, temperature)
+    ```
+    """
+    logits = _as_logits(logits_or_probs, from_logits, ndim=2)
+    labels = metrics._check_labels(y_val, *logits.shape, name="y_val")
+
+    grid = np.linspace(*_LOG_T_BOUNDS, _LOG_T_GRID_SIZE)
+    losses = [_scaled_nll(logits, labels, log_t) for log_t in grid]
+    best = int(np.argmin(losses))
+    # The minimum of a unimodal function lies between the grid neighbours
+    # of the best grid point.
+    lo = grid[max(best - 1, 0)]
+    hi = grid[min(best + 1, len(grid) - 1)]
+    inv_phi = (np.sqrt(5.0) - 1.0) / 2.0
+    a, b = hi - inv_phi * (hi - lo), lo + inv_phi * (hi - lo)
+    loss_a = _scaled_nll(logits, labels, a)
+    loss_b = _scaled_nll(logits, labels, b)
+    while hi - lo > _LOG_T_TOLERANCE:
+        if loss_a <= loss_b:
+            hi, b, loss_b = b, a, loss_a
+            a = hi - inv_phi * (hi - lo)
+            loss_a = _scaled_nll(logits, labels, a)
+        else:
+            lo, a, loss_a = a, b, loss_b
+            b = lo + inv_phi * (hi - lo)
+            loss_b = _scaled_nll(logits, labels, b)
+    return float(np.exp((lo + hi) / 2.0))
+
+
+def apply_temperature(
+    logits_or_probs: ArrayLike, temperature: float, from_logits: bool = False
+) -> np.ndarray:
+    """Rescales predictions by a temperature: `softmax(logits / T)`.
+
+    The calibration step of temperature scaling (Guo et al. 2017, "On
+    Calibration of Modern Neural Networks"), with `T` from
+    `fit_temperature`. For probabilities, `log(probs)` serves as the logits,
+    so the result is `probs ** (1 / T)` renormalised. The predicted class
+    is unchanged.
+
+    Args:
+        logits_or_probs: Predictions of shape `(num_examples, num_classes)`
+            or `(num_members, num_examples, num_classes)`: probabilities, or
+            logits if `from_logits=True`.
+        temperature: A positive float.
+        from_logits: Whether `logits_or_probs` holds logits. Defaults to
+            `False`.
+
+    Returns:
+        Probabilities of the same shape as `logits_or_probs`.
+
+    Example:
+
+    ```python
+    apply_temperature(np.array([[0.8, 0.2]]), temperature=2.0)  # [[2/3, 1/3]]
+    ```
+    """
+    temperature = _check_temperature(temperature)
+    ndim = 3 if np.ndim(logits_or_probs) == 3 else 2
+    z = _as_logits(logits_or_probs, from_logits, ndim=ndim) / temperature
+    z = np.exp(z - np.max(z, axis=-1, keepdims=True))
+    return z / np.sum(z, axis=-1, keepdims=True)

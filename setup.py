@@ -1,0 +1,57 @@
+"""Packaging for keras-snapshot (Snapshot Ensembles for Keras 3)."""
+
+import pathlib
+import re
+
+from setuptools import find_packages
+from setuptools import setup
+
+HERE = pathlib.Path(__file__).parent
+VERSION = re.search(
+    r'__version__ = "([^"]+)"',
+    (HERE / "keras_snapshot" / "__init__.py").read_text(),
+).group(1)
+
+setup(
+    name="keras-snapshot",
+    version=VERSION,
+    description=(
+        "Snapshot Ensembles for Keras 3: M models for the training cost of one"
+    ),
+    long_description=(HERE / "README.md").read_text(),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    packages=find_packages(include=["keras_snapshot", "keras_snapshot.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        # Any TensorFlow 2.16+ (the first with Keras 3): a Colab runtime's
+        # preinstalled TensorFlow satisfies this and is never reinstalled.
+        # No upper pin below 3, for the same reason. See README, "Install".
+        "tensorflow>=2.16,<3",
+        "keras>=3.8,<4",
+        "numpy>=1.26",
+        "tensorflow-datasets>=4.9",
+        # The embedded default dataset (scikit-learn's bundled digits) and
+        # the report's plots.
+        "scikit-learn>=1.3",
+        "matplotlib>=3.7",
+    ],
+    extras_require={
+        "test": [
+            "pytest>=8",
+            "tensorboard",
+            "nbclient>=0.10",
+            "nbformat>=5.10",
+            "ipykernel",
+        ],
+        "jax": ["jax>=0.4.30"],
+    },
+    entry_points={
+        "console_scripts": ["keras-snapshot=keras_snapshot.cli:main"],
+    },
+    classifiers=[
+        "Programming Language :: Python :: 3",
+        "Framework :: Keras",
+        "Topic :: Scientific/Engineering :: Artificial Intelligence",
+    ],
+)

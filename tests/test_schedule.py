@@ -1,0 +1,139 @@
+import math
+
+import keras
+import numpy as np
+import pytest
+from conftest import make_data
+from conftest import make_model
+
+from keras_snapshot import SnapshotSchedule
+
+
+def reference_lr(lr0, total_steps, num_snapshots, t):
+    """The formula of Huang et al. 2017 with a 0-based step."""
+    c = math.ceil(total_steps / num_snapshots)
+    return lr0 / 2 * (math.cos(math.pi * (t % c) / c) + 1)
+
+
+@pytest.mark.parametrize(
+    "total_steps,num_snapshots", [(100, 5), (103, 4), (7, 3), (10, 1), (5, 5)]
+)
+def test_matches_numpy_reference_at_every_step(total_steps, num_snapshots):
+    schedule = SnapshotSchedule(0.2, total_steps, num_snapshots)
+    steps = np.arange(total_steps + 5)
+    got = keras.ops.convert_to_numpy(schedule(steps))
+    want = [reference_lr(0.2, total_steps, num_snapshots, t) for t in steps]
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
+
+
+def test_cycle_start_is_initial_rate_and_end_is_near_zero():
+    schedule = SnapshotSchedule(0.1, total_steps=1003, num_snapshots=4)
+    c = schedule.cycle_length
+    assert c == 251
+    for end in schedule.cycle_end_steps:
+        last_step_rate = float(schedule(end - 1))
+        assert last_step_rate < 0.1 * 1e-3
+        if end < schedule.total_steps:
+            assert float(schedule(end)) == pytest.approx(0.1)
+    assert float(schedule(0)) == pytest.approx(0.1)
+
+
+def test_cycle_end_steps_last_cycle_is_shorter():
+    schedule = SnapshotSchedule(0.1, total_steps=103, num_snapshots=4)
+    assert schedule.cycle_length == 26
+    assert schedule.cycle_end_steps == [26, 52, 78, 103]
+    assert schedule.cycle_of_step(0) == 1
+    assert schedule.cycle_of_step(25) == 1
+    assert schedule.cycle_of_step(26) == 2
+    assert schedule.cycle_of_step(102) == 4
+
+
+def test_from_epochs():
+    schedule = SnapshotSchedule.from_epochs(0.2, 200, 782, 5)
+    assert schedule.total_steps == 200 * 782
+    assert schedule.cycle_end_steps[-1] == 200 * 782
+    assert schedule.cycle_length == 40 * 782
+
+
+def test_config_round_trip():
+    schedule = SnapshotSchedule(0.05, 300, 6, name="snap")
+    config = schedule.get_config()
+    assert config == {
+        "initial_learning_rate": 0.05,
+        "total_steps": 300,
+        "num_snapshots": 6,
+        "name": "snap",
+    }
+    again = SnapshotSchedule.from_config(config)
+    assert again.get_config() == config
+    restored = keras.optimizers.schedules.deserialize(
+        keras.optimizers.schedules.serialize(schedule)
+    )
+    assert isinstance(restored, SnapshotSchedule)
+    assert restored.get_config() == config
+
+
+def test_compiled_model_saves_and_reloads_with_schedule(tmp_path):
+    x, y = make_data()
+    model = make_model()
+    schedule = SnapshotSchedule(0.1, 30, 3)
+    model.compile(
+        keras.optimizers.SGD(schedule), "sparse_categorical_crossentropy"
+    )
+    model.fit(x, y, batch_size=32, epochs=2, verbose=0)
+    path = str(tmp_path / "model.keras")
+    model.save(path)
+    reloaded = keras.saving.load_model(path)
+    restored = reloaded.optimizer._learning_rate
+    assert isinstance(restored, SnapshotSchedule)
+    assert restored.get_config() == schedule.get_config()
+    assert int(reloaded.optimizer.iterations.numpy()) == 6
+    # The reloaded optimizer continues on the same schedule.
+    assert float(reloaded.optimizer.learning_rate) == pytest.approx(
+        reference_lr(0.1, 30, 3, 6), rel=1e-5
+    )
+
+
+def test_runs_inside_compiled_function():
+    import tensorflow as tf
+
+    schedule = SnapshotSchedule(0.1, 50, 5)
+    compiled = tf.function(schedule, jit_compile=True)
+    for step in [0, 9, 10, 49]:
+        assert float(compiled(tf.constant(step, tf.int64))) == pytest.approx(
+            reference_lr(0.1, 50, 5, step), rel=1e-5, abs=1e-7
+        )
+
+
+BAD_ARGUMENTS = [
+    (dict(initial_learning_rate=0.0), "initial_learning_rate"),
+    (dict(initial_learning_rate=-0.1), "initial_learning_rate"),
+    (dict(initial_learning_rate=float("nan")), "initial_learning_rate"),
+    (dict(initial_learning_rate=float("inf")), "initial_learning_rate"),
+    (dict(initial_learning_rate="0.1"), "initial_learning_rate"),
+    (dict(initial_learning_rate=True), "initial_learning_rate"),
+    (dict(total_steps=0), "total_steps"),
+    (dict(total_steps=-5), "total_steps"),
+    (dict(total_steps=100.0), "total_steps"),
+    (dict(total_steps=True), "total_steps"),
+    (dict(num_snapshots=0), "num_snapshots"),
+    (dict(num_snapshots=2.5), "num_snapshots"),
+    (dict(num_snapshots=101), "num_snapshots"),
+    (dict(num_snapshots=False), "num_snapshots"),
+]
+
+
+@pytest.mark.parametrize("override,argument", BAD_ARGUMENTS)
+def test_bad_arguments_raise_clear_errors(override, argument):
+    kwargs = dict(initial_learning_rate=0.1, total_steps=100, num_snapshots=5)
+    kwargs.update(override)
+    with pytest.raises(ValueError, match=argument) as info:
+        SnapshotSchedule(**kwargs)
+    assert "Received" in str(info.value)
+
+
+def test_from_epochs_bad_arguments():
+    with pytest.raises(ValueError, match="steps_per_epoch"):
+        SnapshotSchedule.from_epochs(0.1, 10, 0, 2)
+    with pytest.raises(ValueError, match="epochs"):
+        SnapshotSchedule.from_epochs(0.1, 2.5, 10, 2)

@@ -1,0 +1,264 @@
+import math
+
+import numpy as np
+import pytest
+
+from keras_snapshot import selection
+from keras_snapshot.metrics import negative_log_likelihood
+
+NUM_EXAMPLES = 120
+LABELS = np.arange(NUM_EXAMPLES) % 3
+
+
+def _member(correct, wrong, mask=None, other=None):
+    """Probabilities with `correct` on the label, `wrong` on the next class.
+
+    Where `mask` is False, the row comes from `other` instead.
+    """
+    n = NUM_EXAMPLES
+    probs = np.zeros((n, 3))
+    probs[np.arange(n), LABELS] = correct
+    probs[np.arange(n), (LABELS + 1) % 3] = wrong
+    probs[np.arange(n), (LABELS + 2) % 3] = 1.0 - correct - wrong
+    if mask is not None:
+        probs = np.where(mask[:, None], probs, other)
+    return probs
+
+
+def _complementary_members():
+    """Member 0 is bad, 2 is the best single one, 1 and 3 complement."""
+    first_half = np.arange(NUM_EXAMPLES) < NUM_EXAMPLES // 2
+    poor = _member(0.3, 0.6)
+    return np.stack(
+        [
+            _member(0.1, 0.8),
+            _member(0.98, 0.01, first_half, poor),
+            _member(0.55, 0.225),
+            _member(0.98, 0.01, ~first_half, poor),
+        ]
+    )
+
+
+def _ref_greedy(member_probs, labels, max_size):
+    """Caruana et al. 2004 greedy selection, written with plain loops."""
+    selected = []
+    best = math.inf
+    for _ in range(max_size):
+        scores = []
+        for j in range(len(member_probs)):
+            avg = np.mean([member_probs[i] for i in [*selected, j]], axis=0)
+            scores.append(negative_log_likelihood(avg, labels))
+        j = int(np.argmin(scores))
+        if scores[j] >= best:
+            break
+        best = scores[j]
+        selected.append(j)
+    return np.bincount(selected, minlength=len(member_probs))
+
+
+def _softmax(z):
+    z = np.exp(z - z.max(axis=-1, keepdims=True))
+    return z / z.sum(axis=-1, keepdims=True)
+
+
+@pytest.mark.parametrize("metric", ["nll", "error"])
+def test_greedy_skips_bad_member_and_keeps_complementary_pair(metric):
+    member_probs = _complementary_members()
+    nll = [negative_log_likelihood(p, LABELS) for p in member_probs]
+    pair_nll = negative_log_likelihood(
+        member_probs[[1, 3]].mean(axis=0), LABELS
+    )
+    # The construction: 2 is the best single member, and the average of
+    # the pair beats every single member.
+    assert int(np.argmin(nll)) == 2 and pair_nll < min(nll)
+
+    weights, counts = selection.greedy_selection(
+        member_probs, LABELS, metric=metric
+    )
+    assert weights.shape == counts.shape == (4,)
+    assert weights.sum() == pytest.approx(1.0)
+    np.testing.assert_allclose(weights, counts / counts.sum())
+    assert weights[0] == 0.0
+    assert weights[1] > 0.0 and weights[3] > 0.0
+    assert counts.max() > 1  # Repeats are allowed and used here.
+    assert counts.sum() <= 2 * 4
+    ensemble = np.tensordot(weights, member_probs, axes=1)
+    assert negative_log_likelihood(ensemble, LABELS) < min(nll)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_greedy_matches_loop_reference(seed):
+    rng = np.random.default_rng(seed)
+    member_probs = rng.dirichlet(np.full(4, 0.7), size=(5, 60))
+    labels = rng.integers(0, 4, size=60)
+    for max_size in (1, 3, 10):
+        _, counts = selection.greedy_selection(
+            member_probs, labels, max_size=max_size
+        )
+        np.testing.assert_array_equal(
+            counts, _ref_greedy(member_probs, labels, max_size)
+        )
+
+
+def test_greedy_with_max_size_one_picks_best_single_member():
+    member_probs = _complementary_members()
+    weights, counts = selection.greedy_selection(
+        member_probs, LABELS, max_size=1
+    )
+    np.testing.assert_array_equal(counts, [0, 0, 1, 0])
+    np.testing.assert_array_equal(weights, [0.0, 0.0, 1.0, 0.0])
+
+
+def test_greedy_error_metric_breaks_ties_by_nll():
+    # Both members classify everything correctly (error 0); member 1 is
+    # more confident, so it wins the tie on NLL and nothing improves after.
+    member_probs = np.stack([_member(0.5, 0.25), _member(0.9, 0.05)])
+    _, counts = selection.greedy_selection(member_probs, LABELS, "error")
+    np.testing.assert_array_equal(counts, [0, 1])
+
+
+def test_best_last_m_skips_poor_early_members():
+    # Members 0-2 are poor; members 3-5 are each sharp and right on two
+    # thirds of the examples and wrong on a different third, so averaging
+    # all three good members is best.
+    third = np.arange(NUM_EXAMPLES) % 3
+    poor = _member(0.2, 0.7)
+    good = [_member(0.9, 0.05, third != i, _member(0.2, 0.7)) for i in range(3)]
+    member_probs = np.stack([poor, poor, _member(0.4, 0.5), *good])
+    for metric in ("nll", "error"):
+        m, weights = selection.best_last_m(member_probs, LABELS, metric)
+        assert m == 3
+        np.testing.assert_allclose(weights, [0, 0, 0, 1 / 3, 1 / 3, 1 / 3])
+
+    ref = [
+        negative_log_likelihood(member_probs[-k:].mean(axis=0), LABELS)
+        for k in range(1, 7)
+    ]
+    assert int(np.argmin(ref)) + 1 == 3
+
+
+def test_best_last_m_prefers_fewer_members_on_ties():
+    member_probs = np.stack([_member(0.7, 0.2)] * 4)
+    m, weights = selection.best_last_m(member_probs, LABELS)
+    assert m == 1
+    np.testing.assert_array_equal(weights, [0.0, 0.0, 0.0, 1.0])
+
+
+@pytest.mark.parametrize("true_temperature", [0.5, 2.0])
+def test_fit_temperature_recovers_known_temperature(true_temperature):
+    rng = np.random.default_rng(0)
+    logits = 2.0 * rng.normal(size=(4000, 5))
+    calibrated = _softmax(logits)
+    labels = np.array([rng.choice(5, p=p) for p in calibrated])
+    # Seen through `true_temperature`, the model is miscalibrated; scaling
+    # by 1 / true_temperature undoes it.
+    distorted = logits / true_temperature
+    expected = 1.0 / true_temperature
+
+    from_probs = selection.fit_temperature(_softmax(distorted), labels)
+    from_logits = selection.fit_temperature(distorted, labels, from_logits=True)
+    assert from_probs == pytest.approx(expected, rel=0.05)
+    assert from_logits == pytest.approx(expected, rel=0.05)
+    assert from_probs == pytest.approx(from_logits, rel=1e-4)
+
+
+def test_fit_temperature_minimises_validation_nll():
+    rng = np.random.default_rng(1)
+    probs = rng.dirichlet(np.full(4, 0.3), size=300)
+    labels = rng.integers(0, 4, size=300)
+    temperature = selection.fit_temperature(probs, labels)
+
+    def nll(t):
+        return negative_log_likelihood(
+            selection.apply_temperature(probs, t), labels
+        )
+
+    grid = np.exp(np.linspace(np.log(0.05), np.log(20.0), 2001))
+    assert nll(temperature) <= min(nll(t) for t in grid) + 1e-9
+    assert nll(temperature) <= nll(temperature * 1.001)
+    assert nll(temperature) <= nll(temperature / 1.001)
+
+
+def test_apply_temperature():
+    probs = np.array([[0.8, 0.2], [0.1, 0.9]])
+    np.testing.assert_allclose(
+        selection.apply_temperature(probs, 2.0),
+        [[2 / 3, 1 / 3], [0.25, 0.75]],
+    )
+    np.testing.assert_allclose(selection.apply_temperature(probs, 1.0), probs)
+    sharpened = selection.apply_temperature(probs, 0.5)
+    np.testing.assert_allclose(sharpened.sum(axis=1), 1.0)
+    np.testing.assert_array_equal(
+        np.argmax(sharpened, axis=1), np.argmax(probs, axis=1)
+    )
+    logits = np.log(probs) + 3.0
+    np.testing.assert_allclose(
+        selection.apply_temperature(logits, 2.0, from_logits=True),
+        selection.apply_temperature(probs, 2.0),
+    )
+    member_probs = np.stack([probs, probs[::-1]])
+    result = selection.apply_temperature(member_probs, 2.0)
+    assert result.shape == (2, 2, 2)
+    np.testing.assert_allclose(
+        result[1], selection.apply_temperature(probs[::-1], 2.0)
+    )
+
+
+@pytest.mark.parametrize("temperature", [0.0, -1.0, np.inf, np.nan, "2"])
+def test_apply_temperature_rejects_bad_temperature(temperature):
+    with pytest.raises(ValueError, match="temperature"):
+        selection.apply_temperature(np.array([[0.5, 0.5]]), temperature)
+
+
+def test_temperature_rejects_bad_inputs():
+    with pytest.raises(ValueError, match="logits"):
+        selection.fit_temperature(np.array([[2.0, -1.0]]), [0])
+    with pytest.raises(ValueError, match=r"shape=\(3,\)"):
+        selection.fit_temperature(np.array([1.0, 2.0, 3.0]), [0], True)
+    with pytest.raises(ValueError, match="finite"):
+        selection.fit_temperature(np.array([[np.inf, 1.0]]), [0], True)
+    with pytest.raises(ValueError, match=r"y_val.shape=\(2,\)"):
+        selection.fit_temperature(np.full((3, 2), 0.5), [0, 1])
+
+
+def test_normalize_weights():
+    np.testing.assert_allclose(
+        selection.normalize_weights([2, 1, 1], num_members=3),
+        [0.5, 0.25, 0.25],
+    )
+    np.testing.assert_allclose(
+        selection.normalize_weights(np.array([0.0, 3.0]), 2), [0.0, 1.0]
+    )
+
+
+@pytest.mark.parametrize(
+    "weights, num_members, match",
+    [
+        ([1.0, 1.0], 3, r"shape \(3,\).*weights.shape=\(2,\)"),
+        ([[1.0, 1.0]], 2, r"weights.shape=\(1, 2\)"),
+        (1.0, 1, r"weights.shape=\(\)"),
+        ([1.0, -0.5], 2, r"non-negative.*-0.5"),
+        ([1.0, np.nan], 2, "finite"),
+        ([1.0, np.inf], 2, "finite"),
+        ([0.0, 0.0], 2, "all zero"),
+        (["a", "b"], 2, "numbers"),
+        ([1.0], 0, "num_members"),
+        ([1.0], 1.5, "num_members"),
+    ],
+)
+def test_normalize_weights_errors(weights, num_members, match):
+    with pytest.raises(ValueError, match=match):
+        selection.normalize_weights(weights, num_members)
+
+
+def test_selection_rejects_bad_arguments():
+    member_probs = _complementary_members()
+    for fn in (selection.greedy_selection, selection.best_last_m):
+        with pytest.raises(ValueError, match="metric='accuracy'"):
+            fn(member_probs, LABELS, metric="accuracy")
+        with pytest.raises(ValueError, match=r"y_val.shape=\(5,\)"):
+            fn(member_probs, LABELS[:5])
+        with pytest.raises(ValueError, match=r"member_probs.shape=\(120, 3\)"):
+            fn(member_probs[0], LABELS)
+    with pytest.raises(ValueError, match="max_size=0"):
+        selection.greedy_selection(member_probs, LABELS, max_size=0)

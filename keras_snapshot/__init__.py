@@ -5,6 +5,7 @@ end of every cycle, and average the snapshots' softmax outputs (Huang et al.
 2017, "Snapshot Ensembles: Train 1, get M for free", arXiv:1704.00109).
 """
 
+from keras_snapshot import metrics
 from keras_snapshot.batchnorm import recalibrate_batchnorm
 from keras_snapshot.checkpoint import SnapshotCheckpoint
 from keras_snapshot.ensemble import build_ensemble
@@ -13,16 +14,21 @@ from keras_snapshot.ensemble import load_snapshots
 from keras_snapshot.ensemble import snapshot_paths
 from keras_snapshot.manifest import read_manifest
 from keras_snapshot.schedule import SnapshotSchedule
+from keras_snapshot.selection import SnapshotSelection
+from keras_snapshot.selection import select_snapshots
 
 __version__ = "0.1.0"
 
 __all__ = [
     "SnapshotCheckpoint",
     "SnapshotSchedule",
+    "SnapshotSelection",
     "build_ensemble",
     "export_ensemble",
     "load_snapshots",
+    "metrics",
     "read_manifest",
     "recalibrate_batchnorm",
+    "select_snapshots",
     "snapshot_paths",
 ]

@@ -262,3 +262,33 @@ def test_selection_rejects_bad_arguments():
             fn(member_probs[0], LABELS)
     with pytest.raises(ValueError, match="max_size=0"):
         selection.greedy_selection(member_probs, LABELS, max_size=0)
+
+
+def test_select_snapshots_on_a_trained_run(snapshot_run):
+    from conftest import make_data
+
+    import keras_snapshot
+
+    directory, _ = snapshot_run
+    x_val, y_val = make_data(seed=5)
+    for method in ("greedy", "last_m", "all"):
+        choice = keras_snapshot.select_snapshots(
+            directory, validation_data=(x_val, y_val), method=method
+        )
+        assert len(choice.snapshots) == len(choice.weights) >= 1
+        assert np.isclose(choice.weights.sum(), 1.0)
+        ensemble = keras_snapshot.build_ensemble(
+            choice.snapshots, weights=choice.weights
+        )
+        probs = ensemble.predict(x_val, verbose=0)
+        assert np.isclose(
+            keras_snapshot.metrics.negative_log_likelihood(probs, y_val),
+            choice.validation_scores["nll"],
+            rtol=1e-4,
+        )
+    with pytest.raises(ValueError, match="method"):
+        keras_snapshot.select_snapshots(
+            directory, validation_data=(x_val, y_val), method="best"
+        )
+    with pytest.raises(TypeError):
+        keras_snapshot.select_snapshots(directory, (x_val, y_val))

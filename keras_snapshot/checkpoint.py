@@ -14,6 +14,7 @@ from keras_snapshot.batchnorm import recalibrate_batchnorm
 from keras_snapshot.batchnorm import restore_batchnorm_statistics
 from keras_snapshot.batchnorm import save_batchnorm_statistics
 from keras_snapshot.schedule import SnapshotSchedule
+from keras_snapshot.schedule import _check_positive_int
 
 
 def find_snapshot_schedule(optimizer) -> SnapshotSchedule | None:
@@ -114,9 +115,9 @@ class SnapshotCheckpoint(keras.callbacks.Callback):
                 "`directory` must be a path to a folder for the snapshots. "
                 f"Received: directory={directory!r}."
             )
+        # Checked the same way as the schedule checks its arguments.
         if cycle_length is not None:
-            # Checked the same way as the schedule checks its arguments.
-            SnapshotSchedule(1.0, cycle_length, 1)
+            _check_positive_int("cycle_length", cycle_length)
         if num_snapshots is not None and cycle_length is None:
             raise ValueError(
                 "`num_snapshots` is only used together with `cycle_length`; "
@@ -124,7 +125,9 @@ class SnapshotCheckpoint(keras.callbacks.Callback):
                 f"num_snapshots={num_snapshots}, cycle_length=None."
             )
         if num_snapshots is not None:
-            SnapshotSchedule(1.0, num_snapshots, num_snapshots)
+            _check_positive_int("num_snapshots", num_snapshots)
+        if recalibration_steps is not None:
+            _check_positive_int("recalibration_steps", recalibration_steps)
         self.directory = os.fspath(directory)
         self.cycle_length = cycle_length
         self.num_snapshots = num_snapshots
@@ -328,9 +331,9 @@ class SnapshotCheckpoint(keras.callbacks.Callback):
         self.last_write_seconds = time.perf_counter() - started
         if self.verbose and self._chief:
             where = "end of epoch" if batch is None else f"batch {batch}"
-            prefix = "\n" if batch is not None else ""
+            # On a line of its own, below Keras's progress bar.
             sys.stdout.write(
-                f"{prefix}Snapshot {index}/{self._schedule.num_snapshots} "
+                f"\nSnapshot {index}/{self._schedule.num_snapshots} "
                 f"saved at step {step} (epoch {self._epoch + 1}, {where}, "
                 f"lr {learning_rate:.3g}): "
                 f"{os.path.join(self.directory, entry['file'])}\n"

@@ -149,7 +149,9 @@ class SnapshotSchedule(keras.optimizers.schedules.LearningRateSchedule):
         with keras.name_scope(self.name or "SnapshotSchedule"):
             dtype = "float32"
             cycle_length = self.cycle_length
-            position = ops.mod(ops.cast(step, "int64"), cycle_length)
+            # int32, not int64: JAX without x64 has no int64 (it warns and
+            # truncates every step) and TPUs emulate 64-bit integers.
+            position = ops.mod(ops.cast(step, "int32"), cycle_length)
             fraction = ops.cast(position, dtype) / float(cycle_length)
             cosine = ops.cos(ops.multiply(math.pi, fraction))
             return (

@@ -50,7 +50,10 @@ def test_dataset_with_labels_and_nested_models():
     # The outer layer sees the inner model's training-mode outputs, batch
     # by batch (the inner BatchNorm normalises with each batch's moments).
     inner_out = np.concatenate(
-        [inner(x[i : i + 16], training=True).numpy() for i in range(0, 64, 16)]
+        [
+            keras.ops.convert_to_numpy(inner(x[i : i + 16], training=True))
+            for i in range(0, 64, 16)
+        ]
     )
     np.testing.assert_allclose(
         _stats(model.get_layer("outer_bn"))[0],

@@ -1,0 +1,730 @@
+"""Accuracy of Snapshot Ensembles on Fashion-MNIST at CPU scale.
+
+The paper's Table 1 and Figure 3 (Huang et al. 2017, arXiv:1704.00109),
+sized for a 2-core CPU. At one training budget B (epochs), over several
+seeds, on the full Fashion-MNIST test set:
+
+- (a) single model, one cosine decay over B, and the paper's step decay
+  (rate / 10 at 50% and 75% of B);
+- (b) NoCycle: snapshots taken at the same steps under (a)'s schedules,
+  averaged;
+- (c) Snapshot Ensembles, M in {4, 6}, restart rate 0.1 and 0.2: all M
+  snapshots, and the best number of last snapshots chosen on validation;
+- (d) true ensembles of M independently seeded (a) models (M times the cost).
+
+Also, on the same runs: every snapshot and ensemble with and without
+BatchNorm recalibration on the training data (issue 4), and member
+selection (uniform, best last m, greedy, temperature-scaled; issue 6), all
+chosen on the validation split carved from the training data, never on the
+test set.
+
+Every run's validation and test predictions are cached under
+`benchmarks/results/runs/` so that `--analyze-only` redoes the tables and
+plots without training.
+
+Usage:
+    python benchmarks/accuracy.py                 # the committed result
+    python benchmarks/accuracy.py --quick         # smoke test, ~2 min
+    python benchmarks/accuracy.py --analyze-only  # tables from the cache
+"""
+
+import argparse
+import dataclasses
+import itertools
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+
+import _common  # noqa: F401  (sets sys.path and TF logging)
+import keras
+import numpy as np
+from keras import layers
+
+import keras_snapshot
+from keras_snapshot import metrics
+from keras_snapshot import selection
+from keras_snapshot.datasets import load_dataset
+from keras_snapshot.datasets import make_dataset
+
+LOG_FLOOR = -80.0  # log-probabilities are cached as float16, floored here.
+
+
+# Model -----------------------------------------------------------------------
+
+
+def bench_cnn(widths, weight_decay, num_classes=10, input_shape=(28, 28, 1)):
+    """Conv3x3-BN-ReLU-MaxPool blocks, flatten, dense softmax.
+
+    A flatten head (not global pooling) so that the model can overfit a
+    few thousand images, the regime where ensembles pay.
+    """
+    reg = keras.regularizers.L2(weight_decay / 2) if weight_decay else None
+    inputs = keras.Input(shape=input_shape)
+    x = inputs
+    for filters in widths:
+        x = layers.Conv2D(
+            filters,
+            3,
+            padding="same",
+            use_bias=False,
+            kernel_initializer="he_normal",
+            kernel_regularizer=reg,
+        )(x)
+        x = layers.BatchNormalization(momentum=0.9, epsilon=1e-5)(x)
+        x = layers.ReLU()(x)
+        x = layers.MaxPooling2D(2)(x)
+    x = layers.Flatten()(x)
+    outputs = layers.Dense(
+        num_classes,
+        activation="softmax",
+        kernel_initializer="he_normal",
+        kernel_regularizer=reg,
+    )(x)
+    return keras.Model(inputs, outputs, name="bench_cnn")
+
+
+# Runs ------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    kind: str  # "cosine", "step" or "snapshot"
+    lr: float
+    seed: int
+    num_snapshots: int = 1
+
+    @property
+    def name(self) -> str:
+        if self.kind == "snapshot":
+            return f"snapshot_M{self.num_snapshots}_lr{self.lr:g}_s{self.seed}"
+        return f"{self.kind}_lr{self.lr:g}_s{self.seed}"
+
+
+def plan(args) -> list:
+    runs = [Run("cosine", args.single_lr, s) for s in range(args.singles)]
+    runs += [Run("step", args.single_lr, s) for s in range(args.seeds)]
+    for m, lr, s in itertools.product(
+        args.snapshots, args.snapshot_lr, range(args.seeds)
+    ):
+        runs.append(Run("snapshot", lr, s, m))
+    return runs
+
+
+def log_probs(model, x, batch_size=1000) -> np.ndarray:
+    p = model.predict(x, batch_size=batch_size, verbose=0)
+    return np.maximum(np.log(np.maximum(p, 1e-35)), LOG_FLOOR).astype(
+        np.float16
+    )
+
+
+def to_probs(logp) -> np.ndarray:
+    p = np.exp(np.asarray(logp, dtype=np.float64))
+    return p / p.sum(axis=-1, keepdims=True)
+
+
+class EpochLog(keras.callbacks.Callback):
+    """Keeps the training loss and accuracy of every epoch."""
+
+    def __init__(self, every):
+        super().__init__()
+        self.every = every
+        self.rows = []
+
+    def on_epoch_end(self, epoch, logs=None):
+        logs = logs or {}
+        self.rows.append((logs.get("loss", np.nan), logs.get("accuracy", 0)))
+        if self.every and (epoch + 1) % self.every == 0:
+            print(
+                f"    epoch {epoch + 1}: loss {self.rows[-1][0]:.4f} "
+                f"acc {self.rows[-1][1]:.4f}",
+                flush=True,
+            )
+
+
+def train_and_predict(run: Run, data, args, workdir: str) -> dict:
+    """Trains one run; returns its cached arrays (log-probs, history...)."""
+    keras.utils.set_random_seed(1000 + run.seed)
+    x, y = data["x_train"], data["y_train"]
+    steps_per_epoch = math.ceil(len(x) / args.batch_size)
+    total = args.epochs * steps_per_epoch
+    if run.kind == "snapshot":
+        lr = keras_snapshot.SnapshotSchedule.from_epochs(
+            run.lr, args.epochs, steps_per_epoch, run.num_snapshots
+        )
+    elif run.kind == "cosine":
+        lr = keras.optimizers.schedules.CosineDecay(run.lr, total)
+    else:  # The paper's standard schedule: / 10 at 50% and 75% of B.
+        lr = keras.optimizers.schedules.PiecewiseConstantDecay(
+            [total // 2, (3 * total) // 4], [run.lr, run.lr / 10, run.lr / 100]
+        )
+    model = bench_cnn(args.widths, args.weight_decay)
+    model.compile(
+        optimizer=keras.optimizers.SGD(lr, momentum=0.9, nesterov=False),
+        loss="sparse_categorical_crossentropy",
+        metrics=["accuracy"],
+    )
+    run_dir = os.path.join(workdir, run.name)
+    shutil.rmtree(run_dir, ignore_errors=True)
+    callbacks = [EpochLog(args.log_every)]
+    dirs = {}
+    if run.kind == "snapshot":
+        dirs[run.num_snapshots] = run_dir
+        callbacks.append(keras_snapshot.SnapshotCheckpoint(run_dir, verbose=0))
+    else:
+        # NoCycle: snapshots at the cycle ends of each M, same schedule.
+        for m in args.snapshots:
+            if total % m:
+                raise ValueError(
+                    f"{args.epochs} epochs of {steps_per_epoch} steps do not "
+                    f"split into {m} equal cycles; choose --epochs so that "
+                    "epochs * steps_per_epoch is a multiple of every M."
+                )
+            dirs[m] = os.path.join(run_dir, f"nocycle{m}")
+            callbacks.append(
+                keras_snapshot.SnapshotCheckpoint(
+                    dirs[m], cycle_length=total // m, num_snapshots=m, verbose=0
+                )
+            )
+    train = make_dataset(
+        x,
+        y,
+        args.batch_size,
+        shuffle=True,
+        augment=args.augment,
+        seed=1000 + run.seed,
+    )
+    started = time.perf_counter()
+    model.fit(train, epochs=args.epochs, callbacks=callbacks, verbose=0)
+    train_seconds = time.perf_counter() - started
+
+    # Predict every snapshot with the trained model's (already traced)
+    # predict function: load each file with the package, copy its weights.
+    started = time.perf_counter()
+    out = {
+        "train_seconds": train_seconds,
+        "history": np.asarray(callbacks[0].rows, dtype=np.float32),
+    }
+    cache = {}  # step -> (val, test) of snapshots shared between the Ms
+    for m, directory in dirs.items():
+        entries = keras_snapshot.read_manifest(directory)["snapshots"]
+        members = keras_snapshot.load_snapshots(directory)
+        val, test, val_r, test_r, steps = [], [], [], [], []
+        for entry, member in zip(entries, members):
+            step = entry["step"]
+            steps.append(step)
+            if step not in cache:
+                model.set_weights(member.get_weights())
+                cache[step] = [log_probs(model, data["x_val"])]
+                cache[step].append(log_probs(model, data["x_test"]))
+                # BatchNorm recalibration on the training images (issue 4):
+                # for snapshot runs every member, for the others the end.
+                if run.kind == "snapshot" or step == total:
+                    keras_snapshot.recalibrate_batchnorm(
+                        model, x, batch_size=args.batch_size
+                    )
+                    cache[step].append(log_probs(model, data["x_val"]))
+                    cache[step].append(log_probs(model, data["x_test"]))
+            val.append(cache[step][0])
+            test.append(cache[step][1])
+            if len(cache[step]) == 4:
+                val_r.append(cache[step][2])
+                test_r.append(cache[step][3])
+        prefix = "snap" if run.kind == "snapshot" else f"nocycle{m}"
+        out[f"{prefix}_val"] = np.stack(val)
+        out[f"{prefix}_test"] = np.stack(test)
+        out[f"{prefix}_steps"] = np.asarray(steps)
+        if run.kind == "snapshot":
+            out["snap_val_recal"] = np.stack(val_r)
+            out["snap_test_recal"] = np.stack(test_r)
+    if run.kind != "snapshot":
+        out["final_val_recal"] = cache[total][2]
+        out["final_test_recal"] = cache[total][3]
+    out["predict_seconds"] = time.perf_counter() - started
+    if not args.keep_snapshots:
+        shutil.rmtree(run_dir, ignore_errors=True)
+    return out
+
+
+# Data ------------------------------------------------------------------------
+
+
+def load_data(args) -> dict:
+    data = load_dataset("fashion_mnist_local", validation_fraction=0.1, seed=0)
+    rng = np.random.default_rng(0)
+    # A fixed, class-stratified-by-chance training subset shared by all runs.
+    train = np.sort(rng.permutation(len(data.x_train))[: args.subset])
+    val = np.arange(len(data.x_val))[: args.val_size]
+    test = np.arange(len(data.x_test))[: args.test_size or None]
+    return {
+        "x_train": data.x_train[train],
+        "y_train": data.y_train[train],
+        "x_val": data.x_val[val],
+        "y_val": data.y_val[val],
+        "x_test": data.x_test[test],
+        "y_test": data.y_test[test],
+    }
+
+
+# Analysis --------------------------------------------------------------------
+
+
+def evaluate(logp_or_probs, y, is_log=True) -> dict:
+    probs = to_probs(logp_or_probs) if is_log else logp_or_probs
+    return metrics.evaluate_predictions(probs, y)
+
+
+def average(member_logp, weights=None) -> np.ndarray:
+    probs = to_probs(member_logp)
+    if weights is None:
+        return probs.mean(axis=0)
+    return np.tensordot(np.asarray(weights, dtype=np.float64), probs, axes=1)
+
+
+def mean_std(values) -> dict:
+    values = np.asarray(values, dtype=np.float64)
+    return {
+        "mean": float(values.mean()),
+        "std": float(values.std(ddof=1)) if len(values) > 1 else 0.0,
+        "n": len(values),
+        "values": values.tolist(),
+    }
+
+
+def pct(stat: dict) -> str:
+    if stat["n"] > 1:
+        return f"{100 * stat['mean']:.2f} ± {100 * stat['std']:.2f}"
+    return f"{100 * stat['mean']:.2f}"
+
+
+def analyze(args, runs, cache_dir) -> dict:
+    data = np.load(os.path.join(cache_dir, "labels.npz"))
+    y_val, y_test = data["y_val"], data["y_test"]
+    loaded = {}
+    for run in runs:
+        path = os.path.join(cache_dir, f"{run.name}.npz")
+        if os.path.isfile(path):
+            loaded[run] = dict(np.load(path))
+    singles = [r for r in runs if r.kind == "cosine" and r in loaded]
+    steps = [r for r in runs if r.kind == "step" and r in loaded]
+    snaps = [r for r in runs if r.kind == "snapshot" and r in loaded]
+    res = {"settings": vars(args).copy(), "hardware": _common.hardware()}
+    res["train_seconds"] = {
+        r.name: float(loaded[r]["train_seconds"]) for r in loaded
+    }
+
+    def err(logp):
+        return float(evaluate(logp, y_test)["error"])
+
+    # (a) single models ---------------------------------------------------
+    a = {
+        "cosine": mean_std([err(loaded[r]["nocycle%d_test" % args.snapshots[0]][-1]) for r in singles]),
+        "cosine_recal": mean_std([err(loaded[r]["final_test_recal"]) for r in singles]),
+        "step": mean_std([err(loaded[r]["nocycle%d_test" % args.snapshots[0]][-1]) for r in steps]),
+    }
+    res["a_single"] = a
+    # (b) NoCycle -----------------------------------------------------------
+    b = {}
+    for m in args.snapshots:
+        for kind, group in (("cosine", singles), ("step", steps)):
+            b[f"{kind}_M{m}"] = mean_std(
+                [err(np.log(average(loaded[r][f"nocycle{m}_test"]))) for r in group]
+            )
+    res["b_nocycle"] = b
+    # (d) true ensembles: every M-subset of the independent cosine singles --
+    d = {}
+    finals = [loaded[r]["nocycle%d_test" % args.snapshots[0]][-1] for r in singles]
+    for m in sorted(set(args.snapshots) | {2}):
+        if m > len(finals):
+            continue
+        subsets = list(itertools.combinations(range(len(finals)), m))
+        d[f"M{m}"] = mean_std(
+            [err(np.log(average(np.stack([finals[i] for i in s])))) for s in subsets]
+        )
+        d[f"M{m}"]["subsets"] = len(subsets)
+    res["d_true_ensemble"] = d
+    # (c) snapshot ensembles -------------------------------------------------
+    c = {}
+    configs = sorted({(r.num_snapshots, r.lr) for r in snaps})
+    for m, lr in configs:
+        group = [r for r in snaps if (r.num_snapshots, r.lr) == (m, lr)]
+        row = {}
+        for recal in (False, True):
+            sfx = "_recal" if recal else ""
+            tag = "recal" if recal else "raw"
+            members_test = [loaded[r]["snap_test" + sfx] for r in group]
+            members_val = [loaded[r]["snap_val" + sfx] for r in group]
+            row[f"members_{tag}"] = [
+                mean_std([err(mt[k]) for mt in members_test]) for k in range(m)
+            ]
+            row[f"all_{tag}"] = mean_std(
+                [err(np.log(average(mt))) for mt in members_test]
+            )
+            row[f"all_{tag}_val"] = mean_std(
+                [float(evaluate(np.log(average(mv)), y_val)["error"]) for mv in members_val]
+            )
+            # Figure 3: error of the average of the last k snapshots.
+            row[f"last_k_{tag}"] = [
+                mean_std([err(np.log(average(mt[m - k :]))) for mt in members_test])
+                for k in range(1, m + 1)
+            ]
+            chosen, errs_lm, errs_lm_val = [], [], []
+            for mt, mv in zip(members_test, members_val):
+                k, w = selection.best_last_m(to_probs(mv), y_val, metric="nll")
+                chosen.append(k)
+                errs_lm.append(err(np.log(average(mt, w))))
+                errs_lm_val.append(float(evaluate(np.log(average(mv, w)), y_val)["error"]))
+            row[f"best_last_m_{tag}"] = mean_std(errs_lm)
+            row[f"best_last_m_{tag}_val"] = mean_std(errs_lm_val)
+            row[f"best_last_m_{tag}_chosen"] = chosen
+            row[f"disagreement_{tag}"] = mean_std(
+                [float(_mean_offdiag(metrics.pairwise_disagreement(to_probs(mt)))) for mt in members_test]
+            )
+        c[f"M{m}_lr{lr:g}"] = row
+    res["c_snapshot"] = c
+    # Diversity of independent models, for comparison.
+    if len(finals) >= 2:
+        res["disagreement_independent"] = float(
+            _mean_offdiag(metrics.pairwise_disagreement(to_probs(np.stack(finals))))
+        )
+    # Selection (issue 6) ------------------------------------------------------
+    res["selection"] = selection_table(loaded, snaps, configs, y_val, y_test)
+    # Headline: the (c) variant with the best validation error, per M.
+    res["headline"] = headline(res, args)
+    return res
+
+
+def _mean_offdiag(matrix):
+    matrix = np.asarray(matrix)
+    n = matrix.shape[0]
+    if n < 2:
+        return 0.0
+    return (matrix.sum() - np.trace(matrix)) / (n * (n - 1))
+
+
+def selection_table(loaded, snaps, configs, y_val, y_test) -> dict:
+    """Uniform, last-m, greedy, and temperature-scaled, fitted on val."""
+    out = {}
+    for m, lr in configs:
+        group = [r for r in snaps if (r.num_snapshots, r.lr) == (m, lr)]
+        for recal in (False, True):
+            sfx = "_recal" if recal else ""
+            scores = {}
+            for r in group:
+                pv = to_probs(loaded[r]["snap_val" + sfx])
+                pt = to_probs(loaded[r]["snap_test" + sfx])
+                methods = {}
+                methods["last snapshot"] = np.eye(m)[-1]
+                methods["uniform all M"] = np.full(m, 1.0 / m)
+                methods["best last m (val NLL)"] = selection.best_last_m(pv, y_val, "nll")[1]
+                methods["greedy (val NLL)"] = selection.greedy_selection(pv, y_val, "nll")[0]
+                for name, w in list(methods.items()):
+                    val_p = np.tensordot(w, pv, axes=1)
+                    test_p = np.tensordot(w, pt, axes=1)
+                    scores.setdefault(name, []).append(
+                        metrics.evaluate_predictions(test_p, y_test)
+                    )
+                    if name in ("uniform all M", "greedy (val NLL)", "last snapshot"):
+                        t = selection.fit_temperature(val_p, y_val)
+                        scaled = selection.apply_temperature(test_p, t)
+                        s = metrics.evaluate_predictions(scaled, y_test)
+                        s["temperature"] = t
+                        scores.setdefault(name + " + temperature", []).append(s)
+            out[f"M{m}_lr{lr:g}_{'recal' if recal else 'raw'}"] = {
+                name: {
+                    key: mean_std([s[key] for s in values])
+                    for key in values[0]
+                }
+                for name, values in scores.items()
+            }
+    return out
+
+
+def headline(res, args) -> dict:
+    """Picks, per M, the (c) variant with the lowest *validation* error."""
+    a = res["a_single"]["cosine"]["mean"]
+    out = {}
+    for m in args.snapshots:
+        candidates = []
+        for key, row in res["c_snapshot"].items():
+            if not key.startswith(f"M{m}_"):
+                continue
+            for tag in ("raw", "recal"):
+                for how in ("all", "best_last_m"):
+                    candidates.append(
+                        (row[f"{how}_{tag}_val"]["mean"], key, tag, how, row[f"{how}_{tag}"])
+                    )
+        if not candidates:
+            continue
+        val_error, key, tag, how, test = min(candidates, key=lambda t: t[0])
+        d = res["d_true_ensemble"].get(f"M{m}")
+        c = test["mean"]
+        entry = {
+            "config": key,
+            "bn": tag,
+            "members": how,
+            "val_error": val_error,
+            "test_error": test,
+            "relative_gain_vs_a": (a - c) / a,
+            "target_10pct": (a - c) / a >= 0.10,
+        }
+        if d is not None:
+            gap = a - d["mean"]
+            entry["gap_closed"] = (a - c) / gap if gap > 0 else float("nan")
+            entry["target_half_gap"] = bool(gap > 0 and (a - c) / gap >= 0.5)
+        out[f"M{m}"] = entry
+    return out
+
+
+# Report ----------------------------------------------------------------------
+
+
+def markdown(res, args) -> str:
+    s = res["settings"]
+    a, b, c, d = (
+        res["a_single"],
+        res["b_nocycle"],
+        res["c_snapshot"],
+        res["d_true_ensemble"],
+    )
+    total_train = sum(res["train_seconds"].values())
+    lines = [
+        "# Accuracy: Snapshot Ensembles on Fashion-MNIST (CPU scale)",
+        "",
+        f"Fashion-MNIST, {s['subset']} training images (fixed random subset), "
+        f"validation {s['val_size']} images carved from the training split, "
+        f"full test set ({s['test_size'] or 10000} images). CNN "
+        f"{tuple(s['widths'])} conv-BN-ReLU-pool blocks + flatten + dense, "
+        f"weight decay {s['weight_decay']:g}, "
+        f"{'with' if s['augment'] else 'no'} augmentation, batch "
+        f"{s['batch_size']}, SGD momentum 0.9, budget B = {s['epochs']} "
+        f"epochs. Test error in %, mean ± std over seeds. Training wall time "
+        f"of all runs: {total_train / 60:.1f} min "
+        f"({res['hardware']['cpu_count']} CPU cores).",
+        "",
+        "## Table 1 at CPU scale: (a)-(d)",
+        "",
+    ]
+    rows = [
+        ["(a) single, cosine decay, lr %g" % s["single_lr"], pct(a["cosine"]), a["cosine"]["n"], "1x"],
+        ["(a) single, cosine, BN recalibrated", pct(a["cosine_recal"]), a["cosine_recal"]["n"], "1x"],
+        ["(a) single, step decay (paper), lr %g" % s["single_lr"], pct(a["step"]), a["step"]["n"], "1x"],
+    ]
+    for key, stat in b.items():
+        kind, m = key.split("_M")
+        rows.append([f"(b) NoCycle, {kind} schedule, M={m}", pct(stat), stat["n"], "1x"])
+    for key, row in c.items():
+        m = key.split("_")[0][1:]
+        lr = key.split("lr")[1]
+        rows.append([f"(c) snapshot M={m}, lr {lr}, all M", pct(row["all_raw"]), row["all_raw"]["n"], "1x"])
+        rows.append([f"(c) snapshot M={m}, lr {lr}, all M, BN recal.", pct(row["all_recal"]), row["all_recal"]["n"], "1x"])
+        rows.append([f"(c) snapshot M={m}, lr {lr}, best last m (val)", pct(row["best_last_m_raw"]), row["best_last_m_raw"]["n"], "1x"])
+        rows.append([f"(c) snapshot M={m}, lr {lr}, best last m, BN recal.", pct(row["best_last_m_recal"]), row["best_last_m_recal"]["n"], "1x"])
+    for key, stat in d.items():
+        m = key[1:]
+        rows.append([f"(d) true ensemble of {m} cosine singles", pct(stat), f"{stat['subsets']} subsets of {a['cosine']['n']}", f"{m}x"])
+    lines.append(_common.md_table(["method", "test error %", "runs", "training cost"], rows))
+    lines += ["", "## Targets", ""]
+    rows = []
+    for m, h in res["headline"].items():
+        rows.append([
+            m,
+            f"{h['config']}, {h['members']}, BN {h['bn']}",
+            f"{100 * h['val_error']:.2f}",
+            pct(h["test_error"]),
+            f"{100 * h['relative_gain_vs_a']:.1f}% ({'met' if h['target_10pct'] else 'missed'})",
+            (f"{100 * h['gap_closed']:.0f}% ({'met' if h['target_half_gap'] else 'missed'})" if "gap_closed" in h else "n/a"),
+        ])
+    lines.append(
+        "The (c) variant per M is chosen by **validation** error among "
+        "{lr} x {all, best last m} x {raw, BN recalibrated}; its test error "
+        "is compared with (a) cosine (target: >= 10% lower) and with (d) "
+        "(target: closes >= 50% of the (a)-(d) gap)."
+    )
+    lines.append("")
+    lines.append(_common.md_table(["M", "chosen on validation", "val error %", "test error %", "gain vs (a), target 10%", "(a)-(d) gap closed, target 50%"], rows))
+    lines += ["", "## Figure 3: error of the average of the last m snapshots", ""]
+    header = ["config"] + [f"m={k}" for k in range(1, max(args.snapshots) + 1)]
+    rows = []
+    for key, row in c.items():
+        for tag in ("raw", "recal"):
+            cells = [pct(st) for st in row[f"last_k_{tag}"]]
+            rows.append([f"{key} {tag}"] + cells + [""] * (len(header) - 1 - len(cells)))
+    lines.append(_common.md_table(header, rows))
+    lines += [
+        "",
+        f"![error vs m]({args.name}_last_m.png)",
+        "",
+        "## BatchNorm recalibration (issue 4): members and ensembles",
+        "",
+        "Each snapshot's BatchNorm moving statistics recomputed on the "
+        f"{s['subset']} training images (`recalibrate_batchnorm`).",
+        "",
+    ]
+    header = ["config", "BN"] + [f"snapshot {k}" for k in range(1, max(args.snapshots) + 1)] + ["all M", "disagreement"]
+    rows = []
+    for key, row in c.items():
+        for tag in ("raw", "recal"):
+            cells = [pct(st) for st in row[f"members_{tag}"]]
+            cells += [""] * (max(args.snapshots) - len(cells))
+            rows.append([key, tag] + cells + [pct(row[f"all_{tag}"]), f"{100 * row[f'disagreement_{tag}']['mean']:.2f}"])
+    lines.append(_common.md_table(header, rows))
+    if "disagreement_independent" in res:
+        lines += [
+            "",
+            "Disagreement: mean fraction of test images on which two members "
+            "predict different classes. Between independently trained "
+            f"cosine singles: {100 * res['disagreement_independent']:.2f}%.",
+        ]
+    lines += [
+        "",
+        "## Member selection (issue 6), fitted on validation, scored on test",
+        "",
+    ]
+    for key, table in res["selection"].items():
+        lines += [f"**{key}**", ""]
+        rows = []
+        for name, st in table.items():
+            rows.append([name, pct(st["error"]), f"{st['nll']['mean']:.4f}", f"{100 * st['ece']['mean']:.2f}", f"{st['temperature']['mean']:.3f}" if "temperature" in st else ""])
+        lines.append(_common.md_table(["method", "error %", "NLL", "ECE %", "T"], rows))
+        lines.append("")
+    lines += [f"![learning-rate schedules]({args.name}_schedules.png)", ""]
+    return "\n".join(lines)
+
+
+def plot(res, args, out_dir):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    c = res["c_snapshot"]
+    fig, axes = plt.subplots(1, len(args.snapshots), figsize=(5.5 * len(args.snapshots), 4), squeeze=False)
+    for ax, m in zip(axes[0], args.snapshots):
+        for key, row in c.items():
+            if not key.startswith(f"M{m}_"):
+                continue
+            for tag, style in (("raw", "--"), ("recal", "-")):
+                means = [100 * st["mean"] for st in row[f"last_k_{tag}"]]
+                stds = [100 * st["std"] for st in row[f"last_k_{tag}"]]
+                ax.errorbar(range(1, m + 1), means, yerr=stds, ls=style, marker="o", capsize=3, label=f"lr {key.split('lr')[1]} {tag}")
+        a = res["a_single"]["cosine"]
+        ax.axhline(100 * a["mean"], color="k", ls=":", label="(a) single cosine")
+        d = res["d_true_ensemble"].get(f"M{m}")
+        if d:
+            ax.axhline(100 * d["mean"], color="gray", ls="-.", label=f"(d) {m} independent")
+        ax.set_xlabel("m (last m snapshots averaged)")
+        ax.set_ylabel("test error %")
+        ax.set_title(f"M = {m}")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out_dir, f"{args.name}_last_m.png"), dpi=110)
+    plt.close(fig)
+
+    # Learning-rate schedules with snapshot points.
+    spe = math.ceil(args.subset / args.batch_size)
+    total = args.epochs * spe
+    steps = np.arange(total)
+    fig, ax = plt.subplots(figsize=(9, 3.5))
+    cos = args.single_lr / 2 * (1 + np.cos(np.pi * steps / total))
+    ax.plot(steps / spe, cos, color="k", label="cosine (a)")
+    step_lr = np.where(steps < total // 2, args.single_lr, np.where(steps < 3 * total // 4, args.single_lr / 10, args.single_lr / 100))
+    ax.plot(steps / spe, step_lr, color="gray", label="step (a)")
+    for m in args.snapshots:
+        lr = max(args.snapshot_lr)
+        sched = keras_snapshot.SnapshotSchedule.from_epochs(lr, args.epochs, spe, m)
+        values = np.array(keras.ops.convert_to_numpy(sched(steps)))
+        line = ax.plot(steps / spe, values, label=f"snapshot M={m}, lr {lr:g}")
+        ends = np.array(sched.cycle_end_steps)
+        ax.plot(ends / spe, np.zeros_like(ends, dtype=float), "v", color=line[0].get_color(), ms=8)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("learning rate")
+    ax.set_title("schedules; triangles: snapshots")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out_dir, f"{args.name}_schedules.png"), dpi=110)
+    plt.close(fig)
+
+
+# CLI -------------------------------------------------------------------------
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true", help="tiny smoke setting")
+    p.add_argument("--analyze-only", action="store_true", help="tables from the cache, no training")
+    p.add_argument("--only", default=None, help="train only runs whose name contains this")
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--singles", type=int, default=6, help="independent cosine singles, for (a) and (d)")
+    p.add_argument("--epochs", type=int, default=48, help="budget B in epochs")
+    p.add_argument("--subset", type=int, default=5000, help="training images")
+    p.add_argument("--val-size", type=int, default=6000)
+    p.add_argument("--test-size", type=int, default=0, help="0: full test set")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--widths", type=int, nargs="+", default=[16, 32, 64])
+    p.add_argument("--weight-decay", type=float, default=5e-4)
+    p.add_argument("--augment", action="store_true")
+    p.add_argument("--single-lr", type=float, default=0.1)
+    p.add_argument("--snapshot-lr", type=float, nargs="+", default=[0.1, 0.2])
+    p.add_argument("--snapshots", type=int, nargs="+", default=[4, 6])
+    p.add_argument("--out", default=os.path.join(_common.RESULTS), help="results folder")
+    p.add_argument("--name", default="accuracy", help="result file prefix")
+    p.add_argument("--keep-snapshots", action="store_true")
+    p.add_argument("--log-every", type=int, default=0)
+    args = p.parse_args(argv)
+    if args.quick:
+        args.seeds, args.singles, args.epochs = 2, 4, 6
+        args.subset, args.val_size, args.test_size = 1000, 1000, 2000
+        args.name = "accuracy_quick"
+        args.out = os.path.join(tempfile.gettempdir(), "keras_snapshot_bench")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    cache_dir = os.path.join(args.out, "runs", args.name)
+    os.makedirs(cache_dir, exist_ok=True)
+    runs = plan(args)
+    started = time.time()
+    if not args.analyze_only:
+        data = load_data(args)
+        np.savez(os.path.join(cache_dir, "labels.npz"), y_val=data["y_val"], y_test=data["y_test"])
+        with open(os.path.join(cache_dir, "settings.json"), "w") as f:
+            json.dump(vars(args), f, indent=2)
+        workdir = tempfile.mkdtemp(prefix="keras_snapshot_accuracy_")
+        todo = [r for r in runs if not args.only or args.only in r.name]
+        for i, run in enumerate(todo, 1):
+            path = os.path.join(cache_dir, f"{run.name}.npz")
+            if os.path.isfile(path):
+                print(f"[{i}/{len(todo)}] {run.name}: cached", flush=True)
+                continue
+            out = train_and_predict(run, data, args, workdir)
+            np.savez(path + ".tmp.npz", **out)
+            os.replace(path + ".tmp.npz", path)
+            last = out.get("snap_test", out.get(f"nocycle{args.snapshots[0]}_test"))
+            e = metrics.error_rate(to_probs(last[-1]), data["y_test"])
+            ens = metrics.error_rate(average(last), data["y_test"])
+            print(
+                f"[{i}/{len(todo)}] {run.name}: train {out['train_seconds']:.0f}s "
+                f"predict {out['predict_seconds']:.0f}s; final test error "
+                f"{100 * e:.2f}%, average of {len(last)} {100 * ens:.2f}% "
+                f"(elapsed {(time.time() - started) / 60:.1f} min)",
+                flush=True,
+            )
+        shutil.rmtree(workdir, ignore_errors=True)
+    res = analyze(args, runs, cache_dir)
+    os.makedirs(args.out, exist_ok=True)
+    _common.write_json(os.path.join(args.out, f"{args.name}.json"), res)
+    md = markdown(res, args)
+    with open(os.path.join(args.out, f"{args.name}.md"), "w") as f:
+        f.write(md + "\n")
+    plot(res, args, args.out)
+    if args.name == "accuracy":
+        _common.update_readme_block("accuracy", md.split("\n", 2)[2])
+    print(md)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,7 @@
+"""`python -m keras_snapshot` runs the `keras-snapshot` command line."""
+
+import sys
+
+from keras_snapshot.cli import main
+
+sys.exit(main())

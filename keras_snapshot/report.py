@@ -1,0 +1,322 @@
+"""Evaluating a snapshot run and writing its report, tables and plots.
+
+A front end: it only calls the public API (`load_snapshots`,
+`select_snapshots`' building blocks, `metrics`) and matplotlib.
+"""
+
+import json
+import os
+
+import numpy as np
+
+from keras_snapshot import metrics
+from keras_snapshot import selection
+
+
+def evaluate_members(member_probs, y, single_probs=None) -> dict:
+    """Scores of each snapshot and of the ensembles of the last m snapshots.
+
+    Args:
+        member_probs: `(M, n, k)` predictions of the snapshots, oldest first.
+        y: Labels.
+        single_probs: Optional predictions of a baseline single model.
+
+    Returns:
+        A dict with `snapshots` (one score dict per snapshot), `last_m`
+        (the ensemble of the last m snapshots, m = 1..M, as in Figure 3 of
+        Huang et al. 2017), and `baseline` when given.
+    """
+    member_probs = np.asarray(member_probs)
+    count = len(member_probs)
+    result = {
+        "snapshots": [metrics.evaluate_predictions(p, y) for p in member_probs],
+        "last_m": [
+            dict(
+                m=m,
+                **metrics.evaluate_predictions(
+                    member_probs[-m:].mean(axis=0), y
+                ),
+            )
+            for m in range(1, count + 1)
+        ],
+        "disagreement": metrics.pairwise_disagreement(member_probs).tolist(),
+    }
+    if single_probs is not None:
+        result["baseline"] = metrics.evaluate_predictions(single_probs, y)
+    return result
+
+
+def choose_ensembles(val_probs, y_val, test_probs, y_test) -> dict:
+    """Uniform, last-m and greedy-weighted ensembles chosen on validation.
+
+    The choices are fitted on `val_probs` only and then scored on the test
+    predictions, as they must be.
+    """
+    count = len(val_probs)
+    m, last_weights = selection.best_last_m(val_probs, y_val)
+    greedy_weights, _ = selection.greedy_selection(val_probs, y_val)
+    choices = {
+        "uniform": np.full(count, 1.0 / count),
+        "last_m": last_weights,
+        "greedy": greedy_weights,
+    }
+    result = {}
+    for name, weights in choices.items():
+        val = np.tensordot(weights, val_probs, axes=1)
+        test = np.tensordot(weights, test_probs, axes=1)
+        result[name] = {
+            "weights": np.round(weights, 6).tolist(),
+            "validation": metrics.evaluate_predictions(val, y_val),
+            "test": metrics.evaluate_predictions(test, y_test),
+        }
+    result["last_m"]["m"] = int(m)
+    return result
+
+
+def _percent(value) -> str:
+    return f"{100 * value:.2f}"
+
+
+def markdown_report(report: dict) -> str:
+    """A readable Markdown version of `report.json`."""
+    config = report["config"]
+    test = report["test"]
+    lines = [
+        "# Snapshot ensemble report",
+        "",
+        f"Dataset `{config['dataset']}`, model `{config['model']}`, "
+        f"{config['epochs']} epochs, {config['num_snapshots']} snapshots, "
+        f"initial rate {config['learning_rate']}, batch "
+        f"{config['batch_size']}, seed {config['seed']}. Training took "
+        f"{report['train_seconds']:.1f} s "
+        f"({report['steps']} steps).",
+        "",
+        "## Test error of each snapshot and of the last m averaged",
+        "",
+        "| m / snapshot | snapshot error % | ensemble of last m: error % "
+        "| NLL | ECE % |",
+        "|---|---|---|---|---|",
+    ]
+    count = len(test["snapshots"])
+    for i in range(count):
+        ens = test["last_m"][i]
+        lines.append(
+            f"| {i + 1} | {_percent(test['snapshots'][i]['error'])} | "
+            f"{_percent(ens['error'])} | {ens['nll']:.4f} | "
+            f"{_percent(ens['ece'])} |"
+        )
+    lines += ["", _verdict(report), ""]
+    if "baseline" in test:
+        lines += [
+            f"Baseline single model (one cosine decay, same budget): "
+            f"{_percent(test['baseline']['error'])}% test error.",
+            "",
+        ]
+    choices = report.get("choices")
+    if choices:
+        lines += [
+            "## Ensembles chosen on the validation split",
+            "",
+            "| choice | test error % | NLL | ECE % | weights |",
+            "|---|---|---|---|---|",
+        ]
+        for name, choice in choices.items():
+            weights = ", ".join(f"{w:.2f}" for w in choice["weights"])
+            lines.append(
+                f"| {name} | {_percent(choice['test']['error'])} | "
+                f"{choice['test']['nll']:.4f} | "
+                f"{_percent(choice['test']['ece'])} | {weights} |"
+            )
+        lines.append("")
+    lines += [
+        f"Exported ensemble: `{report['exported']['choice']}` "
+        f"({report['exported']['members']} members) in `ensemble.keras` "
+        "and `saved_model/`.",
+        "",
+        "![learning rate](learning_rate.png)",
+        "",
+        "![error vs m](error_vs_snapshots.png)",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _verdict(report: dict) -> str:
+    """One honest sentence on how the ensemble compares with its members."""
+    test = report["test"]
+    ensemble = test["last_m"][-1]["error"]
+    last = test["snapshots"][-1]["error"]
+    best = min(s["error"] for s in test["snapshots"])
+    best_m = min(test["last_m"], key=lambda e: e["error"])
+    words = (
+        f"The ensemble of all {len(test['snapshots'])} snapshots has "
+        f"{_percent(ensemble)}% test error against {_percent(last)}% for "
+        f"the final single model (the last snapshot) and {_percent(best)}% "
+        f"for the best snapshot; the best last-m ensemble (m={best_m['m']}) "
+        f"has {_percent(best_m['error'])}%."
+    )
+    if "baseline" in test:
+        base = test["baseline"]["error"]
+        change = "lower" if ensemble < base else "higher"
+        words += (
+            f" Against the baseline single model ({_percent(base)}%), the "
+            f"ensemble's error is {change}."
+        )
+    return words
+
+
+def summary_table(report: dict) -> str:
+    """The plain-text table printed at the end of `keras-snapshot train`."""
+    test = report["test"]
+    rows = [("model", "test error %", "NLL")]
+    for i, s in enumerate(test["snapshots"], start=1):
+        rows.append((f"snapshot {i}", _percent(s["error"]), f"{s['nll']:.4f}"))
+    for e in test["last_m"][1:]:
+        rows.append(
+            (f"ensemble last {e['m']}", _percent(e["error"]), f"{e['nll']:.4f}")
+        )
+    if "baseline" in test:
+        b = test["baseline"]
+        rows.append(
+            ("baseline single", _percent(b["error"]), f"{b['nll']:.4f}")
+        )
+    for name, choice in (report.get("choices") or {}).items():
+        if name != "uniform":
+            t = choice["test"]
+            rows.append(
+                (
+                    f"chosen on val: {name}",
+                    _percent(t["error"]),
+                    f"{t['nll']:.4f}",
+                )
+            )
+    widths = [max(len(r[i]) for r in rows) for i in range(3)]
+    lines = []
+    for j, row in enumerate(rows):
+        lines.append(
+            "  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row))
+        )
+        if j == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def write_report(run_dir: str, report: dict) -> None:
+    with open(os.path.join(run_dir, "report.json"), "w") as f:
+        json.dump(report, f, indent=2)
+        f.write("\n")
+    with open(os.path.join(run_dir, "report.md"), "w") as f:
+        f.write(markdown_report(report))
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_learning_rate(schedule, path: str) -> None:
+    """Learning rate over optimizer steps, with the snapshot points marked."""
+    import keras
+
+    plt = _pyplot()
+    steps = np.arange(schedule.total_steps)
+    rates = keras.ops.convert_to_numpy(schedule(steps))
+    ends = np.array(schedule.cycle_end_steps)
+    fig, ax = plt.subplots(figsize=(7, 3.2))
+    ax.plot(steps, rates, lw=1.2, label="learning rate")
+    ax.scatter(
+        ends, rates[ends - 1], color="crimson", zorder=3, label="snapshot"
+    )
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("learning rate")
+    ax.set_title(
+        f"SnapshotSchedule: {schedule.num_snapshots} cycles of "
+        f"{schedule.cycle_length} steps"
+    )
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_error_vs_snapshots(test: dict, path: str) -> None:
+    """Test error of the ensemble of the last m snapshots (Figure 3)."""
+    plt = _pyplot()
+    count = len(test["snapshots"])
+    m = np.arange(1, count + 1)
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    ax.plot(
+        m,
+        [100 * e["error"] for e in test["last_m"]],
+        marker="o",
+        label="ensemble of the last m snapshots",
+    )
+    ax.plot(
+        m,
+        [100 * s["error"] for s in test["snapshots"]],
+        marker="s",
+        ls="--",
+        label="snapshot m alone",
+    )
+    if "baseline" in test:
+        ax.axhline(
+            100 * test["baseline"]["error"],
+            color="gray",
+            ls=":",
+            label="baseline single model",
+        )
+    ax.set_xlabel("m")
+    ax.set_ylabel("test error %")
+    ax.set_xticks(m)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_reliability(single_probs, ensemble_probs, y, path: str) -> None:
+    """Reliability diagram of the final single model and the ensemble."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(4.5, 4.5))
+    ax.plot([0, 1], [0, 1], color="gray", ls=":", label="perfect calibration")
+    for probs, label in (
+        (single_probs, "final single model"),
+        (ensemble_probs, "ensemble"),
+    ):
+        confidence, accuracy, count = metrics.reliability_curve(probs, y)
+        keep = count > 0
+        ece = metrics.expected_calibration_error(probs, y)
+        ax.plot(
+            confidence[keep],
+            accuracy[keep],
+            marker="o",
+            label=f"{label} (ECE {100 * ece:.2f}%)",
+        )
+    ax.set_xlabel("confidence")
+    ax.set_ylabel("accuracy")
+    ax.legend(loc="upper left", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_disagreement(disagreement, path: str) -> None:
+    """Heatmap of the pairwise disagreement between snapshots."""
+    plt = _pyplot()
+    matrix = 100 * np.asarray(disagreement)
+    count = len(matrix)
+    fig, ax = plt.subplots(figsize=(4.8, 4))
+    image = ax.imshow(matrix, cmap="viridis")
+    ax.set_xticks(range(count), [str(i + 1) for i in range(count)])
+    ax.set_yticks(range(count), [str(i + 1) for i in range(count)])
+    ax.set_xlabel("snapshot")
+    ax.set_ylabel("snapshot")
+    ax.set_title("test predictions that differ (%)")
+    fig.colorbar(image, ax=ax)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,202 @@
+"""The `keras-snapshot` command line, end to end on small settings."""
+
+import json
+import os
+import subprocess
+import sys
+
+import keras
+import numpy as np
+import pytest
+
+import keras_snapshot
+from keras_snapshot import cli
+from keras_snapshot import metrics
+from keras_snapshot.datasets import load_dataset
+
+SMALL = ["--epochs", "2", "--snapshots", "2", "--verbose", "0"]
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def cli_run(tmp_path_factory):
+    run_dir = str(tmp_path_factory.mktemp("cli") / "run")
+    code = cli.main(["train", *SMALL, "--baseline", "--output-dir", run_dir])
+    assert code == 0
+    return run_dir
+
+
+def test_train_writes_a_complete_run_directory(cli_run):
+    names = set(os.listdir(cli_run))
+    for expected in (
+        "run.json",
+        "snapshots",
+        "ensemble.keras",
+        "saved_model",
+        "baseline.keras",
+        "report.json",
+        "report.md",
+        "learning_rate.png",
+        "error_vs_snapshots.png",
+        "reliability.png",
+        "disagreement.png",
+    ):
+        assert expected in names
+    snapshots = os.path.join(cli_run, "snapshots")
+    assert sorted(os.listdir(snapshots)) == [
+        "manifest.json",
+        "snapshot-01.keras",
+        "snapshot-02.keras",
+    ]
+    for name in names:
+        if name.endswith(".png"):
+            with open(os.path.join(cli_run, name), "rb") as f:
+                assert f.read(8) == PNG_SIGNATURE
+    import matplotlib.image
+
+    image = matplotlib.image.imread(os.path.join(cli_run, "learning_rate.png"))
+    assert image.shape[0] > 100 and image.shape[1] > 100
+
+
+def test_report_numbers_match_the_snapshots(cli_run):
+    with open(os.path.join(cli_run, "report.json")) as f:
+        report = json.load(f)
+    data = load_dataset("digits", validation_fraction=0.1, seed=0)
+    members = keras_snapshot.load_snapshots(os.path.join(cli_run, "snapshots"))
+    probs = np.stack([m.predict(data.x_test, verbose=0) for m in members])
+    for i, entry in enumerate(report["test"]["snapshots"]):
+        assert entry["error"] == pytest.approx(
+            metrics.error_rate(probs[i], data.y_test)
+        )
+    for entry in report["test"]["last_m"]:
+        m = entry["m"]
+        assert entry["error"] == pytest.approx(
+            metrics.error_rate(probs[-m:].mean(0), data.y_test)
+        )
+    ensemble = keras.saving.load_model(os.path.join(cli_run, "ensemble.keras"))
+    np.testing.assert_allclose(
+        ensemble.predict(data.x_test, verbose=0), probs.mean(0), atol=1e-5
+    )
+    assert report["exported"] == {"choice": "all", "members": 2}
+    assert "baseline" in report["test"]
+    markdown = open(os.path.join(cli_run, "report.md")).read()
+    assert "ensemble of last m" in markdown
+    assert "Baseline single model" in markdown
+
+
+def test_running_again_resumes_instead_of_retraining(cli_run, capsys):
+    before = os.path.getmtime(
+        os.path.join(cli_run, "snapshots", "snapshot-01.keras")
+    )
+    code = cli.main(["train", *SMALL, "--baseline", "--output-dir", cli_run])
+    assert code == 0
+    assert "already finished" in capsys.readouterr().out
+    after = os.path.getmtime(
+        os.path.join(cli_run, "snapshots", "snapshot-01.keras")
+    )
+    assert before == after
+
+
+def test_other_settings_on_an_existing_run_are_refused(cli_run, capsys):
+    code = cli.main(
+        ["train", "--epochs", "3", "--snapshots", "2", "--output-dir", cli_run]
+    )
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "epochs: 2 != 3" in err and "--overwrite" in err
+
+
+def test_evaluate_and_export(cli_run, tmp_path, capsys):
+    assert cli.main(["evaluate", cli_run, "--split", "val"]) == 0
+    assert os.path.isfile(os.path.join(cli_run, "evaluation_val.json"))
+    assert "val error" in capsys.readouterr().out
+    out = str(tmp_path / "exported")
+    assert cli.main(["export", cli_run, out, "--last", "1"]) == 0
+    assert sorted(os.listdir(out)) == ["ensemble.keras", "saved_model"]
+    data = load_dataset("digits")
+    last = keras_snapshot.load_snapshots(
+        os.path.join(cli_run, "snapshots"), last=1
+    )[0]
+    exported = keras.saving.load_model(os.path.join(out, "ensemble.keras"))
+    np.testing.assert_allclose(
+        exported.predict(data.x_test[:20], verbose=0),
+        last.predict(data.x_test[:20], verbose=0),
+        atol=1e-6,
+    )
+    out2 = str(tmp_path / "greedy")
+    assert cli.main(["export", cli_run, out2, "--select", "greedy"]) == 0
+
+
+BAD_COMMANDS = [
+    (["train", "--dataset", "no_such_dataset_xyz"], "no_such_dataset_xyz"),
+    (["train", "--model", "resnet7"], "unknown model"),
+    (["train", "--epochs", "1", "--snapshots", "1000"], "num_snapshots"),
+    (["train", "--validation-fraction", "1.5"], "validation-fraction"),
+    (["evaluate", "/nonexistent/run"], "not a keras-snapshot run"),
+    (["export", "/nonexistent/run", "/tmp/x"], "not a keras-snapshot run"),
+]
+
+
+@pytest.mark.parametrize("argv,message", BAD_COMMANDS)
+def test_bad_input_is_one_line_and_exit_code_2(argv, message, capsys):
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err
+    assert "Traceback" not in err
+    assert len(err.splitlines()) == 1
+
+
+def test_unwritable_output_directory(tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    code = cli.main(["train", *SMALL, "--output-dir", str(blocker / "run")])
+    assert code == 2
+    assert "cannot write to the output directory" in capsys.readouterr().err
+
+
+def test_run_directory_without_snapshots(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "run.json").write_text(
+        json.dumps({"config": {"dataset": "digits"}, "status": "trained"})
+    )
+    assert cli.main(["export", str(run_dir), str(tmp_path / "out")]) == 2
+    assert "snapshot directory" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "argv", [["train", "--epochs", "0"], ["train", "--lr", "nan"], ["bogus"]]
+)
+def test_argparse_errors_exit_2_without_traceback(argv):
+    result = subprocess.run(
+        [sys.executable, "-m", "keras_snapshot", *argv],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert "error" in result.stderr
+
+
+def test_tfds_dataset_path_on_mock_data(tmp_path):
+    import tensorflow_datasets as tfds
+
+    run_dir = str(tmp_path / "mnist")
+    with tfds.testing.mock_data(num_examples=64):
+        code = cli.main(
+            [
+                "train",
+                "--dataset",
+                "mnist",
+                *SMALL,
+                "--batch-size",
+                "16",
+                "--output-dir",
+                run_dir,
+            ]
+        )
+    assert code == 0
+    with open(os.path.join(run_dir, "report.json")) as f:
+        report = json.load(f)
+    assert report["config"]["dataset"] == "mnist"
+    assert len(report["test"]["snapshots"]) == 2

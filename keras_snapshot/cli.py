@@ -99,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="small_cnn (default), resnet20, resnet56, resnet110, "
         "densenet40, wrn32_4, or a path to a .keras model file",
     )
-    train.add_argument("--epochs", type=_positive_int, default=60)
+    train.add_argument("--epochs", type=_positive_int, default=40)
     train.add_argument(
         "--snapshots",
         dest="num_snapshots",
@@ -111,8 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--lr",
         dest="learning_rate",
         type=_positive_float,
-        default=0.1,
-        help="initial learning rate of every cycle (default 0.1)",
+        default=0.2,
+        help="initial learning rate of every cycle (default 0.2)",
     )
     train.add_argument("--batch-size", type=_positive_int, default=32)
     train.add_argument("--momentum", type=float, default=0.9)

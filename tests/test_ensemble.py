@@ -205,3 +205,46 @@ def test_recalibration_data_in_build_ensemble(snapshot_run):
     np.testing.assert_allclose(
         bn.moving_mean.numpy(), features.mean(0), rtol=1e-4, atol=1e-5
     )
+
+
+def test_temperature_and_uncertainty_outputs_survive_export(
+    snapshot_run, tmp_path
+):
+    from keras_snapshot import metrics
+    from keras_snapshot import selection
+
+    directory, _ = snapshot_run
+    x, _ = make_data(seed=3)
+    members = load_snapshots(directory)
+    member_probs = np.stack([m.predict(x, verbose=0) for m in members])
+    ensemble = build_ensemble(
+        directory,
+        temperature=2.0,
+        extra_outputs=["entropy", "mutual_information"],
+    )
+    got = ensemble.predict(x, verbose=0)
+    want = selection.apply_temperature(member_probs.mean(0), 2.0)
+    np.testing.assert_allclose(got["probabilities"], want, atol=1e-5)
+    np.testing.assert_allclose(
+        got["entropy"], metrics.predictive_entropy(want), atol=1e-5
+    )
+    np.testing.assert_allclose(
+        got["mutual_information"],
+        metrics.mutual_information(member_probs),
+        atol=1e-5,
+    )
+    path = str(tmp_path / "ensemble.keras")
+    ensemble.save(path)
+    reloaded = keras.saving.load_model(path).predict(x, verbose=0)
+    for key in got:
+        np.testing.assert_allclose(reloaded[key], got[key], atol=1e-6)
+    ensemble.export(str(tmp_path / "saved"), verbose=False)
+    served = tf.saved_model.load(str(tmp_path / "saved"))
+    outputs = served.serve(x)
+    np.testing.assert_allclose(
+        outputs["entropy"].numpy(), got["entropy"], atol=1e-5
+    )
+    with pytest.raises(ValueError, match="extra_outputs"):
+        build_ensemble(directory, extra_outputs=["variance"])
+    with pytest.raises(ValueError, match="temperature"):
+        build_ensemble(directory, temperature=0.0)

@@ -4,6 +4,8 @@ import numpy as np
 from keras import layers
 from keras import ops
 
+from keras_snapshot.schedule import _check_positive_int
+
 
 def batchnorm_layers(model) -> list:
     """Every `BatchNormalization` layer of `model`, nested models included."""
@@ -48,6 +50,13 @@ def _input_batches(data, batch_size: int, steps: int | None):
     if isinstance(data, (np.ndarray, list)) or hasattr(data, "__array__"):
         if not hasattr(data, "element_spec"):
             array = np.asarray(data)
+            if array.dtype == object:
+                raise ValueError(
+                    "`data` for BatchNorm recalibration must be a numeric "
+                    "array, an `(x, y)` tuple or a dataset of batches. "
+                    "Received a sequence of "
+                    f"{type(array.flat[0]).__name__} objects."
+                )
             if array.ndim == 0 or len(array) == 0:
                 raise ValueError(
                     "`data` for BatchNorm recalibration is empty. Received "
@@ -108,9 +117,19 @@ def recalibrate_batchnorm(
     keras_snapshot.recalibrate_batchnorm(snapshot, x_train[:2000])
     ```
     """
-    if not isinstance(batch_size, int) or batch_size < 1:
+    if not hasattr(model, "layers"):
+        raise TypeError(
+            "`model` must be a Keras model. Received: "
+            f"{model!r} (type {type(model).__name__})."
+        )
+    _check_positive_int("batch_size", batch_size)
+    if steps is not None:
+        _check_positive_int("steps", steps)
+    if data is None:
         raise ValueError(
-            f"`batch_size` must be a positive integer. Received: {batch_size}."
+            "`data` must be training inputs for BatchNorm recalibration: an "
+            "array, an `(x, y)` tuple or a `tf.data.Dataset`. Received: "
+            "data=None."
         )
     bn_layers = [layer for layer in batchnorm_layers(model) if layer.trainable]
     if not bn_layers:

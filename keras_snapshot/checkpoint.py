@@ -136,6 +136,7 @@ class SnapshotCheckpoint(keras.callbacks.Callback):
         self.verbose = verbose
         self._schedule = None
         self._steps_due = {}
+        self._planned = False
         self._epoch = 0
         self._epoch_start_step = 0
         self.last_write_seconds = None
@@ -207,6 +208,14 @@ class SnapshotCheckpoint(keras.callbacks.Callback):
                 )
         self._chief = _is_chief(self.model)
         if self._chief:
+            if os.path.exists(self.directory) and not os.path.isdir(
+                self.directory
+            ):
+                raise NotADirectoryError(
+                    f"SnapshotCheckpoint writes snapshots into a folder, but "
+                    f"{self.directory} is a file. Pass the path of a new or "
+                    "existing folder as `directory`."
+                )
             os.makedirs(self.directory, exist_ok=True)
             removed = manifest_lib.remove_partial_files(self.directory)
             if removed and self.verbose:
@@ -215,13 +224,17 @@ class SnapshotCheckpoint(keras.callbacks.Callback):
                     f"write(s) left in {self.directory}."
                 )
         self._steps_due = {}
+        self._planned = False
 
     def on_epoch_begin(self, epoch, logs=None):
         self._epoch = epoch
         # Read once per epoch; batch hooks then only add the batch index.
         self._epoch_start_step = self._current_step()
-        if not self._steps_due and self._schedule is not None:
+        if not self._planned and self._schedule is not None:
+            # Once per `fit`: the manifest may change under a non-chief
+            # worker later, and the workers must agree on the steps.
             self._steps_due = self._plan(self._epoch_start_step)
+            self._planned = True
 
     def on_train_batch_begin(self, batch, logs=None):
         step = self._epoch_start_step + batch
@@ -253,14 +266,16 @@ class SnapshotCheckpoint(keras.callbacks.Callback):
         manifest = self._read_or_new_manifest()
         stale = [e for e in manifest["snapshots"] if e["step"] > step]
         if stale and self._chief:
+            manifest["snapshots"] = [
+                e for e in manifest["snapshots"] if e["step"] <= step
+            ]
+            # Manifest first: a kill between the two steps leaves a stray
+            # file, never a manifest entry whose file is gone.
+            manifest_lib.write_manifest(self.directory, manifest)
             for entry in stale:
                 path = manifest_lib.snapshot_path(self.directory, entry)
                 if os.path.exists(path):
                     os.remove(path)
-            manifest["snapshots"] = [
-                e for e in manifest["snapshots"] if e["step"] <= step
-            ]
-            manifest_lib.write_manifest(self.directory, manifest)
             warnings.warn(
                 f"SnapshotCheckpoint: training is at step {step}; removed "
                 f"snapshot(s) {[e['index'] for e in stale]} taken at later "
@@ -268,7 +283,10 @@ class SnapshotCheckpoint(keras.callbacks.Callback):
                 "reaches them.",
                 stacklevel=2,
             )
-        taken = {e["step"] for e in manifest["snapshots"]}
+        # Other workers leave the files alone but plan as the chief does:
+        # every worker must save at the same steps (saving runs collective
+        # ops under MultiWorkerMirroredStrategy).
+        taken = {e["step"] for e in manifest["snapshots"] if e["step"] <= step}
         return {
             end: index
             for index, end in enumerate(schedule.cycle_end_steps, start=1)
@@ -313,10 +331,18 @@ class SnapshotCheckpoint(keras.callbacks.Callback):
         if hasattr(self.model, "jax_state_sync"):
             self.model.jax_state_sync()
         learning_rate = _to_float(self._schedule(max(step - 1, 0)))
+        epoch = self._epoch + 1
+        if batch == 0:
+            # Before any batch of this epoch: no running metrics yet. A
+            # resumed run retakes here a snapshot due at the end of the
+            # previous epoch, and records it as that epoch's end.
+            logs = {}
+            if self._epoch > 0:
+                epoch, batch = self._epoch, None
         entry = {
             "index": index,
             "file": manifest_lib.snapshot_filename(index),
-            "epoch": self._epoch + 1,
+            "epoch": epoch,
             "batch": batch,
             "step": step,
             "learning_rate": learning_rate,
@@ -334,7 +360,7 @@ class SnapshotCheckpoint(keras.callbacks.Callback):
             # On a line of its own, below Keras's progress bar.
             sys.stdout.write(
                 f"\nSnapshot {index}/{self._schedule.num_snapshots} "
-                f"saved at step {step} (epoch {self._epoch + 1}, {where}, "
+                f"saved at step {step} (epoch {epoch}, {where}, "
                 f"lr {learning_rate:.3g}): "
                 f"{os.path.join(self.directory, entry['file'])}\n"
             )

@@ -1,19 +1,23 @@
 """Loading snapshots and averaging them in one functional Keras model."""
 
+import numbers
 import os
 import warnings
 
 import keras
 import numpy as np
 
+from keras_snapshot import layers
 from keras_snapshot import manifest as manifest_lib
 from keras_snapshot.batchnorm import recalibrate_batchnorm
+
+_EXTRA_OUTPUTS = ("entropy", "mutual_information")
 
 
 def _check_last(last, available: int):
     if last is None:
         return available
-    if isinstance(last, bool) or not isinstance(last, int):
+    if isinstance(last, bool) or not isinstance(last, numbers.Integral):
         raise ValueError(
             "`last` must be a positive integer (the number of most recent "
             f"snapshots to keep). Received: last={last!r}."
@@ -23,7 +27,7 @@ def _check_last(last, available: int):
             f"`last` must be between 1 and the number of snapshots "
             f"({available}). Received: last={last}."
         )
-    return last
+    return int(last)
 
 
 def snapshot_paths(
@@ -239,6 +243,8 @@ def build_ensemble(
     safe_mode: bool = True,
     skip_invalid: bool = False,
     custom_objects: dict | None = None,
+    temperature: float | None = None,
+    extra_outputs: tuple | list = (),
     name: str = "snapshot_ensemble",
 ):
     """Averages snapshot models into one functional Keras model.
@@ -269,6 +275,16 @@ def build_ensemble(
         skip_invalid: Skip missing or corrupted snapshot files with a
             warning instead of raising an error.
         custom_objects: Custom objects needed to load the snapshots.
+        temperature: Optional temperature applied to the averaged
+            probabilities (`softmax(log(p) / T)`); fit it on validation
+            data with `keras_snapshot.selection.fit_temperature`.
+        extra_outputs: Optional uncertainty outputs for serving:
+            `"entropy"` (predictive entropy of the ensemble) and
+            `"mutual_information"` (disagreement between members). The
+            model then returns a dict with `"probabilities"` and these.
+            `temperature` and `extra_outputs` use keras_snapshot layers, so
+            such an ensemble reloads from `.keras` after
+            `import keras_snapshot` (its SavedModel needs nothing).
         name: Name of the ensemble model.
 
     Returns:
@@ -291,6 +307,12 @@ def build_ensemble(
         )
         last = None
     elif isinstance(snapshots, (str, os.PathLike)):
+        if not os.path.exists(snapshots):
+            raise FileNotFoundError(
+                f"{os.fspath(snapshots)} does not exist. `snapshots` must be "
+                "a snapshot directory written by SnapshotCheckpoint, a "
+                "`.keras` file, or a list of `.keras` paths or models."
+            )
         items = [snapshots]
     else:
         items = snapshots
@@ -311,6 +333,12 @@ def build_ensemble(
     names = names or [_describe(m, m) for m in members]
     if weights is not None:
         weights = normalize_weights(weights, len(members))
+    unknown = set(extra_outputs) - set(_EXTRA_OUTPUTS)
+    if unknown or isinstance(extra_outputs, str):
+        raise ValueError(
+            f"`extra_outputs` must be a list drawn from {_EXTRA_OUTPUTS}. "
+            f"Received: extra_outputs={extra_outputs!r}."
+        )
     if recalibration_data is not None:
         members = [
             recalibrate_batchnorm(_private_copy(m), recalibration_data)
@@ -354,7 +382,22 @@ def build_ensemble(
             )
         else:
             probabilities = keras.layers.Add(name="probabilities")(scaled)
-    return keras.Model(inputs, probabilities, name=name)
+    if temperature is not None:
+        probabilities = layers.TemperatureScaling(
+            temperature, name="temperature_scaling"
+        )(probabilities)
+    if not extra_outputs:
+        return keras.Model(inputs, probabilities, name=name)
+    result = {"probabilities": probabilities}
+    if "entropy" in extra_outputs:
+        result["entropy"] = layers.PredictiveEntropy(name="entropy")(
+            probabilities
+        )
+    if "mutual_information" in extra_outputs:
+        result["mutual_information"] = layers.MutualInformation(
+            name="mutual_information"
+        )(outputs)
+    return keras.Model(inputs, result, name=name)
 
 
 def _private_copy(model):

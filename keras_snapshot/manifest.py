@@ -158,7 +158,26 @@ def read_manifest(directory: str) -> dict:
                 f"{entry!r}. Each entry needs index, file, step, size and "
                 "sha256."
             )
+        if not all(
+            isinstance(entry[key], int) and not isinstance(entry[key], bool)
+            for key in ("index", "step", "size")
+        ):
+            raise ValueError(
+                f"The snapshot manifest {path} has an entry whose index, step "
+                f"or size is not an integer: {entry!r}. Delete the manifest "
+                "and the snapshots, or restore the file written by "
+                "SnapshotCheckpoint."
+            )
         snapshot_path(directory, entry)  # Checks the path stays inside.
+    for key in ("index", "file"):
+        values = [entry[key] for entry in manifest["snapshots"]]
+        repeated = sorted({v for v in values if values.count(v) > 1})
+        if repeated:
+            raise ValueError(
+                f"The snapshot manifest {path} lists the same {key} more "
+                f"than once: {repeated}. Each snapshot may appear only once; "
+                "restore the manifest written by SnapshotCheckpoint."
+            )
     manifest["snapshots"].sort(key=lambda e: e["index"])
     return manifest
 

@@ -484,13 +484,18 @@ def select_snapshots(
             f"`method` must be one of {_SELECTION_METHODS}. "
             f"Received: method={method!r}."
         )
+    metric = _check_metric(metric)
     if (
         not isinstance(validation_data, (tuple, list))
         or len(validation_data) != 2
     ):
+        received = f"a {type(validation_data).__name__}"
+        if isinstance(validation_data, (tuple, list)):
+            received += f" of length {len(validation_data)}"
         raise ValueError(
             "`validation_data` must be a tuple `(x_val, y_val)` of held-out "
-            f"data. Received: {type(validation_data).__name__}."
+            "arrays (inputs and labels), e.g. "
+            f"`validation_data=(x_val, y_val)`. Received: {received}."
         )
     x_val, y_val = validation_data
     if isinstance(snapshots, (str, os.PathLike)):

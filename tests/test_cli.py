@@ -200,3 +200,52 @@ def test_tfds_dataset_path_on_mock_data(tmp_path):
         report = json.load(f)
     assert report["config"]["dataset"] == "mnist"
     assert len(report["test"]["snapshots"]) == 2
+
+
+@pytest.mark.slow
+def test_killed_cli_run_resumes_with_the_same_command(tmp_path):
+    """SIGKILL right after the first snapshot, then the same command again."""
+    import signal
+
+    run_dir = str(tmp_path / "run")
+    command = [
+        sys.executable,
+        "-m",
+        "keras_snapshot",
+        "train",
+        "--epochs",
+        "6",
+        "--snapshots",
+        "3",
+        "--verbose",
+        "2",
+        "--output-dir",
+        run_dir,
+    ]
+    process = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
+    )
+    for line in process.stdout:
+        if line.startswith("Snapshot 1/3 saved"):
+            process.send_signal(signal.SIGKILL)
+            break
+    process.wait(timeout=120)
+    assert process.returncode == -signal.SIGKILL
+    with open(os.path.join(run_dir, "run.json")) as f:
+        assert json.load(f)["status"] == "training"
+
+    result = subprocess.run(command, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "Resuming the interrupted run" in result.stdout
+    snapshots = os.path.join(run_dir, "snapshots")
+    manifest = keras_snapshot.read_manifest(snapshots)
+    schedule = keras_snapshot.SnapshotSchedule.from_epochs(0.2, 6, 36, 3)
+    assert [e["step"] for e in manifest["snapshots"]] == (
+        schedule.cycle_end_steps
+    )
+    assert [e["index"] for e in manifest["snapshots"]] == [1, 2, 3]
+    for path in keras_snapshot.snapshot_paths(snapshots):
+        model = keras.saving.load_model(path)
+        step = int(model.optimizer.iterations.numpy())
+        assert step in schedule.cycle_end_steps
+    assert os.path.isfile(os.path.join(run_dir, "report.json"))

@@ -44,6 +44,16 @@ def _check_metric(metric: str) -> str:
     return metric
 
 
+def _check_selection_inputs(member_probs, y_val, metric):
+    """Checked `(member_probs, labels, metric)` for the selection functions."""
+    member_probs = metrics._check_member_probs(member_probs)
+    _, num_examples, num_classes = member_probs.shape
+    labels = metrics._check_labels(
+        y_val, num_examples, num_classes, name="y_val"
+    )
+    return member_probs, labels, _check_metric(metric)
+
+
 def _score_keys(probs: np.ndarray, labels: np.ndarray, metric: str):
     """Sort keys of shape (..., num_keys); lexicographically smaller wins.
 
@@ -160,12 +170,10 @@ def greedy_selection(
     ensemble_probs = np.tensordot(weights, member_probs, axes=1)
     ```
     """
-    member_probs = metrics._check_member_probs(member_probs)
-    num_members, num_examples, num_classes = member_probs.shape
-    labels = metrics._check_labels(
-        y_val, num_examples, num_classes, name="y_val"
+    member_probs, labels, metric = _check_selection_inputs(
+        member_probs, y_val, metric
     )
-    metric = _check_metric(metric)
+    num_members, num_examples, num_classes = member_probs.shape
     if max_size is None:
         max_size = 2 * num_members
     max_size = metrics._check_positive_int(max_size, "max_size")
@@ -223,12 +231,10 @@ def best_last_m(
     m, weights = best_last_m(member_probs, y_val)
     ```
     """
-    member_probs = metrics._check_member_probs(member_probs)
-    num_members, num_examples, num_classes = member_probs.shape
-    labels = metrics._check_labels(
-        y_val, num_examples, num_classes, name="y_val"
+    member_probs, labels, metric = _check_selection_inputs(
+        member_probs, y_val, metric
     )
-    metric = _check_metric(metric)
+    num_members, num_examples, num_classes = member_probs.shape
 
     # Row i averages the last i + 1 members.
     sizes = np.arange(1, num_members + 1)[:, None, None]

@@ -144,6 +144,12 @@ def build_parser() -> argparse.ArgumentParser:
         "last m, or greedy weights, chosen on the validation split",
     )
     train.add_argument(
+        "--temperature-scaling",
+        action="store_true",
+        help="calibrate the exported ensemble with a temperature fitted on "
+        "the validation split",
+    )
+    train.add_argument(
         "--baseline",
         action="store_true",
         help="also train a single model with one cosine decay on the same "
@@ -423,11 +429,13 @@ def _evaluate_run(run_dir: str, data, splits=("val", "test")) -> dict:
     return result, probs
 
 
-def _export(output_dir, snapshots, weights):
+def _export(output_dir, snapshots, weights, temperature=None):
     from keras_snapshot import build_ensemble
     from keras_snapshot import export_ensemble
 
-    ensemble = build_ensemble(snapshots, weights=weights)
+    ensemble = build_ensemble(
+        snapshots, weights=weights, temperature=temperature
+    )
     os.makedirs(output_dir, exist_ok=True)
     ensemble.save(os.path.join(output_dir, "ensemble.keras"))
     export_ensemble(ensemble, os.path.join(output_dir, "saved_model"))
@@ -514,7 +522,17 @@ def train_command(args) -> int:
             probs["val"], data.y_val, probs["test"], data.y_test
         )
     snapshots, weights = _chosen_snapshots(run_dir, choices, args.select)
-    _export(run_dir, snapshots, weights)
+    temperature = None
+    if args.temperature_scaling:
+        if not choices:
+            raise UsageError(
+                "--temperature-scaling is fitted on the validation split; "
+                "use a --validation-fraction above 0."
+            )
+        temperature = choices[
+            args.select if args.select != "all" else "uniform"
+        ]["temperature"]
+    _export(run_dir, snapshots, weights, temperature)
     report = {
         "config": config,
         "steps": schedule.total_steps,
@@ -523,7 +541,11 @@ def train_command(args) -> int:
         "test": evaluation["test"],
         "validation": evaluation.get("val"),
         "choices": choices,
-        "exported": {"choice": args.select, "members": len(snapshots)},
+        "exported": {
+            "choice": args.select,
+            "members": len(snapshots),
+            "temperature": temperature,
+        },
         "versions": {
             "keras": keras.__version__,
             "backend": keras.backend.backend(),

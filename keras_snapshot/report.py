@@ -64,10 +64,16 @@ def choose_ensembles(val_probs, y_val, test_probs, y_test) -> dict:
     for name, weights in choices.items():
         val = np.tensordot(weights, val_probs, axes=1)
         test = np.tensordot(weights, test_probs, axes=1)
+        temperature = selection.fit_temperature(val, y_val)
         result[name] = {
             "weights": np.round(weights, 6).tolist(),
             "validation": metrics.evaluate_predictions(val, y_val),
             "test": metrics.evaluate_predictions(test, y_test),
+            # Temperature scaling fitted on validation (Guo et al. 2017).
+            "temperature": round(float(temperature), 4),
+            "test_temperature_scaled": metrics.evaluate_predictions(
+                selection.apply_temperature(test, temperature), y_test
+            ),
         }
     result["last_m"]["m"] = int(m)
     return result
@@ -117,20 +123,29 @@ def markdown_report(report: dict) -> str:
         lines += [
             "## Ensembles chosen on the validation split",
             "",
-            "| choice | test error % | NLL | ECE % | weights |",
-            "|---|---|---|---|---|",
+            "| choice | test error % | NLL | ECE % | temperature T | "
+            "NLL with T | ECE % with T | weights |",
+            "|---|---|---|---|---|---|---|---|",
         ]
         for name, choice in choices.items():
             weights = ", ".join(f"{w:.2f}" for w in choice["weights"])
+            test, scaled = choice["test"], choice["test_temperature_scaled"]
             lines.append(
-                f"| {name} | {_percent(choice['test']['error'])} | "
-                f"{choice['test']['nll']:.4f} | "
-                f"{_percent(choice['test']['ece'])} | {weights} |"
+                f"| {name} | {_percent(test['error'])} | {test['nll']:.4f} | "
+                f"{_percent(test['ece'])} | {choice['temperature']:.3g} | "
+                f"{scaled['nll']:.4f} | {_percent(scaled['ece'])} | "
+                f"{weights} |"
             )
         lines.append("")
+    exported = report["exported"]
+    scaling = (
+        f", temperature {exported['temperature']:.3g}"
+        if exported.get("temperature")
+        else ""
+    )
     lines += [
-        f"Exported ensemble: `{report['exported']['choice']}` "
-        f"({report['exported']['members']} members) in `ensemble.keras` "
+        f"Exported ensemble: `{exported['choice']}` "
+        f"({exported['members']} members{scaling}) in `ensemble.keras` "
         "and `saved_model/`.",
         "",
         "![learning rate](learning_rate.png)",

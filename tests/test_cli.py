@@ -77,7 +77,11 @@ def test_report_numbers_match_the_snapshots(cli_run):
     np.testing.assert_allclose(
         ensemble.predict(data.x_test, verbose=0), probs.mean(0), atol=1e-5
     )
-    assert report["exported"] == {"choice": "all", "members": 2}
+    assert report["exported"] == {
+        "choice": "all",
+        "members": 2,
+        "temperature": None,
+    }
     assert "baseline" in report["test"]
     markdown = open(os.path.join(cli_run, "report.md")).read()
     assert "ensemble of last m" in markdown
@@ -249,3 +253,31 @@ def test_killed_cli_run_resumes_with_the_same_command(tmp_path):
         step = int(model.optimizer.iterations.numpy())
         assert step in schedule.cycle_end_steps
     assert os.path.isfile(os.path.join(run_dir, "report.json"))
+
+
+def test_temperature_scaling_is_fitted_on_validation(cli_run, tmp_path):
+    import shutil
+
+    from keras_snapshot import selection
+
+    run_dir = str(tmp_path / "copy")
+    shutil.copytree(cli_run, run_dir)
+    argv = ["train", *SMALL, "--baseline", "--temperature-scaling"]
+    assert cli.main([*argv, "--output-dir", run_dir]) == 0
+    with open(os.path.join(run_dir, "report.json")) as f:
+        report = json.load(f)
+    temperature = report["exported"]["temperature"]
+    assert temperature == report["choices"]["uniform"]["temperature"]
+    data = load_dataset("digits")
+    members = keras_snapshot.load_snapshots(os.path.join(run_dir, "snapshots"))
+    val = np.stack([m.predict(data.x_val, verbose=0) for m in members])
+    assert temperature == pytest.approx(
+        selection.fit_temperature(val.mean(0), data.y_val), rel=1e-3
+    )
+    test = np.stack([m.predict(data.x_test, verbose=0) for m in members])
+    ensemble = keras.saving.load_model(os.path.join(run_dir, "ensemble.keras"))
+    np.testing.assert_allclose(
+        ensemble.predict(data.x_test, verbose=0),
+        selection.apply_temperature(test.mean(0), temperature),
+        atol=1e-3,
+    )

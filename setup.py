@@ -43,8 +43,11 @@ setup(
             "nbclient>=0.10",
             "nbformat>=5.10",
             "ipykernel",
+            # tests/test_backends.py runs the core tests on JAX too.
+            "jax>=0.7.1",
         ],
-        "jax": ["jax>=0.4.30"],
+        # 0.7.1 added `jax.set_mesh`, which Keras's JAX distribution uses.
+        "jax": ["jax>=0.7.1"],
     },
     entry_points={
         "console_scripts": ["keras-snapshot=keras_snapshot.cli:main"],

@@ -60,6 +60,18 @@ def train_snapshots(directory, epochs=5, batch_size=16, num_snapshots=3, **kw):
     return model, schedule, callback
 
 
+def saved_steps(directory):
+    """The optimizer step stored inside each snapshot file, in file order."""
+    steps = []
+    for name in sorted(os.listdir(directory)):
+        if name.endswith(".keras"):
+            model = keras.saving.load_model(os.path.join(directory, name))
+            steps.append(
+                int(keras.ops.convert_to_numpy(model.optimizer.iterations))
+            )
+    return steps
+
+
 @pytest.fixture(scope="session")
 def snapshot_run(tmp_path_factory):
     """One trained run with 3 snapshots, shared by read-only tests."""

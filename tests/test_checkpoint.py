@@ -8,21 +8,12 @@ import tensorflow as tf
 from conftest import compile_with_schedule
 from conftest import make_data
 from conftest import make_model
+from conftest import saved_steps
 from conftest import train_snapshots
 
 import keras_snapshot
 from keras_snapshot import SnapshotCheckpoint
 from keras_snapshot import manifest as manifest_lib
-
-
-def saved_steps(directory):
-    """The optimizer step stored inside each snapshot file, in file order."""
-    steps = []
-    for name in sorted(os.listdir(directory)):
-        if name.endswith(".keras"):
-            model = keras.saving.load_model(os.path.join(directory, name))
-            steps.append(int(model.optimizer.iterations.numpy()))
-    return steps
 
 
 def test_fit_writes_one_snapshot_per_cycle_end_mid_epoch(snapshot_run):

@@ -1,0 +1,260 @@
+"""Trains a tiny model with snapshots under a distribution, for tests.
+
+`tests/test_distribute.py` and `tests/test_backends.py` run this script in
+subprocesses: logical devices must be configured before TensorFlow or JAX
+start, and several workers need several processes. It is not collected by
+pytest (its name does not start with `test_`).
+
+Usage:
+
+    python tests/distribute_script.py mirrored OUTDIR
+    python tests/distribute_script.py multiworker OUTDIR SNAPSHOT_DIR
+    python tests/distribute_script.py jax_data_parallel OUTDIR
+
+- `mirrored`: `MirroredStrategy` over 2 logical CPU devices, and the same
+  model (same initial weights) on one device with the same global batch.
+  Writes the snapshot directories `OUTDIR/mirrored` and `OUTDIR/single`.
+- `multiworker`: one worker of a `MultiWorkerMirroredStrategy` cluster
+  described by `TF_CONFIG`; every worker is given the same `SNAPSHOT_DIR`.
+  Two runs in that directory: the second starts again at step 0, so every
+  snapshot of the first is stale and retaken, and trains one epoch past
+  the schedule's budget. Its chief starts late, so the other worker reads
+  the manifest while it still lists the stale snapshots.
+- `jax_data_parallel`: `keras.distribution.DataParallel` over the CPU
+  devices JAX sees (2 with
+  `XLA_FLAGS=--xla_force_host_platform_device_count=2`). Writes the
+  snapshot directory `OUTDIR/snapshots`.
+
+Every mode writes `OUTDIR/result.json` (`OUTDIR/worker-INDEX.json` for
+`multiworker`) with the steps each callback saved at. The chief prints
+one line `Snapshot K/M saved at step S ...` per snapshot it writes.
+"""
+
+import json
+import os
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+sys.path.insert(1, os.path.dirname(HERE))
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+# 96 samples, global batch 8: 12 steps per epoch. 2 epochs = 24 steps and 3
+# snapshots, at steps 8 (in the first epoch), 16 (mid-epoch) and 24 (end).
+SAMPLES = 96
+BATCH_SIZE = 8
+EPOCHS = 2
+SNAPSHOTS = 3
+
+
+def _recording_checkpoint(directory, late_chief_seconds=0.0):
+    """A `SnapshotCheckpoint` that records the steps it saves at.
+
+    With `late_chief_seconds`, the chief sleeps before its first epoch
+    begins, which is when it removes stale snapshots from the manifest.
+    """
+    import keras_snapshot
+
+    class RecordingCheckpoint(keras_snapshot.SnapshotCheckpoint):
+        def on_epoch_begin(self, epoch, logs=None):
+            if epoch == 0 and self._chief:
+                time.sleep(late_chief_seconds)
+            super().on_epoch_begin(epoch, logs)
+
+        def _save_snapshot(self, step, batch, logs):
+            super()._save_snapshot(step, batch, logs)
+            self.saved_steps.append(step)
+
+    callback = RecordingCheckpoint(directory, verbose=1)
+    callback.saved_steps = []
+    return callback
+
+
+def _train(directory, model, epochs=EPOCHS, late_chief_seconds=0.0):
+    """Compiles and fits `model` with snapshots; returns the callback."""
+    from conftest import compile_with_schedule
+    from conftest import make_data
+
+    x, y = make_data(n=SAMPLES)
+    compile_with_schedule(model, EPOCHS * (SAMPLES // BATCH_SIZE), SNAPSHOTS)
+    callback = _recording_checkpoint(directory, late_chief_seconds)
+    model.fit(
+        x,
+        y,
+        batch_size=BATCH_SIZE,
+        epochs=epochs,
+        shuffle=False,
+        callbacks=[callback],
+        verbose=0,
+    )
+    sys.stdout.flush()
+    return callback
+
+
+def _new_model():
+    from conftest import make_model
+
+    # No BatchNorm: each replica would normalise with the moments of its
+    # part of the batch, so a distributed run would differ on purpose.
+    return make_model(batchnorm=False)
+
+
+def mirrored(outdir):
+    import tensorflow as tf
+
+    # Before anything initialises TensorFlow's devices.
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    tf.config.set_logical_device_configuration(
+        cpu, [tf.config.LogicalDeviceConfiguration()] * 2
+    )
+    import keras
+
+    from keras_snapshot.distribute import get_strategy
+
+    keras.utils.set_random_seed(0)
+    single = _new_model()
+    initial = single.get_weights()
+    single_callback = _train(os.path.join(outdir, "single"), single)
+    strategy = get_strategy("mirrored", devices=["/cpu:0", "/cpu:1"])
+    with strategy.scope():
+        model = _new_model()
+        model.set_weights(initial)
+        callback = _train(os.path.join(outdir, "mirrored"), model)
+    result = {
+        "replicas": strategy.num_replicas_in_sync,
+        "variable": type(model.trainable_variables[0].value).__name__,
+        "saved_steps": callback.saved_steps,
+        "single_saved_steps": single_callback.saved_steps,
+    }
+    with open(os.path.join(outdir, "result.json"), "w") as f:
+        json.dump(result, f)
+
+
+def _work_around_keras_multiworker_fit(model, strategy):
+    """Two small fixes without which Keras 3's `fit` fails on 2+ workers.
+
+    Keras 3 (3.15 here) cannot run `fit` under `MultiWorkerMirroredStrategy`
+    with several workers (keras-team/keras#20585):
+
+    1. Before the first step, `fit` reduces the whole first batch `(x, y)`
+       across replicas only to learn its shapes; `strategy.reduce` of a
+       tuple fails ("Attempt to convert a value (PerReplica...) to a
+       Tensor"). Fixed here by building from the local part of the batch,
+       which has the same shapes and needs no collective.
+    2. Each step reduces the scalar logs with `strategy.reduce(..., axis=0)`,
+       which fails on scalars ("Invalid reduction dimension 0 for input
+       with 0 dimensions"). Fixed here by reducing them with `axis=None`.
+
+    Neither touches keras_snapshot: they let this test reach the callback.
+    """
+    from keras.src import tree
+    from keras.src.backend.tensorflow import trainer as tf_trainer
+
+    def maybe_symbolic_build(iterator=None, data_batch=None):
+        if iterator is not None:
+            for _, _, it in iterator:
+                data_batch = tree.map_structure(
+                    lambda v: strategy.experimental_local_results(v)[0],
+                    next(it),
+                )
+                break
+        with strategy.scope():
+            model._symbolic_build(data_batch=data_batch)
+
+    model._maybe_symbolic_build = maybe_symbolic_build
+    original = tf_trainer.reduce_per_replica
+    if getattr(original, "fixed_for_multiworker", False):
+        return
+
+    def reduce_per_replica(values, strategy, reduction):
+        if reduction in ("auto", "mean") and (
+            tf_trainer._collective_all_reduce_multi_worker(strategy)
+        ):
+            return tree.map_structure(
+                lambda v: strategy.reduce("MEAN", v, axis=None), values
+            )
+        return original(values, strategy, reduction)
+
+    reduce_per_replica.fixed_for_multiworker = True
+    tf_trainer.reduce_per_replica = reduce_per_replica
+
+
+def multiworker(outdir, snapshot_dir):
+    import keras
+
+    from keras_snapshot.distribute import get_strategy
+
+    strategy = get_strategy("multiworker")
+    index = strategy.cluster_resolver.task_id
+    runs = []
+    for run in range(2):
+        keras.utils.set_random_seed(0)
+        with strategy.scope():
+            model = _new_model()
+            _work_around_keras_multiworker_fit(model, strategy)
+            callback = _train(
+                snapshot_dir,
+                model,
+                epochs=EPOCHS + run,
+                late_chief_seconds=2.0 if run else 0.0,
+            )
+        runs.append(
+            {
+                "chief": callback._chief,
+                "saved_steps": callback.saved_steps,
+                "steps": int(model.optimizer.iterations.numpy()),
+            }
+        )
+    result = {
+        "index": index,
+        "should_checkpoint": strategy.extended.should_checkpoint,
+        "replicas": strategy.num_replicas_in_sync,
+        "runs": runs,
+    }
+    with open(os.path.join(outdir, f"worker-{index}.json"), "w") as f:
+        json.dump(result, f)
+
+
+def jax_data_parallel(outdir):
+    import jax
+    import keras
+
+    from keras_snapshot.distribute import get_strategy
+
+    devices = keras.distribution.list_devices("cpu")
+    keras.distribution.set_distribution(
+        keras.distribution.DataParallel(devices=devices)
+    )
+    keras.utils.set_random_seed(0)
+    model = _new_model()
+    callback = _train(os.path.join(outdir, "snapshots"), model)
+    kernel = model.trainable_variables[0].value
+    try:
+        get_strategy("mirrored")
+        tf_strategy_error = None
+    except ValueError as e:
+        tf_strategy_error = str(e)
+    result = {
+        "backend": keras.backend.backend(),
+        "jax_devices": len(jax.devices()),
+        "kernel_devices": len(kernel.sharding.device_set),
+        "saved_steps": callback.saved_steps,
+        "tf_strategy_error": tf_strategy_error,
+    }
+    with open(os.path.join(outdir, "result.json"), "w") as f:
+        json.dump(result, f)
+
+
+if __name__ == "__main__":
+    mode, out = sys.argv[1], sys.argv[2]
+    os.makedirs(out, exist_ok=True)
+    if mode == "mirrored":
+        mirrored(out)
+    elif mode == "multiworker":
+        multiworker(out, sys.argv[3])
+    elif mode == "jax_data_parallel":
+        jax_data_parallel(out)
+    else:
+        raise SystemExit(f"Unknown mode {mode!r}; see the docstring.")
+    print("done", flush=True)

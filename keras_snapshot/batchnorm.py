@@ -4,7 +4,7 @@ import numpy as np
 from keras import layers
 from keras import ops
 
-from keras_snapshot.schedule import _check_positive_int
+from keras_snapshot._checks import check_positive_int
 
 
 def batchnorm_layers(model) -> list:
@@ -122,9 +122,9 @@ def recalibrate_batchnorm(
             "`model` must be a Keras model. Received: "
             f"{model!r} (type {type(model).__name__})."
         )
-    _check_positive_int("batch_size", batch_size)
+    check_positive_int("batch_size", batch_size)
     if steps is not None:
-        _check_positive_int("steps", steps)
+        check_positive_int("steps", steps)
     if data is None:
         raise ValueError(
             "`data` must be training inputs for BatchNorm recalibration: an "

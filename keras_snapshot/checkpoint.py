@@ -10,11 +10,11 @@ import keras
 from keras import ops
 
 from keras_snapshot import manifest as manifest_lib
+from keras_snapshot._checks import check_positive_int
 from keras_snapshot.batchnorm import recalibrate_batchnorm
 from keras_snapshot.batchnorm import restore_batchnorm_statistics
 from keras_snapshot.batchnorm import save_batchnorm_statistics
 from keras_snapshot.schedule import SnapshotSchedule
-from keras_snapshot.schedule import _check_positive_int
 
 
 def find_snapshot_schedule(optimizer) -> SnapshotSchedule | None:
@@ -117,7 +117,7 @@ class SnapshotCheckpoint(keras.callbacks.Callback):
             )
         # Checked the same way as the schedule checks its arguments.
         if cycle_length is not None:
-            _check_positive_int("cycle_length", cycle_length)
+            check_positive_int("cycle_length", cycle_length)
         if num_snapshots is not None and cycle_length is None:
             raise ValueError(
                 "`num_snapshots` is only used together with `cycle_length`; "
@@ -125,9 +125,9 @@ class SnapshotCheckpoint(keras.callbacks.Callback):
                 f"num_snapshots={num_snapshots}, cycle_length=None."
             )
         if num_snapshots is not None:
-            _check_positive_int("num_snapshots", num_snapshots)
+            check_positive_int("num_snapshots", num_snapshots)
         if recalibration_steps is not None:
-            _check_positive_int("recalibration_steps", recalibration_steps)
+            check_positive_int("recalibration_steps", recalibration_steps)
         self.directory = os.fspath(directory)
         self.cycle_length = cycle_length
         self.num_snapshots = num_snapshots

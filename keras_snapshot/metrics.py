@@ -22,6 +22,8 @@ import numbers
 import numpy as np
 from numpy.typing import ArrayLike
 
+from keras_snapshot._checks import check_positive_int
+
 # Default floor on probabilities inside logarithms (NLL, log-probs).
 _EPS = 1e-12
 # Rows of `probs` may be off by float32 rounding; anything further off is
@@ -121,18 +123,6 @@ def _check_inputs(probs: ArrayLike, y: ArrayLike):
     """Validates `probs` and `y` together; returns (probs, integer labels)."""
     probs = _check_probs(probs)
     return probs, _check_labels(y, *probs.shape)
-
-
-def _check_positive_int(value, name: str) -> int:
-    if (
-        not isinstance(value, numbers.Integral)
-        or isinstance(value, bool)
-        or value < 1
-    ):
-        raise ValueError(
-            f"`{name}` must be a positive integer. Received: {name}={value!r}."
-        )
-    return int(value)
 
 
 def _check_eps(eps: float) -> float:
@@ -311,9 +301,7 @@ def reliability_curve(
     ```
     """
     probs, labels = _check_inputs(probs, y)
-    return _reliability(
-        probs, labels, _check_positive_int(num_bins, "num_bins")
-    )
+    return _reliability(probs, labels, check_positive_int("num_bins", num_bins))
 
 
 def expected_calibration_error(
@@ -344,7 +332,7 @@ def expected_calibration_error(
     ```
     """
     probs, labels = _check_inputs(probs, y)
-    return _ece(probs, labels, _check_positive_int(num_bins, "num_bins"))
+    return _ece(probs, labels, check_positive_int("num_bins", num_bins))
 
 
 def evaluate_predictions(
@@ -379,7 +367,7 @@ def evaluate_predictions(
         "error": float(_error(probs, labels)),
         "nll": float(_nll(probs, labels, _EPS)),
         "brier": float(_brier(probs, labels)),
-        "ece": _ece(probs, labels, _check_positive_int(num_bins, "num_bins")),
+        "ece": _ece(probs, labels, check_positive_int("num_bins", num_bins)),
     }
 
 

@@ -6,18 +6,7 @@ import numbers
 import keras
 from keras import ops
 
-
-def _check_positive_int(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise ValueError(
-            f"`{name}` must be a positive integer. "
-            f"Received: {name}={value!r} (type {type(value).__name__})."
-        )
-    if value < 1:
-        raise ValueError(
-            f"`{name}` must be a positive integer. Received: {name}={value}."
-        )
-    return int(value)
+from keras_snapshot._checks import check_positive_int
 
 
 def _check_learning_rate(value) -> float:
@@ -83,8 +72,8 @@ class SnapshotSchedule(keras.optimizers.schedules.LearningRateSchedule):
     ):
         super().__init__()
         self.initial_learning_rate = _check_learning_rate(initial_learning_rate)
-        self.total_steps = _check_positive_int("total_steps", total_steps)
-        self.num_snapshots = _check_positive_int("num_snapshots", num_snapshots)
+        self.total_steps = check_positive_int("total_steps", total_steps)
+        self.num_snapshots = check_positive_int("num_snapshots", num_snapshots)
         if self.num_snapshots > self.total_steps:
             raise ValueError(
                 "`num_snapshots` must be between 1 and `total_steps` "
@@ -112,10 +101,8 @@ class SnapshotSchedule(keras.optimizers.schedules.LearningRateSchedule):
         schedule = SnapshotSchedule.from_epochs(0.2, 200, 782, 5)
         ```
         """
-        epochs = _check_positive_int("epochs", epochs)
-        steps_per_epoch = _check_positive_int(
-            "steps_per_epoch", steps_per_epoch
-        )
+        epochs = check_positive_int("epochs", epochs)
+        steps_per_epoch = check_positive_int("steps_per_epoch", steps_per_epoch)
         return cls(
             initial_learning_rate,
             total_steps=epochs * steps_per_epoch,

@@ -28,6 +28,7 @@ import numpy as np
 from numpy.typing import ArrayLike
 
 from keras_snapshot import metrics
+from keras_snapshot._checks import check_positive_int
 
 _METRICS = ("nll", "error")
 # Temperatures are searched in [1e-2, 1e2], on a log scale.
@@ -92,7 +93,7 @@ def normalize_weights(weights: ArrayLike, num_members: int) -> np.ndarray:
     normalize_weights([2, 1, 1], num_members=3)  # [0.5, 0.25, 0.25]
     ```
     """
-    num_members = metrics._check_positive_int(num_members, "num_members")
+    num_members = check_positive_int("num_members", num_members)
     try:
         arr = np.asarray(weights, dtype=np.float64)
     except (TypeError, ValueError):
@@ -176,7 +177,7 @@ def greedy_selection(
     num_members, num_examples, num_classes = member_probs.shape
     if max_size is None:
         max_size = 2 * num_members
-    max_size = metrics._check_positive_int(max_size, "max_size")
+    max_size = check_positive_int("max_size", max_size)
 
     counts = np.zeros(num_members, dtype=np.int64)
     total = np.zeros((num_examples, num_classes))

@@ -3,6 +3,7 @@
 import json
 import os
 import platform
+import re
 import sys
 import time
 
@@ -64,8 +65,10 @@ def update_readme_block(name: str, text: str, readme: str = README) -> bool:
     """Replaces the text between `<!-- name:begin -->` and `<!-- name:end -->`.
 
     The README's result tables are written by the scripts, never typed.
+    Headings go one level down, under the README's own section heading.
     Returns whether the block was found.
     """
+    text = re.sub(r"^(#+) ", r"#\1 ", text, flags=re.MULTILINE)
     begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
     if not os.path.isfile(readme):
         return False

@@ -104,12 +104,13 @@ class Run:
 
 
 def plan(args) -> list:
+    # Most informative first: singles, then snapshots by rate, then step.
     runs = [Run("cosine", args.single_lr, s) for s in range(args.singles)]
-    runs += [Run("step", args.single_lr, s) for s in range(args.seeds)]
-    for m, lr, s in itertools.product(
-        args.snapshots, args.snapshot_lr, range(args.seeds)
+    for lr, m, s in itertools.product(
+        sorted(args.snapshot_lr), args.snapshots, range(args.seeds)
     ):
         runs.append(Run("snapshot", lr, s, m))
+    runs += [Run("step", args.single_lr, s) for s in range(args.seeds)]
     return runs
 
 
@@ -320,9 +321,21 @@ def analyze(args, runs, cache_dir) -> dict:
 
     # (a) single models ---------------------------------------------------
     a = {
-        "cosine": mean_std([err(loaded[r]["nocycle%d_test" % args.snapshots[0]][-1]) for r in singles]),
-        "cosine_recal": mean_std([err(loaded[r]["final_test_recal"]) for r in singles]),
-        "step": mean_std([err(loaded[r]["nocycle%d_test" % args.snapshots[0]][-1]) for r in steps]),
+        "cosine": mean_std(
+            [
+                err(loaded[r]["nocycle%d_test" % args.snapshots[0]][-1])
+                for r in singles
+            ]
+        ),
+        "cosine_recal": mean_std(
+            [err(loaded[r]["final_test_recal"]) for r in singles]
+        ),
+        "step": mean_std(
+            [
+                err(loaded[r]["nocycle%d_test" % args.snapshots[0]][-1])
+                for r in steps
+            ]
+        ),
     }
     res["a_single"] = a
     # (b) NoCycle -----------------------------------------------------------
@@ -330,21 +343,49 @@ def analyze(args, runs, cache_dir) -> dict:
     for m in args.snapshots:
         for kind, group in (("cosine", singles), ("step", steps)):
             b[f"{kind}_M{m}"] = mean_std(
-                [err(np.log(average(loaded[r][f"nocycle{m}_test"]))) for r in group]
+                [
+                    err(np.log(average(loaded[r][f"nocycle{m}_test"])))
+                    for r in group
+                ]
             )
     res["b_nocycle"] = b
+    res["b_nocycle_member_mean"] = {
+        f"{kind}_M{m}": mean_std(
+            [
+                np.mean([err(x) for x in loaded[r][f"nocycle{m}_test"]])
+                for r in group
+            ]
+        )
+        for m in args.snapshots
+        for kind, group in (("cosine", singles), ("step", steps))
+    }
     # (d) true ensembles: every M-subset of the independent cosine singles --
     d = {}
-    finals = [loaded[r]["nocycle%d_test" % args.snapshots[0]][-1] for r in singles]
+    finals = [
+        loaded[r]["nocycle%d_test" % args.snapshots[0]][-1] for r in singles
+    ]
     for m in sorted(set(args.snapshots) | {2}):
         if m > len(finals):
             continue
         subsets = list(itertools.combinations(range(len(finals)), m))
         d[f"M{m}"] = mean_std(
-            [err(np.log(average(np.stack([finals[i] for i in s])))) for s in subsets]
+            [
+                err(np.log(average(np.stack([finals[i] for i in s]))))
+                for s in subsets
+            ]
         )
         d[f"M{m}"]["subsets"] = len(subsets)
     res["d_true_ensemble"] = d
+    # Error of k independent singles, k = 1..N (mean over all subsets).
+    res["d_curve"] = [
+        mean_std(
+            [
+                err(np.log(average(np.stack([finals[i] for i in s]))))
+                for s in itertools.combinations(range(len(finals)), k)
+            ]
+        )
+        for k in range(1, len(finals) + 1)
+    ]
     # (c) snapshot ensembles -------------------------------------------------
     c = {}
     configs = sorted({(r.num_snapshots, r.lr) for r in snaps})
@@ -362,12 +403,20 @@ def analyze(args, runs, cache_dir) -> dict:
             row[f"all_{tag}"] = mean_std(
                 [err(np.log(average(mt))) for mt in members_test]
             )
+            row[f"member_mean_{tag}"] = mean_std(
+                [np.mean([err(x) for x in mt]) for mt in members_test]
+            )
             row[f"all_{tag}_val"] = mean_std(
-                [float(evaluate(np.log(average(mv)), y_val)["error"]) for mv in members_val]
+                [
+                    float(evaluate(np.log(average(mv)), y_val)["error"])
+                    for mv in members_val
+                ]
             )
             # Figure 3: error of the average of the last k snapshots.
             row[f"last_k_{tag}"] = [
-                mean_std([err(np.log(average(mt[m - k :]))) for mt in members_test])
+                mean_std(
+                    [err(np.log(average(mt[m - k :]))) for mt in members_test]
+                )
                 for k in range(1, m + 1)
             ]
             chosen, errs_lm, errs_lm_val = [], [], []
@@ -375,19 +424,30 @@ def analyze(args, runs, cache_dir) -> dict:
                 k, w = selection.best_last_m(to_probs(mv), y_val, metric="nll")
                 chosen.append(k)
                 errs_lm.append(err(np.log(average(mt, w))))
-                errs_lm_val.append(float(evaluate(np.log(average(mv, w)), y_val)["error"]))
+                errs_lm_val.append(
+                    float(evaluate(np.log(average(mv, w)), y_val)["error"])
+                )
             row[f"best_last_m_{tag}"] = mean_std(errs_lm)
             row[f"best_last_m_{tag}_val"] = mean_std(errs_lm_val)
             row[f"best_last_m_{tag}_chosen"] = chosen
             row[f"disagreement_{tag}"] = mean_std(
-                [float(_mean_offdiag(metrics.pairwise_disagreement(to_probs(mt)))) for mt in members_test]
+                [
+                    float(
+                        _mean_offdiag(
+                            metrics.pairwise_disagreement(to_probs(mt))
+                        )
+                    )
+                    for mt in members_test
+                ]
             )
         c[f"M{m}_lr{lr:g}"] = row
     res["c_snapshot"] = c
     # Diversity of independent models, for comparison.
     if len(finals) >= 2:
         res["disagreement_independent"] = float(
-            _mean_offdiag(metrics.pairwise_disagreement(to_probs(np.stack(finals))))
+            _mean_offdiag(
+                metrics.pairwise_disagreement(to_probs(np.stack(finals)))
+            )
         )
     # Selection (issue 6) ------------------------------------------------------
     res["selection"] = selection_table(loaded, snaps, configs, y_val, y_test)
@@ -418,15 +478,23 @@ def selection_table(loaded, snaps, configs, y_val, y_test) -> dict:
                 methods = {}
                 methods["last snapshot"] = np.eye(m)[-1]
                 methods["uniform all M"] = np.full(m, 1.0 / m)
-                methods["best last m (val NLL)"] = selection.best_last_m(pv, y_val, "nll")[1]
-                methods["greedy (val NLL)"] = selection.greedy_selection(pv, y_val, "nll")[0]
+                methods["best last m (val NLL)"] = selection.best_last_m(
+                    pv, y_val, "nll"
+                )[1]
+                methods["greedy (val NLL)"] = selection.greedy_selection(
+                    pv, y_val, "nll"
+                )[0]
                 for name, w in list(methods.items()):
                     val_p = np.tensordot(w, pv, axes=1)
                     test_p = np.tensordot(w, pt, axes=1)
                     scores.setdefault(name, []).append(
                         metrics.evaluate_predictions(test_p, y_test)
                     )
-                    if name in ("uniform all M", "greedy (val NLL)", "last snapshot"):
+                    if name in (
+                        "uniform all M",
+                        "greedy (val NLL)",
+                        "last snapshot",
+                    ):
                         t = selection.fit_temperature(val_p, y_val)
                         scaled = selection.apply_temperature(test_p, t)
                         s = metrics.evaluate_predictions(scaled, y_test)
@@ -434,8 +502,7 @@ def selection_table(loaded, snaps, configs, y_val, y_test) -> dict:
                         scores.setdefault(name + " + temperature", []).append(s)
             out[f"M{m}_lr{lr:g}_{'recal' if recal else 'raw'}"] = {
                 name: {
-                    key: mean_std([s[key] for s in values])
-                    for key in values[0]
+                    key: mean_std([s[key] for s in values]) for key in values[0]
                 }
                 for name, values in scores.items()
             }
@@ -454,7 +521,13 @@ def headline(res, args) -> dict:
             for tag in ("raw", "recal"):
                 for how in ("all", "best_last_m"):
                     candidates.append(
-                        (row[f"{how}_{tag}_val"]["mean"], key, tag, how, row[f"{how}_{tag}"])
+                        (
+                            row[f"{how}_{tag}_val"]["mean"],
+                            key,
+                            tag,
+                            how,
+                            row[f"{how}_{tag}"],
+                        )
                     )
         if not candidates:
             continue
@@ -508,35 +581,99 @@ def markdown(res, args) -> str:
         "",
     ]
     rows = [
-        ["(a) single, cosine decay, lr %g" % s["single_lr"], pct(a["cosine"]), a["cosine"]["n"], "1x"],
-        ["(a) single, cosine, BN recalibrated", pct(a["cosine_recal"]), a["cosine_recal"]["n"], "1x"],
-        ["(a) single, step decay (paper), lr %g" % s["single_lr"], pct(a["step"]), a["step"]["n"], "1x"],
+        [
+            "(a) single, cosine decay, lr %g" % s["single_lr"],
+            pct(a["cosine"]),
+            a["cosine"]["n"],
+            "1x",
+        ],
+        [
+            "(a) single, cosine, BN recalibrated",
+            pct(a["cosine_recal"]),
+            a["cosine_recal"]["n"],
+            "1x",
+        ],
+        [
+            "(a) single, step decay (paper), lr %g" % s["single_lr"],
+            pct(a["step"]),
+            a["step"]["n"],
+            "1x",
+        ],
     ]
     for key, stat in b.items():
         kind, m = key.split("_M")
-        rows.append([f"(b) NoCycle, {kind} schedule, M={m}", pct(stat), stat["n"], "1x"])
+        rows.append(
+            [f"(b) NoCycle, {kind} schedule, M={m}", pct(stat), stat["n"], "1x"]
+        )
     for key, row in c.items():
         m = key.split("_")[0][1:]
         lr = key.split("lr")[1]
-        rows.append([f"(c) snapshot M={m}, lr {lr}, all M", pct(row["all_raw"]), row["all_raw"]["n"], "1x"])
-        rows.append([f"(c) snapshot M={m}, lr {lr}, all M, BN recal.", pct(row["all_recal"]), row["all_recal"]["n"], "1x"])
-        rows.append([f"(c) snapshot M={m}, lr {lr}, best last m (val)", pct(row["best_last_m_raw"]), row["best_last_m_raw"]["n"], "1x"])
-        rows.append([f"(c) snapshot M={m}, lr {lr}, best last m, BN recal.", pct(row["best_last_m_recal"]), row["best_last_m_recal"]["n"], "1x"])
+        rows.append(
+            [
+                f"(c) snapshot M={m}, lr {lr}, all M",
+                pct(row["all_raw"]),
+                row["all_raw"]["n"],
+                "1x",
+            ]
+        )
+        rows.append(
+            [
+                f"(c) snapshot M={m}, lr {lr}, all M, BN recal.",
+                pct(row["all_recal"]),
+                row["all_recal"]["n"],
+                "1x",
+            ]
+        )
+        rows.append(
+            [
+                f"(c) snapshot M={m}, lr {lr}, best last m (val)",
+                pct(row["best_last_m_raw"]),
+                row["best_last_m_raw"]["n"],
+                "1x",
+            ]
+        )
+        rows.append(
+            [
+                f"(c) snapshot M={m}, lr {lr}, best last m, BN recal.",
+                pct(row["best_last_m_recal"]),
+                row["best_last_m_recal"]["n"],
+                "1x",
+            ]
+        )
     for key, stat in d.items():
         m = key[1:]
-        rows.append([f"(d) true ensemble of {m} cosine singles", pct(stat), f"{stat['subsets']} subsets of {a['cosine']['n']}", f"{m}x"])
-    lines.append(_common.md_table(["method", "test error %", "runs", "training cost"], rows))
+        rows.append(
+            [
+                f"(d) true ensemble of {m} cosine singles",
+                pct(stat),
+                f"{stat['subsets']} subsets of {a['cosine']['n']}",
+                f"{m}x",
+            ]
+        )
+    lines.append(
+        _common.md_table(
+            ["method", "test error %", "runs", "training cost"], rows
+        )
+    )
     lines += ["", "## Targets", ""]
     rows = []
     for m, h in res["headline"].items():
-        rows.append([
-            m,
-            f"{h['config']}, {h['members']}, BN {h['bn']}",
-            f"{100 * h['val_error']:.2f}",
-            pct(h["test_error"]),
-            f"{100 * h['relative_gain_vs_a']:.1f}% ({'met' if h['target_10pct'] else 'missed'})",
-            (f"{100 * h['gap_closed']:.0f}% ({'met' if h['target_half_gap'] else 'missed'})" if "gap_closed" in h else "n/a"),
-        ])
+        rows.append(
+            [
+                m,
+                f"{h['config']}, {h['members']}, BN {h['bn']}",
+                f"{100 * h['val_error']:.2f}",
+                pct(h["test_error"]),
+                f"{100 * h['relative_gain_vs_a']:.1f}% "
+                f"({'met' if h['target_10pct'] else 'missed'})",
+                (
+                    f"{100 * h['gap_closed']:.0f}% "
+                    f"({'met' if h['target_half_gap'] else 'missed'})"
+                    if "gap_closed" in h
+                    else "n/a"
+                ),
+            ]
+        )
     lines.append(
         "The (c) variant per M is chosen by **validation** error among "
         "{lr} x {all, best last m} x {raw, BN recalibrated}; its test error "
@@ -544,14 +681,99 @@ def markdown(res, args) -> str:
         "(target: closes >= 50% of the (a)-(d) gap)."
     )
     lines.append("")
-    lines.append(_common.md_table(["M", "chosen on validation", "val error %", "test error %", "gain vs (a), target 10%", "(a)-(d) gap closed, target 50%"], rows))
-    lines += ["", "## Figure 3: error of the average of the last m snapshots", ""]
+    lines.append(
+        _common.md_table(
+            [
+                "M",
+                "chosen on validation",
+                "val error %",
+                "test error %",
+                "gain vs (a), target 10%",
+                "(a)-(d) gap closed, target 50%",
+            ],
+            rows,
+        )
+    )
+    lines += ["", "## Why: member quality against diversity", ""]
+    lines.append(
+        "An ensemble beats (a) when the diversity gain (mean member error "
+        "minus ensemble error) exceeds the member deficit (mean member "
+        "error minus (a)'s error). Test error %, means over seeds."
+    )
+    lines.append("")
+    a_mean = 100 * a["cosine"]["mean"]
+    rows = []
+    for key, row in c.items():
+        for tag in ("raw", "recal"):
+            member = 100 * row[f"member_mean_{tag}"]["mean"]
+            ens = 100 * row[f"all_{tag}"]["mean"]
+            rows.append(
+                [
+                    f"(c) {key} {tag}",
+                    f"{member:.2f}",
+                    f"{ens:.2f}",
+                    f"{member - a_mean:+.2f}",
+                    f"{member - ens:.2f}",
+                    f"{100 * row[f'disagreement_{tag}']['mean']:.1f}",
+                ]
+            )
+    for key, stat in b.items():
+        member = 100 * res["b_nocycle_member_mean"][key]["mean"]
+        ens = 100 * stat["mean"]
+        rows.append(
+            [
+                f"(b) NoCycle {key}",
+                f"{member:.2f}",
+                f"{ens:.2f}",
+                f"{member - a_mean:+.2f}",
+                f"{member - ens:.2f}",
+                "",
+            ]
+        )
+    for key, stat in d.items():
+        ens = 100 * stat["mean"]
+        rows.append(
+            [
+                f"(d) {key[1:]} independent singles",
+                f"{a_mean:.2f}",
+                f"{ens:.2f}",
+                "+0.00",
+                f"{a_mean - ens:.2f}",
+                f"{100 * res.get('disagreement_independent', 0):.1f}",
+            ]
+        )
+    lines.append(
+        _common.md_table(
+            [
+                "ensemble",
+                "mean member error",
+                "ensemble error",
+                "member deficit vs (a)",
+                "diversity gain",
+                "disagreement %",
+            ],
+            rows,
+        )
+    )
+    lines += [
+        "",
+        "## Figure 3: error of the average of the last m snapshots",
+        "",
+    ]
     header = ["config"] + [f"m={k}" for k in range(1, max(args.snapshots) + 1)]
     rows = []
     for key, row in c.items():
         for tag in ("raw", "recal"):
             cells = [pct(st) for st in row[f"last_k_{tag}"]]
-            rows.append([f"{key} {tag}"] + cells + [""] * (len(header) - 1 - len(cells)))
+            rows.append(
+                [f"{key} {tag}"] + cells + [""] * (len(header) - 1 - len(cells))
+            )
+    cells = [pct(st) for st in res["d_curve"][: len(header) - 1]]
+    rows.append(
+        ["(d) m independent singles, m x cost"]
+        + cells
+        + [""] * (len(header) - 1 - len(cells))
+    )
     lines.append(_common.md_table(header, rows))
     lines += [
         "",
@@ -563,13 +785,24 @@ def markdown(res, args) -> str:
         f"{s['subset']} training images (`recalibrate_batchnorm`).",
         "",
     ]
-    header = ["config", "BN"] + [f"snapshot {k}" for k in range(1, max(args.snapshots) + 1)] + ["all M", "disagreement"]
+    header = (
+        ["config", "BN"]
+        + [f"snapshot {k}" for k in range(1, max(args.snapshots) + 1)]
+        + ["all M", "disagreement"]
+    )
     rows = []
     for key, row in c.items():
         for tag in ("raw", "recal"):
             cells = [pct(st) for st in row[f"members_{tag}"]]
             cells += [""] * (max(args.snapshots) - len(cells))
-            rows.append([key, tag] + cells + [pct(row[f"all_{tag}"]), f"{100 * row[f'disagreement_{tag}']['mean']:.2f}"])
+            rows.append(
+                [key, tag]
+                + cells
+                + [
+                    pct(row[f"all_{tag}"]),
+                    f"{100 * row[f'disagreement_{tag}']['mean']:.2f}",
+                ]
+            )
     lines.append(_common.md_table(header, rows))
     if "disagreement_independent" in res:
         lines += [
@@ -587,8 +820,20 @@ def markdown(res, args) -> str:
         lines += [f"**{key}**", ""]
         rows = []
         for name, st in table.items():
-            rows.append([name, pct(st["error"]), f"{st['nll']['mean']:.4f}", f"{100 * st['ece']['mean']:.2f}", f"{st['temperature']['mean']:.3f}" if "temperature" in st else ""])
-        lines.append(_common.md_table(["method", "error %", "NLL", "ECE %", "T"], rows))
+            rows.append(
+                [
+                    name,
+                    pct(st["error"]),
+                    f"{st['nll']['mean']:.4f}",
+                    f"{100 * st['ece']['mean']:.2f}",
+                    f"{st['temperature']['mean']:.3f}"
+                    if "temperature" in st
+                    else "",
+                ]
+            )
+        lines.append(
+            _common.md_table(["method", "error %", "NLL", "ECE %", "T"], rows)
+        )
         lines.append("")
     lines += [f"![learning-rate schedules]({args.name}_schedules.png)", ""]
     return "\n".join(lines)
@@ -601,7 +846,12 @@ def plot(res, args, out_dir):
     import matplotlib.pyplot as plt
 
     c = res["c_snapshot"]
-    fig, axes = plt.subplots(1, len(args.snapshots), figsize=(5.5 * len(args.snapshots), 4), squeeze=False)
+    fig, axes = plt.subplots(
+        1,
+        len(args.snapshots),
+        figsize=(5.5 * len(args.snapshots), 4),
+        squeeze=False,
+    )
     for ax, m in zip(axes[0], args.snapshots):
         for key, row in c.items():
             if not key.startswith(f"M{m}_"):
@@ -609,16 +859,33 @@ def plot(res, args, out_dir):
             for tag, style in (("raw", "--"), ("recal", "-")):
                 means = [100 * st["mean"] for st in row[f"last_k_{tag}"]]
                 stds = [100 * st["std"] for st in row[f"last_k_{tag}"]]
-                ax.errorbar(range(1, m + 1), means, yerr=stds, ls=style, marker="o", capsize=3, label=f"lr {key.split('lr')[1]} {tag}")
+                ax.errorbar(
+                    range(1, m + 1),
+                    means,
+                    yerr=stds,
+                    ls=style,
+                    marker="o",
+                    capsize=3,
+                    label=f"lr {key.split('lr')[1]} {tag}",
+                )
         a = res["a_single"]["cosine"]
-        ax.axhline(100 * a["mean"], color="k", ls=":", label="(a) single cosine")
-        d = res["d_true_ensemble"].get(f"M{m}")
-        if d:
-            ax.axhline(100 * d["mean"], color="gray", ls="-.", label=f"(d) {m} independent")
+        ax.axhline(
+            100 * a["mean"], color="k", ls=":", label="(a) single cosine"
+        )
+        curve = res["d_curve"][:m]
+        if curve:
+            ax.plot(
+                range(1, len(curve) + 1),
+                [100 * st["mean"] for st in curve],
+                "s-.",
+                color="gray",
+                label="(d) m independent singles (m x cost)",
+            )
+        ax.set_xticks(range(1, m + 1))
         ax.set_xlabel("m (last m snapshots averaged)")
         ax.set_ylabel("test error %")
         ax.set_title(f"M = {m}")
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=7, loc="upper right")
     fig.tight_layout()
     fig.savefig(os.path.join(out_dir, f"{args.name}_last_m.png"), dpi=110)
     plt.close(fig)
@@ -630,15 +897,40 @@ def plot(res, args, out_dir):
     fig, ax = plt.subplots(figsize=(9, 3.5))
     cos = args.single_lr / 2 * (1 + np.cos(np.pi * steps / total))
     ax.plot(steps / spe, cos, color="k", label="cosine (a)")
-    step_lr = np.where(steps < total // 2, args.single_lr, np.where(steps < 3 * total // 4, args.single_lr / 10, args.single_lr / 100))
+    nocycle = (
+        np.arange(1, max(args.snapshots) + 1) * total // max(args.snapshots)
+    )
+    ax.plot(
+        nocycle / spe,
+        args.single_lr / 2 * (1 + np.cos(np.pi * nocycle / total)),
+        "o",
+        color="k",
+        ms=5,
+        label=f"NoCycle (b) points, M={max(args.snapshots)}",
+    )
+    step_lr = np.where(
+        steps < total // 2,
+        args.single_lr,
+        np.where(
+            steps < 3 * total // 4, args.single_lr / 10, args.single_lr / 100
+        ),
+    )
     ax.plot(steps / spe, step_lr, color="gray", label="step (a)")
     for m in args.snapshots:
         lr = max(args.snapshot_lr)
-        sched = keras_snapshot.SnapshotSchedule.from_epochs(lr, args.epochs, spe, m)
+        sched = keras_snapshot.SnapshotSchedule.from_epochs(
+            lr, args.epochs, spe, m
+        )
         values = np.array(keras.ops.convert_to_numpy(sched(steps)))
         line = ax.plot(steps / spe, values, label=f"snapshot M={m}, lr {lr:g}")
         ends = np.array(sched.cycle_end_steps)
-        ax.plot(ends / spe, np.zeros_like(ends, dtype=float), "v", color=line[0].get_color(), ms=8)
+        ax.plot(
+            ends / spe,
+            np.zeros_like(ends, dtype=float),
+            "v",
+            color=line[0].get_color(),
+            ms=8,
+        )
     ax.set_xlabel("epoch")
     ax.set_ylabel("learning rate")
     ax.set_title("schedules; triangles: snapshots")
@@ -654,22 +946,38 @@ def plot(res, args, out_dir):
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="tiny smoke setting")
-    p.add_argument("--analyze-only", action="store_true", help="tables from the cache, no training")
-    p.add_argument("--only", default=None, help="train only runs whose name contains this")
+    p.add_argument(
+        "--analyze-only",
+        action="store_true",
+        help="tables from the cache, no training",
+    )
+    p.add_argument(
+        "--only",
+        nargs="+",
+        default=None,
+        help="train only the runs whose names contain one of these strings",
+    )
     p.add_argument("--seeds", type=int, default=3)
-    p.add_argument("--singles", type=int, default=6, help="independent cosine singles, for (a) and (d)")
-    p.add_argument("--epochs", type=int, default=48, help="budget B in epochs")
-    p.add_argument("--subset", type=int, default=5000, help="training images")
-    p.add_argument("--val-size", type=int, default=6000)
+    p.add_argument(
+        "--singles",
+        type=int,
+        default=6,
+        help="independent cosine singles, for (a) and (d)",
+    )
+    p.add_argument("--epochs", type=int, default=96, help="budget B in epochs")
+    p.add_argument("--subset", type=int, default=2500, help="training images")
+    p.add_argument("--val-size", type=int, default=1000)
     p.add_argument("--test-size", type=int, default=0, help="0: full test set")
-    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--widths", type=int, nargs="+", default=[16, 32, 64])
     p.add_argument("--weight-decay", type=float, default=5e-4)
     p.add_argument("--augment", action="store_true")
     p.add_argument("--single-lr", type=float, default=0.1)
     p.add_argument("--snapshot-lr", type=float, nargs="+", default=[0.1, 0.2])
     p.add_argument("--snapshots", type=int, nargs="+", default=[4, 6])
-    p.add_argument("--out", default=os.path.join(_common.RESULTS), help="results folder")
+    p.add_argument(
+        "--out", default=os.path.join(_common.RESULTS), help="results folder"
+    )
     p.add_argument("--name", default="accuracy", help="result file prefix")
     p.add_argument("--keep-snapshots", action="store_true")
     p.add_argument("--log-every", type=int, default=0)
@@ -686,15 +994,31 @@ def main(argv=None):
     args = parse_args(argv)
     cache_dir = os.path.join(args.out, "runs", args.name)
     os.makedirs(cache_dir, exist_ok=True)
+    settings = os.path.join(cache_dir, "settings.json")
+    if args.analyze_only and os.path.isfile(settings):
+        # Analyse with the settings the cached runs were trained with.
+        with open(settings) as f:
+            trained = json.load(f)
+        for key, value in trained.items():
+            if key not in ("analyze_only", "out", "name", "quick", "only"):
+                setattr(args, key, value)
     runs = plan(args)
     started = time.time()
     if not args.analyze_only:
         data = load_data(args)
-        np.savez(os.path.join(cache_dir, "labels.npz"), y_val=data["y_val"], y_test=data["y_test"])
+        np.savez(
+            os.path.join(cache_dir, "labels.npz"),
+            y_val=data["y_val"],
+            y_test=data["y_test"],
+        )
         with open(os.path.join(cache_dir, "settings.json"), "w") as f:
             json.dump(vars(args), f, indent=2)
         workdir = tempfile.mkdtemp(prefix="keras_snapshot_accuracy_")
-        todo = [r for r in runs if not args.only or args.only in r.name]
+        todo = [
+            r
+            for r in runs
+            if not args.only or any(o in r.name for o in args.only)
+        ]
         for i, run in enumerate(todo, 1):
             path = os.path.join(cache_dir, f"{run.name}.npz")
             if os.path.isfile(path):
@@ -703,11 +1027,14 @@ def main(argv=None):
             out = train_and_predict(run, data, args, workdir)
             np.savez(path + ".tmp.npz", **out)
             os.replace(path + ".tmp.npz", path)
-            last = out.get("snap_test", out.get(f"nocycle{args.snapshots[0]}_test"))
+            last = out.get(
+                "snap_test", out.get(f"nocycle{args.snapshots[0]}_test")
+            )
             e = metrics.error_rate(to_probs(last[-1]), data["y_test"])
             ens = metrics.error_rate(average(last), data["y_test"])
             print(
-                f"[{i}/{len(todo)}] {run.name}: train {out['train_seconds']:.0f}s "
+                f"[{i}/{len(todo)}] {run.name}: "
+                f"train {out['train_seconds']:.0f}s "
                 f"predict {out['predict_seconds']:.0f}s; final test error "
                 f"{100 * e:.2f}%, average of {len(last)} {100 * ens:.2f}% "
                 f"(elapsed {(time.time() - started) / 60:.1f} min)",
@@ -722,7 +1049,10 @@ def main(argv=None):
         f.write(md + "\n")
     plot(res, args, args.out)
     if args.name == "accuracy":
-        _common.update_readme_block("accuracy", md.split("\n", 2)[2])
+        _common.update_readme_block(
+            "accuracy",
+            md.split("\n", 2)[2].replace("](accuracy_", "](results/accuracy_"),
+        )
     print(md)
 
 

@@ -184,6 +184,16 @@ class SnapshotCheckpoint(keras.callbacks.Callback):
             1.0, self.cycle_length * num_snapshots, num_snapshots
         )
 
+    def _learning_rate_of_step(self, step: int):
+        """The optimizer's real learning rate at `step` (any schedule)."""
+        optimizer = self.model.optimizer
+        while getattr(optimizer, "inner_optimizer", None) is not None:
+            optimizer = optimizer.inner_optimizer
+        rate = getattr(optimizer, "_learning_rate", None)
+        if isinstance(rate, keras.optimizers.schedules.LearningRateSchedule):
+            return _to_float(rate(step))
+        return _to_float(rate if rate is not None else self._schedule(step))
+
     def _current_step(self) -> int:
         return int(ops.convert_to_numpy(self.model.optimizer.iterations))
 
@@ -330,7 +340,7 @@ class SnapshotCheckpoint(keras.callbacks.Callback):
         # The JAX trainer keeps its state outside the model between steps.
         if hasattr(self.model, "jax_state_sync"):
             self.model.jax_state_sync()
-        learning_rate = _to_float(self._schedule(max(step - 1, 0)))
+        learning_rate = self._learning_rate_of_step(max(step - 1, 0))
         epoch = self._epoch + 1
         if batch == 0:
             # Before any batch of this epoch: no running metrics yet. A

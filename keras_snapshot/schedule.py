@@ -81,6 +81,17 @@ class SnapshotSchedule(keras.optimizers.schedules.LearningRateSchedule):
                 f"Received: num_snapshots={num_snapshots}. Train for more "
                 "steps or take fewer snapshots."
             )
+        cycle = -(-self.total_steps // self.num_snapshots)
+        if (self.num_snapshots - 1) * cycle >= self.total_steps:
+            raise ValueError(
+                f"With total_steps={self.total_steps} and num_snapshots="
+                f"{self.num_snapshots}, cycles of ceil({self.total_steps}/"
+                f"{self.num_snapshots})={cycle} steps use up the budget "
+                f"before cycle {self.num_snapshots} starts, so the last "
+                "snapshot would repeat an earlier one. Choose total_steps "
+                "and num_snapshots with (num_snapshots - 1) * cycle length "
+                "< total_steps, e.g. fewer snapshots."
+            )
         self.name = name
 
     @classmethod

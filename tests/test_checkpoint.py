@@ -216,6 +216,11 @@ def test_explicit_cycle_length_with_another_schedule(tmp_path):
         callbacks=[SnapshotCheckpoint(directory, cycle_length=12, verbose=0)],
     )
     assert saved_steps(directory) == [12, 24]
+    # The manifest records the optimizer's real rate of each last step.
+    entries = keras_snapshot.read_manifest(directory)["snapshots"]
+    for entry in entries:
+        want = float(sgdr(entry["step"] - 1))
+        assert entry["learning_rate"] == pytest.approx(want, rel=1e-5)
 
 
 def test_without_snapshot_schedule_needs_cycle_length(tmp_path):

@@ -152,3 +152,10 @@ def test_from_epochs_bad_arguments():
         SnapshotSchedule.from_epochs(0.1, 10, 0, 2)
     with pytest.raises(ValueError, match="epochs"):
         SnapshotSchedule.from_epochs(0.1, 2.5, 10, 2)
+
+
+def test_cycles_that_would_repeat_the_last_snapshot_are_refused():
+    # ceil(64 / 9) = 8: eight cycles use all 64 steps, a ninth would be empty.
+    with pytest.raises(ValueError, match="repeat an earlier one"):
+        SnapshotSchedule(0.1, 64, 9)
+    assert SnapshotSchedule(0.1, 64, 8).cycle_end_steps[-1] == 64

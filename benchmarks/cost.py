@@ -1,0 +1,806 @@
+"""Cost of Snapshot Ensembles: training overhead, inference, memory.
+
+- Training overhead: throughput of `fit` with `SnapshotSchedule` +
+  `SnapshotCheckpoint` against plain `fit` with a constant rate and no
+  callback, same model and data, repetitions interleaved in one process
+  (median of each). Also the time of one snapshot write, and the overhead
+  against the number of snapshots M = 1..10 in a fixed budget.
+- Inference: `build_ensemble` of M members against M separate `predict`
+  calls and against one model, with and without `jit_compile`, at several
+  batch sizes; ensemble latency against M = 1..10; peak memory of building
+  and running an ensemble (a fresh subprocess per measurement).
+
+Usage:
+    python benchmarks/cost.py           # the committed result, ~10 min
+    python benchmarks/cost.py --quick   # smoke test, ~1 min
+"""
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import _common  # noqa: F401  (sets sys.path and TF logging)
+import keras
+from accuracy import bench_cnn  # noqa: E402  (the accuracy benchmark's CNN)
+
+import keras_snapshot
+from keras_snapshot.datasets import load_dataset
+from keras_snapshot.datasets import make_dataset
+
+WIDTHS = (16, 32, 64)
+
+
+def median(values):
+    return float(statistics.median(values))
+
+
+def make_model(seed=0):
+    keras.utils.set_random_seed(seed)
+    return bench_cnn(WIDTHS, 5e-4)
+
+
+# Training overhead -----------------------------------------------------------
+
+
+class WriteTimes(keras.callbacks.Callback):
+    """Collects `SnapshotCheckpoint.last_write_seconds` after each write.
+
+    Placed after the checkpoint in the callback list, so that it runs right
+    after each of the checkpoint's hooks. Its batch hook adds no cost that
+    the checkpoint's own batch hook does not already impose.
+    """
+
+    def __init__(self, checkpoint):
+        super().__init__()
+        self.checkpoint = checkpoint
+        self.seen = None
+        self.times = []
+
+    def _collect(self):
+        value = self.checkpoint.last_write_seconds
+        if value is not None and value is not self.seen:
+            self.seen = value
+            self.times.append(value)
+
+    def on_train_batch_begin(self, batch, logs=None):
+        # Mid-epoch snapshots are written in the checkpoint's batch hook,
+        # which runs just before this one.
+        self._collect()
+
+    def on_epoch_end(self, epoch, logs=None):
+        self._collect()
+
+    def on_train_end(self, logs=None):
+        self._collect()
+
+
+def compiled(learning_rate):
+    model = make_model()
+    model.compile(
+        optimizer=keras.optimizers.SGD(learning_rate, momentum=0.9),
+        loss="sparse_categorical_crossentropy",
+        metrics=["accuracy"],
+    )
+    return model
+
+
+def timed_fit(model, dataset, epochs, callbacks=()):
+    """Seconds of one `fit`, always from the same start.
+
+    Every timed fit starts from the weights and optimizer state the model
+    had after its first (warm-up) fit, as a fresh run would: a model that
+    trains on and on at a constant rate overfits, and its later epochs run
+    at another speed, which would bias the comparison.
+    """
+    start = getattr(model, "_benchmark_start", None)
+    if start is not None:
+        weights, optimizer_values = start
+        model.set_weights(weights)
+        for variable, value in zip(model.optimizer.variables, optimizer_values):
+            variable.assign(value)
+    model.optimizer.iterations.assign(0)  # restarts the schedule
+    started = time.perf_counter()
+    model.fit(dataset, epochs=epochs, callbacks=list(callbacks), verbose=0)
+    seconds = time.perf_counter() - started
+    if start is None:  # the warm-up fit
+        model._benchmark_start = (
+            model.get_weights(),
+            [v.numpy() for v in model.optimizer.variables],
+        )
+    return seconds
+
+
+def snapshot_callbacks(workdir, tag):
+    directory = tempfile.mkdtemp(prefix=f"{tag}-", dir=workdir)
+    checkpoint = keras_snapshot.SnapshotCheckpoint(directory, verbose=0)
+    return [checkpoint, WriteTimes(checkpoint)]
+
+
+def training_overhead(args, x, y, workdir) -> dict:
+    dataset = make_dataset(x, y, args.batch_size, shuffle=True, seed=0)
+    steps_per_epoch = -(-len(x) // args.batch_size)
+    samples = len(x)
+
+    def snapshot_model(epochs, num_snapshots):
+        schedule = keras_snapshot.SnapshotSchedule.from_epochs(
+            0.1, epochs, steps_per_epoch, num_snapshots
+        )
+        return compiled(schedule)
+
+    # Main comparison: M snapshots in a fit of `epochs` epochs.
+    plain = compiled(0.05)
+    snap = snapshot_model(args.epochs, args.num_snapshots)
+    timed_fit(plain, dataset, 1)  # tracing
+    timed_fit(snap, dataset, 1, snapshot_callbacks(workdir, "warmup"))
+    # "schedule": the snapshot model without the callback, which isolates
+    # the callback's cost from differences between two model instances.
+    variants = ("plain", "schedule", "snapshot")
+    times = {k: [] for k in variants}
+    writes, write_share = [], []
+    for rep in range(args.reps):
+        order = variants[rep % 3 :] + variants[: rep % 3]
+        if rep % 2:
+            order = order[::-1]
+        for variant in order:
+            if variant == "plain":
+                times["plain"].append(timed_fit(plain, dataset, args.epochs))
+            elif variant == "schedule":
+                times["schedule"].append(timed_fit(snap, dataset, args.epochs))
+            else:
+                cbs = snapshot_callbacks(workdir, f"rep{rep}")
+                times["snapshot"].append(
+                    timed_fit(snap, dataset, args.epochs, cbs)
+                )
+                writes += cbs[1].times
+                write_share.append(sum(cbs[1].times) / times["snapshot"][-1])
+                shutil.rmtree(cbs[0].directory, ignore_errors=True)
+        print(
+            f"  rep {rep + 1}/{args.reps}: plain {times['plain'][-1]:.2f}s "
+            f"schedule only {times['schedule'][-1]:.2f}s "
+            f"snapshot {times['snapshot'][-1]:.2f}s",
+            flush=True,
+        )
+    throughput = {
+        k: samples * args.epochs / median(v) for k, v in times.items()
+    }
+    snapshot_file = None
+    main = {
+        "epochs_per_fit": args.epochs,
+        "num_snapshots": args.num_snapshots,
+        "samples_per_epoch": samples,
+        "steps_per_epoch": steps_per_epoch,
+        "batch_size": args.batch_size,
+        "seconds": times,
+        "throughput_samples_per_s": throughput,
+        "ratio": throughput["snapshot"] / throughput["plain"],
+        "ratio_vs_schedule_only": throughput["snapshot"]
+        / throughput["schedule"],
+        # Paired per repetition, a check on the medians.
+        "ratio_paired_median": median(
+            [p / s for p, s in zip(times["plain"], times["snapshot"])]
+        ),
+        "write_seconds": writes,
+        "write_seconds_median": median(writes),
+        # Share of each snapshot fit spent writing: robust to outside load.
+        "write_share_median": median(write_share),
+        "snapshot_file_bytes": snapshot_file,
+    }
+    # One snapshot file's size.
+    cbs = snapshot_callbacks(workdir, "size")
+    timed_fit(snapshot_model(1, 1), dataset, 1, cbs)
+    files = [f for f in os.listdir(cbs[0].directory) if f.endswith(".keras")]
+    main["snapshot_file_bytes"] = os.path.getsize(
+        os.path.join(cbs[0].directory, files[0])
+    )
+    shutil.rmtree(cbs[0].directory, ignore_errors=True)
+
+    # Overhead against M, fixed budget of `scaling_epochs` epochs.
+    scaling = []
+    plain_short = []
+    for m in args.scaling_m:
+        model = snapshot_model(args.scaling_epochs, m)
+        timed_fit(model, dataset, 1, snapshot_callbacks(workdir, "warmup"))
+        snap_times, m_writes, shares = [], [], []
+        for rep in range(args.scaling_reps):
+            cbs = snapshot_callbacks(workdir, f"m{m}")
+            if rep % 2 == 0:
+                plain_short.append(
+                    timed_fit(plain, dataset, args.scaling_epochs)
+                )
+            snap_times.append(
+                timed_fit(model, dataset, args.scaling_epochs, cbs)
+            )
+            if rep % 2 == 1:
+                plain_short.append(
+                    timed_fit(plain, dataset, args.scaling_epochs)
+                )
+            m_writes += cbs[1].times
+            shares.append(sum(cbs[1].times) / snap_times[-1])
+            shutil.rmtree(cbs[0].directory, ignore_errors=True)
+        scaling.append(
+            {
+                "M": m,
+                "seconds": snap_times,
+                "writes": len(m_writes) / args.scaling_reps,
+                "write_seconds_median": median(m_writes) if m_writes else None,
+                "write_share_median": median(shares),
+            }
+        )
+        print(f"  M={m}: {median(snap_times):.2f}s per fit", flush=True)
+        del model
+    reference = median(plain_short)
+    for row in scaling:
+        row["ratio"] = reference / median(row["seconds"])
+    return {
+        "main": main,
+        "scaling": {
+            "epochs_per_fit": args.scaling_epochs,
+            "plain_seconds": plain_short,
+            "plain_seconds_median": reference,
+            "rows": scaling,
+        },
+    }
+
+
+# Inference -----------------------------------------------------------------
+
+
+def make_members(m, directory):
+    """M saved members (different initialisations), as `.keras` paths."""
+    paths = []
+    for i in range(m):
+        path = os.path.join(directory, f"member-{i:02d}.keras")
+        if not os.path.exists(path):
+            make_model(seed=i).save(path)
+        paths.append(path)
+    return paths
+
+
+def jit(model, jit_compile):
+    model.compile(jit_compile=jit_compile)
+    return model
+
+
+def time_interleaved(fns: dict, reps: int) -> dict:
+    """Best-of-`reps` seconds of each function, calls interleaved.
+
+    The machine is shared: interleaving spreads outside load over the
+    variants being compared, and the minimum (as `timeit` reports) drops
+    the repetitions that other jobs slowed down; medians go to
+    `time_interleaved.medians`.
+    """
+    for fn in fns.values():
+        fn()  # warm-up: tracing / XLA compilation
+    times = {name: [] for name in fns}
+    names = list(fns)
+    for rep in range(reps):
+        order = names if rep % 2 == 0 else names[::-1]
+        for name in order:
+            started = time.perf_counter()
+            fns[name]()
+            times[name].append(time.perf_counter() - started)
+    time_interleaved.medians = {name: median(v) for name, v in times.items()}
+    return {name: min(v) for name, v in times.items()}
+
+
+def predictor(models, xs, batch):
+    """A function that runs `predict` of each model over `xs`."""
+
+    def run():
+        for model in models:
+            model.predict(xs, batch_size=batch, verbose=0)
+
+    return run
+
+
+def inference(args, x, workdir) -> dict:
+    members_dir = os.path.join(workdir, "members")
+    os.makedirs(members_dir, exist_ok=True)
+    m = args.inference_m
+    paths = make_members(max(m, max(args.scaling_m)), members_dir)
+    rows = []
+    for jit_compile in (False, True):
+        members = [
+            jit(keras.saving.load_model(p, compile=False), jit_compile)
+            for p in paths[:m]
+        ]
+        ensemble = jit(keras_snapshot.build_ensemble(paths[:m]), jit_compile)
+        for batch in args.batch_sizes:
+            n = min(len(x), max(args.min_images, 8 * batch))
+            if batch == 1:
+                n = args.images_batch1
+            xs = x[:n]
+
+            t = time_interleaved(
+                {
+                    "single": predictor([members[0]], xs, batch),
+                    "separate": predictor(members, xs, batch),
+                    "ensemble": predictor([ensemble], xs, batch),
+                },
+                args.inference_reps,
+            )
+            batches = -(-n // batch)
+            row = {
+                "jit_compile": jit_compile,
+                "batch_size": batch,
+                "images": n,
+                "ms_per_batch": {k: 1000 * v / batches for k, v in t.items()},
+                "median_ms_per_batch": {
+                    k: 1000 * v / batches
+                    for k, v in time_interleaved.medians.items()
+                },
+                "ensemble_over_single": t["ensemble"] / t["single"],
+                "ensemble_over_separate": t["ensemble"] / t["separate"],
+            }
+            rows.append(row)
+            print(
+                f"  jit={jit_compile} batch {batch}: single "
+                f"{row['ms_per_batch']['single']:.2f} ms, {m} separate "
+                f"{row['ms_per_batch']['separate']:.2f} ms, ensemble "
+                f"{row['ms_per_batch']['ensemble']:.2f} ms per batch",
+                flush=True,
+            )
+        keras.backend.clear_session()
+
+    # Ensemble latency against M.
+    scaling = []
+    xs = x[: args.min_images]
+    batch = args.scaling_batch
+    for jit_compile in (False, True):
+        single = jit(
+            keras.saving.load_model(paths[0], compile=False), jit_compile
+        )
+        for k in args.scaling_m:
+            ensemble = jit(
+                keras_snapshot.build_ensemble(paths[:k]), jit_compile
+            )
+            t = time_interleaved(
+                {
+                    "single": predictor([single], xs, batch),
+                    "ensemble": predictor([ensemble], xs, batch),
+                },
+                args.inference_reps,
+            )
+            batches = -(-len(xs) // batch)
+            scaling.append(
+                {
+                    "jit_compile": jit_compile,
+                    "M": k,
+                    "ms_per_batch": 1000 * t["ensemble"] / batches,
+                    "single_ms_per_batch": 1000 * t["single"] / batches,
+                    "over_single": t["ensemble"] / t["single"],
+                    "median_ms_per_batch": 1000
+                    * time_interleaved.medians["ensemble"]
+                    / batches,
+                }
+            )
+        print(
+            f"  jit={jit_compile}: ensemble/single at M="
+            + ", ".join(
+                f"{r['M']}: {r['over_single']:.2f}"
+                for r in scaling
+                if r["jit_compile"] == jit_compile
+            ),
+            flush=True,
+        )
+        keras.backend.clear_session()
+    return {
+        "members": m,
+        "rows": rows,
+        "scaling": {"batch_size": batch, "rows": scaling},
+    }
+
+
+# Memory --------------------------------------------------------------------
+
+_MEMORY_CHILD = r"""
+import json, os, sys, threading, time
+os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
+sys.path.insert(0, {root!r})
+import numpy as np, psutil, keras, keras_snapshot
+paths, n, batch = {paths!r}, {n}, {batch}
+x = np.random.default_rng(0).random((n, 28, 28, 1), dtype=np.float32)
+# Warm up TensorFlow's runtime with a model that is then dropped.
+warm = keras.saving.load_model(paths[0], compile=False)
+warm.predict(x, batch_size=batch, verbose=0)
+del warm
+process = psutil.Process()
+base = process.memory_info().rss
+peak = [base]
+done = threading.Event()
+def sample():
+    while not done.is_set():
+        peak[0] = max(peak[0], process.memory_info().rss)
+        time.sleep(0.002)
+thread = threading.Thread(target=sample, daemon=True)
+thread.start()
+if len(paths) == 1:
+    model = keras.saving.load_model(paths[0], compile=False)
+else:
+    model = keras_snapshot.build_ensemble(paths)
+built = process.memory_info().rss
+model.predict(x, batch_size=batch, verbose=0)
+done.set()
+thread.join()
+peak = max(peak[0], process.memory_info().rss)
+print(json.dumps({{"base": base, "built": built, "peak": peak}}))
+"""
+
+
+def memory(args, workdir) -> dict:
+    paths = make_members(max(args.scaling_m), os.path.join(workdir, "members"))
+    rows = []
+    for k in args.memory_m:
+        code = _MEMORY_CHILD.format(
+            root=_common.ROOT, paths=paths[:k], n=args.min_images, batch=256
+        )
+        out = subprocess.run(
+            [sys.executable, "-c", code],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        r = json.loads(out.stdout.strip().splitlines()[-1])
+        rows.append(
+            {
+                "M": k,
+                "build_mib": (r["built"] - r["base"]) / 2**20,
+                "peak_over_base_mib": (r["peak"] - r["base"]) / 2**20,
+                "base_rss_mib": r["base"] / 2**20,
+                "peak_rss_mib": r["peak"] / 2**20,
+            }
+        )
+        print(
+            f"  M={k}: build +{rows[-1]['build_mib']:.1f} MiB, peak "
+            f"+{rows[-1]['peak_over_base_mib']:.1f} MiB over the warmed-up "
+            f"process (peak RSS {rows[-1]['peak_rss_mib']:.0f} MiB)",
+            flush=True,
+        )
+    return {"images": args.min_images, "batch_size": 256, "rows": rows}
+
+
+# Report --------------------------------------------------------------------
+
+
+def markdown(res) -> str:
+    tr = res["training"]["main"]
+    sc = res["training"]["scaling"]
+    inf = res["inference"]
+    hw = res["hardware"]
+    lines = [
+        "# Cost: training overhead, inference latency, memory",
+        "",
+        f"CPU: {hw['cpu']}, {hw['cpu_count']} cores (shared with other "
+        "jobs, so absolute times are noisy; every comparison is interleaved "
+        "in one process: training as a median, inference latency as the best"
+        " of the repetitions, medians in cost.json). TensorFlow "
+        f"{hw['tensorflow']}, Keras "
+        f"{hw['keras']}. Model: the accuracy benchmark's CNN {WIDTHS} "
+        f"({res['params']} parameters) on {tr['samples_per_epoch']} "
+        "Fashion-MNIST images. Wall time of this benchmark: "
+        f"{res['wall_seconds'] / 60:.1f} min.",
+        "",
+        "## Training overhead",
+        "",
+        f"`fit` of {tr['epochs_per_fit']} epochs ({tr['steps_per_epoch']} "
+        f"steps each, batch {tr['batch_size']}), {len(tr['seconds']['plain'])}"
+        " repetitions of each, interleaved. Snapshot: `SnapshotSchedule` + "
+        f"`SnapshotCheckpoint`, M = {tr['num_snapshots']} snapshots per fit "
+        "(one write every "
+        f"{tr['epochs_per_fit'] // tr['num_snapshots']} epochs, more often than"
+        " a real run). Plain: constant rate, no callback. Schedule: the"
+        " snapshot model and schedule, no callback.",
+        "",
+        _common.md_table(
+            ["variant", "median s per fit", "samples/s"],
+            [
+                [
+                    k,
+                    f"{median(tr['seconds'][k]):.2f}",
+                    f"{tr['throughput_samples_per_s'][k]:.0f}",
+                ]
+                for k in ("plain", "schedule", "snapshot")
+            ],
+        ),
+        "",
+        f"- Throughput ratio snapshot / plain: **{tr['ratio']:.3f}** (ratio "
+        f"of medians; median of the paired ratios "
+        f"{tr['ratio_paired_median']:.3f}). Target >= 0.98: "
+        f"**{'met' if tr['ratio'] >= 0.98 else 'missed'}**. Against the "
+        "same model and schedule without the callback (*schedule*): "
+        f"**{tr['ratio_vs_schedule_only']:.3f}**, the cost of the callback "
+        "alone.",
+        f"- One snapshot write (save `.keras` + sha256 + fsync + manifest): "
+        f"median **{1000 * tr['write_seconds_median']:.0f} ms** over "
+        f"{len(tr['write_seconds'])} writes (min "
+        f"{1000 * min(tr['write_seconds']):.0f}, max "
+        f"{1000 * max(tr['write_seconds']):.0f} ms); file "
+        f"{tr['snapshot_file_bytes'] / 1024:.0f} KiB. Writes take "
+        f"{100 * tr['write_share_median']:.1f}% of a snapshot fit (median), "
+        "so the throughput ratio without them would be about "
+        f"{tr['ratio'] / (1 - tr['write_share_median']):.3f}.",
+        "",
+        f"Overhead against M, fit of {sc['epochs_per_fit']} epochs "
+        f"(plain: median {sc['plain_seconds_median']:.2f} s):",
+        "",
+        _common.md_table(
+            [
+                "M",
+                "median s per fit",
+                "throughput ratio (measured)",
+                "share of fit spent writing",
+                "1 - share",
+                "writes per fit",
+            ],
+            [
+                [
+                    r["M"],
+                    f"{median(r['seconds']):.2f}",
+                    f"{r['ratio']:.3f}",
+                    f"{100 * r['write_share_median']:.1f}%",
+                    f"{1 - r['write_share_median']:.3f}",
+                    f"{r['writes']:.0f}",
+                ]
+                for r in sc["rows"]
+            ],
+        ),
+        "",
+        "![training overhead vs M](cost_training.png)",
+        "",
+        "## Inference",
+        "",
+        f"{inf['members']} members; `predict` over a fixed set of images, "
+        f"milliseconds per batch (best of {res['settings']['inference_reps']}"
+        " interleaved repetitions). *separate*: one `predict` call per"
+        " member; *ensemble*: one `predict` on the `build_ensemble` model.",
+        "",
+    ]
+    rows = []
+    for r in inf["rows"]:
+        ms = r["ms_per_batch"]
+        rows.append(
+            [
+                "on" if r["jit_compile"] else "off",
+                r["batch_size"],
+                f"{ms['single']:.2f}",
+                f"{ms['separate']:.2f}",
+                f"{ms['ensemble']:.2f}",
+                f"{r['ensemble_over_single']:.2f}",
+                f"{r['ensemble_over_separate']:.2f}",
+            ]
+        )
+    m = inf["members"]
+    lines.append(
+        _common.md_table(
+            [
+                "jit_compile",
+                "batch",
+                "single ms",
+                f"{m} separate ms",
+                "ensemble ms",
+                f"ensemble / single (target <= {m})",
+                "ensemble / separate (target < 1)",
+            ],
+            rows,
+        )
+    )
+    ok_m = all(r["ensemble_over_single"] <= m for r in inf["rows"])
+    ok_sep = all(r["ensemble_over_separate"] < 1 for r in inf["rows"])
+    lines += [
+        "",
+        f"- Ensemble <= {m} x single in every row: "
+        f"**{'met' if ok_m else 'missed'}**; faster than {m} separate calls "
+        f"in every row: **{'met' if ok_sep else 'missed'}**.",
+        "",
+        f"Ensemble latency against M (batch {inf['scaling']['batch_size']}):",
+        "",
+    ]
+    by_m = {}
+    for r in inf["scaling"]["rows"]:
+        by_m.setdefault(r["M"], {})[r["jit_compile"]] = r
+    rows = [
+        [
+            k,
+            f"{v[False]['ms_per_batch']:.2f}",
+            f"{v[False]['over_single']:.2f}",
+            f"{v[True]['ms_per_batch']:.2f}",
+            f"{v[True]['over_single']:.2f}",
+        ]
+        for k, v in sorted(by_m.items())
+    ]
+    lines += [
+        _common.md_table(
+            ["M", "ms (no jit)", "x single", "ms (jit)", "x single"], rows
+        ),
+        "",
+        "![ensemble latency vs M](cost_inference.png)",
+        "",
+        "## Memory",
+        "",
+        f"A fresh process per row: after a warm-up `predict` of one model "
+        "(TensorFlow's runtime loaded; that model then dropped), it loads "
+        "the M members, builds the ensemble (M=1: loads the model) and "
+        f"predicts {res['memory']['images']} images at batch "
+        f"{res['memory']['batch_size']}. Resident-set growth over that base, "
+        "sampled every 2 ms; the peak includes tracing the predict function.",
+        "",
+        _common.md_table(
+            [
+                "M",
+                "after build (MiB)",
+                "peak over base (MiB)",
+                "base RSS (MiB)",
+                "peak RSS (MiB)",
+            ],
+            [
+                [
+                    r["M"],
+                    f"{r['build_mib']:.1f}",
+                    f"{r['peak_over_base_mib']:.1f}",
+                    f"{r['base_rss_mib']:.0f}",
+                    f"{r['peak_rss_mib']:.0f}",
+                ]
+                for r in res["memory"]["rows"]
+            ],
+        ),
+    ]
+    return "\n".join(lines)
+
+
+def plot(res, out_dir):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sc = res["training"]["scaling"]["rows"]
+    fig, ax = plt.subplots(figsize=(5.5, 3.5))
+    ax.plot(
+        [r["M"] for r in sc],
+        [r["ratio"] for r in sc],
+        "o-",
+        label="measured ratio",
+    )
+    ax.plot(
+        [r["M"] for r in sc],
+        [1 - r["write_share_median"] for r in sc],
+        "s--",
+        label="1 - share of fit spent writing",
+    )
+    ax.axhline(0.98, color="gray", ls=":", label="target 0.98")
+    ax.set_xlabel("snapshots M per fit")
+    ax.set_ylabel("throughput, snapshot / plain")
+    ax.set_title(
+        f"{res['training']['scaling']['epochs_per_fit']}-epoch fit, "
+        "incl. writes"
+    )
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(os.path.join(out_dir, "cost_training.png"), dpi=110)
+    plt.close(fig)
+
+    rows = res["inference"]["scaling"]["rows"]
+    fig, ax = plt.subplots(figsize=(5.5, 3.5))
+    for jit_compile in (False, True):
+        r = [x for x in rows if x["jit_compile"] == jit_compile]
+        ms = [x["M"] for x in r]
+        line = ax.plot(
+            ms,
+            [x["ms_per_batch"] for x in r],
+            "o-",
+            label=f"ensemble, jit={jit_compile}",
+        )
+        ax.plot(
+            ms,
+            [x["M"] * x["single_ms_per_batch"] for x in r],
+            ":",
+            color=line[0].get_color(),
+            label=f"M x single, jit={jit_compile}",
+        )
+    ax.set_xlabel("members M")
+    ax.set_ylabel("ms per batch")
+    ax.set_title(f"batch {res['inference']['scaling']['batch_size']}")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out_dir, "cost_inference.png"), dpi=110)
+    plt.close(fig)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true")
+    p.add_argument(
+        "--report-only",
+        action="store_true",
+        help="rewrite the table, plots and README block from cost.json",
+    )
+    p.add_argument("--images", type=int, default=4096)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--epochs", type=int, default=8)
+    p.add_argument("--num-snapshots", type=int, default=4)
+    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--scaling-epochs", type=int, default=2)
+    p.add_argument("--scaling-reps", type=int, default=2)
+    p.add_argument(
+        "--scaling-m", type=int, nargs="+", default=list(range(1, 11))
+    )
+    p.add_argument("--inference-m", type=int, default=4)
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 32, 256])
+    p.add_argument("--min-images", type=int, default=1024)
+    p.add_argument("--images-batch1", type=int, default=128)
+    p.add_argument("--inference-reps", type=int, default=7)
+    p.add_argument("--scaling-batch", type=int, default=256)
+    p.add_argument("--memory-m", type=int, nargs="+", default=[1, 4, 10])
+    p.add_argument("--out", default=_common.RESULTS)
+    args = p.parse_args(argv)
+    if args.quick:
+        args.images, args.epochs, args.reps = 1024, 4, 2
+        args.scaling_epochs, args.scaling_reps = 2, 1
+        args.scaling_m = [1, 2, 4]
+        args.batch_sizes, args.min_images, args.images_batch1 = [1, 64], 256, 16
+        args.inference_reps, args.memory_m = 2, [1, 2]
+        args.out = os.path.join(tempfile.gettempdir(), "keras_snapshot_bench")
+    return args
+
+
+def report(res, args):
+    """Writes cost.json, cost.md, the plots and the README block."""
+    os.makedirs(args.out, exist_ok=True)
+    _common.write_json(os.path.join(args.out, "cost.json"), res)
+    md = markdown(res)
+    with open(os.path.join(args.out, "cost.md"), "w") as f:
+        f.write(md + "\n")
+    plot(res, args.out)
+    if not args.quick:
+        _common.update_readme_block(
+            "cost", md.split("\n", 2)[2].replace("](cost_", "](results/cost_")
+        )
+    print(md)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.report_only:
+        with open(os.path.join(args.out, "cost.json")) as f:
+            report(json.load(f), args)
+        return
+    started = time.perf_counter()
+    data = load_dataset("fashion_mnist_local", validation_fraction=0.1, seed=0)
+    x, y = data.x_train[: args.images], data.y_train[: args.images]
+    workdir = tempfile.mkdtemp(prefix="keras_snapshot_cost_")
+    try:
+        print("Training overhead", flush=True)
+        training = training_overhead(args, x, y, workdir)
+        keras.backend.clear_session()
+        print("Inference", flush=True)
+        inf = inference(args, data.x_test, workdir)
+        print("Memory", flush=True)
+        mem = memory(args, workdir)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    res = {
+        "settings": vars(args),
+        "hardware": _common.hardware(),
+        "filesystem_of_snapshots": tempfile.gettempdir(),
+        "params": make_model().count_params(),
+        "training": training,
+        "inference": inf,
+        "memory": mem,
+        "peak_rss_of_benchmark_mib": resource.getrusage(
+            resource.RUSAGE_SELF
+        ).ru_maxrss
+        / 1024,
+        "wall_seconds": time.perf_counter() - started,
+    }
+    report(res, args)
+
+
+if __name__ == "__main__":
+    main()

@@ -205,7 +205,11 @@ def training_overhead(args, x, y, workdir) -> dict:
     scaling = []
     plain_short = []
     for m in args.scaling_m:
-        model = snapshot_model(args.scaling_epochs, m)
+        try:
+            model = snapshot_model(args.scaling_epochs, m)
+        except ValueError as e:  # (T, M) whose last cycle would be empty.
+            print(f"  M={m}: skipped, {e}", flush=True)
+            continue
         timed_fit(model, dataset, 1, snapshot_callbacks(workdir, "warmup"))
         snap_times, m_writes, shares = [], [], []
         for rep in range(args.scaling_reps):

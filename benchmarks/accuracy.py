@@ -608,38 +608,21 @@ def markdown(res, args) -> str:
     for key, row in c.items():
         m = key.split("_")[0][1:]
         lr = key.split("lr")[1]
-        rows.append(
-            [
-                f"(c) snapshot M={m}, lr {lr}, all M",
-                pct(row["all_raw"]),
-                row["all_raw"]["n"],
-                "1x",
-            ]
-        )
-        rows.append(
-            [
-                f"(c) snapshot M={m}, lr {lr}, all M, BN recal.",
-                pct(row["all_recal"]),
-                row["all_recal"]["n"],
-                "1x",
-            ]
-        )
-        rows.append(
-            [
-                f"(c) snapshot M={m}, lr {lr}, best last m (val)",
-                pct(row["best_last_m_raw"]),
-                row["best_last_m_raw"]["n"],
-                "1x",
-            ]
-        )
-        rows.append(
-            [
-                f"(c) snapshot M={m}, lr {lr}, best last m, BN recal.",
-                pct(row["best_last_m_recal"]),
-                row["best_last_m_recal"]["n"],
-                "1x",
-            ]
-        )
+        for variant, label in (
+            ("all_raw", "all M"),
+            ("all_recal", "all M, BN recal."),
+            ("best_last_m_raw", "best last m (val)"),
+            ("best_last_m_recal", "best last m, BN recal."),
+        ):
+            stat = row[variant]
+            rows.append(
+                [
+                    f"(c) snapshot M={m}, lr {lr}, {label}",
+                    pct(stat),
+                    stat["n"],
+                    "1x",
+                ]
+            )
     for key, stat in d.items():
         m = key[1:]
         rows.append(

@@ -50,7 +50,7 @@ setup(
         "jax": ["jax>=0.7.1"],
     },
     entry_points={
-        "console_scripts": ["keras-snapshot=keras_snapshot.cli:main"],
+        "console_scripts": ["keras-snapshot=keras_snapshot.app.cli:main"],
     },
     classifiers=[
         "Programming Language :: Python :: 3",

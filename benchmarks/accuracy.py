@@ -46,8 +46,8 @@ from keras import layers
 import keras_snapshot
 from keras_snapshot import metrics
 from keras_snapshot import selection
-from keras_snapshot.datasets import load_dataset
-from keras_snapshot.datasets import make_dataset
+from keras_snapshot.app.datasets import load_dataset
+from keras_snapshot.app.datasets import make_dataset
 
 LOG_FLOOR = -80.0  # log-probabilities are cached as float16, floored here.
 

@@ -31,8 +31,8 @@ import keras
 from accuracy import bench_cnn  # noqa: E402  (the accuracy benchmark's CNN)
 
 import keras_snapshot
-from keras_snapshot.datasets import load_dataset
-from keras_snapshot.datasets import make_dataset
+from keras_snapshot.app.datasets import load_dataset
+from keras_snapshot.app.datasets import make_dataset
 
 WIDTHS = (16, 32, 64)
 

@@ -22,10 +22,10 @@ import keras
 import numpy as np
 
 import keras_snapshot
-from keras_snapshot.datasets import load_dataset
-from keras_snapshot.datasets import make_dataset
-from keras_snapshot.distribute import get_strategy
-from keras_snapshot.models import resnet
+from keras_snapshot.app.datasets import load_dataset
+from keras_snapshot.app.datasets import make_dataset
+from keras_snapshot.app.distribute import get_strategy
+from keras_snapshot.app.models import resnet
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--dataset", default="cifar100")

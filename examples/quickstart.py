@@ -8,7 +8,7 @@ import numpy as np
 import tensorflow as tf
 
 import keras_snapshot
-from keras_snapshot.datasets import load_dataset
+from keras_snapshot.app.datasets import load_dataset
 
 data = load_dataset("digits")  # 8x8 images bundled with scikit-learn
 epochs, batch_size, num_snapshots = 40, 32, 4

@@ -10,8 +10,8 @@ from keras_snapshot.batchnorm import recalibrate_batchnorm
 from keras_snapshot.checkpoint import SnapshotCheckpoint
 from keras_snapshot.ensemble import build_ensemble
 from keras_snapshot.ensemble import export_ensemble
-from keras_snapshot.ensemble import load_snapshots
-from keras_snapshot.ensemble import snapshot_paths
+from keras_snapshot.loading import load_snapshots
+from keras_snapshot.loading import snapshot_paths
 from keras_snapshot.manifest import read_manifest
 from keras_snapshot.schedule import SnapshotSchedule
 from keras_snapshot.selection import SnapshotSelection

@@ -2,6 +2,6 @@
 
 import sys
 
-from keras_snapshot.cli import main
+from keras_snapshot.app.cli import main
 
 sys.exit(main())

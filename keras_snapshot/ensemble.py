@@ -1,181 +1,67 @@
-"""Loading snapshots and averaging them in one functional Keras model."""
+"""Averaging snapshot models in one functional Keras model."""
 
-import numbers
 import os
-import warnings
 
 import keras
 import numpy as np
+from numpy.typing import ArrayLike
 
 from keras_snapshot import layers
-from keras_snapshot import manifest as manifest_lib
+from keras_snapshot._checks import check_positive_int
 from keras_snapshot.batchnorm import recalibrate_batchnorm
+from keras_snapshot.loading import load_snapshots
+from keras_snapshot.loading import snapshot_paths
 
 _EXTRA_OUTPUTS = ("entropy", "mutual_information")
 
 
-def _check_last(last, available: int):
-    if last is None:
-        return available
-    if isinstance(last, bool) or not isinstance(last, numbers.Integral):
-        raise ValueError(
-            "`last` must be a positive integer (the number of most recent "
-            f"snapshots to keep). Received: last={last!r}."
-        )
-    if not 1 <= last <= available:
-        raise ValueError(
-            f"`last` must be between 1 and the number of snapshots "
-            f"({available}). Received: last={last}."
-        )
-    return int(last)
+def normalize_weights(weights: ArrayLike, num_members: int) -> np.ndarray:
+    """Checks ensemble weights and scales them to sum to 1.
 
-
-def snapshot_paths(
-    directory: str, last: int | None = None, skip_invalid: bool = False
-) -> list[str]:
-    """Paths of the verified snapshots of a directory, oldest first.
-
-    Every file is checked against the size and sha256 of the manifest.
+    Weighted Snapshot Ensembles average member probabilities with these
+    weights. This is the one place where weights are validated: they must
+    be finite, non-negative, not all zero, and one per member.
 
     Args:
-        directory: A folder written by `SnapshotCheckpoint`.
-        last: Keep only the last `last` snapshots.
-        skip_invalid: Skip missing or corrupted files with a warning instead
-            of raising an error.
-
-    Example:
-
-    ```python
-    paths = keras_snapshot.snapshot_paths("snapshots", last=3)
-    ```
-    """
-    if not os.path.isdir(directory):
-        raise FileNotFoundError(
-            f"The snapshot directory {directory} does not exist."
-        )
-    try:
-        manifest = manifest_lib.read_manifest(directory)
-    except FileNotFoundError:
-        found = sorted(
-            name for name in os.listdir(directory) if name.endswith(".keras")
-        )
-        hint = (
-            f"It holds {found[:5]}: pass their paths as a list to use them "
-            "without a manifest."
-            if found
-            else "It holds no `.keras` files."
-        )
-        raise FileNotFoundError(
-            f"{directory} has no {manifest_lib.MANIFEST_NAME}, so it was not "
-            f"written by SnapshotCheckpoint. {hint}"
-        ) from None
-    paths = []
-    for entry in manifest["snapshots"]:
-        try:
-            paths.append(manifest_lib.verify_snapshot_file(directory, entry))
-        except (OSError, ValueError) as e:
-            if not skip_invalid:
-                raise
-            warnings.warn(f"Skipping snapshot: {e}", stacklevel=2)
-    if not paths:
-        raise ValueError(
-            f"The snapshot directory {directory} has no usable snapshots "
-            f"(its manifest lists {len(manifest['snapshots'])}). Train with "
-            "SnapshotCheckpoint first."
-        )
-    return paths[-_check_last(last, len(paths)) :]
-
-
-def load_snapshots(
-    snapshots,
-    last: int | None = None,
-    safe_mode: bool = True,
-    skip_invalid: bool = False,
-    custom_objects: dict | None = None,
-) -> list:
-    """Loads snapshot models from a directory, a list of paths or models.
-
-    Args:
-        snapshots: A directory written by `SnapshotCheckpoint` (read through
-            its manifest, each file checked against its sha256), a list of
-            `.keras` paths, or a list of Keras models.
-        last: Keep only the last `last` snapshots.
-        safe_mode: Passed to `keras.saving.load_model`; `True` refuses
-            snapshots that would run arbitrary code (`Lambda` layers). Set
-            `False` only for files you trust.
-        skip_invalid: Skip missing or corrupted snapshots with a warning.
-        custom_objects: Custom layers or functions needed to load.
+        weights: A 1-D sequence of `num_members` non-negative numbers, such
+            as member counts from `greedy_selection`.
+        num_members: The number of ensemble members.
 
     Returns:
-        A list of Keras models, oldest snapshot first.
+        A float64 array of shape `(num_members,)` that sums to 1.
 
     Example:
 
     ```python
-    members = keras_snapshot.load_snapshots("snapshots", last=3)
+    normalize_weights([2, 1, 1], num_members=3)  # [0.5, 0.25, 0.25]
     ```
     """
-    if isinstance(snapshots, (str, os.PathLike)):
-        directory = os.fspath(snapshots)
-        if not os.path.isdir(directory):
-            raise FileNotFoundError(
-                f"`snapshots` must be a snapshot directory, a list of `.keras`"
-                f" paths or a list of models. {directory} is not a directory."
-            )
-        items = snapshot_paths(directory, skip_invalid=skip_invalid)
-    elif isinstance(snapshots, keras.Model):
-        items = [snapshots]
-    else:
-        try:
-            items = list(snapshots)
-        except TypeError:
-            raise TypeError(
-                "`snapshots` must be a snapshot directory, a list of `.keras`"
-                f" paths or a list of Keras models. Received: {snapshots!r}."
-            ) from None
-    if not items:
-        raise ValueError(
-            "`snapshots` is empty: pass at least one snapshot (a directory "
-            "written by SnapshotCheckpoint, `.keras` paths or models)."
-        )
-    items = items[-_check_last(last, len(items)) :]
-    models = []
-    for item in items:
-        if isinstance(item, keras.Model):
-            models.append(item)
-            continue
-        if not isinstance(item, (str, os.PathLike)):
-            raise TypeError(
-                "Each snapshot must be a `.keras` path or a Keras model. "
-                f"Received: {item!r} (type {type(item).__name__})."
-            )
-        models.append(_load_one(os.fspath(item), safe_mode, custom_objects))
-    return models
-
-
-def _load_one(path: str, safe_mode: bool, custom_objects):
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"Snapshot file {path} does not exist.")
+    num_members = check_positive_int("num_members", num_members)
     try:
-        return keras.saving.load_model(
-            path,
-            compile=False,
-            safe_mode=safe_mode,
-            custom_objects=custom_objects,
-        )
-    except ValueError as e:
-        if "safe_mode" in str(e) or "Lambda" in str(e):
-            raise ValueError(
-                f"Refusing to load snapshot {path}: it holds code (a Lambda "
-                "layer) that would run when loaded. If you trust this file, "
-                "pass `safe_mode=False`."
-            ) from e
-        raise ValueError(f"Could not load snapshot {path}: {e}") from e
-    except Exception as e:
+        arr = np.asarray(weights, dtype=np.float64)
+    except (TypeError, ValueError):
         raise ValueError(
-            f"Could not load snapshot {path}: {type(e).__name__}: {e}. The "
-            "file may be truncated or not a `.keras` model."
-        ) from e
+            f"`weights` must be a 1-D sequence of {num_members} numbers. "
+            f"Received: weights={weights!r}."
+        ) from None
+    if arr.shape != (num_members,):
+        raise ValueError(
+            f"`weights` must have one entry per member, i.e. shape "
+            f"({num_members},). Received: weights.shape={arr.shape}, "
+            f"weights={weights!r}."
+        )
+    if not np.all(np.isfinite(arr)) or np.any(arr < 0):
+        raise ValueError(
+            "`weights` must be finite and non-negative. Received: "
+            f"weights={arr.tolist()}."
+        )
+    total = arr.sum()
+    if total <= 0:
+        raise ValueError(
+            "`weights` must not be all zero: at least one member needs a "
+            f"positive weight. Received: weights={arr.tolist()}."
+        )
+    return arr / total
 
 
 def _describe(model, item) -> str:
@@ -299,8 +185,6 @@ def build_ensemble(
     ensemble.export("ensemble_savedmodel")  # TensorFlow SavedModel
     ```
     """
-    from keras_snapshot.selection import normalize_weights
-
     if isinstance(snapshots, (str, os.PathLike)) and os.path.isdir(snapshots):
         items = snapshot_paths(
             os.fspath(snapshots), last=last, skip_invalid=skip_invalid

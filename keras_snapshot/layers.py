@@ -6,10 +6,10 @@ reloads from `.keras` once `keras_snapshot` is imported, and its SavedModel
 export needs nothing at all.
 """
 
-import math
-
 import keras
 from keras import ops
+
+from keras_snapshot._checks import check_positive_number
 
 _EPSILON = 1e-12
 
@@ -41,17 +41,7 @@ class TemperatureScaling(keras.layers.Layer):
 
     def __init__(self, temperature: float, **kwargs):
         super().__init__(**kwargs)
-        if (
-            isinstance(temperature, bool)
-            or not isinstance(temperature, (int, float))
-            or not math.isfinite(temperature)
-            or temperature <= 0
-        ):
-            raise ValueError(
-                "`temperature` must be a finite positive number. "
-                f"Received: temperature={temperature!r}."
-            )
-        self.temperature = float(temperature)
+        self.temperature = check_positive_number("temperature", temperature)
 
     def call(self, probabilities):
         logits = ops.log(ops.maximum(probabilities, _EPSILON))

@@ -1,27 +1,12 @@
 """The cyclic cosine learning rate of Snapshot Ensembles."""
 
 import math
-import numbers
 
 import keras
 from keras import ops
 
 from keras_snapshot._checks import check_positive_int
-
-
-def _check_learning_rate(value) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise ValueError(
-            "`initial_learning_rate` must be a finite positive number. "
-            f"Received: initial_learning_rate={value!r} "
-            f"(type {type(value).__name__})."
-        )
-    if not math.isfinite(value) or value <= 0:
-        raise ValueError(
-            "`initial_learning_rate` must be a finite positive number. "
-            f"Received: initial_learning_rate={value}."
-        )
-    return float(value)
+from keras_snapshot._checks import check_positive_number
 
 
 @keras.saving.register_keras_serializable(package="keras_snapshot")
@@ -71,7 +56,9 @@ class SnapshotSchedule(keras.optimizers.schedules.LearningRateSchedule):
         name: str | None = None,
     ):
         super().__init__()
-        self.initial_learning_rate = _check_learning_rate(initial_learning_rate)
+        self.initial_learning_rate = check_positive_number(
+            "initial_learning_rate", initial_learning_rate
+        )
         self.total_steps = check_positive_int("total_steps", total_steps)
         self.num_snapshots = check_positive_int("num_snapshots", num_snapshots)
         if self.num_snapshots > self.total_steps:

@@ -22,13 +22,17 @@ in snapshot order (oldest first), and labels are as in
 `(num_examples, 1)`, or one-hot labels.
 """
 
-import numbers
+import os
 
 import numpy as np
 from numpy.typing import ArrayLike
 
 from keras_snapshot import metrics
 from keras_snapshot._checks import check_positive_int
+from keras_snapshot._checks import check_positive_number
+from keras_snapshot.ensemble import normalize_weights
+from keras_snapshot.loading import load_snapshots
+from keras_snapshot.loading import snapshot_paths
 
 _METRICS = ("nll", "error")
 # Temperatures are searched in [1e-2, 1e2], on a log scale.
@@ -70,55 +74,6 @@ def _argbest(keys: np.ndarray) -> int:
     """Index of the lexicographically smallest row of keys (first on ties)."""
     # np.lexsort is stable and takes its primary key last.
     return int(np.lexsort(keys.T[::-1])[0])
-
-
-def normalize_weights(weights: ArrayLike, num_members: int) -> np.ndarray:
-    """Checks ensemble weights and scales them to sum to 1.
-
-    Weighted Snapshot Ensembles average member probabilities with these
-    weights. This is the one place where weights are validated: they must
-    be finite, non-negative, not all zero, and one per member.
-
-    Args:
-        weights: A 1-D sequence of `num_members` non-negative numbers, such
-            as member counts from `greedy_selection`.
-        num_members: The number of ensemble members.
-
-    Returns:
-        A float64 array of shape `(num_members,)` that sums to 1.
-
-    Example:
-
-    ```python
-    normalize_weights([2, 1, 1], num_members=3)  # [0.5, 0.25, 0.25]
-    ```
-    """
-    num_members = check_positive_int("num_members", num_members)
-    try:
-        arr = np.asarray(weights, dtype=np.float64)
-    except (TypeError, ValueError):
-        raise ValueError(
-            f"`weights` must be a 1-D sequence of {num_members} numbers. "
-            f"Received: weights={weights!r}."
-        ) from None
-    if arr.shape != (num_members,):
-        raise ValueError(
-            f"`weights` must have one entry per member, i.e. shape "
-            f"({num_members},). Received: weights.shape={arr.shape}, "
-            f"weights={weights!r}."
-        )
-    if not np.all(np.isfinite(arr)) or np.any(arr < 0):
-        raise ValueError(
-            "`weights` must be finite and non-negative. Received: "
-            f"weights={arr.tolist()}."
-        )
-    total = arr.sum()
-    if total <= 0:
-        raise ValueError(
-            "`weights` must not be all zero: at least one member needs a "
-            f"positive weight. Received: weights={arr.tolist()}."
-        )
-    return arr / total
 
 
 def greedy_selection(
@@ -269,17 +224,9 @@ def _as_logits(logits_or_probs: ArrayLike, from_logits: bool, ndim: int):
 
 
 def _check_temperature(temperature: float) -> float:
-    if not (
-        isinstance(temperature, numbers.Real)
-        and np.isfinite(temperature)
-        and temperature > 0
-    ):
-        raise ValueError(
-            "`temperature` must be a finite positive number, e.g. the "
-            "output of `fit_temperature`. Received: "
-            f"temperature={temperature!r}."
-        )
-    return float(temperature)
+    return check_positive_number(
+        "temperature", temperature, "e.g. the output of `fit_temperature`."
+    )
 
 
 def _scaled_nll(logits: np.ndarray, labels: np.ndarray, log_t: float):
@@ -481,11 +428,6 @@ def select_snapshots(
     )
     ```
     """
-    import os
-
-    from keras_snapshot.ensemble import load_snapshots
-    from keras_snapshot.ensemble import snapshot_paths
-
     if method not in _SELECTION_METHODS:
         raise ValueError(
             f"`method` must be one of {_SELECTION_METHODS}. "

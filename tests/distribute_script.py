@@ -110,7 +110,7 @@ def mirrored(outdir):
     )
     import keras
 
-    from keras_snapshot.distribute import get_strategy
+    from keras_snapshot.app.distribute import get_strategy
 
     keras.utils.set_random_seed(0)
     single = _new_model()
@@ -183,7 +183,7 @@ def _work_around_keras_multiworker_fit(model, strategy):
 def multiworker(outdir, snapshot_dir):
     import keras
 
-    from keras_snapshot.distribute import get_strategy
+    from keras_snapshot.app.distribute import get_strategy
 
     strategy = get_strategy("multiworker")
     index = strategy.cluster_resolver.task_id
@@ -220,7 +220,7 @@ def jax_data_parallel(outdir):
     import jax
     import keras
 
-    from keras_snapshot.distribute import get_strategy
+    from keras_snapshot.app.distribute import get_strategy
 
     devices = keras.distribution.list_devices("cpu")
     keras.distribution.set_distribution(

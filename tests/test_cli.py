@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 import keras_snapshot
-from keras_snapshot import cli
 from keras_snapshot import metrics
-from keras_snapshot.datasets import load_dataset
+from keras_snapshot.app import cli
+from keras_snapshot.app.datasets import load_dataset
 
 SMALL = ["--epochs", "2", "--snapshots", "2", "--verbose", "0"]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

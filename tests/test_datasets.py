@@ -1,4 +1,4 @@
-"""Tests for `keras_snapshot.datasets`."""
+"""Tests for `keras_snapshot.app.datasets`."""
 
 import gzip
 import os
@@ -9,9 +9,9 @@ import pytest
 import tensorflow_datasets as tfds
 from sklearn.datasets import load_digits
 
-from keras_snapshot import datasets
-from keras_snapshot.datasets import load_dataset
-from keras_snapshot.datasets import make_dataset
+from keras_snapshot.app import datasets
+from keras_snapshot.app.datasets import load_dataset
+from keras_snapshot.app.datasets import make_dataset
 
 
 def _rows(*arrays):

@@ -22,8 +22,8 @@ from conftest import saved_steps
 
 import keras_snapshot
 from keras_snapshot import manifest as manifest_lib
-from keras_snapshot.distribute import STRATEGY_NAMES
-from keras_snapshot.distribute import get_strategy
+from keras_snapshot.app.distribute import STRATEGY_NAMES
+from keras_snapshot.app.distribute import get_strategy
 
 pytestmark = pytest.mark.skipif(
     keras.backend.backend() != "tensorflow",

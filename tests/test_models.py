@@ -1,10 +1,10 @@
-"""Tests for `keras_snapshot.models`."""
+"""Tests for `keras_snapshot.app.models`."""
 
 import keras
 import numpy as np
 import pytest
 
-from keras_snapshot import models
+from keras_snapshot.app import models
 
 
 def _trainable(model):

@@ -51,7 +51,7 @@ def get_strategy(
     Example:
 
     ```python
-    from keras_snapshot.distribute import get_strategy
+    from keras_snapshot.app.distribute import get_strategy
 
     strategy = get_strategy("mirrored")
     with strategy.scope():

@@ -238,7 +238,7 @@ def _write_run(run_dir: str, run: dict) -> None:
 
 
 def _load_data(config: dict, data_dir=None):
-    from keras_snapshot.datasets import load_dataset
+    from keras_snapshot.app.datasets import load_dataset
 
     return load_dataset(
         config["dataset"],
@@ -267,7 +267,7 @@ def _strategy(name: str):
         import tensorflow as tf
 
         return tf.distribute.get_strategy()
-    from keras_snapshot.distribute import get_strategy
+    from keras_snapshot.app.distribute import get_strategy
 
     return get_strategy(name)
 
@@ -287,7 +287,7 @@ def _compile(model, schedule, config):
 
 
 def _fit(model, data, config, callbacks, verbose):
-    from keras_snapshot.datasets import make_dataset
+    from keras_snapshot.app.datasets import make_dataset
 
     train = make_dataset(
         data.x_train,
@@ -349,7 +349,7 @@ def _train_snapshots(config, data, strategy, verbose) -> float:
 
     from keras_snapshot import SnapshotCheckpoint
     from keras_snapshot import SnapshotSchedule
-    from keras_snapshot.models import get_model
+    from keras_snapshot.app.models import get_model
 
     run_dir = config["output_dir"]
     keras.utils.set_random_seed(config["seed"])
@@ -383,7 +383,7 @@ def _train_baseline(config, data, strategy, verbose) -> None:
     """A single model with one cosine decay over the same budget."""
     import keras
 
-    from keras_snapshot.models import get_model
+    from keras_snapshot.app.models import get_model
 
     path = os.path.join(config["output_dir"], "baseline.keras")
     if os.path.isfile(path):
@@ -411,7 +411,7 @@ def _evaluate_run(run_dir: str, data, splits=("val", "test")) -> dict:
     import keras
 
     from keras_snapshot import load_snapshots
-    from keras_snapshot import report as report_lib
+    from keras_snapshot.app import report as report_lib
 
     members = load_snapshots(os.path.join(run_dir, SNAPSHOT_DIR))
     baseline_path = os.path.join(run_dir, "baseline.keras")
@@ -458,8 +458,8 @@ def train_command(args) -> int:
     import keras
 
     from keras_snapshot import SnapshotSchedule
-    from keras_snapshot import report as report_lib
-    from keras_snapshot.models import MODELS
+    from keras_snapshot.app import report as report_lib
+    from keras_snapshot.app.models import MODELS
 
     if args.model not in MODELS and not (
         args.model.endswith(".keras") and os.path.isfile(args.model)
@@ -583,7 +583,7 @@ def train_command(args) -> int:
 
 
 def evaluate_command(args) -> int:
-    from keras_snapshot import report as report_lib
+    from keras_snapshot.app import report as report_lib
 
     run = _read_run(args.run_dir)
     data = _load_data(run["config"], args.data_dir)
@@ -602,7 +602,7 @@ def evaluate_command(args) -> int:
 
 
 def export_command(args) -> int:
-    from keras_snapshot import report as report_lib
+    from keras_snapshot.app import report as report_lib
 
     run = _read_run(args.run_dir)
     snapshots, weights = _chosen_snapshots(args.run_dir, None, "all")

@@ -9,9 +9,11 @@ from keras_snapshot import metrics
 from keras_snapshot.batchnorm import recalibrate_batchnorm
 from keras_snapshot.checkpoint import SnapshotCheckpoint
 from keras_snapshot.ensemble import build_ensemble
+from keras_snapshot.ensemble import combine_members
 from keras_snapshot.ensemble import export_ensemble
 from keras_snapshot.loading import load_snapshots
 from keras_snapshot.loading import snapshot_paths
+from keras_snapshot.manifest import SnapshotDirectory
 from keras_snapshot.manifest import read_manifest
 from keras_snapshot.schedule import SnapshotSchedule
 from keras_snapshot.selection import SnapshotSelection
@@ -21,9 +23,11 @@ __version__ = "0.1.0"
 
 __all__ = [
     "SnapshotCheckpoint",
+    "SnapshotDirectory",
     "SnapshotSchedule",
     "SnapshotSelection",
     "build_ensemble",
+    "combine_members",
     "export_ensemble",
     "load_snapshots",
     "metrics",

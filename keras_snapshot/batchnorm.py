@@ -43,6 +43,37 @@ def restore_batchnorm_statistics(model, saved: list) -> None:
         layer.moving_variance.assign(variance)
 
 
+def check_bounded_data(data, steps: int | None) -> None:
+    """Refuses data that would never end without a `steps` limit.
+
+    An endless `tf.data.Dataset` (the usual `.repeat()` training pipeline)
+    or a generator would make recalibration run forever.
+    """
+    if steps is not None:
+        return
+    cardinality = getattr(data, "cardinality", None)
+    if callable(cardinality):
+        value = int(cardinality())
+        if value == -1:  # tf.data.INFINITE_CARDINALITY
+            raise ValueError(
+                "The recalibration data is an endless dataset (it repeats), "
+                "so BatchNorm recalibration would never finish. Pass "
+                "`steps` (`recalibration_steps` for SnapshotCheckpoint), "
+                "e.g. steps=50, or a dataset without `.repeat()`."
+            )
+        return
+    if isinstance(data, tuple) or hasattr(data, "__len__"):
+        return
+    if hasattr(data, "__array__"):
+        return
+    raise ValueError(
+        "The recalibration data has no length (a generator or iterator), "
+        "so BatchNorm recalibration cannot know when to stop. Pass `steps` "
+        "(`recalibration_steps` for SnapshotCheckpoint). Received: "
+        f"{type(data).__name__}."
+    )
+
+
 def _input_batches(data, batch_size: int, steps: int | None):
     """Yields the input part of each batch of `data`."""
     if isinstance(data, tuple) and len(data) in (2, 3):
@@ -131,6 +162,7 @@ def recalibrate_batchnorm(
             "array, an `(x, y)` tuple or a `tf.data.Dataset`. Received: "
             "data=None."
         )
+    check_bounded_data(data, steps)
     bn_layers = [layer for layer in batchnorm_layers(model) if layer.trainable]
     if not bn_layers:
         return model

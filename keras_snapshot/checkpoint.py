@@ -1,42 +1,67 @@
 """`SnapshotCheckpoint`: saves one `.keras` model per learning-rate cycle."""
 
+import math
 import os
 import shutil
-import sys
+import tempfile
 import time
 import warnings
 
 import keras
+import numpy as np
 from keras import ops
 
 from keras_snapshot import manifest as manifest_lib
 from keras_snapshot._checks import check_positive_int
+from keras_snapshot.batchnorm import check_bounded_data
 from keras_snapshot.batchnorm import recalibrate_batchnorm
 from keras_snapshot.batchnorm import restore_batchnorm_statistics
 from keras_snapshot.batchnorm import save_batchnorm_statistics
 from keras_snapshot.schedule import SnapshotSchedule
+from keras_snapshot.schedule import restart_steps
+
+# Files that `keras.callbacks.BackupAndRestore` keeps in its folder.
+_BACKUP_FILES = ("training_metadata.json", "latest.weights.h5")
 
 
-def find_snapshot_schedule(optimizer) -> SnapshotSchedule | None:
-    """The `SnapshotSchedule` that drives `optimizer`, if there is one."""
-    while optimizer is not None:
-        schedule = getattr(optimizer, "_learning_rate", None)
-        if isinstance(schedule, SnapshotSchedule):
-            return schedule
-        # `LossScaleOptimizer` wraps the optimizer that holds the schedule.
-        optimizer = getattr(optimizer, "inner_optimizer", None)
+def innermost_optimizer(optimizer):
+    """The optimizer that holds the learning rate (unwraps loss scaling)."""
+    while getattr(optimizer, "inner_optimizer", None) is not None:
+        optimizer = optimizer.inner_optimizer
+    return optimizer
+
+
+def learning_rate_schedule(optimizer):
+    """The `LearningRateSchedule` that drives `optimizer`, or None.
+
+    Keras keeps the schedule object only in a private attribute: this is
+    the one place that reads it.
+    """
+    rate = getattr(innermost_optimizer(optimizer), "_learning_rate", None)
+    if isinstance(rate, keras.optimizers.schedules.LearningRateSchedule):
+        return rate
     return None
 
 
-def _is_chief(model) -> bool:
+def _print(message: str) -> None:
+    """Prints as Keras callbacks do: stdout, or absl logging when off."""
+    if keras.config.is_interactive_logging_enabled():
+        print(message, flush=True)
+    else:
+        from absl import logging
+
+        logging.info(message)
+
+
+def _is_writer(model) -> bool:
     """Whether this process writes the snapshots (multi-worker training)."""
-    strategy = getattr(model, "_distribute_strategy", None)
+    strategy = getattr(model, "distribute_strategy", None)
     if strategy is None:
         return True
     return bool(getattr(strategy.extended, "should_checkpoint", True))
 
 
-def _to_float(value):
+def _finite_number(value):
     try:
         return float(ops.convert_to_numpy(value))
     except (TypeError, ValueError):
@@ -47,39 +72,45 @@ class SnapshotCheckpoint(keras.callbacks.Callback):
     """Saves a complete `.keras` model at the end of every learning-rate cycle.
 
     Snapshot Ensembles (Huang et al. 2017, arXiv:1704.00109) save the model
-    at each minimum of a cyclic learning rate. This callback reads the cycles
-    from the optimizer's `SnapshotSchedule` and writes snapshot `k` right
-    after optimizer step `schedule.cycle_end_steps[k - 1]`, also when that
-    step falls in the middle of an epoch. Each snapshot is a full `.keras`
-    file (architecture, weights and optimizer state), so it can be loaded
-    with `keras.saving.load_model` to predict, fine-tune or continue training.
+    at each minimum of a cyclic learning rate. This callback finds the cycle
+    ends from the optimizer's schedule (`SnapshotSchedule`, any schedule with
+    a `cycle_end_steps` property such as `FGESchedule`, or Keras's
+    `CosineDecayRestarts`), from `snapshot_steps=` or from `cycle_length=`,
+    and writes snapshot `k` right after optimizer step `k`'s cycle end, also
+    when that step falls in the middle of an epoch. Each snapshot is a full
+    `.keras` file (architecture, weights and optimizer state).
 
-    The directory also gets a `manifest.json` that lists, for every snapshot,
-    its index, epoch, optimizer step, the learning rate of its last step, the
-    training logs available then, and the file's name, size and sha256.
-    Files are written under a hidden temporary name and renamed when
-    complete; the manifest is replaced atomically afterwards. Whether a
-    snapshot is due is decided from the optimizer's step count, so the
-    callback stays right when training resumes through
-    `keras.callbacks.BackupAndRestore` or `initial_epoch`; snapshots that
-    a resumed run has not reached again are dropped and retaken.
+    The folder also gets a `manifest.json` that lists, for every snapshot,
+    its index, epoch, optimizer step, learning rate, training logs, whether
+    its weights and loss were finite, and the file's size and sha256. Files
+    are written under a hidden name and renamed when complete; the manifest
+    is replaced atomically afterwards. Whether a snapshot is due is decided
+    from the optimizer's step count, so the callback stays right when
+    training resumes through `keras.callbacks.BackupAndRestore`: snapshots
+    from steps a resumed or restarted run has not reached are set aside in a
+    `superseded-*` subfolder (never deleted) and taken again. While `fit`
+    runs the folder is locked against a second writer.
 
-    The per-batch check is a Python integer comparison in
-    `on_train_batch_begin`, which leaves Keras's asynchronous batch dispatch
-    on (Keras turns it off only for callbacks that override batch-end hooks).
+    The per-batch check is one integer comparison in `on_train_batch_begin`,
+    which leaves Keras's asynchronous batch dispatch on. Messages are printed
+    at the end of the epoch, below the progress bar.
 
     Args:
         directory: Folder for the snapshots and manifest; created if needed.
-        cycle_length: Steps per cycle, needed only when the optimizer's
-            learning rate is not a `SnapshotSchedule`. Snapshots are then
-            taken after every `cycle_length` steps.
-        num_snapshots: With `cycle_length`, the number of snapshots to take;
-            by default as many cycles as fit in the `fit` call.
+            It must not be (or be inside) a `BackupAndRestore` folder.
+        cycle_length: Steps per cycle, only when the optimizer's schedule
+            does not say where cycles end.
+        num_snapshots: With `cycle_length` or a `CosineDecayRestarts`
+            schedule: the number of snapshots (default: as many cycles as
+            the `fit` call runs).
+        snapshot_steps: Explicit step counts after which to save, e.g.
+            `[1000, 3000, 7000]`; overrides the schedule.
         recalibration_data: Optional training inputs (array, `(x, y)` tuple
-            or `tf.data.Dataset`). When given, each snapshot is saved with its
-            BatchNorm moving statistics recomputed on this data (see
+            or finite `tf.data.Dataset`). Each snapshot is then saved with
+            its BatchNorm statistics recomputed on it (see
             `recalibrate_batchnorm`); the model being trained keeps its own.
-        recalibration_steps: Optional limit on the batches used for that.
+        recalibration_steps: Batches of `recalibration_data` to use; needed
+            for an endless dataset.
         verbose: 1 prints one line per snapshot, 0 is silent.
 
     Example:
@@ -105,6 +136,7 @@ class SnapshotCheckpoint(keras.callbacks.Callback):
         directory: str,
         cycle_length: int | None = None,
         num_snapshots: int | None = None,
+        snapshot_steps: list | None = None,
         recalibration_data=None,
         recalibration_steps: int | None = None,
         verbose: int = 1,
@@ -115,84 +147,194 @@ class SnapshotCheckpoint(keras.callbacks.Callback):
                 "`directory` must be a path to a folder for the snapshots. "
                 f"Received: directory={directory!r}."
             )
-        # Checked the same way as the schedule checks its arguments.
         if cycle_length is not None:
             check_positive_int("cycle_length", cycle_length)
-        if num_snapshots is not None and cycle_length is None:
-            raise ValueError(
-                "`num_snapshots` is only used together with `cycle_length`; "
-                "with a `SnapshotSchedule` the schedule sets it. Received: "
-                f"num_snapshots={num_snapshots}, cycle_length=None."
-            )
         if num_snapshots is not None:
             check_positive_int("num_snapshots", num_snapshots)
+        if snapshot_steps is not None:
+            steps = [
+                check_positive_int("snapshot_steps", s) for s in snapshot_steps
+            ]
+            if not steps or steps != sorted(set(steps)):
+                raise ValueError(
+                    "`snapshot_steps` must be a non-empty list of increasing "
+                    f"positive step counts. Received: snapshot_steps="
+                    f"{snapshot_steps!r}."
+                )
+            if cycle_length is not None:
+                raise ValueError(
+                    "Pass either `snapshot_steps` or `cycle_length`, not both."
+                    f" Received: snapshot_steps={snapshot_steps!r}, "
+                    f"cycle_length={cycle_length}."
+                )
         if recalibration_steps is not None:
             check_positive_int("recalibration_steps", recalibration_steps)
+        if recalibration_data is not None:
+            check_bounded_data(recalibration_data, recalibration_steps)
         self.directory = os.fspath(directory)
         self.cycle_length = cycle_length
         self.num_snapshots = num_snapshots
+        self.snapshot_steps = snapshot_steps
         self.recalibration_data = recalibration_data
         self.recalibration_steps = recalibration_steps
         self.verbose = verbose
-        self._schedule = None
+        self._folder = manifest_lib.SnapshotDirectory(self.directory)
+        self._cycle_ends = []
         self._steps_due = {}
         self._planned = False
+        self._messages = []
         self._epoch = 0
         self._epoch_start_step = 0
-        self.last_write_seconds = None
 
-    # Cycles -----------------------------------------------------------------
+    # Planning ----------------------------------------------------------------
 
-    def _resolve_schedule(self) -> SnapshotSchedule:
-        optimizer = getattr(self.model, "optimizer", None)
-        schedule = find_snapshot_schedule(optimizer)
-        if schedule is not None:
-            if (
-                self.cycle_length is not None
-                and self.cycle_length != schedule.cycle_length
-            ):
+    def _fit_steps(self):
+        """Steps this `fit` call runs from its first epoch, if known."""
+        epochs, steps = self.params.get("epochs"), self.params.get("steps")
+        return epochs * steps if epochs and steps else None
+
+    def _find_cycle_ends(self) -> list:
+        """The step counts after which snapshots 1..M are due."""
+        if self.snapshot_steps is not None:
+            return list(self.snapshot_steps)
+        schedule = learning_rate_schedule(self.model.optimizer)
+        if isinstance(schedule, keras.optimizers.schedules.CosineDecayRestarts):
+            total = self._fit_steps()
+            if total is None:
+                raise ValueError(
+                    "With a CosineDecayRestarts schedule and data of unknown "
+                    "length, SnapshotCheckpoint cannot tell how many "
+                    "restarts the run has: pass `steps_per_epoch` to fit or "
+                    "`snapshot_steps=` to SnapshotCheckpoint."
+                )
+            ends = restart_steps(schedule, total)
+            return ends[: self.num_snapshots] if self.num_snapshots else ends
+        if hasattr(schedule, "cycle_end_steps"):
+            if self.cycle_length not in (None, schedule.cycle_length):
                 raise ValueError(
                     f"`cycle_length={self.cycle_length}` disagrees with the "
-                    "optimizer's SnapshotSchedule, whose cycle length is "
-                    f"{schedule.cycle_length}. Leave `cycle_length` unset to "
-                    "follow the schedule."
+                    f"optimizer's {type(schedule).__name__}, whose cycle "
+                    f"length is {schedule.cycle_length}. Leave `cycle_length`"
+                    " unset to follow the schedule."
                 )
-            return schedule
+            return list(schedule.cycle_end_steps)
         if self.cycle_length is None:
-            learning_rate = getattr(optimizer, "_learning_rate", None)
             raise ValueError(
                 "SnapshotCheckpoint needs to know where the learning-rate "
-                "cycles end. Compile the model with an optimizer whose "
-                "learning rate is a `keras_snapshot.SnapshotSchedule`, or "
-                "pass `cycle_length=` (steps per cycle) to SnapshotCheckpoint."
-                f" Received: optimizer={type(optimizer).__name__} with "
-                f"learning_rate={learning_rate!r}."
+                "cycles end. Compile the model with a "
+                "`keras_snapshot.SnapshotSchedule` (or CosineDecayRestarts, "
+                "or FGESchedule), or pass `cycle_length=` or "
+                "`snapshot_steps=` to SnapshotCheckpoint. Received: "
+                f"optimizer={type(self.model.optimizer).__name__} with "
+                f"learning_rate={schedule or 'a constant'}."
             )
-        num_snapshots = self.num_snapshots
-        if num_snapshots is None:
-            epochs = self.params.get("epochs")
-            steps = self.params.get("steps")
-            if not epochs or not steps:
+        count = self.num_snapshots
+        if count is None:
+            total = self._fit_steps()
+            if total is None:
                 raise ValueError(
                     "With `cycle_length` and a dataset of unknown length, "
                     "SnapshotCheckpoint cannot count the cycles: pass "
                     "`num_snapshots=` as well."
                 )
-            num_snapshots = max(1, epochs * steps // self.cycle_length)
+            count = max(1, total // self.cycle_length)
         # The schedule is the one place that knows the cycle arithmetic.
         return SnapshotSchedule(
-            1.0, self.cycle_length * num_snapshots, num_snapshots
-        )
+            1.0, self.cycle_length * count, count
+        ).cycle_end_steps
 
-    def _learning_rate_of_step(self, step: int):
-        """The optimizer's real learning rate at `step` (any schedule)."""
-        optimizer = self.model.optimizer
-        while getattr(optimizer, "inner_optimizer", None) is not None:
-            optimizer = optimizer.inner_optimizer
-        rate = getattr(optimizer, "_learning_rate", None)
-        if isinstance(rate, keras.optimizers.schedules.LearningRateSchedule):
-            return _to_float(rate(step))
-        return _to_float(rate if rate is not None else self._schedule(step))
+    def _plan(self, step: int) -> dict:
+        """Snapshots still to take, `{step: index}`, given the current step.
+
+        Snapshots in the folder from steps this run has not reached (a run
+        resumed from an earlier backup, or a new run in a used folder) are
+        set aside and taken again.
+        """
+        manifest = self._folder.read_or_new(self._cycle_ends)
+        if manifest.entries and manifest.cycle_end_steps != self._cycle_ends:
+            raise ValueError(
+                f"The snapshot directory {self.directory} holds snapshots of "
+                f"another schedule (cycle ends {manifest.cycle_end_steps}, "
+                f"this run: {self._cycle_ends}). Use a new directory for a "
+                "new run; the old snapshots are left as they are."
+            )
+        if self._writer and not self._folder.has_manifest():
+            foreign = self._folder.unlisted_snapshot_files(manifest)
+            if foreign:
+                raise FileExistsError(
+                    f"{self.directory} holds {foreign[:5]} but no "
+                    f"{manifest_lib.MANIFEST_NAME}: files SnapshotCheckpoint "
+                    "did not write, which it would overwrite. Use another "
+                    "folder, or move those files away."
+                )
+        manifest.cycle_end_steps = list(self._cycle_ends)
+        if self._writer and not self._folder.has_manifest():
+            self._folder.write(manifest)
+        stale = [e for e in manifest.entries if e.step > step]
+        if stale and self._writer:
+            aside = self._folder.set_aside(manifest, stale)
+            warnings.warn(
+                f"SnapshotCheckpoint: training is at step {step}; snapshot(s)"
+                f" {[e.index for e in stale]} from later steps of an earlier "
+                f"run were moved to {aside} and are taken again when this "
+                "run reaches them.",
+                stacklevel=2,
+            )
+        taken = {e.step for e in manifest.entries if e.step <= step}
+        self._warn_if_fit_misses_cycles(step)
+        return {
+            end: index
+            for index, end in enumerate(self._cycle_ends, start=1)
+            if end >= step and end not in taken
+        }
+
+    def _warn_if_fit_misses_cycles(self, step: int) -> None:
+        epochs, steps = self.params.get("epochs"), self.params.get("steps")
+        if not epochs or not steps:
+            return
+        last_step = step + (epochs - self._epoch) * steps
+        missed = [s for s in self._cycle_ends if s > last_step]
+        if missed:
+            warnings.warn(
+                f"SnapshotCheckpoint: this fit stops at step {last_step} "
+                f"({epochs} epochs of {steps} steps), before the cycle ends "
+                f"{missed}: {len(missed)} of {len(self._cycle_ends)} "
+                "snapshots will not be taken. Compute `total_steps` from the "
+                "steps fit really runs per epoch (validation_split and "
+                "batch_size change it).",
+                stacklevel=3,
+            )
+        schedule = learning_rate_schedule(self.model.optimizer)
+        total = getattr(schedule, "total_steps", None)
+        if total is not None and last_step > total:
+            warnings.warn(
+                f"SnapshotCheckpoint: this fit runs to step {last_step}, past "
+                f"the schedule's total_steps={total}; from there the "
+                "learning rate restarts a cycle that no snapshot ends.",
+                stacklevel=3,
+            )
+
+    def _check_not_in_backup_folder(self) -> None:
+        folder = os.path.abspath(self.directory)
+        while True:
+            found = [
+                name
+                for name in _BACKUP_FILES
+                if os.path.exists(os.path.join(folder, name))
+            ]
+            if found:
+                raise ValueError(
+                    f"The snapshot directory {self.directory} is inside the "
+                    f"BackupAndRestore folder {folder} (it holds {found}). "
+                    "BackupAndRestore deletes its folder when training "
+                    "ends, and the snapshots with it. Give the snapshots "
+                    "and the backup separate folders, e.g. run/snapshots and "
+                    "run/backup."
+                )
+            parent = os.path.dirname(folder)
+            if parent == folder:
+                return
+            folder = parent
 
     def _current_step(self) -> int:
         return int(ops.convert_to_numpy(self.model.optimizer.iterations))
@@ -200,51 +342,44 @@ class SnapshotCheckpoint(keras.callbacks.Callback):
     # Keras hooks --------------------------------------------------------------
 
     def on_train_begin(self, logs=None):
-        self._schedule = self._resolve_schedule()
+        self._cycle_ends = self._find_cycle_ends()
         steps_per_execution = getattr(self.model, "steps_per_execution", 1)
         if steps_per_execution and steps_per_execution > 1:
             misaligned = [
-                s
-                for s in self._schedule.cycle_end_steps
-                if s % steps_per_execution
+                s for s in self._cycle_ends if s % steps_per_execution
             ]
             if misaligned:
                 raise ValueError(
                     f"With steps_per_execution={steps_per_execution}, Keras "
                     "runs callbacks only every that many steps, so snapshots "
                     f"at steps {misaligned} cannot be taken exactly. Choose "
-                    "a total_steps and num_snapshots whose cycle ends are "
-                    "multiples of steps_per_execution."
+                    "cycle ends that are multiples of steps_per_execution."
                 )
-        self._chief = _is_chief(self.model)
-        if self._chief:
-            if os.path.exists(self.directory) and not os.path.isdir(
-                self.directory
-            ):
-                raise NotADirectoryError(
-                    f"SnapshotCheckpoint writes snapshots into a folder, but "
-                    f"{self.directory} is a file. Pass the path of a new or "
-                    "existing folder as `directory`."
-                )
-            os.makedirs(self.directory, exist_ok=True)
-            removed = manifest_lib.remove_partial_files(self.directory)
+        self._writer = _is_writer(self.model)
+        if self._writer:
+            self._check_not_in_backup_folder()
+            removed = self._folder.prepare()
+            self._folder.lock()
             if removed and self.verbose:
-                print(
+                _print(
                     f"SnapshotCheckpoint: removed {len(removed)} incomplete "
                     f"write(s) left in {self.directory}."
                 )
         self._steps_due = {}
         self._planned = False
 
+    def _plan_once(self, step: int) -> None:
+        # Planned at the first epoch, after BackupAndRestore has restored
+        # the optimizer's step, once per fit (all workers must agree).
+        if not self._planned:
+            self._steps_due = self._plan(step)
+            self._planned = True
+
     def on_epoch_begin(self, epoch, logs=None):
         self._epoch = epoch
         # Read once per epoch; batch hooks then only add the batch index.
         self._epoch_start_step = self._current_step()
-        if not self._planned and self._schedule is not None:
-            # Once per `fit`: the manifest may change under a non-chief
-            # worker later, and the workers must agree on the steps.
-            self._steps_due = self._plan(self._epoch_start_step)
-            self._planned = True
+        self._plan_once(self._epoch_start_step)
 
     def on_train_batch_begin(self, batch, logs=None):
         step = self._epoch_start_step + batch
@@ -255,92 +390,59 @@ class SnapshotCheckpoint(keras.callbacks.Callback):
         step = self._current_step()
         if step in self._steps_due:
             self._save_snapshot(step, batch=None, logs=logs)
+        self._flush_messages()
+        if self._writer:
+            self._check_not_in_backup_folder()
 
     def on_train_end(self, logs=None):
-        if self.model is not None and self._schedule is not None:
+        try:
             step = self._current_step()
+            # A run restored at its very end runs no epoch: plan here.
+            self._plan_once(step)
             if step in self._steps_due:
                 self._save_snapshot(step, batch=None, logs=logs)
-        self._steps_due = {}
+            self._flush_messages()
+            if self._writer:
+                self._check_not_in_backup_folder()
+                self._warn_if_snapshots_missing(step)
+        finally:
+            self._steps_due = {}
+            self._folder.unlock()
 
-    # Snapshots --------------------------------------------------------------
-
-    def _plan(self, step: int) -> dict:
-        """Snapshots still to take, `{step: index}`, given the current step.
-
-        Entries of the manifest from steps the run has not reached (a resumed
-        run that went back to an earlier backup) are stale: they are removed
-        and taken again.
-        """
-        schedule = self._schedule
-        manifest = self._read_or_new_manifest()
-        stale = [e for e in manifest["snapshots"] if e["step"] > step]
-        if stale and self._chief:
-            manifest["snapshots"] = [
-                e for e in manifest["snapshots"] if e["step"] <= step
-            ]
-            # Manifest first: a kill between the two steps leaves a stray
-            # file, never a manifest entry whose file is gone.
-            manifest_lib.write_manifest(self.directory, manifest)
-            for entry in stale:
-                path = manifest_lib.snapshot_path(self.directory, entry)
-                if os.path.exists(path):
-                    os.remove(path)
+    def _warn_if_snapshots_missing(self, step: int) -> None:
+        due = [s for s in self._cycle_ends if s <= step]
+        taken = {e.step for e in self._folder.read_or_new([]).entries}
+        missing = [s for s in due if s not in taken]
+        if missing or len(due) < len(self._cycle_ends):
             warnings.warn(
-                f"SnapshotCheckpoint: training is at step {step}; removed "
-                f"snapshot(s) {[e['index'] for e in stale]} taken at later "
-                "steps by an earlier run. They are taken again when the run "
-                "reaches them.",
+                f"SnapshotCheckpoint: training ended at step {step} with "
+                f"{len(due) - len(missing)} of {len(self._cycle_ends)} "
+                f"snapshots in {self.directory}.",
                 stacklevel=2,
             )
-        # Other workers leave the files alone but plan as the chief does:
-        # every worker must save at the same steps (saving runs collective
-        # ops under MultiWorkerMirroredStrategy).
-        taken = {e["step"] for e in manifest["snapshots"] if e["step"] <= step}
-        return {
-            end: index
-            for index, end in enumerate(schedule.cycle_end_steps, start=1)
-            if end >= step and end not in taken
-        }
 
-    def _read_or_new_manifest(self) -> dict:
-        schedule = self._schedule
-        try:
-            manifest = manifest_lib.read_manifest(self.directory)
-        except FileNotFoundError:
-            return manifest_lib.new_manifest(
-                schedule.cycle_length, schedule.cycle_end_steps
-            )
-        previous = manifest.get("cycle_end_steps")
-        if previous != schedule.cycle_end_steps:
-            raise ValueError(
-                f"The snapshot directory {self.directory} holds snapshots of "
-                f"another schedule (cycle ends {previous}, this run: "
-                f"{schedule.cycle_end_steps}). Use a new "
-                "directory for a new run, or delete the old snapshots."
-            )
-        return manifest
+    def _flush_messages(self) -> None:
+        for message in self._messages:
+            _print(message)
+        self._messages = []
+
+    # Snapshots --------------------------------------------------------------
 
     def _training_logs(self, logs):
         if logs is None:
             # Mid-epoch: the running metrics of the epoch so far.
-            try:
-                logs = self.model.get_metrics_result()
-            except Exception:  # Metrics not built yet.
-                logs = {}
+            logs = (
+                self.model.get_metrics_result() if self.model.compiled else {}
+            )
         result = {}
         for key, value in (logs or {}).items():
-            number = _to_float(value)
+            number = _finite_number(value)
             if number is not None:
                 result[key] = number
         return result
 
     def _save_snapshot(self, step: int, batch, logs) -> None:
         index = self._steps_due.pop(step)
-        # The JAX trainer keeps its state outside the model between steps.
-        if hasattr(self.model, "jax_state_sync"):
-            self.model.jax_state_sync()
-        learning_rate = self._learning_rate_of_step(max(step - 1, 0))
         epoch = self._epoch + 1
         if batch == 0:
             # Before any batch of this epoch: no running metrics yet. A
@@ -349,32 +451,49 @@ class SnapshotCheckpoint(keras.callbacks.Callback):
             logs = {}
             if self._epoch > 0:
                 epoch, batch = self._epoch, None
-        entry = {
-            "index": index,
-            "file": manifest_lib.snapshot_filename(index),
-            "epoch": epoch,
-            "batch": batch,
-            "step": step,
-            "learning_rate": learning_rate,
-            "logs": self._training_logs(logs),
-            "batchnorm_recalibrated": self.recalibration_data is not None,
-        }
-        started = time.perf_counter()
-        if self._chief:
+        logs = self._training_logs(logs)
+        schedule = learning_rate_schedule(self.model.optimizer)
+        rate = schedule(max(step - 1, 0)) if schedule else None
+        entry = manifest_lib.SnapshotEntry(
+            index=index,
+            file=manifest_lib.snapshot_filename(index),
+            step=step,
+            epoch=epoch,
+            batch=batch,
+            learning_rate=_finite_number(
+                rate
+                if rate is not None
+                else innermost_optimizer(self.model.optimizer).learning_rate
+            ),
+            logs=logs,
+            finite=_all_finite(self.model, logs),
+            batchnorm_recalibrated=self.recalibration_data is not None,
+        )
+        if not entry.finite:
+            warnings.warn(
+                f"SnapshotCheckpoint: snapshot {index} at step {step} has "
+                "NaN or infinite weights or loss (the training diverged). It "
+                "is saved and marked `finite: false` in the manifest; "
+                "build_ensemble refuses it unless `allow_nonfinite=True`. "
+                "Lower the learning rate.",
+                stacklevel=2,
+            )
+        if self._writer:
             self._write(entry)
         else:
             self._write_and_discard()
-        self.last_write_seconds = time.perf_counter() - started
-        if self.verbose and self._chief:
+        if self.verbose and self._writer:
             where = "end of epoch" if batch is None else f"batch {batch}"
-            # On a line of its own, below Keras's progress bar.
-            sys.stdout.write(
-                f"\nSnapshot {index}/{self._schedule.num_snapshots} "
-                f"saved at step {step} (epoch {epoch}, {where}, "
-                f"lr {learning_rate:.3g}): "
-                f"{os.path.join(self.directory, entry['file'])}\n"
+            rate_text = (
+                f", lr {entry.learning_rate:.3g}"
+                if entry.learning_rate is not None
+                else ""
             )
-            sys.stdout.flush()
+            self._messages.append(
+                f"Snapshot {index}/{len(self._cycle_ends)} saved at step "
+                f"{step} (epoch {epoch}, {where}{rate_text}): "
+                f"{os.path.join(self.directory, entry.file)}"
+            )
 
     def _save_model_to(self, path: str) -> None:
         if self.recalibration_data is None:
@@ -391,25 +510,25 @@ class SnapshotCheckpoint(keras.callbacks.Callback):
         finally:
             restore_batchnorm_statistics(self.model, saved)
 
-    def _write(self, entry: dict) -> None:
-        final_path = os.path.join(self.directory, entry["file"])
+    def _write(self, entry) -> None:
+        final_path = os.path.join(self.directory, entry.file)
         partial_dir = None
         try:
-            partial_dir = manifest_lib.make_partial_dir(self.directory)
-            partial_path = os.path.join(partial_dir, entry["file"])
+            partial_dir = tempfile.mkdtemp(
+                prefix=manifest_lib.PARTIAL_PREFIX, dir=self.directory
+            )
+            partial_path = os.path.join(partial_dir, entry.file)
             self._save_model_to(partial_path)
-            entry["size"] = os.path.getsize(partial_path)
-            entry["sha256"] = manifest_lib.sha256_of_file(partial_path)
-            entry["saved_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-            manifest = self._read_or_new_manifest()
-            manifest_lib.commit_file(partial_path, final_path)
-            manifest["snapshots"] = [
-                e for e in manifest["snapshots"] if e["index"] != entry["index"]
-            ] + [entry]
-            manifest_lib.write_manifest(self.directory, manifest)
+            os.chmod(partial_path, manifest_lib._umask_mode())
+            entry.size = os.path.getsize(partial_path)
+            entry.sha256 = manifest_lib.sha256_of_file(partial_path)
+            entry.saved_at = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+            manifest = self._folder.read_or_new(self._cycle_ends)
+            manifest.cycle_end_steps = list(self._cycle_ends)
+            self._folder.add(manifest, entry, partial_path)
         except OSError as e:
             raise OSError(
-                f"SnapshotCheckpoint could not write snapshot {entry['index']} "
+                f"SnapshotCheckpoint could not write snapshot {entry.index} "
                 f"to {final_path}: {e}. The earlier snapshots and the manifest "
                 f"in {self.directory} are unchanged; free some space or "
                 "choose a writable directory, then resume training."
@@ -419,12 +538,20 @@ class SnapshotCheckpoint(keras.callbacks.Callback):
                 shutil.rmtree(partial_dir, ignore_errors=True)
 
     def _write_and_discard(self) -> None:
-        # Non-chief workers take part in the save (which may run collective
-        # ops) but write to a private scratch folder that is removed.
-        import tempfile
-
+        # Non-writing workers take part in the save (which may run
+        # collective ops) but write to a private scratch folder.
         scratch = tempfile.mkdtemp(prefix="keras_snapshot_worker_")
         try:
             self._save_model_to(os.path.join(scratch, "snapshot.keras"))
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _all_finite(model, logs: dict) -> bool:
+    if any(not math.isfinite(v) for v in logs.values()):
+        return False
+    return all(
+        np.all(np.isfinite(ops.convert_to_numpy(w)))
+        for w in model.weights
+        if "float" in str(w.dtype)
+    )

@@ -1,6 +1,12 @@
-"""Averaging snapshot models in one functional Keras model."""
+"""Combining loaded members into one functional Keras model, and export.
 
-import os
+The second half of turning a snapshot run into an ensemble:
+`combine_members` averages members' probabilities with stock Keras layers
+(`Average`, or `Rescaling` and `Add` with weights), optionally followed by
+temperature scaling and uncertainty outputs. `build_ensemble` is the
+one-line path: `keras_snapshot.loading` loads, BatchNorm is recalibrated if
+asked, and `combine_members` combines.
+"""
 
 import keras
 import numpy as np
@@ -9,10 +15,10 @@ from numpy.typing import ArrayLike
 from keras_snapshot import layers
 from keras_snapshot._checks import check_positive_int
 from keras_snapshot.batchnorm import recalibrate_batchnorm
-from keras_snapshot.loading import load_snapshots
-from keras_snapshot.loading import snapshot_paths
+from keras_snapshot.loading import Member
+from keras_snapshot.loading import load_members
 
-_EXTRA_OUTPUTS = ("entropy", "mutual_information")
+EXTRA_OUTPUTS = ("entropy", "mutual_information")
 
 
 def normalize_weights(weights: ArrayLike, num_members: int) -> np.ndarray:
@@ -64,46 +70,68 @@ def normalize_weights(weights: ArrayLike, num_members: int) -> np.ndarray:
     return arr / total
 
 
-def _describe(model, item) -> str:
-    if isinstance(item, (str, os.PathLike)):
-        return os.fspath(item)
-    return f"model {model.name!r}"
+def declares_probabilities(model) -> bool | None:
+    """Whether `model`'s output layer declares probabilities (softmax).
+
+    True for a final `Softmax` layer or a layer with `activation="softmax"`,
+    False for a linear output (logits), None when it cannot tell (then pass
+    `from_logits` explicitly).
+    """
+    if not getattr(model, "layers", None):
+        return None
+    last = model.layers[-1]
+    if isinstance(last, keras.layers.Softmax):
+        return True
+    activation = getattr(last, "activation", None)
+    name = getattr(activation, "__name__", None)
+    if name == "softmax":
+        return True
+    if name == "linear":
+        return False
+    return None
 
 
-def _looks_like_probabilities(model) -> bool:
-    """Whether the model's outputs are non-negative and sum to one."""
-    shape = model.inputs[0].shape
-    if any(dim is None for dim in shape[1:]) or model.inputs[0].dtype not in (
-        "float16",
-        "float32",
-        "float64",
-        "bfloat16",
-    ):
-        return True  # Cannot probe; trust the caller.
-    probe = np.random.default_rng(0).normal(size=(2, *shape[1:]))
-    outputs = keras.ops.convert_to_numpy(
-        model(probe.astype(model.inputs[0].dtype), training=False)
-    )
-    return bool(
-        np.all(outputs >= -1e-6)
-        and np.allclose(outputs.sum(axis=-1), 1.0, atol=1e-3)
-    )
+def _resolve_from_logits(members: list, from_logits) -> bool:
+    if from_logits is not None:
+        if not isinstance(from_logits, bool):
+            raise ValueError(
+                "`from_logits` must be True, False or None (read from the "
+                f"members' output layer). Received: from_logits="
+                f"{from_logits!r}."
+            )
+        return from_logits
+    declared = {m.name: declares_probabilities(m.model) for m in members}
+    unknown = [name for name, d in declared.items() if d is None]
+    if unknown:
+        raise ValueError(
+            f"Cannot tell whether {unknown} output probabilities or logits: "
+            "their last layer declares neither a softmax nor a linear "
+            "activation. Pass `from_logits=True` (logits) or "
+            "`from_logits=False` (probabilities)."
+        )
+    if len(set(declared.values())) > 1:
+        raise ValueError(
+            "Some members output probabilities and others logits: "
+            f"{declared} (True = probabilities). All members must agree."
+        )
+    return not next(iter(declared.values()))
 
 
-def check_members(models: list, names: list | None = None) -> None:
+def check_members(members: list) -> None:
     """Checks that members can be averaged: one input, same shapes.
 
     Raises:
         ValueError: naming the offending member.
     """
-    names = names or [_describe(m, m) for m in models]
     reference = None
-    for model, name in zip(models, names):
+    for member in members:
+        model = member.model
+        name = member.name + (f" ({member.source})" if member.source else "")
         if len(model.inputs) != 1 or len(model.outputs) != 1:
             raise ValueError(
-                f"Snapshot {name} has {len(model.inputs)} inputs and "
-                f"{len(model.outputs)} outputs; build_ensemble averages "
-                "models with one input and one output (class probabilities)."
+                f"Member {name} has {len(model.inputs)} inputs and "
+                f"{len(model.outputs)} outputs; ensembles average models "
+                "with one input and one output (class scores)."
             )
         shapes = (
             tuple(model.inputs[0].shape[1:]),
@@ -113,64 +141,158 @@ def check_members(models: list, names: list | None = None) -> None:
             reference = (shapes, name)
         elif shapes != reference[0]:
             raise ValueError(
-                f"Snapshot {name} has input shape {shapes[0]} and output "
+                f"Member {name} has input shape {shapes[0]} and output "
                 f"shape {shapes[1]}, but {reference[1]} has input shape "
                 f"{reference[0][0]} and output shape {reference[0][1]}. All "
                 "members of an ensemble must agree."
             )
 
 
+def combine_members(
+    members: list,
+    weights=None,
+    from_logits: bool | None = None,
+    temperature: float | None = None,
+    extra_outputs: tuple | list = (),
+    name: str = "snapshot_ensemble",
+):
+    """Averages members' probabilities in one functional Keras model.
+
+    Args:
+        members: Keras models, or `Member(name, model)` pairs from
+            `keras_snapshot.loading.load_members` (their names become the
+            sub-model names).
+        weights: Optional non-negative weight per member, normalised to
+            sum to one.
+        from_logits: Whether members output logits (a softmax is then
+            applied to each before averaging). `None` reads it from each
+            member's output layer.
+        temperature: Optional temperature for the averaged probabilities.
+        extra_outputs: `"entropy"` and/or `"mutual_information"`: the model
+            then returns a dict with `"probabilities"` and these.
+        name: Name of the ensemble model.
+
+    Returns:
+        A `keras.Model` whose output layer is called `probabilities`.
+
+    Example:
+
+    ```python
+    members = keras_snapshot.load_snapshots("snapshots")
+    ensemble = keras_snapshot.ensemble.combine_members(members)
+    ```
+    """
+    members = [
+        m if isinstance(m, Member) else Member(f"snapshot_{i}", m)
+        for i, m in enumerate(members, start=1)
+    ]
+    if not members:
+        raise ValueError("`members` is empty: pass at least one model.")
+    check_members(members)
+    if isinstance(extra_outputs, str) or set(extra_outputs) - set(
+        EXTRA_OUTPUTS
+    ):
+        raise ValueError(
+            f"`extra_outputs` must be a list drawn from {EXTRA_OUTPUTS}. "
+            f"Received: extra_outputs={extra_outputs!r}."
+        )
+    if weights is not None:
+        weights = normalize_weights(weights, len(members))
+    from_logits = _resolve_from_logits(members, from_logits)
+    first = members[0].model
+    inputs = keras.Input(
+        shape=first.inputs[0].shape[1:],
+        dtype=first.inputs[0].dtype,
+        name="inputs",
+    )
+    outputs = []
+    for member_name, model, _ in members:
+        wrapped = keras.Model(
+            model.inputs[0], model.outputs[0], name=member_name
+        )
+        output = wrapped(inputs)
+        if from_logits:
+            output = keras.layers.Softmax(name=f"{member_name}_softmax")(output)
+        outputs.append(output)
+    if weights is not None:
+        outputs_to_sum = [
+            keras.layers.Rescaling(float(w), name=f"{n}_weight")(o)
+            for w, o, (n, *_) in zip(weights, outputs, members)
+        ]
+        combined = (
+            keras.layers.Add(name="weighted_average")(outputs_to_sum)
+            if len(outputs_to_sum) > 1
+            else outputs_to_sum[0]
+        )
+    elif len(outputs) > 1:
+        combined = keras.layers.Average(name="average")(outputs)
+    else:
+        combined = outputs[0]
+    if temperature is not None:
+        probabilities = layers.TemperatureScaling(
+            temperature, name="probabilities"
+        )(combined)
+    else:
+        probabilities = keras.layers.Identity(name="probabilities")(combined)
+    if not extra_outputs:
+        return keras.Model(inputs, probabilities, name=name)
+    result = {"probabilities": probabilities}
+    if "entropy" in extra_outputs:
+        result["entropy"] = layers.PredictiveEntropy(name="entropy")(
+            probabilities
+        )
+    if "mutual_information" in extra_outputs:
+        result["mutual_information"] = layers.MutualInformation(
+            name="mutual_information"
+        )(outputs)
+    return keras.Model(inputs, result, name=name)
+
+
 def build_ensemble(
     snapshots,
     last: int | None = None,
     weights=None,
-    from_logits: bool = False,
+    from_logits: bool | None = None,
     recalibration_data=None,
     safe_mode: bool = True,
     skip_invalid: bool = False,
     custom_objects: dict | None = None,
     temperature: float | None = None,
     extra_outputs: tuple | list = (),
+    allow_nonfinite: bool = False,
     name: str = "snapshot_ensemble",
 ):
-    """Averages snapshot models into one functional Keras model.
+    """Loads snapshots and averages them in one functional Keras model.
 
     The prediction of a Snapshot Ensemble (Huang et al. 2017,
     arXiv:1704.00109) is the average of its members' softmax outputs. This
-    builds that as an ordinary Keras model: every member is a sub-model with
-    a unique name (`snapshot_1`, ...), and a `keras.layers.Average` (or,
-    with `weights`, `Rescaling` and `Add` layers) combines their
-    probabilities. Only built-in Keras layers are used, so the ensemble
-    saves to `.keras` and reloads without importing keras_snapshot, and
-    `ensemble.export(path)` writes a TensorFlow SavedModel.
+    is the one-line path: `keras_snapshot.loading.load_members` (sources,
+    `last`, verification, safe mode), optional BatchNorm recalibration of
+    copies, then `combine_members` (weights, logits, temperature, extra
+    outputs). Members are sub-models named after their snapshot index
+    (`snapshot_3`). Only built-in Keras layers are used unless `temperature`
+    or `extra_outputs` are set, so the ensemble saves to `.keras` and
+    reloads without importing keras_snapshot; `ensemble.export(path)` writes
+    a TensorFlow SavedModel.
 
     Args:
-        snapshots: A directory written by `SnapshotCheckpoint`, a list of
-            `.keras` paths, or a list of Keras models.
+        snapshots: A directory written by `SnapshotCheckpoint`, a `.keras`
+            path, a list of `.keras` paths, or a list of Keras models.
         last: Use only the last `last` snapshots (often the best ones).
-        weights: Optional non-negative weight per member (after `last`);
-            normalised to sum to one. Choose them on validation data (see
-            `select_snapshots`), never on the test set.
-        from_logits: Set when members output logits: a softmax is applied
-            to each member before averaging.
+        weights: Optional non-negative weight per member (after `last`).
+            Choose them on validation data (see `select_snapshots`).
+        from_logits: Whether members output logits; `None` reads it from
+            their output layer (softmax or linear).
         recalibration_data: Optional training inputs; each member's
-            BatchNorm statistics are recomputed on it first (see
-            `recalibrate_batchnorm`). Models passed in are cloned, not
-            changed.
+            BatchNorm statistics are recomputed on it (on copies).
         safe_mode: Passed to `keras.saving.load_model`.
         skip_invalid: Skip missing or corrupted snapshot files with a
             warning instead of raising an error.
         custom_objects: Custom objects needed to load the snapshots.
-        temperature: Optional temperature applied to the averaged
-            probabilities (`softmax(log(p) / T)`); fit it on validation
-            data with `keras_snapshot.selection.fit_temperature`.
-        extra_outputs: Optional uncertainty outputs for serving:
-            `"entropy"` (predictive entropy of the ensemble) and
-            `"mutual_information"` (disagreement between members). The
-            model then returns a dict with `"probabilities"` and these.
-            `temperature` and `extra_outputs` use keras_snapshot layers, so
-            such an ensemble reloads from `.keras` after
-            `import keras_snapshot` (its SavedModel needs nothing).
+        temperature: Optional temperature for the averaged probabilities
+            (`softmax(log(p) / T)`); see `selection.fit_temperature`.
+        extra_outputs: `"entropy"` and/or `"mutual_information"`.
+        allow_nonfinite: Accept members with NaN or infinite weights.
         name: Name of the ensemble model.
 
     Returns:
@@ -185,103 +307,31 @@ def build_ensemble(
     ensemble.export("ensemble_savedmodel")  # TensorFlow SavedModel
     ```
     """
-    if isinstance(snapshots, (str, os.PathLike)) and os.path.isdir(snapshots):
-        items = snapshot_paths(
-            os.fspath(snapshots), last=last, skip_invalid=skip_invalid
-        )
-        last = None
-    elif isinstance(snapshots, (str, os.PathLike)):
-        if not os.path.exists(snapshots):
-            raise FileNotFoundError(
-                f"{os.fspath(snapshots)} does not exist. `snapshots` must be "
-                "a snapshot directory written by SnapshotCheckpoint, a "
-                "`.keras` file, or a list of `.keras` paths or models."
-            )
-        items = [snapshots]
-    else:
-        items = snapshots
-    members = load_snapshots(
-        items,
+    members = load_members(
+        snapshots,
         last=last,
         safe_mode=safe_mode,
+        skip_invalid=skip_invalid,
         custom_objects=custom_objects,
+        allow_nonfinite=allow_nonfinite,
     )
-    if isinstance(items, (list, tuple)):
-        names = [
-            _describe(m, item)
-            for m, item in zip(members, list(items)[-len(members) :])
-        ]
-    else:
-        names = None
-    check_members(members, names)
-    names = names or [_describe(m, m) for m in members]
-    if weights is not None:
-        weights = normalize_weights(weights, len(members))
-    unknown = set(extra_outputs) - set(_EXTRA_OUTPUTS)
-    if unknown or isinstance(extra_outputs, str):
-        raise ValueError(
-            f"`extra_outputs` must be a list drawn from {_EXTRA_OUTPUTS}. "
-            f"Received: extra_outputs={extra_outputs!r}."
-        )
     if recalibration_data is not None:
         members = [
-            recalibrate_batchnorm(_private_copy(m), recalibration_data)
-            for m in members
-        ]
-    if not from_logits:
-        for member, member_name in zip(members, names):
-            if not _looks_like_probabilities(member):
-                raise ValueError(
-                    f"Snapshot {member_name} does not output probabilities "
-                    "(its outputs are not non-negative rows that sum to 1). "
-                    "If it outputs logits, pass `from_logits=True`."
-                )
-    first = members[0]
-    inputs = keras.Input(
-        shape=first.inputs[0].shape[1:],
-        dtype=first.inputs[0].dtype,
-        name="inputs",
-    )
-    outputs = []
-    for i, member in enumerate(members, start=1):
-        wrapped = keras.Model(
-            member.inputs[0], member.outputs[0], name=f"snapshot_{i}"
-        )
-        output = wrapped(inputs)
-        if from_logits:
-            output = keras.layers.Softmax(name=f"snapshot_{i}_softmax")(output)
-        outputs.append(output)
-    if len(outputs) == 1 and weights is None:
-        probabilities = keras.layers.Identity(name="probabilities")(outputs[0])
-    elif weights is None:
-        probabilities = keras.layers.Average(name="probabilities")(outputs)
-    else:
-        scaled = [
-            keras.layers.Rescaling(float(w), name=f"snapshot_{i}_weight")(o)
-            for i, (w, o) in enumerate(zip(weights, outputs), start=1)
-        ]
-        if len(scaled) == 1:
-            probabilities = keras.layers.Identity(name="probabilities")(
-                scaled[0]
+            Member(
+                n,
+                recalibrate_batchnorm(_private_copy(m), recalibration_data),
+                s,
             )
-        else:
-            probabilities = keras.layers.Add(name="probabilities")(scaled)
-    if temperature is not None:
-        probabilities = layers.TemperatureScaling(
-            temperature, name="temperature_scaling"
-        )(probabilities)
-    if not extra_outputs:
-        return keras.Model(inputs, probabilities, name=name)
-    result = {"probabilities": probabilities}
-    if "entropy" in extra_outputs:
-        result["entropy"] = layers.PredictiveEntropy(name="entropy")(
-            probabilities
-        )
-    if "mutual_information" in extra_outputs:
-        result["mutual_information"] = layers.MutualInformation(
-            name="mutual_information"
-        )(outputs)
-    return keras.Model(inputs, result, name=name)
+            for n, m, s in members
+        ]
+    return combine_members(
+        members,
+        weights=weights,
+        from_logits=from_logits,
+        temperature=temperature,
+        extra_outputs=extra_outputs,
+        name=name,
+    )
 
 
 def _private_copy(model):

@@ -1,21 +1,33 @@
 """Loading snapshots: sources, `last`, verification and safe mode.
 
-The first half of turning a snapshot run into an ensemble: this module turns
-a snapshot directory (read through its manifest, every file checked against
-its sha256), a list of `.keras` paths or a list of models into a list of
-Keras models. `keras_snapshot.ensemble` combines them.
+The first half of turning a snapshot run into an ensemble: a snapshot
+directory (read through its manifest, every file checked against its
+sha256), a `.keras` file, a list of `.keras` paths or a list of models
+become a list of named Keras models. `keras_snapshot.ensemble` combines
+them.
 """
 
+import collections
 import numbers
 import os
+import re
 import warnings
+import zipfile
 
 import keras
+import numpy as np
 
 from keras_snapshot import manifest as manifest_lib
 
+Member = collections.namedtuple(
+    "Member", ["name", "model", "source"], defaults=[None]
+)
+"""A loaded member: `name` (`"snapshot_3"`), `model`, `source` (its path)."""
 
-def _check_last(last, available: int):
+_SNAPSHOT_FILE = re.compile(r"snapshot-(\d+)\.keras$")
+
+
+def _check_last(last, available: int) -> int:
     if last is None:
         return available
     if isinstance(last, bool) or not isinstance(last, numbers.Integral):
@@ -50,16 +62,20 @@ def snapshot_paths(
     paths = keras_snapshot.snapshot_paths("snapshots", last=3)
     ```
     """
+    sources = _directory_sources(directory, skip_invalid)
+    return [path for _, path in sources[-_check_last(last, len(sources)) :]]
+
+
+def _directory_sources(directory, skip_invalid: bool) -> list:
+    """`[(name, path)]` of a snapshot directory's verified files."""
+    directory = os.fspath(directory)
     if not os.path.isdir(directory):
         raise FileNotFoundError(
             f"The snapshot directory {directory} does not exist."
         )
-    try:
-        manifest = manifest_lib.read_manifest(directory)
-    except FileNotFoundError:
-        found = sorted(
-            name for name in os.listdir(directory) if name.endswith(".keras")
-        )
+    folder = manifest_lib.SnapshotDirectory(directory)
+    if not folder.has_manifest():
+        found = sorted(n for n in os.listdir(directory) if n.endswith(".keras"))
         hint = (
             f"It holds {found[:5]}: pass their paths as a list to use them "
             "without a manifest."
@@ -69,61 +85,40 @@ def snapshot_paths(
         raise FileNotFoundError(
             f"{directory} has no {manifest_lib.MANIFEST_NAME}, so it was not "
             f"written by SnapshotCheckpoint. {hint}"
-        ) from None
-    paths = []
-    for entry in manifest["snapshots"]:
+        )
+    manifest = folder.read()
+    sources = []
+    for entry in manifest.entries:
         try:
-            paths.append(manifest_lib.verify_snapshot_file(directory, entry))
+            path = folder.verified_path(entry)
         except (OSError, ValueError) as e:
             if not skip_invalid:
                 raise
-            warnings.warn(f"Skipping snapshot: {e}", stacklevel=2)
-    if not paths:
+            warnings.warn(f"Skipping snapshot: {e}", stacklevel=3)
+            continue
+        sources.append((f"snapshot_{entry.index}", path))
+    if not sources:
         raise ValueError(
             f"The snapshot directory {directory} has no usable snapshots "
-            f"(its manifest lists {len(manifest['snapshots'])}). Train with "
+            f"(its manifest lists {len(manifest.entries)}). Train with "
             "SnapshotCheckpoint first."
         )
-    return paths[-_check_last(last, len(paths)) :]
+    return sources
 
 
-def load_snapshots(
-    snapshots,
-    last: int | None = None,
-    safe_mode: bool = True,
-    skip_invalid: bool = False,
-    custom_objects: dict | None = None,
-) -> list:
-    """Loads snapshot models from a directory, a list of paths or models.
-
-    Args:
-        snapshots: A directory written by `SnapshotCheckpoint` (read through
-            its manifest, each file checked against its sha256), a list of
-            `.keras` paths, or a list of Keras models.
-        last: Keep only the last `last` snapshots.
-        safe_mode: Passed to `keras.saving.load_model`; `True` refuses
-            snapshots that would run arbitrary code (`Lambda` layers). Set
-            `False` only for files you trust.
-        skip_invalid: Skip missing or corrupted snapshots with a warning.
-        custom_objects: Custom layers or functions needed to load.
-
-    Returns:
-        A list of Keras models, oldest snapshot first.
-
-    Example:
-
-    ```python
-    members = keras_snapshot.load_snapshots("snapshots", last=3)
-    ```
-    """
+def _sources(snapshots, skip_invalid: bool) -> list:
+    """`[(name, path or model)]` for any accepted form of `snapshots`."""
     if isinstance(snapshots, (str, os.PathLike)):
-        directory = os.fspath(snapshots)
-        if not os.path.isdir(directory):
+        path = os.fspath(snapshots)
+        if os.path.isdir(path):
+            return _directory_sources(path, skip_invalid)
+        if not os.path.exists(path):
             raise FileNotFoundError(
-                f"`snapshots` must be a snapshot directory, a list of `.keras`"
-                f" paths or a list of models. {directory} is not a directory."
+                f"{path} does not exist. `snapshots` must be a snapshot "
+                "directory written by SnapshotCheckpoint, a `.keras` file, or "
+                "a list of `.keras` paths or models."
             )
-        items = snapshot_paths(directory, skip_invalid=skip_invalid)
+        items = [path]
     elif isinstance(snapshots, keras.Model):
         items = [snapshots]
     else:
@@ -139,24 +134,137 @@ def load_snapshots(
             "`snapshots` is empty: pass at least one snapshot (a directory "
             "written by SnapshotCheckpoint, `.keras` paths or models)."
         )
-    items = items[-_check_last(last, len(items)) :]
-    models = []
-    for item in items:
+    names = []
+    for position, item in enumerate(items, start=1):
         if isinstance(item, keras.Model):
-            models.append(item)
-            continue
-        if not isinstance(item, (str, os.PathLike)):
+            names.append(f"snapshot_{position}")
+        elif isinstance(item, (str, os.PathLike)):
+            match = _SNAPSHOT_FILE.search(os.fspath(item))
+            names.append(
+                f"snapshot_{int(match.group(1))}"
+                if match
+                else f"snapshot_{position}"
+            )
+        else:
             raise TypeError(
                 "Each snapshot must be a `.keras` path or a Keras model. "
                 f"Received: {item!r} (type {type(item).__name__})."
             )
-        models.append(_load_one(os.fspath(item), safe_mode, custom_objects))
-    return models
+    if len(set(names)) < len(names):
+        names = [f"snapshot_{i}" for i in range(1, len(items) + 1)]
+    return list(zip(names, items))
+
+
+def load_members(
+    snapshots,
+    last: int | None = None,
+    safe_mode: bool = True,
+    skip_invalid: bool = False,
+    custom_objects: dict | None = None,
+    allow_nonfinite: bool = False,
+) -> list:
+    """Loads snapshots as `Member(name, model)` pairs, oldest first.
+
+    Members are named after their snapshot index (`snapshot_3` for the
+    third snapshot of a directory or for `snapshot-03.keras`).
+
+    Args: as `load_snapshots`.
+
+    Example:
+
+    ```python
+    for name, model in keras_snapshot.loading.load_members("snapshots"):
+        print(name, model.count_params())
+    ```
+    """
+    sources = _sources(snapshots, skip_invalid)
+    sources = sources[-_check_last(last, len(sources)) :]
+    members = []
+    for name, item in sources:
+        if isinstance(item, keras.Model):
+            model = item
+        else:
+            model = _load_one(os.fspath(item), safe_mode, custom_objects)
+        if not allow_nonfinite and not weights_are_finite(model):
+            raise ValueError(
+                f"Snapshot {_describe(name, item)} has NaN or infinite "
+                "weights (its training diverged), so an ensemble with it "
+                "would predict NaN. Leave it out (e.g. `last=`), or pass "
+                "`allow_nonfinite=True` to use it anyway."
+            )
+        source = None if isinstance(item, keras.Model) else os.fspath(item)
+        members.append(Member(name, model, source))
+    return members
+
+
+def load_snapshots(
+    snapshots,
+    last: int | None = None,
+    safe_mode: bool = True,
+    skip_invalid: bool = False,
+    custom_objects: dict | None = None,
+    allow_nonfinite: bool = False,
+) -> list:
+    """Loads snapshot models from a directory, a list of paths or models.
+
+    Args:
+        snapshots: A directory written by `SnapshotCheckpoint` (read through
+            its manifest, each file checked against its sha256), a `.keras`
+            path, a list of `.keras` paths, or a list of Keras models.
+        last: Keep only the last `last` snapshots.
+        safe_mode: Passed to `keras.saving.load_model`; `True` refuses
+            snapshots that would run arbitrary code (`Lambda` layers). Set
+            `False` only for files you trust.
+        skip_invalid: Skip missing or corrupted snapshots with a warning.
+        custom_objects: Custom layers or functions needed to load.
+        allow_nonfinite: Accept members with NaN or infinite weights.
+
+    Returns:
+        A list of Keras models, oldest snapshot first.
+
+    Example:
+
+    ```python
+    members = keras_snapshot.load_snapshots("snapshots", last=3)
+    ```
+    """
+    return [
+        member.model
+        for member in load_members(
+            snapshots,
+            last=last,
+            safe_mode=safe_mode,
+            skip_invalid=skip_invalid,
+            custom_objects=custom_objects,
+            allow_nonfinite=allow_nonfinite,
+        )
+    ]
+
+
+def weights_are_finite(model) -> bool:
+    """Whether every floating-point weight of `model` is finite."""
+    return all(
+        np.all(np.isfinite(keras.ops.convert_to_numpy(w)))
+        for w in model.weights
+        if "float" in str(w.dtype)
+    )
+
+
+def _describe(name, item) -> str:
+    if isinstance(item, (str, os.PathLike)):
+        return os.fspath(item)
+    return f"{name} (model {item.name!r})"
 
 
 def _load_one(path: str, safe_mode: bool, custom_objects):
     if not os.path.isfile(path):
         raise FileNotFoundError(f"Snapshot file {path} does not exist.")
+    if path.endswith(".keras") and not zipfile.is_zipfile(path):
+        raise ValueError(
+            f"Snapshot file {path} is not a `.keras` model: a `.keras` file "
+            "is a zip archive, and this one is not (truncated, or another "
+            "kind of file)."
+        )
     try:
         return keras.saving.load_model(
             path,
@@ -164,16 +272,10 @@ def _load_one(path: str, safe_mode: bool, custom_objects):
             safe_mode=safe_mode,
             custom_objects=custom_objects,
         )
-    except ValueError as e:
-        if "safe_mode" in str(e) or "Lambda" in str(e):
-            raise ValueError(
-                f"Refusing to load snapshot {path}: it holds code (a Lambda "
-                "layer) that would run when loaded. If you trust this file, "
-                "pass `safe_mode=False`."
-            ) from e
-        raise ValueError(f"Could not load snapshot {path}: {e}") from e
-    except Exception as e:
-        raise ValueError(
-            f"Could not load snapshot {path}: {type(e).__name__}: {e}. The "
-            "file may be truncated or not a `.keras` model."
-        ) from e
+    except (ValueError, TypeError) as e:
+        hint = (
+            " If you trust this file, pass `safe_mode=False`."
+            if safe_mode
+            else ""
+        )
+        raise type(e)(f"Could not load snapshot {path}: {e}{hint}") from e

@@ -1,4 +1,4 @@
-"""The snapshot directory on disk: atomic writes and the JSON manifest.
+"""The snapshot directory on disk: its manifest, atomic writes and a lock.
 
 A snapshot directory holds one `.keras` file per snapshot and a
 `manifest.json` that records, for each snapshot, when it was taken and the
@@ -6,10 +6,29 @@ size and sha256 of its file. Files are written to a hidden temporary name and
 renamed into place only once complete, and the manifest is replaced
 atomically after its file, so an interrupted write never leaves a snapshot
 that looks complete.
+
+Two types hold that logic in one place:
+
+- `SnapshotEntry`: one snapshot's record (a dataclass, one JSON object).
+- `SnapshotDirectory`: the folder: read and write the manifest, add a
+  snapshot, set aside snapshots a new run supersedes, verify files, lock the
+  folder against a second writer.
+
+Example:
+
+```python
+directory = SnapshotDirectory("snapshots")
+for entry in directory.read().entries:
+    print(entry.index, entry.step, directory.verified_path(entry))
+```
 """
 
+import collections
+import dataclasses
+import errno
 import hashlib
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -19,6 +38,14 @@ MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = "keras_snapshot.manifest"
 MANIFEST_VERSION = 1
 PARTIAL_PREFIX = ".partial-"
+LOCK_NAME = ".lock"
+SUPERSEDED_PREFIX = "superseded-"
+# A manifest of 10,000 snapshots is about 5 MB; anything far larger is not
+# one that SnapshotCheckpoint wrote.
+MAX_MANIFEST_BYTES = 32 * 1024 * 1024
+MAX_MANIFEST_DEPTH = 8
+
+_REQUIRED = ("index", "file", "step", "size", "sha256")
 
 
 def snapshot_filename(index: int) -> str:
@@ -42,38 +69,15 @@ def _fsync_directory(directory: str) -> None:
     try:
         os.fsync(fd)
     except OSError:
-        pass
+        pass  # Some file systems cannot sync a directory; the data is.
     finally:
         os.close(fd)
 
 
-def make_partial_dir(directory: str) -> str:
-    """A hidden scratch folder inside `directory` for one write.
-
-    It lives in the same file system as the final file, so that the final
-    `os.replace` is atomic; `remove_partial_files` cleans up what an
-    interrupted write leaves behind.
-    """
-    return tempfile.mkdtemp(prefix=PARTIAL_PREFIX, dir=directory)
-
-
-def remove_partial_files(directory: str) -> list[str]:
-    """Deletes what interrupted writes left in `directory`; returns them."""
-    removed = []
-    if not os.path.isdir(directory):
-        return removed
-    for name in sorted(os.listdir(directory)):
-        if name.startswith(PARTIAL_PREFIX):
-            path = os.path.join(directory, name)
-            if os.path.isdir(path) and not os.path.islink(path):
-                shutil.rmtree(path, ignore_errors=True)
-            else:
-                try:
-                    os.remove(path)
-                except OSError:
-                    pass
-            removed.append(path)
-    return removed
+def _umask_mode(mode: int = 0o666) -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return mode & ~umask
 
 
 def commit_file(temporary_path: str, final_path: str) -> None:
@@ -84,16 +88,40 @@ def commit_file(temporary_path: str, final_path: str) -> None:
     _fsync_directory(os.path.dirname(os.path.abspath(final_path)))
 
 
+def finite_json(value):
+    """`value` with NaN and infinities turned into strings, for strict JSON.
+
+    Example:
+
+    ```python
+    finite_json({"loss": float("nan")})  # {"loss": "nan"}
+    ```
+    """
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: finite_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_json(v) for v in value]
+    return value
+
+
 def write_json_atomic(path: str, data: dict) -> None:
-    """Writes `data` as JSON to `path` through a temporary file and rename."""
+    """Writes `data` as strict JSON to `path` through a temporary file.
+
+    The file gets the permissions of a new file under the current umask
+    (not the 0600 of a temporary file). NaN and infinities are refused:
+    pass them through `finite_json` first.
+    """
     directory = os.path.dirname(os.path.abspath(path))
     fd, temporary = tempfile.mkstemp(
         prefix=PARTIAL_PREFIX, suffix=".json", dir=directory
     )
     try:
         with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2, sort_keys=False)
+            json.dump(data, f, indent=2, allow_nan=False)
             f.write("\n")
+        os.chmod(temporary, _umask_mode())
         commit_file(temporary, path)
     except BaseException:
         if os.path.exists(temporary):
@@ -101,147 +129,446 @@ def write_json_atomic(path: str, data: dict) -> None:
         raise
 
 
-def new_manifest(cycle_length: int, cycle_end_steps: list[int]) -> dict:
-    return {
-        "format": MANIFEST_FORMAT,
-        "version": MANIFEST_VERSION,
-        "cycle_length": int(cycle_length),
-        "cycle_end_steps": [int(s) for s in cycle_end_steps],
-        "snapshots": [],
-    }
+@dataclasses.dataclass
+class SnapshotEntry:
+    """One snapshot's record in the manifest.
+
+    Attributes:
+        index: 1-based snapshot number (cycle).
+        file: File name inside the snapshot directory.
+        step: Optimizer steps run when it was taken.
+        size: File size in bytes.
+        sha256: Hex digest of the file.
+        epoch: 1-based epoch in which it was taken.
+        batch: Batch index within the epoch, or None at an epoch's end.
+        learning_rate: The optimizer's rate at the snapshot's last step.
+        logs: Training logs available then (strings for NaN/inf).
+        finite: False when a weight or a logged loss was NaN or infinite.
+        batchnorm_recalibrated: Whether BatchNorm statistics were recomputed.
+        saved_at: Local time of the write.
+    """
+
+    index: int
+    file: str
+    step: int
+    size: int = 0
+    sha256: str = ""
+    epoch: int | None = None
+    batch: int | None = None
+    learning_rate: float | None = None
+    logs: dict = dataclasses.field(default_factory=dict)
+    finite: bool = True
+    batchnorm_recalibrated: bool = False
+    saved_at: str | None = None
+
+    def to_json(self) -> dict:
+        return finite_json(dataclasses.asdict(self))
+
+    @classmethod
+    def from_json(cls, data: dict, where: str) -> "SnapshotEntry":
+        if not isinstance(data, dict) or not set(_REQUIRED) <= set(data):
+            raise ValueError(
+                f"The snapshot manifest {where} has a malformed entry: "
+                f"{_short(data)}. Each entry needs {', '.join(_REQUIRED)}."
+            )
+        if not all(
+            isinstance(data[key], int) and not isinstance(data[key], bool)
+            for key in ("index", "step", "size")
+        ):
+            raise ValueError(
+                f"The snapshot manifest {where} has an entry whose index, "
+                f"step or size is not an integer: {_short(data)}. Restore "
+                "the file written by SnapshotCheckpoint."
+            )
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
 
 
-def manifest_path(directory: str) -> str:
-    return os.path.join(directory, MANIFEST_NAME)
+def _short(value, limit: int = 200) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+@dataclasses.dataclass
+class Manifest:
+    """The manifest of a snapshot directory: the schedule and the entries."""
+
+    cycle_end_steps: list
+    entries: list = dataclasses.field(default_factory=list)
+
+    def to_json(self) -> dict:
+        return {
+            "format": MANIFEST_FORMAT,
+            "version": MANIFEST_VERSION,
+            "cycle_end_steps": [int(s) for s in self.cycle_end_steps],
+            "snapshots": [e.to_json() for e in self.entries],
+            "updated": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }
+
+
+def _depth(value) -> int:
+    """Nesting depth of a JSON value, without recursion."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        deepest = max(deepest, depth)
+        if depth > MAX_MANIFEST_DEPTH:
+            return depth
+        children = (
+            item.values()
+            if isinstance(item, dict)
+            else item
+            if isinstance(item, list)
+            else ()
+        )
+        stack.extend((child, depth + 1) for child in children)
+    return deepest
+
+
+class DirectoryLockedError(RuntimeError):
+    """Another live process is writing into the same snapshot directory."""
+
+
+class SnapshotDirectory:
+    """A folder of snapshots and its `manifest.json`.
+
+    The one place that reads, writes, verifies and locks a snapshot folder.
+    `SnapshotCheckpoint` writes through it; `keras_snapshot.loading` reads
+    through it.
+
+    Args:
+        path: The folder.
+
+    Example:
+
+    ```python
+    directory = SnapshotDirectory("snapshots")
+    paths = [directory.verified_path(e) for e in directory.read().entries]
+    ```
+    """
+
+    def __init__(self, path):
+        self.path = os.fspath(path)
+
+    @property
+    def manifest_path(self) -> str:
+        return os.path.join(self.path, MANIFEST_NAME)
+
+    def has_manifest(self) -> bool:
+        return os.path.isfile(self.manifest_path)
+
+    # Reading ---------------------------------------------------------------
+
+    def read(self) -> Manifest:
+        """Reads and checks the manifest.
+
+        Raises:
+            FileNotFoundError: if there is no manifest.
+            ValueError: if it is not a valid snapshot manifest.
+        """
+        where = self.manifest_path
+        if not os.path.isfile(where):
+            raise FileNotFoundError(
+                f"No snapshot manifest at {where}. Expected a directory "
+                "written by `keras_snapshot.SnapshotCheckpoint`; to use other "
+                "files, pass a list of `.keras` paths instead."
+            )
+        size = os.path.getsize(where)
+        if size > MAX_MANIFEST_BYTES:
+            raise ValueError(
+                f"The snapshot manifest {where} is {size} bytes, larger than "
+                f"any SnapshotCheckpoint writes ({MAX_MANIFEST_BYTES} at "
+                "most). Restore the manifest written by SnapshotCheckpoint."
+            )
+        try:
+            with open(where, "rb") as f:
+                data = json.loads(f.read(), parse_constant=_refuse_constant)
+        except RecursionError:
+            data = None  # Refused as too deep below.
+        except (OSError, ValueError) as e:
+            raise ValueError(
+                f"The snapshot manifest {where} is not valid JSON ({e})."
+            ) from e
+        if data is None or _depth(data) > MAX_MANIFEST_DEPTH:
+            raise ValueError(
+                f"The snapshot manifest {where} is nested deeper than a "
+                "keras_snapshot manifest can be. Restore the manifest written "
+                "by SnapshotCheckpoint."
+            )
+        if (
+            not isinstance(data, dict)
+            or data.get("format") != MANIFEST_FORMAT
+            or not isinstance(data.get("snapshots"), list)
+        ):
+            raise ValueError(
+                f"{where} is not a keras_snapshot manifest: expected a JSON "
+                f'object with "format": "{MANIFEST_FORMAT}" and a "snapshots" '
+                "list."
+            )
+        entries = [SnapshotEntry.from_json(e, where) for e in data["snapshots"]]
+        for entry in entries:
+            self.path_of(entry)  # Refuses paths that leave the folder.
+        for key in ("index", "file"):
+            counts = collections.Counter(getattr(e, key) for e in entries)
+            repeated = sorted(v for v, n in counts.items() if n > 1)
+            if repeated:
+                raise ValueError(
+                    f"The snapshot manifest {where} lists the same {key} more "
+                    f"than once: {_short(repeated)}. Each snapshot may appear "
+                    "only once; restore the manifest written by "
+                    "SnapshotCheckpoint."
+                )
+        ends = data.get("cycle_end_steps")
+        if not isinstance(ends, list):
+            ends = []
+        entries.sort(key=lambda e: e.index)
+        return Manifest(cycle_end_steps=ends, entries=entries)
+
+    def read_or_new(self, cycle_end_steps: list) -> Manifest:
+        try:
+            return self.read()
+        except FileNotFoundError:
+            return Manifest(cycle_end_steps=list(cycle_end_steps))
+
+    def path_of(self, entry: SnapshotEntry) -> str:
+        """The path of an entry's file, refusing paths that leave the folder.
+
+        A manifest may only name plain file names inside its own directory:
+        absolute paths, `..` and symbolic links that point elsewhere are
+        refused.
+        """
+        name = entry.file
+        if (
+            not isinstance(name, str)
+            or not name
+            or os.path.isabs(name)
+            or os.path.basename(name) != name
+            or name in (".", "..")
+        ):
+            raise ValueError(
+                f"The snapshot manifest {self.manifest_path} names the file "
+                f"{_short(name)}, which is not a plain file name inside its "
+                "directory. Manifest entries may not point outside the "
+                "snapshot directory."
+            )
+        path = os.path.join(self.path, name)
+        if os.path.dirname(os.path.realpath(path)) != os.path.realpath(
+            self.path
+        ):
+            raise ValueError(
+                f"The snapshot file {path} listed in {self.manifest_path} is "
+                "a link that points outside the snapshot directory; refusing "
+                "to load it."
+            )
+        return path
+
+    def verified_path(self, entry: SnapshotEntry) -> str:
+        """Checks an entry's file against its size and sha256; its path.
+
+        Raises:
+            FileNotFoundError: if the file is missing.
+            ValueError: if its size or sha256 differ from the manifest.
+        """
+        path = self.path_of(entry)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(
+                f"Snapshot {entry.index} is listed in {self.manifest_path} "
+                f"but its file {path} is missing."
+            )
+        size = os.path.getsize(path)
+        if size != entry.size:
+            raise ValueError(
+                f"Snapshot file {path} is {size} bytes but the manifest "
+                f"recorded {entry.size}: it is truncated or was replaced."
+            )
+        digest = sha256_of_file(path)
+        if digest != entry.sha256:
+            raise ValueError(
+                f"Snapshot file {path} does not match the sha256 recorded in "
+                f"the manifest ({digest} != {entry.sha256}): it is corrupted "
+                "or was replaced."
+            )
+        return path
+
+    # Writing ---------------------------------------------------------------
+
+    def write(self, manifest: Manifest) -> None:
+        manifest.entries.sort(key=lambda e: e.index)
+        write_json_atomic(self.manifest_path, manifest.to_json())
+
+    def prepare(self) -> list:
+        """Creates the folder, checks it is writable, removes leftovers.
+
+        Returns the paths of incomplete writes that were removed.
+
+        Raises:
+            NotADirectoryError: if the path is a file.
+            PermissionError / OSError: if the folder cannot be written, with
+                the reason (read-only, name too long, ...).
+        """
+        if os.path.exists(self.path) and not os.path.isdir(self.path):
+            raise NotADirectoryError(
+                f"Snapshots are written into a folder, but {self.path} is a "
+                "file. Pass the path of a new or existing folder."
+            )
+        os.makedirs(self.path, exist_ok=True)
+        removed = self._remove_partial_files()
+        # A write-and-rename probe with the longest name a snapshot gets.
+        probe = None
+        try:
+            probe = tempfile.mkdtemp(prefix=PARTIAL_PREFIX, dir=self.path)
+            name = os.path.join(probe, snapshot_filename(99999))
+            with open(name, "wb") as f:
+                f.write(b"probe")
+            os.replace(name, name + ".probe")
+        except OSError as e:
+            raise type(e)(
+                e.errno,
+                f"The snapshot directory {self.path} is not writable "
+                f"({os.strerror(e.errno) if e.errno else e}). Choose a "
+                "writable folder with a shorter path",
+            ) from e
+        finally:
+            if probe is not None:
+                shutil.rmtree(probe, ignore_errors=True)
+        return removed
+
+    def _remove_partial_files(self) -> list:
+        removed = []
+        for name in sorted(os.listdir(self.path)):
+            if not name.startswith(PARTIAL_PREFIX):
+                continue
+            path = os.path.join(self.path, name)
+            if os.path.isdir(path) and not os.path.islink(path):
+                shutil.rmtree(path, ignore_errors=True)
+            elif os.path.lexists(path):
+                os.remove(path)
+            removed.append(path)
+        return removed
+
+    def unlisted_snapshot_files(self, manifest: Manifest) -> list:
+        """`snapshot-NN.keras` files in the folder the manifest does not list.
+
+        A write killed after its rename and before its manifest update
+        leaves such a file: its name is in the cycle plan, and it is
+        replaced by the retaken snapshot. Files that are not part of the
+        plan belong to someone else.
+        """
+        listed = {e.file for e in manifest.entries}
+        return sorted(
+            name
+            for name in os.listdir(self.path)
+            if name.startswith("snapshot-")
+            and name.endswith(".keras")
+            and name not in listed
+        )
+
+    def add(self, manifest: Manifest, entry: SnapshotEntry, partial: str):
+        """Moves a complete file into place and lists it in the manifest.
+
+        The file first, the manifest second: a kill between the two leaves
+        a file the manifest does not list, never an entry without its file.
+        """
+        commit_file(partial, os.path.join(self.path, entry.file))
+        manifest.entries = [
+            e for e in manifest.entries if e.index != entry.index
+        ] + [entry]
+        self.write(manifest)
+
+    def set_aside(self, manifest: Manifest, entries: list) -> str:
+        """Moves `entries` (files and records) to a `superseded-*` folder.
+
+        A new run that starts before their steps supersedes them; they are
+        kept, as a snapshot folder of their own with its own manifest, and
+        never deleted. Returns that folder.
+        """
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        target = os.path.join(self.path, f"{SUPERSEDED_PREFIX}{stamp}")
+        suffix = 1
+        while os.path.exists(target):
+            suffix += 1
+            target = os.path.join(
+                self.path, f"{SUPERSEDED_PREFIX}{stamp}-{suffix}"
+            )
+        os.makedirs(target)
+        aside = SnapshotDirectory(target)
+        moved = Manifest(cycle_end_steps=manifest.cycle_end_steps)
+        for entry in entries:
+            source = self.path_of(entry)
+            if os.path.exists(source):
+                os.replace(source, os.path.join(target, entry.file))
+                moved.entries.append(entry)
+        # The old folder's manifest stops listing them only once they are
+        # in their new home, listed by its manifest.
+        aside.write(moved)
+        names = {e.file for e in entries}
+        manifest.entries = [e for e in manifest.entries if e.file not in names]
+        self.write(manifest)
+        return target
+
+    # Locking ---------------------------------------------------------------
+
+    # One lock per folder and process: a new callback in the same process
+    # (a notebook cell run again after an interrupted fit) takes it over.
+    _held = {}
+
+    def lock(self) -> None:
+        """Takes an advisory lock that dies with this process.
+
+        Raises:
+            DirectoryLockedError: if another process holds it.
+        """
+        key = os.path.realpath(self.path)
+        if key in SnapshotDirectory._held:
+            SnapshotDirectory._held[key][1] = self
+            return
+        import fcntl
+
+        handle = open(os.path.join(self.path, LOCK_NAME), "a+")
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            handle.close()
+            if e.errno not in (errno.EAGAIN, errno.EACCES):
+                raise
+            raise DirectoryLockedError(
+                f"The snapshot directory {self.path} is being written by "
+                f"{holder}. Two runs in one folder would mix their "
+                "snapshots: wait for that run to finish, or use another "
+                "folder."
+            ) from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"process {os.getpid()} since {time.ctime()}\n")
+        handle.flush()
+        SnapshotDirectory._held[key] = [handle, self]
+
+    def unlock(self) -> None:
+        key = os.path.realpath(self.path)
+        held = SnapshotDirectory._held.get(key)
+        if held is not None and held[1] is self:
+            held[0].close()  # Closing releases the flock.
+            del SnapshotDirectory._held[key]
+
+
+def _refuse_constant(name):
+    raise ValueError(f"{name} is not valid in strict JSON")
 
 
 def read_manifest(directory: str) -> dict:
-    """Reads and checks `directory/manifest.json`.
+    """Reads and checks `directory/manifest.json`; returns it as JSON data.
 
     Raises:
         FileNotFoundError: if there is no manifest.
         ValueError: if the manifest is not a valid snapshot manifest.
+
+    Example:
+
+    ```python
+    for entry in keras_snapshot.read_manifest("snapshots")["snapshots"]:
+        print(entry["index"], entry["step"], entry["file"])
+    ```
     """
-    path = manifest_path(directory)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(
-            f"No snapshot manifest at {path}. Expected a directory written "
-            "by `keras_snapshot.SnapshotCheckpoint`; to use other files, "
-            "pass a list of `.keras` paths instead."
-        )
-    try:
-        with open(path) as f:
-            manifest = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-        raise ValueError(
-            f"The snapshot manifest {path} is not valid JSON ({e})."
-        ) from e
-    if (
-        not isinstance(manifest, dict)
-        or manifest.get("format") != MANIFEST_FORMAT
-        or not isinstance(manifest.get("snapshots"), list)
-    ):
-        raise ValueError(
-            f"{path} is not a keras_snapshot manifest: expected a JSON object "
-            f'with "format": "{MANIFEST_FORMAT}" and a "snapshots" list.'
-        )
-    for entry in manifest["snapshots"]:
-        if not isinstance(entry, dict) or not {
-            "index",
-            "file",
-            "step",
-            "sha256",
-            "size",
-        } <= set(entry):
-            raise ValueError(
-                f"The snapshot manifest {path} has a malformed entry: "
-                f"{entry!r}. Each entry needs index, file, step, size and "
-                "sha256."
-            )
-        if not all(
-            isinstance(entry[key], int) and not isinstance(entry[key], bool)
-            for key in ("index", "step", "size")
-        ):
-            raise ValueError(
-                f"The snapshot manifest {path} has an entry whose index, step "
-                f"or size is not an integer: {entry!r}. Delete the manifest "
-                "and the snapshots, or restore the file written by "
-                "SnapshotCheckpoint."
-            )
-        snapshot_path(directory, entry)  # Checks the path stays inside.
-    for key in ("index", "file"):
-        values = [entry[key] for entry in manifest["snapshots"]]
-        repeated = sorted({v for v in values if values.count(v) > 1})
-        if repeated:
-            raise ValueError(
-                f"The snapshot manifest {path} lists the same {key} more "
-                f"than once: {repeated}. Each snapshot may appear only once; "
-                "restore the manifest written by SnapshotCheckpoint."
-            )
-    manifest["snapshots"].sort(key=lambda e: e["index"])
-    return manifest
-
-
-def write_manifest(directory: str, manifest: dict) -> None:
-    manifest["snapshots"].sort(key=lambda e: e["index"])
-    manifest["updated"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-    write_json_atomic(manifest_path(directory), manifest)
-
-
-def snapshot_path(directory: str, entry: dict) -> str:
-    """The path of a manifest entry's file, refusing paths that leave it.
-
-    A manifest may only name plain file names inside its own directory:
-    absolute paths, `..` and symbolic links that point elsewhere are refused.
-    """
-    name = entry.get("file")
-    where = manifest_path(directory)
-    if (
-        not isinstance(name, str)
-        or not name
-        or os.path.isabs(name)
-        or os.path.basename(name) != name
-        or name in (".", "..")
-    ):
-        raise ValueError(
-            f"The snapshot manifest {where} names the file {name!r}, which is "
-            "not a plain file name inside its directory. Manifest entries "
-            "may not point outside the snapshot directory."
-        )
-    path = os.path.join(directory, name)
-    real_directory = os.path.realpath(directory)
-    if os.path.dirname(os.path.realpath(path)) != real_directory:
-        raise ValueError(
-            f"The snapshot file {path} listed in {where} is a link that "
-            "points outside the snapshot directory; refusing to load it."
-        )
-    return path
-
-
-def verify_snapshot_file(directory: str, entry: dict) -> str:
-    """Checks a snapshot file against its manifest entry; returns its path.
-
-    Raises:
-        FileNotFoundError: if the file is missing.
-        ValueError: if its size or sha256 differ from the manifest.
-    """
-    path = snapshot_path(directory, entry)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(
-            f"Snapshot {entry['index']} is listed in "
-            f"{manifest_path(directory)} but its file {path} is missing."
-        )
-    size = os.path.getsize(path)
-    if size != entry["size"]:
-        raise ValueError(
-            f"Snapshot file {path} is {size} bytes but the manifest recorded "
-            f"{entry['size']}: it is truncated or was replaced."
-        )
-    digest = sha256_of_file(path)
-    if digest != entry["sha256"]:
-        raise ValueError(
-            f"Snapshot file {path} does not match the sha256 recorded in the "
-            f"manifest ({digest} != {entry['sha256']}): it is corrupted or "
-            "was replaced."
-        )
-    return path
+    return SnapshotDirectory(directory).read().to_json()

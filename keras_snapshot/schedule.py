@@ -159,3 +159,33 @@ class SnapshotSchedule(keras.optimizers.schedules.LearningRateSchedule):
             f"{self.initial_learning_rate}, total_steps={self.total_steps}, "
             f"num_snapshots={self.num_snapshots})"
         )
+
+
+def restart_steps(schedule, total_steps: int) -> list[int]:
+    """Steps after which a `CosineDecayRestarts` schedule restarts.
+
+    SGDR (Loshchilov & Hutter 2017) restarts its cosine after
+    `first_decay_steps * (1 + t_mul + ... + t_mul**(k-1))` steps: the k-th
+    restart. The rate is lowest just before each restart, where a snapshot
+    belongs. Returns the restart steps up to and including `total_steps`
+    (rounded up to whole steps, as Keras's schedule restarts at the first
+    step past the boundary).
+
+    Example:
+
+    ```python
+    sgdr = keras.optimizers.schedules.CosineDecayRestarts(0.1, 100, t_mul=2.0)
+    restart_steps(sgdr, 700)  # [100, 300, 700]
+    ```
+    """
+    config = schedule.get_config()
+    first, t_mul = float(config["first_decay_steps"]), float(config["t_mul"])
+    total_steps = check_positive_int("total_steps", total_steps)
+    steps, boundary, length = [], 0.0, first
+    while True:
+        boundary += length
+        step = math.ceil(boundary - 1e-9)
+        if step > total_steps:
+            return steps
+        steps.append(step)
+        length *= t_mul

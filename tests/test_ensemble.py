@@ -84,9 +84,21 @@ def test_from_logits_applies_softmax(tmp_path):
         keras.Sequential([keras.Input((8,)), keras.layers.Dense(3)])
         for _ in range(2)
     ]
+    # A linear output layer declares logits: no argument needed.
+    ensemble = build_ensemble(logit_models)
+    explicit = build_ensemble(logit_models, from_logits=True)
+    np.testing.assert_allclose(
+        ensemble.predict(x, verbose=0), explicit.predict(x, verbose=0)
+    )
+    undeclared = keras.Sequential(
+        [
+            keras.Input((8,)),
+            keras.layers.Dense(3),
+            keras.layers.Activation("relu"),
+        ]
+    )
     with pytest.raises(ValueError, match="from_logits=True"):
-        build_ensemble(logit_models)
-    ensemble = build_ensemble(logit_models, from_logits=True)
+        build_ensemble([undeclared])
     want = np.mean(
         [
             keras.ops.convert_to_numpy(

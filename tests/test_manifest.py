@@ -36,7 +36,7 @@ def snapshots(snapshot_run, tmp_path):
 
 def edit_manifest(directory, change):
     """Rewrites manifest.json by hand, as a user or an attacker could."""
-    path = manifest_lib.manifest_path(directory)
+    path = manifest_lib.SnapshotDirectory(directory).manifest_path
     with open(path) as f:
         manifest = json.load(f)
     change(manifest)
@@ -160,13 +160,15 @@ def test_interrupted_write_leftovers_are_ignored_then_cleaned(snapshots):
 
     # Training again in the directory starts by removing the leftovers.
     # (A fresh run is at step 0, so the old snapshots are retaken too.)
-    with pytest.warns(UserWarning, match="removed snapshot"):
+    with pytest.warns(UserWarning, match="were moved to"):
         train_snapshots(snapshots)
-    assert not [n for n in os.listdir(snapshots) if n.startswith(".")]
+    assert not [n for n in os.listdir(snapshots) if n.startswith(".partial")]
     entries = read_manifest(snapshots)["snapshots"]
     assert [e["index"] for e in entries] == [1, 2, 3]
     for entry in entries:
-        manifest_lib.verify_snapshot_file(snapshots, entry)
+        manifest_lib.SnapshotDirectory(snapshots).verified_path(
+            manifest_lib.SnapshotEntry(**entry)
+        )
 
 
 @pytest.mark.parametrize(
@@ -238,7 +240,7 @@ BAD_MANIFESTS = {
 @pytest.mark.parametrize("case", sorted(BAD_MANIFESTS))
 def test_malformed_manifest_gives_a_clear_error(snapshots, case):
     content, message = BAD_MANIFESTS[case]
-    path = manifest_lib.manifest_path(snapshots)
+    path = manifest_lib.SnapshotDirectory(snapshots).manifest_path
     if callable(content):
         edit_manifest(snapshots, content)
     else:
@@ -324,8 +326,11 @@ def test_disk_full_keeps_earlier_snapshots_and_manifest(tmp_path):
     assert "free some space" in message
     entries = read_manifest(directory)["snapshots"]
     assert [e["index"] for e in entries] == [1]
-    manifest_lib.verify_snapshot_file(directory, entries[0])
+    manifest_lib.SnapshotDirectory(directory).verified_path(
+        manifest_lib.SnapshotEntry(**entries[0])
+    )
     assert sorted(os.listdir(directory)) == [
+        ".lock",
         "manifest.json",
         "snapshot-01.keras",
     ]

@@ -26,6 +26,8 @@ that the resumed run is the very same command line:
   sleep, so that the parent can send the SIGKILL itself.
 - `kill_after_snapshot:K`: SIGKILL right after snapshot K (file and
   manifest) is written.
+- `kill_before_snapshot:K`: SIGKILL right before snapshot K is written
+  (for the last one: after the last epoch's backup).
 - `kill_during_write:K`: SIGKILL in the middle of snapshot K's write: the
   file is half written under its temporary name.
 
@@ -89,13 +91,22 @@ class FaultCallback(keras.callbacks.Callback):
 class FaultySnapshotCheckpoint(keras_snapshot.SnapshotCheckpoint):
     """Dies right after, or in the middle of, writing one snapshot."""
 
-    def __init__(self, *args, kill_after_snapshot=None, kill_during_write=None):
+    def __init__(
+        self,
+        *args,
+        kill_before_snapshot=None,
+        kill_after_snapshot=None,
+        kill_during_write=None,
+    ):
         super().__init__(*args)
+        self.kill_before_snapshot = kill_before_snapshot
         self.kill_after_snapshot = kill_after_snapshot
         self.kill_during_write = kill_during_write
 
     def _save_snapshot(self, step, batch, logs):
         index = self._steps_due[step]
+        if index == self.kill_before_snapshot:
+            die()
         super()._save_snapshot(step, batch, logs)
         if index == self.kill_after_snapshot:
             die()
@@ -120,6 +131,7 @@ def parse_fault(text):
     kinds = (
         "kill_after_step",
         "pause_at_step",
+        "kill_before_snapshot",
         "kill_after_snapshot",
         "kill_during_write",
     )
@@ -173,6 +185,7 @@ def main(argv=None):
         keras.callbacks.BackupAndRestore(os.path.join(args.workdir, "backup")),
         FaultySnapshotCheckpoint(
             os.path.join(args.workdir, "snapshots"),
+            kill_before_snapshot=fault.get("kill_before_snapshot"),
             kill_after_snapshot=fault.get("kill_after_snapshot"),
             kill_during_write=fault.get("kill_during_write"),
         ),

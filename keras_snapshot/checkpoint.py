@@ -11,6 +11,7 @@ from keras import ops
 
 from keras_snapshot import manifest as manifest_lib
 from keras_snapshot._checks import check_positive_int
+from keras_snapshot._distribution import is_writer
 from keras_snapshot.batchnorm import recalibrate_batchnorm
 from keras_snapshot.batchnorm import restore_batchnorm_statistics
 from keras_snapshot.batchnorm import save_batchnorm_statistics
@@ -30,10 +31,7 @@ def find_snapshot_schedule(optimizer) -> SnapshotSchedule | None:
 
 def _is_chief(model) -> bool:
     """Whether this process writes the snapshots (multi-worker training)."""
-    strategy = getattr(model, "_distribute_strategy", None)
-    if strategy is None:
-        return True
-    return bool(getattr(strategy.extended, "should_checkpoint", True))
+    return is_writer(model)
 
 
 def _to_float(value):

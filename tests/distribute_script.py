@@ -246,6 +246,75 @@ def jax_data_parallel(outdir):
         json.dump(result, f)
 
 
+def jax_multiprocess(outdir, snapshot_dir, coordinator, count, index):
+    """One of `count` JAX processes training one model with `DataParallel`.
+
+    `keras.distribution.initialize` starts `jax.distributed` with the
+    coordinator (process 0) at `coordinator`. Every process feeds its part
+    of each global batch of `BATCH_SIZE` samples (`fit` gets the per-process
+    batch size), so the global batches are those of a one-process run.
+    """
+    import jax
+    import keras
+    import numpy as np
+    from conftest import compile_with_schedule
+    from conftest import make_data
+
+    keras.distribution.initialize(
+        job_addresses=coordinator, num_processes=count, process_id=index
+    )
+    # Every process passes its own part of the data (numpy arrays, which
+    # Keras cannot shard itself).
+    keras.distribution.set_distribution(
+        keras.distribution.DataParallel(
+            devices=keras.distribution.list_devices("cpu"),
+            auto_shard_dataset=False,
+        )
+    )
+    keras.utils.set_random_seed(0)
+    model = _new_model()
+    x, y = make_data(n=SAMPLES)
+    # Rows of global batch b: b * BATCH_SIZE + [index * local, ...).
+    local = BATCH_SIZE // count
+    rows = np.arange(SAMPLES).reshape(-1, count, local)[:, index].ravel()
+    compile_with_schedule(model, EPOCHS * (SAMPLES // BATCH_SIZE), SNAPSHOTS)
+    callback = _recording_checkpoint(snapshot_dir)
+    model.fit(
+        x[rows],
+        y[rows],
+        batch_size=local,
+        epochs=EPOCHS,
+        shuffle=False,
+        callbacks=[callback],
+        verbose=0,
+    )
+    sys.stdout.flush()
+    kernel = model.trainable_variables[0].value
+    result = {
+        "process_index": jax.process_index(),
+        "process_count": jax.process_count(),
+        "global_devices": len(jax.devices()),
+        "local_devices": len(jax.local_devices()),
+        "kernel_devices": len(kernel.sharding.device_set),
+        "writer": callback._chief,
+        "saved_steps": callback.saved_steps,
+        "steps": int(keras.ops.convert_to_numpy(model.optimizer.iterations)),
+    }
+    with open(os.path.join(outdir, f"process-{index}.json"), "w") as f:
+        json.dump(result, f)
+
+
+def jax_single(outdir):
+    """The same training in one JAX process on one device, for reference."""
+    import keras
+
+    keras.utils.set_random_seed(0)
+    model = _new_model()
+    callback = _train(os.path.join(outdir, "single"), model)
+    with open(os.path.join(outdir, "single.json"), "w") as f:
+        json.dump({"saved_steps": callback.saved_steps}, f)
+
+
 if __name__ == "__main__":
     mode, out = sys.argv[1], sys.argv[2]
     os.makedirs(out, exist_ok=True)
@@ -255,6 +324,12 @@ if __name__ == "__main__":
         multiworker(out, sys.argv[3])
     elif mode == "jax_data_parallel":
         jax_data_parallel(out)
+    elif mode == "jax_multiprocess":
+        jax_multiprocess(
+            out, sys.argv[3], sys.argv[4], int(sys.argv[5]), int(sys.argv[6])
+        )
+    elif mode == "jax_single":
+        jax_single(out)
     else:
         raise SystemExit(f"Unknown mode {mode!r}; see the docstring.")
     print("done", flush=True)

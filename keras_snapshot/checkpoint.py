@@ -13,7 +13,11 @@ from keras import ops
 
 from keras_snapshot import manifest as manifest_lib
 from keras_snapshot._checks import check_positive_int
+<<<<<<< HEAD
 from keras_snapshot.batchnorm import check_bounded_data
+=======
+from keras_snapshot._distribution import is_writer
+>>>>>>> dist
 from keras_snapshot.batchnorm import recalibrate_batchnorm
 from keras_snapshot.batchnorm import restore_batchnorm_statistics
 from keras_snapshot.batchnorm import save_batchnorm_statistics
@@ -51,14 +55,6 @@ def _print(message: str) -> None:
         from absl import logging
 
         logging.info(message)
-
-
-def _is_writer(model) -> bool:
-    """Whether this process writes the snapshots (multi-worker training)."""
-    strategy = getattr(model, "distribute_strategy", None)
-    if strategy is None:
-        return True
-    return bool(getattr(strategy.extended, "should_checkpoint", True))
 
 
 def _finite_number(value):
@@ -355,7 +351,7 @@ class SnapshotCheckpoint(keras.callbacks.Callback):
                     f"at steps {misaligned} cannot be taken exactly. Choose "
                     "cycle ends that are multiples of steps_per_execution."
                 )
-        self._writer = _is_writer(self.model)
+        self._writer = is_writer(self.model)
         if self._writer:
             self._check_not_in_backup_folder()
             removed = self._folder.prepare()

@@ -1,14 +1,18 @@
-"""Choosing a `tf.distribute` strategy by name, for front ends such as the CLI.
+"""Choosing a distribution by name, for front ends such as the CLI.
 
-TensorFlow is imported inside the functions, so that importing this module
-costs nothing on other Keras backends.
+TensorFlow and JAX are imported inside the functions, so that importing
+this module costs nothing on other Keras backends.
 """
 
-import json
-import os
-import warnings
+STRATEGY_NAMES = ("default", "mirrored", "tpu", "data_parallel")
 
-STRATEGY_NAMES = ("default", "mirrored", "multiworker", "tpu")
+_MULTIWORKER_HELP = (
+    "Keras 3's `model.fit` fails under MultiWorkerMirroredStrategy with "
+    "several workers (keras-team/keras#20585, open as of Keras 3.15): "
+    "'Attempt to convert a value (PerReplica...) to a Tensor'. For several "
+    "machines, train on the JAX backend with keras.distribution.initialize()"
+    " and DataParallel; see docs/distributed.md of keras-snapshot."
+)
 
 
 def get_strategy(
@@ -16,37 +20,41 @@ def get_strategy(
     devices: list[str] | None = None,
     tpu: str | None = None,
 ):
-    """Returns the `tf.distribute` strategy called `name`.
+    """Returns the distribution called `name`, to use as `with x.scope():`.
 
     Snapshot Ensembles (Huang et al. 2017, arXiv:1704.00109) train one
-    network, so they distribute like any Keras model: build and compile the
-    model inside `strategy.scope()` and call `fit` with the global batch
-    size. `SnapshotCheckpoint` then writes every snapshot once: with several
-    machines only the chief writes to the snapshot directory, while the
-    other workers take part in each save in a scratch folder they delete.
+    network, so they distribute like any Keras model: build, compile and
+    fit the model inside `strategy.scope()`, with the global batch size.
+    `SnapshotCheckpoint` then writes every snapshot once.
 
-    - `"default"`: the default strategy (one device, no distribution).
-    - `"mirrored"`: `tf.distribute.MirroredStrategy`, data parallel over the
-      GPUs of one machine (or the given `devices`).
-    - `"multiworker"`: `tf.distribute.MultiWorkerMirroredStrategy`, data
-      parallel over several machines described by the `TF_CONFIG`
-      environment variable (one worker without it).
-    - `"tpu"`: `tf.distribute.TPUStrategy` on the TPU found through
-      `TPUClusterResolver` (a Cloud TPU, or the TPU attached to this VM).
+    - `"default"`: no distribution (the default `tf.distribute` strategy,
+      whose scope changes nothing, on every backend).
+    - `"mirrored"` (TensorFlow): `tf.distribute.MirroredStrategy`, data
+      parallel over the GPUs of one machine (or the given `devices`).
+    - `"tpu"` (TensorFlow): `tf.distribute.TPUStrategy` on the TPU found
+      through `TPUClusterResolver` (a Cloud TPU, or the TPU of this VM).
+    - `"data_parallel"` (JAX): `keras.distribution.DataParallel` over all
+      devices JAX sees in this process (or the given `devices`).
 
-    These are strategies of the TensorFlow backend. On JAX, use
-    `keras.distribution.DataParallel` instead (see `docs/distributed.md`).
+    There is no multi-worker TensorFlow strategy: Keras 3's `fit` fails
+    under `MultiWorkerMirroredStrategy` with several workers
+    (keras-team/keras#20585). For several machines, use the JAX backend
+    with `keras.distribution.initialize()` (see `docs/distributed.md`).
 
     Args:
-        name: One of `"default"`, `"mirrored"`, `"multiworker"`, `"tpu"`.
+        name: One of `"default"`, `"mirrored"`, `"tpu"`, `"data_parallel"`.
         devices: For `"mirrored"`: the devices to use, e.g.
             `["/gpu:0", "/gpu:1"]`; by default all GPUs of this machine (or
-            its CPU if there are none).
+            its CPU if there are none). For `"data_parallel"`: JAX device
+            names as `keras.distribution.list_devices()` gives them, e.g.
+            `["gpu:0", "gpu:1"]`; by default all of them.
         tpu: For `"tpu"`: the TPU name or `grpc://` address; by default the
             `TPU_NAME` environment variable, else a TPU attached to this VM.
 
     Returns:
-        A `tf.distribute.Strategy`.
+        A `tf.distribute.Strategy` on TensorFlow, a
+        `keras.distribution.DataParallel` for `"data_parallel"`; both have
+        a `scope()` context manager.
 
     Example:
 
@@ -57,19 +65,24 @@ def get_strategy(
     with strategy.scope():
         model = make_model()
         model.compile(optimizer=keras.optimizers.SGD(schedule), loss=loss)
-    model.fit(x, y, batch_size=64 * strategy.num_replicas_in_sync,
-              callbacks=[keras_snapshot.SnapshotCheckpoint("snapshots")])
+        model.fit(x, y, batch_size=64 * strategy.num_replicas_in_sync,
+                  callbacks=[keras_snapshot.SnapshotCheckpoint("snapshots")])
     ```
     """
+    if name == "multiworker":
+        raise ValueError(
+            "The 'multiworker' strategy is not offered: "
+            f"{_MULTIWORKER_HELP} Received: name={name!r}."
+        )
     if name not in STRATEGY_NAMES:
         raise ValueError(
             f"Unknown strategy: `name` must be one of {STRATEGY_NAMES}. "
             f"Received: name={name!r}."
         )
-    if devices is not None and name != "mirrored":
+    if devices is not None and name not in ("mirrored", "data_parallel"):
         raise ValueError(
-            "`devices` is only used with the 'mirrored' strategy. Received: "
-            f"name={name!r}, devices={devices!r}."
+            "`devices` is only used with the 'mirrored' and 'data_parallel' "
+            f"strategies. Received: name={name!r}, devices={devices!r}."
         )
     if tpu is not None and name != "tpu":
         raise ValueError(
@@ -79,12 +92,21 @@ def get_strategy(
     import keras
 
     backend = keras.backend.backend()
+    if name == "data_parallel":
+        if backend != "jax":
+            raise ValueError(
+                "The 'data_parallel' strategy is keras.distribution."
+                "DataParallel, which needs KERAS_BACKEND=jax. Received "
+                f"backend {backend!r}; on TensorFlow, use 'mirrored'."
+            )
+        return keras.distribution.DataParallel(
+            devices=devices or keras.distribution.list_devices()
+        )
     if name != "default" and backend != "tensorflow":
         raise ValueError(
             f"The {name!r} strategy is a tf.distribute strategy and needs "
             f"KERAS_BACKEND=tensorflow. Received backend {backend!r}; on "
-            "JAX, distribute with keras.distribution.set_distribution("
-            "keras.distribution.DataParallel()) instead."
+            "JAX, use 'data_parallel' (keras.distribution.DataParallel)."
         )
     import tensorflow as tf
 
@@ -92,43 +114,7 @@ def get_strategy(
         return tf.distribute.get_strategy()
     if name == "mirrored":
         return tf.distribute.MirroredStrategy(devices)
-    if name == "multiworker":
-        if _count_tf_config_tasks() > 1:
-            warnings.warn(
-                "Keras 3's `model.fit` fails under MultiWorkerMirroredStrategy"
-                " with several workers (keras-team/keras#20585, open as of "
-                "Keras 3.15): 'Attempt to convert a value (PerReplica...)'. "
-                "See docs/distributed.md of keras-snapshot for a workaround.",
-                stacklevel=2,
-            )
-        return tf.distribute.MultiWorkerMirroredStrategy()
     return _tpu_strategy(tpu)
-
-
-def _count_tf_config_tasks() -> int:
-    """The number of tasks in `TF_CONFIG`; fails early if it is unreadable."""
-    text = os.environ.get("TF_CONFIG")
-    if not text:
-        return 1  # One worker: MultiWorkerMirroredStrategy still works.
-    try:
-        config = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise ValueError(
-            f"The TF_CONFIG environment variable is not valid JSON ({e}). "
-            'Expected e.g. {"cluster": {"worker": ["host1:port", '
-            '"host2:port"]}, "task": {"type": "worker", "index": 0}}.'
-        ) from None
-    if not isinstance(config, dict) or not isinstance(
-        config.get("cluster"), dict
-    ):
-        raise ValueError(
-            "The TF_CONFIG environment variable needs a 'cluster' object "
-            'listing the workers, e.g. {"cluster": {"worker": ["host1:port",'
-            ' "host2:port"]}, "task": {"type": "worker", "index": 0}}. '
-            f"Received: {text}"
-        )
-    tasks = config["cluster"].values()
-    return sum(len(t) if isinstance(t, (list, dict)) else 1 for t in tasks)
 
 
 def _tpu_strategy(tpu: str | None):

@@ -1,0 +1,281 @@
+"""The learning rate of Fast Geometric Ensembling (FGE)."""
+
+import math
+import numbers
+
+import keras
+from keras import ops
+
+from keras_snapshot._checks import check_positive_int
+from keras_snapshot._checks import check_positive_number
+
+
+def _check_alpha2(alpha1: float, alpha2) -> float:
+    if isinstance(alpha2, bool) or not isinstance(alpha2, numbers.Real):
+        raise ValueError(
+            "`alpha2` must be a finite number between 0 and `alpha1`. "
+            f"Received: alpha2={alpha2!r} (type {type(alpha2).__name__})."
+        )
+    if not math.isfinite(alpha2) or not 0 <= alpha2 <= alpha1:
+        raise ValueError(
+            "`alpha2` (the rate at the middle of each cycle, where the "
+            f"snapshots are taken) must be between 0 and `alpha1` ({alpha1})."
+            f" Received: alpha2={alpha2}."
+        )
+    return float(alpha2)
+
+
+@keras.saving.register_keras_serializable(package="keras_snapshot")
+class FGESchedule(keras.optimizers.schedules.LearningRateSchedule):
+    """Fast Geometric Ensembling: short piecewise-linear cycles.
+
+    The schedule of FGE (Garipov, Izmailov, Podoprikhin, Vetrov, Wilson,
+    "Loss Surfaces, Mode Connectivity, and Fast Ensembling of DNNs",
+    NeurIPS 2018, arXiv:1802.10026). The first `start_step` optimizer steps
+    are a normal training phase. Then come cycles of `cycle_steps` steps in
+    which the rate goes linearly from `alpha1` down to `alpha2` at the middle
+    of the cycle and back up to `alpha1`. With `i` the 1-based iteration
+    counted from `start_step` (optimizer step `s` from 0 is `i = s -
+    start_step + 1`) and `t = (((i - 1) mod c) + 1) / c`:
+
+    `lr = (1 - 2t) alpha1 + 2t alpha2`        for `t <= 1/2`,
+    `lr = (2 - 2t) alpha2 + (2t - 1) alpha1`  for `t > 1/2`.
+
+    A snapshot is taken at each minimum `alpha2`: after the step with
+    `t = 1/2`, i.e. `cycle_end_steps[k - 1] = start_step + (k - 1) * c +
+    c // 2` optimizer steps (for an odd `c` the two steps around the middle
+    share the lowest rate and the snapshot follows the first). Like the
+    reference code, cycles are meant to last 2 to 4 epochs.
+
+    The first phase follows `initial_learning_rate`:
+    - `None` (default): the constant rate `alpha1`.
+    - a number `lr0`: a half cosine from `lr0` at step 0 down to `alpha1` at
+      `start_step`, `alpha1 + (lr0 - alpha1) / 2 * (1 + cos(pi s /
+      start_step))`, so the rate is continuous where the cycles begin.
+    - a `LearningRateSchedule`: that schedule, called with the step.
+
+    To run FGE from an already trained model (say a snapshot), load it,
+    compile it with `FGESchedule(..., start_step=0)` and a new optimizer
+    (whose step count starts at 0) and `fit` for `total_steps` steps.
+
+    `SnapshotCheckpoint` reads `cycle_end_steps`, `cycle_length` and
+    `num_snapshots` as it does from a `SnapshotSchedule`.
+
+    Args:
+        alpha1: The highest rate, at the start and end of each cycle; a
+            finite positive number (the paper uses 0.05 for VGG/ResNets).
+        alpha2: The lowest rate, at the middle of each cycle, where the
+            snapshots are taken; between 0 and `alpha1` (paper: 0.0005).
+        cycle_steps: Steps per cycle `c`, at least 2.
+        num_snapshots: Number of cycles, one snapshot each.
+        start_step: Steps of the normal training phase before the cycles.
+        initial_learning_rate: The rate of the first phase (see above);
+            only with `start_step > 0`.
+        name: Optional name of the schedule.
+
+    Example:
+
+    ```python
+    # 40 epochs of 100 steps: 30 epochs of cosine decay from 0.1 to 0.05,
+    # then 5 cycles of 2 epochs, a snapshot in the middle of each.
+    schedule = keras_snapshot.FGESchedule(
+        alpha1=0.05, alpha2=0.0005, cycle_steps=200, num_snapshots=5,
+        start_step=3000, initial_learning_rate=0.1,
+    )
+    optimizer = keras.optimizers.SGD(learning_rate=schedule, momentum=0.9)
+    schedule.cycle_end_steps  # [3100, 3300, 3500, 3700, 3900]
+    ```
+    """
+
+    def __init__(
+        self,
+        alpha1: float,
+        alpha2: float,
+        cycle_steps: int,
+        num_snapshots: int,
+        start_step: int = 0,
+        initial_learning_rate=None,
+        name: str | None = None,
+    ):
+        super().__init__()
+        self.alpha1 = check_positive_number("alpha1", alpha1)
+        self.alpha2 = _check_alpha2(self.alpha1, alpha2)
+        self.cycle_steps = check_positive_int("cycle_steps", cycle_steps)
+        if self.cycle_steps < 2:
+            raise ValueError(
+                "`cycle_steps` must be at least 2: a cycle goes down to "
+                "`alpha2` and back up. FGE uses cycles of 2 to 4 epochs. "
+                f"Received: cycle_steps={cycle_steps}."
+            )
+        self.num_snapshots = check_positive_int("num_snapshots", num_snapshots)
+        if (
+            isinstance(start_step, bool)
+            or not isinstance(start_step, numbers.Integral)
+            or start_step < 0
+        ):
+            raise ValueError(
+                "`start_step` must be a non-negative integer (the optimizer "
+                "steps of normal training before the FGE cycles). Received: "
+                f"start_step={start_step!r}."
+            )
+        self.start_step = int(start_step)
+        if isinstance(initial_learning_rate, dict):
+            initial_learning_rate = keras.optimizers.schedules.deserialize(
+                initial_learning_rate
+            )
+        if initial_learning_rate is not None:
+            if self.start_step == 0:
+                raise ValueError(
+                    "`initial_learning_rate` sets the rate before "
+                    "`start_step`, but start_step=0: the cycles begin at "
+                    "once. Leave `initial_learning_rate` unset or pass a "
+                    "positive `start_step`. Received: initial_learning_rate="
+                    f"{initial_learning_rate!r}, start_step=0."
+                )
+            if not isinstance(
+                initial_learning_rate,
+                keras.optimizers.schedules.LearningRateSchedule,
+            ):
+                initial_learning_rate = check_positive_number(
+                    "initial_learning_rate",
+                    initial_learning_rate,
+                    hint="Pass a number, a LearningRateSchedule or None.",
+                )
+        self.initial_learning_rate = initial_learning_rate
+        self.name = name
+
+    @classmethod
+    def from_epochs(
+        cls,
+        alpha1: float,
+        alpha2: float,
+        cycle_epochs: int,
+        steps_per_epoch: int,
+        num_snapshots: int,
+        start_epoch: int = 0,
+        initial_learning_rate=None,
+        name: str | None = None,
+    ) -> "FGESchedule":
+        """Builds the schedule from epochs of `steps_per_epoch` steps.
+
+        Example:
+
+        ```python
+        # 20 epochs of normal training, then 4 cycles of 2 epochs.
+        schedule = FGESchedule.from_epochs(
+            0.05, 0.0005, cycle_epochs=2, steps_per_epoch=390,
+            num_snapshots=4, start_epoch=20, initial_learning_rate=0.1,
+        )
+        ```
+        """
+        steps_per_epoch = check_positive_int("steps_per_epoch", steps_per_epoch)
+        cycle_epochs = check_positive_int("cycle_epochs", cycle_epochs)
+        if (
+            isinstance(start_epoch, bool)
+            or not isinstance(start_epoch, numbers.Integral)
+            or start_epoch < 0
+        ):
+            raise ValueError(
+                "`start_epoch` must be a non-negative integer. Received: "
+                f"start_epoch={start_epoch!r}."
+            )
+        return cls(
+            alpha1,
+            alpha2,
+            cycle_steps=cycle_epochs * steps_per_epoch,
+            num_snapshots=num_snapshots,
+            start_step=int(start_epoch) * steps_per_epoch,
+            initial_learning_rate=initial_learning_rate,
+            name=name,
+        )
+
+    @property
+    def cycle_length(self) -> int:
+        """Steps per cycle (`cycle_steps`), as `SnapshotSchedule` names it."""
+        return self.cycle_steps
+
+    @property
+    def cycle_end_steps(self) -> list[int]:
+        """Step counts after which snapshots 1..M are taken.
+
+        Snapshot `k` is due once `start_step + (k - 1) * cycle_steps +
+        cycle_steps // 2` optimizer steps have run: right after the step
+        with the lowest rate `alpha2`.
+        """
+        c = self.cycle_steps
+        return [
+            self.start_step + k * c + c // 2 for k in range(self.num_snapshots)
+        ]
+
+    @property
+    def snapshot_steps(self) -> list[int]:
+        """The same as `cycle_end_steps`: where the snapshots are due."""
+        return self.cycle_end_steps
+
+    @property
+    def total_steps(self) -> int:
+        """Steps to train: up to the last snapshot (`cycle_end_steps[-1]`).
+
+        The second half of the last cycle would not change any snapshot.
+        """
+        return self.cycle_end_steps[-1]
+
+    def cycle_of_step(self, step: int) -> int:
+        """The 1-based cycle of optimizer step `step` (from 0); 0 before it."""
+        step = int(step)
+        if step < self.start_step:
+            return 0
+        return (step - self.start_step) // self.cycle_steps + 1
+
+    def _first_phase(self, step, dtype):
+        base = self.initial_learning_rate
+        if base is None:
+            return ops.cast(self.alpha1, dtype)
+        if isinstance(base, keras.optimizers.schedules.LearningRateSchedule):
+            return ops.cast(base(step), dtype)
+        progress = ops.minimum(
+            ops.cast(step, dtype) / float(self.start_step), 1.0
+        )
+        cosine = ops.cos(ops.multiply(math.pi, progress))
+        return self.alpha1 + (base - self.alpha1) / 2.0 * (1.0 + cosine)
+
+    def __call__(self, step):
+        with keras.name_scope(self.name or "FGESchedule"):
+            dtype = "float32"
+            # int32 as in SnapshotSchedule: JAX without x64 has no int64.
+            step = ops.cast(step, "int32")
+            c = self.cycle_steps
+            since_start = ops.maximum(step - self.start_step, 0)
+            position = ops.mod(since_start, c) + 1
+            t = ops.cast(position, dtype) / float(c)
+            alpha1 = ops.cast(self.alpha1, dtype)
+            alpha2 = ops.cast(self.alpha2, dtype)
+            falling = (1.0 - 2.0 * t) * alpha1 + 2.0 * t * alpha2
+            rising = (2.0 - 2.0 * t) * alpha2 + (2.0 * t - 1.0) * alpha1
+            cyclic = ops.where(t <= 0.5, falling, rising)
+            if self.start_step == 0:
+                return cyclic
+            return ops.where(
+                step < self.start_step, self._first_phase(step, dtype), cyclic
+            )
+
+    def get_config(self) -> dict:
+        base = self.initial_learning_rate
+        if isinstance(base, keras.optimizers.schedules.LearningRateSchedule):
+            base = keras.optimizers.schedules.serialize(base)
+        return {
+            "alpha1": self.alpha1,
+            "alpha2": self.alpha2,
+            "cycle_steps": self.cycle_steps,
+            "num_snapshots": self.num_snapshots,
+            "start_step": self.start_step,
+            "initial_learning_rate": base,
+            "name": self.name,
+        }
+
+    def __repr__(self) -> str:
+        return (
+            f"FGESchedule(alpha1={self.alpha1}, alpha2={self.alpha2}, "
+            f"cycle_steps={self.cycle_steps}, num_snapshots="
+            f"{self.num_snapshots}, start_step={self.start_step})"
+        )

@@ -265,7 +265,7 @@ def test_selection_rejects_bad_arguments():
 
 
 def test_select_snapshots_on_a_trained_run(snapshot_run):
-    from conftest import make_data
+    from helpers import make_data
 
     import keras_snapshot
 

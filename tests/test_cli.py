@@ -249,7 +249,7 @@ def test_every_option_shows_its_default(command, capsys):
         cli.main([*command, "--help"])
     assert info.value.code == 0
     entries = _option_entries(capsys.readouterr().out)
-    assert len(entries) >= 3
+    assert any(e.startswith("-h, --help") for e in entries)
     for entry in entries:
         if entry.startswith(("-h, --help", "--version")):
             continue

@@ -10,7 +10,9 @@ members and weights from predictions, in plain numpy:
 - `best_last_m`: the number `m` of most recent snapshots to average.
 - `fit_temperature` and `apply_temperature`: temperature scaling
   (Guo et al. 2017, "On Calibration of Modern Neural Networks").
-- `normalize_weights`: the one place where member weights are validated.
+- `choose_members`: the one function that turns a selection method
+  (`"greedy"`, `"last_m"` or `"all"`) into member weights, and
+  `members_and_weights`, which drops the members a choice left out.
 
 All choices must be fitted on validation data, held out from training and
 distinct from the test set. Choosing members, `m` or a temperature on the
@@ -26,6 +28,8 @@ import os
 
 import numpy as np
 from numpy.typing import ArrayLike
+from scipy import optimize
+from scipy import special
 
 from keras_snapshot import metrics
 from keras_snapshot._checks import check_positive_int
@@ -37,8 +41,7 @@ from keras_snapshot.loading import snapshot_paths
 _METRICS = ("nll", "error")
 # Temperatures are searched in [1e-2, 1e2], on a log scale.
 _LOG_T_BOUNDS = (np.log(1e-2), np.log(1e2))
-_LOG_T_GRID_SIZE = 81
-_LOG_T_TOLERANCE = 1e-7
+_LOG_T_TOLERANCE = 1e-8
 
 
 def _check_metric(metric: str) -> str:
@@ -232,8 +235,7 @@ def _check_temperature(temperature: float) -> float:
 def _scaled_nll(logits: np.ndarray, labels: np.ndarray, log_t: float):
     """Mean NLL of softmax(logits / exp(log_t))."""
     z = logits / np.exp(log_t)
-    z_max = np.max(z, axis=1, keepdims=True)
-    log_norm = z_max[:, 0] + np.log(np.sum(np.exp(z - z_max), axis=1))
+    log_norm = special.logsumexp(z, axis=1)
     return float(np.mean(log_norm - z[np.arange(z.shape[0]), labels]))
 
 
@@ -248,9 +250,10 @@ def fit_temperature(
     them, and the predicted class never changes. For probabilities, such as
     the averaged output of a Snapshot Ensemble (Huang et al. 2017,
     arXiv:1704.00109), `log(probs)` serves as the logits (probabilities
-    below 1e-12 are clipped first). The NLL is convex in `1 / T`, so a
-    dense grid over `log T` followed by a golden-section search finds its
-    minimum; `T` is searched in `[0.01, 100]`.
+    below 1e-12 are clipped first). The NLL is convex in `1 / T`, hence
+    unimodal in `log T`: `scipy.optimize.minimize_scalar` (bounded Brent
+    search over `log T`) finds its minimum; `T` is searched in
+    `[0.01, 100]`.
 
     Fit this on validation data only, never on the test set.
 
@@ -279,27 +282,13 @@ def fit_temperature(
     logits = _as_logits(logits_or_probs, from_logits, ndim=2)
     labels = metrics._check_labels(y_val, *logits.shape, name="y_val")
 
-    grid = np.linspace(*_LOG_T_BOUNDS, _LOG_T_GRID_SIZE)
-    losses = [_scaled_nll(logits, labels, log_t) for log_t in grid]
-    best = int(np.argmin(losses))
-    # The minimum of a unimodal function lies between the grid neighbours
-    # of the best grid point.
-    lo = grid[max(best - 1, 0)]
-    hi = grid[min(best + 1, len(grid) - 1)]
-    inv_phi = (np.sqrt(5.0) - 1.0) / 2.0
-    a, b = hi - inv_phi * (hi - lo), lo + inv_phi * (hi - lo)
-    loss_a = _scaled_nll(logits, labels, a)
-    loss_b = _scaled_nll(logits, labels, b)
-    while hi - lo > _LOG_T_TOLERANCE:
-        if loss_a <= loss_b:
-            hi, b, loss_b = b, a, loss_a
-            a = hi - inv_phi * (hi - lo)
-            loss_a = _scaled_nll(logits, labels, a)
-        else:
-            lo, a, loss_a = a, b, loss_b
-            b = lo + inv_phi * (hi - lo)
-            loss_b = _scaled_nll(logits, labels, b)
-    return float(np.exp((lo + hi) / 2.0))
+    result = optimize.minimize_scalar(
+        lambda log_t: _scaled_nll(logits, labels, log_t),
+        bounds=_LOG_T_BOUNDS,
+        method="bounded",
+        options={"xatol": _LOG_T_TOLERANCE},
+    )
+    return float(np.exp(result.x))
 
 
 def apply_temperature(
@@ -333,8 +322,7 @@ def apply_temperature(
     temperature = _check_temperature(temperature)
     ndim = 3 if np.ndim(logits_or_probs) == 3 else 2
     z = _as_logits(logits_or_probs, from_logits, ndim=ndim) / temperature
-    z = np.exp(z - np.max(z, axis=-1, keepdims=True))
-    return z / np.sum(z, axis=-1, keepdims=True)
+    return special.softmax(z, axis=-1)
 
 
 def predict_members(members: list, x, batch_size: int = 256) -> np.ndarray:
@@ -383,6 +371,83 @@ class SnapshotSelection:
 _SELECTION_METHODS = ("greedy", "last_m", "all")
 
 
+def _check_method(method: str) -> str:
+    if method not in _SELECTION_METHODS:
+        raise ValueError(
+            f"`method` must be one of {_SELECTION_METHODS}. "
+            f"Received: method={method!r}."
+        )
+    return method
+
+
+def choose_members(
+    member_probs: ArrayLike,
+    y_val: ArrayLike,
+    method: str = "greedy",
+    metric: str = "nll",
+) -> np.ndarray:
+    """Member weights chosen on validation predictions by `method`.
+
+    The one place where a selection method becomes weights, for
+    `select_snapshots` and the `keras-snapshot` command line alike:
+    `"greedy"` is `greedy_selection` (Caruana et al. 2004), `"last_m"` is
+    `best_last_m` (the ensembles of the last m snapshots of Huang et al.
+    2017, arXiv:1704.00109) and `"all"` the uniform average.
+
+    Fit this on validation data only, never on the test set.
+
+    Args:
+        member_probs: Validation predictions of shape
+            `(num_members, num_examples, num_classes)`, oldest first.
+        y_val: Validation labels, integer or one-hot.
+        method: `"greedy"`, `"last_m"` or `"all"`. Defaults to `"greedy"`.
+        metric: `"nll"` or `"error"`, the validation score to optimise.
+
+    Returns:
+        A float64 array of shape `(num_members,)` summing to 1, with zeros
+        for the members left out (see `members_and_weights`).
+
+    Example:
+
+    ```python
+    rng = np.random.default_rng(0)
+    member_probs = rng.dirichlet(np.ones(10), size=(4, 100))
+    y_val = rng.integers(0, 10, size=100)
+    weights = choose_members(member_probs, y_val, method="last_m")
+    ```
+    """
+    _check_method(method)
+    member_probs, _, metric = _check_selection_inputs(
+        member_probs, y_val, metric
+    )
+    if method == "greedy":
+        weights, _ = greedy_selection(member_probs, y_val, metric=metric)
+    elif method == "last_m":
+        _, weights = best_last_m(member_probs, y_val, metric=metric)
+    else:
+        count = len(member_probs)
+        weights = normalize_weights(np.ones(count), count)
+    return weights
+
+
+def members_and_weights(members, weights) -> tuple[list, np.ndarray]:
+    """The members with a positive weight, and their renormalised weights.
+
+    Example:
+
+    ```python
+    members_and_weights(["a", "b", "c"], [0.0, 0.5, 0.5])
+    # (["b", "c"], array([0.5, 0.5]))
+    ```
+    """
+    members = list(members)
+    weights = normalize_weights(weights, len(members))
+    keep = [i for i, w in enumerate(weights) if w > 0]
+    return [members[i] for i in keep], normalize_weights(
+        weights[keep], len(keep)
+    )
+
+
 def select_snapshots(
     snapshots,
     *,
@@ -428,11 +493,7 @@ def select_snapshots(
     )
     ```
     """
-    if method not in _SELECTION_METHODS:
-        raise ValueError(
-            f"`method` must be one of {_SELECTION_METHODS}. "
-            f"Received: method={method!r}."
-        )
+    _check_method(method)
     metric = _check_metric(metric)
     if (
         not isinstance(validation_data, (tuple, list))
@@ -453,19 +514,12 @@ def select_snapshots(
         items = list(snapshots)
     members = load_snapshots(items, safe_mode=safe_mode)
     member_probs = predict_members(members, x_val, batch_size)
-    m = len(members)
-    if method == "greedy":
-        weights, _ = greedy_selection(member_probs, y_val, metric=metric)
-    elif method == "last_m":
-        _, weights = best_last_m(member_probs, y_val, metric=metric)
-    else:
-        weights = np.full(m, 1.0 / m)
-    keep = [i for i in range(m) if weights[i] > 0]
-    chosen = normalize_weights(weights[keep], len(keep))
-    probs = np.tensordot(chosen, member_probs[keep], axes=1)
+    weights = choose_members(member_probs, y_val, method, metric)
+    chosen, chosen_weights = members_and_weights(range(len(members)), weights)
+    probs = np.tensordot(chosen_weights, member_probs[chosen], axes=1)
     return SnapshotSelection(
-        [items[i] for i in keep],
-        chosen,
+        [items[i] for i in chosen],
+        chosen_weights,
         method,
         metrics.evaluate_predictions(probs, y_val),
     )

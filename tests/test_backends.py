@@ -1,8 +1,10 @@
-"""The core of keras_snapshot on the JAX backend, in subprocesses.
+"""keras_snapshot on the JAX backend, in a subprocess.
 
-The Keras backend is fixed when Keras is imported, so each check runs in a
+The Keras backend is fixed when Keras is imported, so the check runs in a
 Python process of its own with `KERAS_BACKEND=jax`. Skipped where JAX is
-not installed (`pip install -e ".[test]"` installs it).
+not installed (`pip install -e ".[test]"` installs it). The core test files
+themselves run on JAX as a pytest invocation of their own in `.ci/run`
+(`KERAS_BACKEND=jax python -m pytest -q tests/test_schedule.py ...`).
 """
 
 import importlib.util
@@ -13,19 +15,13 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import make_data
-from conftest import saved_steps
+from helpers import make_data
+from helpers import saved_steps
 
 import keras_snapshot
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-CORE_TESTS = [
-    "tests/test_schedule.py",
-    "tests/test_checkpoint.py",
-    "tests/test_ensemble.py",
-    "tests/test_batchnorm.py",
-]
 TIMEOUT_SECONDS = 600
 
 pytestmark = [
@@ -52,22 +48,6 @@ def run_on_jax(args, **env):
         pytest.fail(f"Timed out on JAX: {args}: {str(e.stdout)[-3000:]}")
     assert result.returncode == 0, result.stdout[-5000:] + result.stderr[-3000:]
     return result.stdout
-
-
-def test_core_tests_pass_on_jax():
-    """Schedule, callback, ensemble, BatchNorm; SavedModel export too."""
-    output = run_on_jax(
-        ["-m", "pytest", "-v", "-x", "-p", "no:cacheprovider", *CORE_TESTS]
-    )
-    summary = output.strip().splitlines()[-1]
-    assert " passed" in summary and " failed" not in summary, summary
-    # Keras exports a JAX model through jax2tf; TensorFlow reloads it and
-    # reproduces the ensemble's predictions.
-    for test in (
-        "test_savedmodel_export_reproduces_predictions",
-        "test_weighted_ensemble_survives_savedmodel",
-    ):
-        assert f"tests/test_ensemble.py::{test} PASSED" in output
 
 
 def test_data_parallel_on_two_jax_cpu_devices(tmp_path):

@@ -12,8 +12,8 @@ import shutil
 import keras
 import numpy as np
 import pytest
-from conftest import make_data
-from conftest import make_model
+from helpers import make_data
+from helpers import make_model
 
 import keras_snapshot
 from keras_snapshot import SnapshotCheckpoint
@@ -84,6 +84,7 @@ FROM_EPOCHS_CASES = [
     ("epochs", 0, ["epochs=0"]),
     ("epochs", 2.5, ["epochs=2.5"]),
     ("epochs", True, ["epochs=True"]),
+    ("steps_per_epoch", 0, ["steps_per_epoch=0"]),
     ("steps_per_epoch", -1, ["steps_per_epoch=-1"]),
     ("steps_per_epoch", NAN, ["steps_per_epoch=nan"]),
     ("steps_per_epoch", None, ["steps_per_epoch=None"]),

@@ -134,6 +134,10 @@ def test_evaluate_and_export(cli_run, tmp_path, capsys):
 BAD_COMMANDS = [
     (["train", "--dataset", "no_such_dataset_xyz"], "no_such_dataset_xyz"),
     (["train", "--model", "resnet7"], "unknown model"),
+    (
+        ["train", "--model", "/no/such/file.keras"],
+        "the model file /no/such/file.keras does not exist",
+    ),
     (["train", "--epochs", "1", "--snapshots", "1000"], "num_snapshots"),
     (["train", "--validation-fraction", "1.5"], "validation-fraction"),
     (["evaluate", "/nonexistent/run"], "not a keras-snapshot run"),
@@ -180,6 +184,98 @@ def test_argparse_errors_exit_2_without_traceback(argv):
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     assert "error" in result.stderr
+
+
+def test_export_onto_an_existing_file_or_folder(cli_run, tmp_path, capsys):
+    blocker = tmp_path / "taken.keras"
+    blocker.write_text("keep me")
+    folder = tmp_path / "taken"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("keep me")
+    for output, kind in ((blocker, "file"), (folder, "folder")):
+        assert cli.main(["export", cli_run, str(output)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert f"{output} is an existing {kind}" in err
+        assert "--overwrite" in err and len(err.splitlines()) == 1
+    assert blocker.read_text() == "keep me"
+    assert sorted(os.listdir(folder)) == ["notes.txt"]
+    for output in (blocker, folder):
+        assert cli.main(["export", cli_run, str(output), "--overwrite"]) == 0
+        assert {"ensemble.keras", "saved_model"} <= set(os.listdir(output))
+    # --overwrite replaces the exported entries only.
+    assert (folder / "notes.txt").read_text() == "keep me"
+
+
+HELP_WITHOUT_TENSORFLOW = """
+import sys
+from keras_snapshot.app import cli
+for argv in (["--help"], ["train", "--help"], ["--version"]):
+    try:
+        cli.main(argv)
+    except SystemExit as e:
+        assert e.code == 0, (argv, e.code)
+print(sorted(m for m in ("tensorflow", "keras", "jax") if m in sys.modules))
+"""
+
+
+def test_help_and_version_do_not_import_tensorflow():
+    result = subprocess.run(
+        [sys.executable, "-c", HELP_WITHOUT_TENSORFLOW],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip().splitlines()[-1] == "[]"
+    assert "keras-snapshot " + keras_snapshot.__version__ in result.stdout
+
+
+def _option_entries(help_text):
+    """The help text of each `--option`, one string per option."""
+    entries, current = [], None
+    for line in help_text.splitlines():
+        if line.startswith("  -"):
+            current = [line]
+            entries.append(current)
+        elif current is not None and line.startswith("    "):
+            current.append(line)
+        else:
+            current = None
+    return [" ".join(" ".join(e).split()) for e in entries]
+
+
+@pytest.mark.parametrize("command", [[], ["train"], ["evaluate"], ["export"]])
+def test_every_option_shows_its_default(command, capsys):
+    with pytest.raises(SystemExit) as info:
+        cli.main([*command, "--help"])
+    assert info.value.code == 0
+    entries = _option_entries(capsys.readouterr().out)
+    assert any(e.startswith("-h, --help") for e in entries)
+    for entry in entries:
+        if entry.startswith(("-h, --help", "--version")):
+            continue
+        assert "default" in entry, entry
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as info:
+        cli.main(["--version"])
+    assert info.value.code == 0
+    assert capsys.readouterr().out.strip() == (
+        f"keras-snapshot {keras_snapshot.__version__}"
+    )
+
+
+def test_weight_decay_is_the_optimizers_and_applied_once(tmp_path):
+    from keras_snapshot.app import train
+
+    args = cli.build_parser().parse_args(
+        ["train", "--weight-decay", "0.001", "--output-dir", str(tmp_path)]
+    )
+    config = train.run_config(args)
+    data = load_dataset("digits")
+    model = train._compiled_model(config, data, 0.1, train._strategy("default"))
+    assert model.optimizer.weight_decay == pytest.approx(0.001)
+    assert not model.losses  # no L2 penalty on top
 
 
 def test_tfds_dataset_path_on_mock_data(tmp_path):

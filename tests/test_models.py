@@ -83,24 +83,40 @@ def test_registry_models_output_softmax(name):
     np.testing.assert_allclose(y.sum(axis=1), 1.0, atol=1e-5)
 
 
-def test_model_names_and_weight_decay():
-    model = models.resnet(20)
-    assert model.name == "resnet20"
-    assert models.densenet().name == "densenet40_k12"
-    assert models.wide_resnet().name == "wrn32_4"
-    assert models.small_cnn((8, 8, 1), 10).name == "small_cnn"
-    kernels = [
+def _kernel_layers(model):
+    return [
         layer
         for layer in model.layers
         if isinstance(layer, (keras.layers.Conv2D, keras.layers.Dense))
     ]
+
+
+def test_model_names():
+    assert models.resnet(20).name == "resnet20"
+    assert models.densenet().name == "densenet40_k12"
+    assert models.wide_resnet().name == "wrn32_4"
+    assert models.small_cnn((8, 8, 1), 10).name == "small_cnn"
+
+
+@pytest.mark.parametrize("name", sorted(models.MODELS))
+def test_no_regularizer_by_default(name):
+    """Weight decay is the optimizer's job (the CLI's `--weight-decay`):
+    a default L2 penalty would decay the weights a second time."""
+    model = models.get_model(name, (8, 8, 1), 3)
+    assert not model.losses
+    for layer in _kernel_layers(model):
+        assert layer.kernel_regularizer is None
+
+
+def test_explicit_weight_decay_adds_coupled_l2():
+    model = models.resnet(20, weight_decay=1e-4)
+    kernels = _kernel_layers(model)
     assert len(kernels) == 20
     for layer in kernels:
         assert isinstance(layer.kernel_initializer, keras.initializers.HeNormal)
         reg = layer.kernel_regularizer
         np.testing.assert_allclose(reg.get_config()["l2"], 0.5e-4)
     assert len(model.losses) == 20
-    assert not models.small_cnn((8, 8, 1), 10).losses  # no decay by default
     decayed = models.small_cnn((8, 8, 1), 10, weight_decay=1e-4)
     assert len(decayed.losses) == 4
 

@@ -3,8 +3,8 @@ import math
 import keras
 import numpy as np
 import pytest
-from conftest import make_data
-from conftest import make_model
+from helpers import make_data
+from helpers import make_model
 
 from keras_snapshot import SnapshotSchedule
 
@@ -120,38 +120,7 @@ def test_runs_inside_compiled_function():
         )
 
 
-BAD_ARGUMENTS = [
-    (dict(initial_learning_rate=0.0), "initial_learning_rate"),
-    (dict(initial_learning_rate=-0.1), "initial_learning_rate"),
-    (dict(initial_learning_rate=float("nan")), "initial_learning_rate"),
-    (dict(initial_learning_rate=float("inf")), "initial_learning_rate"),
-    (dict(initial_learning_rate="0.1"), "initial_learning_rate"),
-    (dict(initial_learning_rate=True), "initial_learning_rate"),
-    (dict(total_steps=0), "total_steps"),
-    (dict(total_steps=-5), "total_steps"),
-    (dict(total_steps=100.0), "total_steps"),
-    (dict(total_steps=True), "total_steps"),
-    (dict(num_snapshots=0), "num_snapshots"),
-    (dict(num_snapshots=2.5), "num_snapshots"),
-    (dict(num_snapshots=101), "num_snapshots"),
-    (dict(num_snapshots=False), "num_snapshots"),
-]
-
-
-@pytest.mark.parametrize("override,argument", BAD_ARGUMENTS)
-def test_bad_arguments_raise_clear_errors(override, argument):
-    kwargs = dict(initial_learning_rate=0.1, total_steps=100, num_snapshots=5)
-    kwargs.update(override)
-    with pytest.raises(ValueError, match=argument) as info:
-        SnapshotSchedule(**kwargs)
-    assert "Received" in str(info.value)
-
-
-def test_from_epochs_bad_arguments():
-    with pytest.raises(ValueError, match="steps_per_epoch"):
-        SnapshotSchedule.from_epochs(0.1, 10, 0, 2)
-    with pytest.raises(ValueError, match="epochs"):
-        SnapshotSchedule.from_epochs(0.1, 2.5, 10, 2)
+# Bad arguments: one table in tests/test_bad_inputs.py.
 
 
 def test_cycles_that_would_repeat_the_last_snapshot_are_refused():

@@ -265,7 +265,7 @@ def test_selection_rejects_bad_arguments():
 
 
 def test_select_snapshots_on_a_trained_run(snapshot_run):
-    from conftest import make_data
+    from helpers import make_data
 
     import keras_snapshot
 
@@ -292,3 +292,30 @@ def test_select_snapshots_on_a_trained_run(snapshot_run):
         )
     with pytest.raises(TypeError):
         keras_snapshot.select_snapshots(directory, (x_val, y_val))
+
+
+def test_choose_members_is_the_one_choice_of_members():
+    member_probs = _complementary_members()
+    greedy, _ = selection.greedy_selection(member_probs, LABELS)
+    _, last = selection.best_last_m(member_probs, LABELS)
+    count = len(member_probs)
+    np.testing.assert_allclose(
+        selection.choose_members(member_probs, LABELS, "greedy"), greedy
+    )
+    np.testing.assert_allclose(
+        selection.choose_members(member_probs, LABELS, "last_m"), last
+    )
+    np.testing.assert_allclose(
+        selection.choose_members(member_probs, LABELS, "all"),
+        np.full(count, 1.0 / count),
+    )
+    with pytest.raises(ValueError, match="method='best'"):
+        selection.choose_members(member_probs, LABELS, "best")
+
+
+def test_members_and_weights_drops_zero_weights():
+    members, weights = selection.members_and_weights(
+        ["a", "b", "c"], [0.0, 1.0, 3.0]
+    )
+    assert members == ["b", "c"]
+    np.testing.assert_allclose(weights, [0.25, 0.75])

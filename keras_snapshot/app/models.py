@@ -9,6 +9,12 @@ CPU.
 
 Every model is built from stock Keras layers only, so a saved `.keras` file
 loads with `keras.saving.load_model` without importing this module.
+
+Weight decay: the builders add no regularizer by default
+(`weight_decay=0.0`). The `keras-snapshot` command line decays the weights
+once, through the optimizer (`SGD(weight_decay=...)`, decoupled). An
+explicit `weight_decay` here adds the papers' coupled L2 penalty instead;
+use one or the other, not both.
 """
 
 import functools
@@ -18,6 +24,8 @@ from collections.abc import Sequence
 
 import keras
 from keras import layers
+
+from keras_snapshot._checks import check_positive_int
 
 __all__ = [
     "MODELS",
@@ -34,9 +42,8 @@ _CIFAR_SHAPE = (32, 32, 3)
 def _check_input_shape(input_shape: Sequence[int]) -> tuple[int, int, int]:
     """Returns `input_shape` as a tuple of 3 positive ints, or raises."""
     try:
-        shape = tuple(int(d) for d in input_shape)
-        ok = len(shape) == 3 and all(d > 0 for d in shape)
-        ok = ok and all(int(d) == d for d in input_shape)
+        shape = tuple(check_positive_int("dimension", d) for d in input_shape)
+        ok = len(shape) == 3
     except (TypeError, ValueError):
         ok = False
     if not ok:
@@ -50,11 +57,11 @@ def _check_input_shape(input_shape: Sequence[int]) -> tuple[int, int, int]:
 
 def _check_num_classes(num_classes: int) -> int:
     """Returns `num_classes` as an int >= 2, or raises."""
-    if (
-        isinstance(num_classes, bool)
-        or not isinstance(num_classes, int)
-        or num_classes < 2
-    ):
+    try:
+        ok = check_positive_int("num_classes", num_classes) >= 2
+    except ValueError:
+        ok = False
+    if not ok:
         raise ValueError(
             "`num_classes` must be an int >= 2 for a softmax classifier. "
             f"Received: num_classes={num_classes!r}"
@@ -124,8 +131,9 @@ def small_cnn(
     Args:
         input_shape: `(height, width, channels)` of one image.
         num_classes: Number of classes of the softmax output, >= 2.
-        weight_decay: SGD weight-decay coefficient applied to the kernels as
-            `L2(weight_decay / 2)`. Defaults to `0.0` (no decay).
+        weight_decay: Coupled weight-decay coefficient applied to the
+            kernels as `L2(weight_decay / 2)`. Defaults to `0.0`: no
+            regularizer; decay the weights through the optimizer instead.
 
     Returns:
         An uncompiled `keras.Model` named `"small_cnn"` whose output is a
@@ -206,7 +214,7 @@ def resnet(
     depth: int,
     input_shape: Sequence[int] = _CIFAR_SHAPE,
     num_classes: int = 10,
-    weight_decay: float = 1e-4,
+    weight_decay: float = 0.0,
 ) -> keras.Model:
     """The CIFAR ResNet of He et al. 2016 (ResNet-20/32/44/56/110 ...).
 
@@ -216,8 +224,8 @@ def resnet(
     Shortcuts are identities; where the shape changes they subsample and pad
     the new channels with zeros (option A), so the parameter counts match the
     paper: ResNet-20 0.27M, ResNet-56 0.85M, ResNet-110 1.7M. Convolutions use
-    He-normal init and weight decay, as in the ResNet experiments of Huang et
-    al. 2017, arXiv:1704.00109.
+    He-normal init, as in the ResNet experiments of Huang et al. 2017,
+    arXiv:1704.00109.
 
     Args:
         depth: Number of weighted layers, `6 * n + 2` with `n >= 1`
@@ -225,9 +233,11 @@ def resnet(
         input_shape: `(height, width, channels)` of one image. Defaults to
             CIFAR's `(32, 32, 3)`.
         num_classes: Number of classes of the softmax output. Defaults to 10.
-        weight_decay: SGD weight-decay coefficient `lambda` (gradient
+        weight_decay: Coupled weight-decay coefficient `lambda` (gradient
             `lambda * w`), applied to every kernel as `L2(lambda / 2)`.
-            Defaults to the paper's `1e-4`.
+            Defaults to `0.0`: no regularizer; decay the weights through
+            the optimizer instead, as the command line does. The paper
+            used `1e-4`.
 
     Returns:
         An uncompiled `keras.Model` named `f"resnet{depth}"`.
@@ -261,7 +271,7 @@ def wide_resnet(
     width: int = 4,
     input_shape: Sequence[int] = _CIFAR_SHAPE,
     num_classes: int = 10,
-    weight_decay: float = 5e-4,
+    weight_decay: float = 0.0,
 ) -> keras.Model:
     """A Wide ResNet (Zagoruyko & Komodakis 2016), e.g. WRN-32-4.
 
@@ -279,9 +289,10 @@ def wide_resnet(
         input_shape: `(height, width, channels)` of one image. Defaults to
             CIFAR's `(32, 32, 3)`.
         num_classes: Number of classes of the softmax output. Defaults to 10.
-        weight_decay: SGD weight-decay coefficient `lambda`, applied to every
-            kernel as `L2(lambda / 2)`. Defaults to `5e-4` (Zagoruyko &
-            Komodakis 2016).
+        weight_decay: Coupled weight-decay coefficient `lambda`, applied to
+            every kernel as `L2(lambda / 2)`. Defaults to `0.0`: no
+            regularizer; decay the weights through the optimizer instead.
+            Zagoruyko & Komodakis 2016 used `5e-4`.
 
     Returns:
         An uncompiled `keras.Model` named `f"wrn{depth}_{width}"`.
@@ -298,10 +309,7 @@ def wide_resnet(
         "6 * n + 2 with n >= 1 (e.g. 14, 20, 26, 32)",
         isinstance(depth, int) and depth >= 8 and (depth - 2) % 6 == 0,
     )
-    if isinstance(width, bool) or not isinstance(width, int) or width < 1:
-        raise ValueError(
-            f"`width` must be an int >= 1, e.g. 4. Received: width={width!r}"
-        )
+    check_positive_int("width", width)
     return _cifar_resnet(
         (depth - 2) // 6,
         (16 * width, 32 * width, 64 * width),
@@ -318,7 +326,7 @@ def densenet(
     growth_rate: int = 12,
     input_shape: Sequence[int] = _CIFAR_SHAPE,
     num_classes: int = 10,
-    weight_decay: float = 1e-4,
+    weight_decay: float = 0.0,
 ) -> keras.Model:
     """The CIFAR DenseNet of Huang et al. 2017 (DenseNet-40, k=12).
 
@@ -340,8 +348,10 @@ def densenet(
         input_shape: `(height, width, channels)` of one image. Defaults to
             CIFAR's `(32, 32, 3)`.
         num_classes: Number of classes of the softmax output. Defaults to 10.
-        weight_decay: SGD weight-decay coefficient `lambda`, applied to every
-            kernel as `L2(lambda / 2)`. Defaults to the paper's `1e-4`.
+        weight_decay: Coupled weight-decay coefficient `lambda`, applied to
+            every kernel as `L2(lambda / 2)`. Defaults to `0.0`: no
+            regularizer; decay the weights through the optimizer instead.
+            The paper used `1e-4`.
 
     Returns:
         An uncompiled `keras.Model` named `f"densenet{depth}_k{growth_rate}"`.
@@ -358,15 +368,7 @@ def densenet(
         "3 * L + 4 with L >= 1 layers per dense block (e.g. 40, 100)",
         isinstance(depth, int) and depth >= 7 and (depth - 4) % 3 == 0,
     )
-    if (
-        isinstance(growth_rate, bool)
-        or not isinstance(growth_rate, int)
-        or growth_rate < 1
-    ):
-        raise ValueError(
-            "`growth_rate` must be an int >= 1, e.g. 12. Received: "
-            f"growth_rate={growth_rate!r}"
-        )
+    check_positive_int("growth_rate", growth_rate)
     inputs = keras.Input(shape=_check_input_shape(input_shape))
     num_classes = _check_num_classes(num_classes)
     x = _conv(16, 3, weight_decay)(inputs)

@@ -1,82 +1,19 @@
-"""Evaluating a snapshot run and writing its report, tables and plots.
+"""The report step of `keras-snapshot`: tables, Markdown, JSON and plots.
 
-A front end: it only calls the public API (`load_snapshots`,
-`select_snapshots`' building blocks, `metrics`) and matplotlib.
+Writes what `keras-snapshot train` found (scores from
+`keras_snapshot.app.evaluate`) as `report.json`, `report.md` and four PNG
+plots. The plots use matplotlib's object-oriented API (`Figure` and
+`savefig`), which needs no backend and sets no global state.
 """
 
 import json
 import os
 
+import keras
 import numpy as np
+from matplotlib.figure import Figure
 
 from keras_snapshot import metrics
-from keras_snapshot import selection
-
-
-def evaluate_members(member_probs, y, single_probs=None) -> dict:
-    """Scores of each snapshot and of the ensembles of the last m snapshots.
-
-    Args:
-        member_probs: `(M, n, k)` predictions of the snapshots, oldest first.
-        y: Labels.
-        single_probs: Optional predictions of a baseline single model.
-
-    Returns:
-        A dict with `snapshots` (one score dict per snapshot), `last_m`
-        (the ensemble of the last m snapshots, m = 1..M, as in Figure 3 of
-        Huang et al. 2017), and `baseline` when given.
-    """
-    member_probs = np.asarray(member_probs)
-    count = len(member_probs)
-    result = {
-        "snapshots": [metrics.evaluate_predictions(p, y) for p in member_probs],
-        "last_m": [
-            dict(
-                m=m,
-                **metrics.evaluate_predictions(
-                    member_probs[-m:].mean(axis=0), y
-                ),
-            )
-            for m in range(1, count + 1)
-        ],
-        "disagreement": metrics.pairwise_disagreement(member_probs).tolist(),
-    }
-    if single_probs is not None:
-        result["baseline"] = metrics.evaluate_predictions(single_probs, y)
-    return result
-
-
-def choose_ensembles(val_probs, y_val, test_probs, y_test) -> dict:
-    """Uniform, last-m and greedy-weighted ensembles chosen on validation.
-
-    The choices are fitted on `val_probs` only and then scored on the test
-    predictions, as they must be.
-    """
-    count = len(val_probs)
-    m, last_weights = selection.best_last_m(val_probs, y_val)
-    greedy_weights, _ = selection.greedy_selection(val_probs, y_val)
-    choices = {
-        "uniform": np.full(count, 1.0 / count),
-        "last_m": last_weights,
-        "greedy": greedy_weights,
-    }
-    result = {}
-    for name, weights in choices.items():
-        val = np.tensordot(weights, val_probs, axes=1)
-        test = np.tensordot(weights, test_probs, axes=1)
-        temperature = selection.fit_temperature(val, y_val)
-        result[name] = {
-            "weights": np.round(weights, 6).tolist(),
-            "validation": metrics.evaluate_predictions(val, y_val),
-            "test": metrics.evaluate_predictions(test, y_test),
-            # Temperature scaling fitted on validation (Guo et al. 2017).
-            "temperature": round(float(temperature), 4),
-            "test_temperature_scaled": metrics.evaluate_predictions(
-                selection.apply_temperature(test, temperature), y_test
-            ),
-        }
-    result["last_m"]["m"] = int(m)
-    return result
 
 
 def _percent(value) -> str:
@@ -111,7 +48,7 @@ def markdown_report(report: dict) -> str:
             f"{_percent(ens['error'])} | {ens['nll']:.4f} | "
             f"{_percent(ens['ece'])} |"
         )
-    lines += ["", _verdict(report), ""]
+    lines += ["", verdict(report), ""]
     if "baseline" in test:
         lines += [
             f"Baseline single model (one cosine decay, same budget): "
@@ -156,7 +93,7 @@ def markdown_report(report: dict) -> str:
     return "\n".join(lines)
 
 
-def _verdict(report: dict) -> str:
+def verdict(report: dict) -> str:
     """One honest sentence on how the ensemble compares with its members."""
     test = report["test"]
     ensemble = test["last_m"][-1]["error"]
@@ -224,24 +161,64 @@ def write_report(run_dir: str, report: dict) -> None:
         f.write(markdown_report(report))
 
 
-def _pyplot():
-    import matplotlib
+def plan(run_dir: str, data, schedule, config: dict) -> str:
+    """The lines printed before training: directory, data and schedule."""
+    return (
+        f"Run directory: {run_dir}\nData: {data.name}, "
+        f"{len(data.x_train)} train / {len(data.x_val)} validation / "
+        f"{len(data.x_test)} test images, {data.num_classes} classes\n"
+        f"Schedule: {schedule.num_snapshots} cycles of "
+        f"{schedule.cycle_length} steps ({schedule.total_steps} steps, "
+        f"{config['epochs']} epochs), snapshots after steps "
+        f"{schedule.cycle_end_steps}"
+    )
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    return plt
+def write_run_report(run_dir: str, report: dict, schedule, probs, y_test):
+    """Writes `report.json`, `report.md` and the four plots into `run_dir`.
+
+    Args:
+        run_dir: The run directory.
+        report: The report dict (`test` holds `evaluate_members` scores).
+        schedule: The run's `SnapshotSchedule`.
+        probs: Snapshot predictions per split; `probs["test"]` is used.
+        y_test: Test labels.
+    """
+    write_report(run_dir, report)
+    plot_learning_rate(schedule, os.path.join(run_dir, "learning_rate.png"))
+    plot_error_vs_snapshots(
+        report["test"], os.path.join(run_dir, "error_vs_snapshots.png")
+    )
+    test_probs = probs["test"]
+    plot_reliability(
+        test_probs[-1],
+        test_probs.mean(axis=0),
+        y_test,
+        os.path.join(run_dir, "reliability.png"),
+    )
+    plot_disagreement(
+        report["test"]["disagreement"],
+        os.path.join(run_dir, "disagreement.png"),
+    )
+
+
+def _figure(figsize):
+    """A matplotlib `Figure` and its axes, without pyplot or a backend."""
+    figure = Figure(figsize=figsize)
+    return figure, figure.subplots()
+
+
+def _save(figure, path: str) -> None:
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
 
 
 def plot_learning_rate(schedule, path: str) -> None:
     """Learning rate over optimizer steps, with the snapshot points marked."""
-    import keras
-
-    plt = _pyplot()
     steps = np.arange(schedule.total_steps)
     rates = keras.ops.convert_to_numpy(schedule(steps))
     ends = np.array(schedule.cycle_end_steps)
-    fig, ax = plt.subplots(figsize=(7, 3.2))
+    fig, ax = _figure((7, 3.2))
     ax.plot(steps, rates, lw=1.2, label="learning rate")
     ax.scatter(
         ends, rates[ends - 1], color="crimson", zorder=3, label="snapshot"
@@ -253,17 +230,14 @@ def plot_learning_rate(schedule, path: str) -> None:
         f"{schedule.cycle_length} steps"
     )
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def plot_error_vs_snapshots(test: dict, path: str) -> None:
     """Test error of the ensemble of the last m snapshots (Figure 3)."""
-    plt = _pyplot()
     count = len(test["snapshots"])
     m = np.arange(1, count + 1)
-    fig, ax = plt.subplots(figsize=(6, 3.6))
+    fig, ax = _figure((6, 3.6))
     ax.plot(
         m,
         [100 * e["error"] for e in test["last_m"]],
@@ -288,15 +262,12 @@ def plot_error_vs_snapshots(test: dict, path: str) -> None:
     ax.set_ylabel("test error %")
     ax.set_xticks(m)
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def plot_reliability(single_probs, ensemble_probs, y, path: str) -> None:
     """Reliability diagram of the final single model and the ensemble."""
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(4.5, 4.5))
+    fig, ax = _figure((4.5, 4.5))
     ax.plot([0, 1], [0, 1], color="gray", ls=":", label="perfect calibration")
     for probs, label in (
         (single_probs, "final single model"),
@@ -314,17 +285,14 @@ def plot_reliability(single_probs, ensemble_probs, y, path: str) -> None:
     ax.set_xlabel("confidence")
     ax.set_ylabel("accuracy")
     ax.legend(loc="upper left", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def plot_disagreement(disagreement, path: str) -> None:
     """Heatmap of the pairwise disagreement between snapshots."""
-    plt = _pyplot()
     matrix = 100 * np.asarray(disagreement)
     count = len(matrix)
-    fig, ax = plt.subplots(figsize=(4.8, 4))
+    fig, ax = _figure((4.8, 4))
     image = ax.imshow(matrix, cmap="viridis")
     ax.set_xticks(range(count), [str(i + 1) for i in range(count)])
     ax.set_yticks(range(count), [str(i + 1) for i in range(count)])
@@ -332,6 +300,4 @@ def plot_disagreement(disagreement, path: str) -> None:
     ax.set_ylabel("snapshot")
     ax.set_title("test predictions that differ (%)")
     fig.colorbar(image, ax=ax)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)

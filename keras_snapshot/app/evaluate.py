@@ -1,0 +1,128 @@
+"""The evaluate step of `keras-snapshot`: score a run's snapshots.
+
+Predicts with every snapshot once per split and scores each snapshot, each
+ensemble of the last m snapshots (Figure 3 of Huang et al. 2017,
+arXiv:1704.00109) and the baseline when there is one; chooses ensembles on
+the validation split. `keras-snapshot train` and `keras-snapshot evaluate`
+both run it.
+"""
+
+import json
+import os
+
+import keras
+import numpy as np
+
+from keras_snapshot import load_snapshots
+from keras_snapshot import metrics
+from keras_snapshot import selection
+from keras_snapshot.app import report as report_lib
+from keras_snapshot.app import run as run_lib
+
+
+def evaluate_members(member_probs, y, single_probs=None) -> dict:
+    """Scores of each snapshot and of the ensembles of the last m snapshots.
+
+    Args:
+        member_probs: `(M, n, k)` predictions of the snapshots, oldest first.
+        y: Labels.
+        single_probs: Optional predictions of a baseline single model.
+
+    Returns:
+        A dict with `snapshots` (one score dict per snapshot), `last_m`
+        (the ensemble of the last m snapshots, m = 1..M, as in Figure 3 of
+        Huang et al. 2017), `disagreement`, and `baseline` when given.
+    """
+    member_probs = np.asarray(member_probs)
+    count = len(member_probs)
+    result = {
+        "snapshots": [metrics.evaluate_predictions(p, y) for p in member_probs],
+        "last_m": [
+            dict(
+                m=m,
+                **metrics.evaluate_predictions(
+                    member_probs[-m:].mean(axis=0), y
+                ),
+            )
+            for m in range(1, count + 1)
+        ],
+        "disagreement": metrics.pairwise_disagreement(member_probs).tolist(),
+    }
+    if single_probs is not None:
+        result["baseline"] = metrics.evaluate_predictions(single_probs, y)
+    return result
+
+
+# The report's name of each `selection.choose_members` method.
+CHOICES = {"uniform": "all", "last_m": "last_m", "greedy": "greedy"}
+
+
+def choose_ensembles(val_probs, y_val, test_probs, y_test) -> dict:
+    """Uniform, last-m and greedy-weighted ensembles chosen on validation.
+
+    The members, weights and temperatures are fitted on `val_probs` only
+    (with `selection.choose_members` and `selection.fit_temperature`) and
+    then scored on the test predictions, as they must be.
+    """
+    result = {}
+    for name, method in CHOICES.items():
+        weights = selection.choose_members(val_probs, y_val, method)
+        val = np.tensordot(weights, val_probs, axes=1)
+        test = np.tensordot(weights, test_probs, axes=1)
+        temperature = selection.fit_temperature(val, y_val)
+        result[name] = {
+            "weights": np.round(weights, 6).tolist(),
+            "validation": metrics.evaluate_predictions(val, y_val),
+            "test": metrics.evaluate_predictions(test, y_test),
+            # Temperature scaling fitted on validation (Guo et al. 2017).
+            "temperature": round(float(temperature), 4),
+            "test_temperature_scaled": metrics.evaluate_predictions(
+                selection.apply_temperature(test, temperature), y_test
+            ),
+        }
+    result["last_m"]["m"] = int(np.count_nonzero(result["last_m"]["weights"]))
+    return result
+
+
+def evaluate_run(run_dir: str, data, splits=("val", "test")):
+    """Scores and member predictions of a run on each of `splits`.
+
+    Returns:
+        `(scores, probs)`: `scores[split]` from `evaluate_members` and
+        `probs[split]` the `(M, n, k)` snapshot predictions. An empty
+        validation split is left out.
+    """
+    members = load_snapshots(os.path.join(run_dir, run_lib.SNAPSHOT_DIR))
+    baseline_path = os.path.join(run_dir, run_lib.BASELINE_FILE)
+    baseline = None
+    if os.path.isfile(baseline_path):
+        baseline = keras.saving.load_model(baseline_path, compile=False)
+    scores, probs = {}, {}
+    for name in splits:
+        if name == "val" and len(data.x_val) == 0:
+            continue
+        x, y = run_lib.split(data, name)
+        probs[name] = selection.predict_members(members, x)
+        single = None
+        if baseline is not None:
+            single = selection.predict_members([baseline], x)[0]
+        scores[name] = evaluate_members(probs[name], y, single)
+    return scores, probs
+
+
+def evaluate_command(args) -> int:
+    """`keras-snapshot evaluate RUN_DIR`: score the run on one split."""
+    run = run_lib.read_run(args.run_dir)
+    data = run_lib.load_data(run["config"], args.data_dir)
+    scores, _ = evaluate_run(args.run_dir, data, splits=(args.split,))
+    result = scores[args.split]
+    path = os.path.join(args.run_dir, f"evaluation_{args.split}.json")
+    with open(path, "w") as f:
+        json.dump(result, f, indent=2)
+    print(
+        report_lib.summary_table({"test": result}).replace(
+            "test error", f"{args.split} error"
+        )
+    )
+    print(f"\nWritten: {path}")
+    return 0

@@ -1,0 +1,152 @@
+"""The run directory of `keras-snapshot` and the settings of a run.
+
+A run directory holds `run.json` (the settings and the training status),
+`snapshots/` (written by `SnapshotCheckpoint`), the exported ensemble and the
+report. The helpers here are shared by the `train`, `evaluate` and `export`
+steps: reading and writing `run.json`, loading the run's data, and the
+number of optimizer steps per epoch, computed here and nowhere else.
+
+Nothing here imports TensorFlow or Keras at module level, so that
+`keras-snapshot --help` stays fast.
+"""
+
+import json
+import math
+import os
+import shutil
+import tempfile
+
+RUN_FILE = "run.json"
+SNAPSHOT_DIR = "snapshots"
+BASELINE_FILE = "baseline.keras"
+# Settings that define a run: resuming with other values is refused.
+RUN_KEYS = (
+    "dataset",
+    "model",
+    "epochs",
+    "num_snapshots",
+    "learning_rate",
+    "batch_size",
+    "momentum",
+    "weight_decay",
+    "augment",
+    "validation_fraction",
+    "seed",
+    "recalibrate_bn",
+)
+
+
+class UsageError(Exception):
+    """A mistake in the command line: reported in one line, exit code 2."""
+
+
+def read_run(run_dir: str) -> dict:
+    """The contents of `run_dir/run.json`, or a `UsageError`."""
+    path = os.path.join(run_dir, RUN_FILE)
+    if not os.path.isfile(path):
+        raise UsageError(
+            f"{run_dir} is not a keras-snapshot run directory (no {RUN_FILE});"
+            " create one with `keras-snapshot train --output-dir ...`."
+        )
+    with open(path) as f:
+        return json.load(f)
+
+
+def write_run(run_dir: str, run: dict) -> None:
+    from keras_snapshot.manifest import write_json_atomic
+
+    write_json_atomic(os.path.join(run_dir, RUN_FILE), run)
+
+
+def _ensure_writable(directory: str) -> None:
+    try:
+        os.makedirs(directory, exist_ok=True)
+        with tempfile.TemporaryFile(dir=directory):
+            pass
+    except OSError as e:
+        raise UsageError(
+            f"cannot write to the output directory {directory}: "
+            f"{e.strerror or e}. Choose a writable --output-dir."
+        ) from None
+
+
+def start_or_resume(config: dict, overwrite: bool) -> dict:
+    """The run in `config["output_dir"]`: a new one, or the one to resume.
+
+    Resuming with other settings (`RUN_KEYS`) is refused; `overwrite`
+    deletes the directory first.
+    """
+    run_dir = config["output_dir"]
+    if overwrite and os.path.exists(run_dir):
+        shutil.rmtree(run_dir)
+    if os.path.isfile(os.path.join(run_dir, RUN_FILE)):
+        run = read_run(run_dir)
+        differ = [
+            f"{key}: {run['config'].get(key)!r} != {config[key]!r}"
+            for key in RUN_KEYS
+            if run["config"].get(key) != config[key]
+        ]
+        if differ:
+            raise UsageError(
+                f"{run_dir} holds a run with other settings ("
+                + "; ".join(differ)
+                + "). Use another --output-dir, or --overwrite to start over."
+            )
+        return run
+    if os.path.isdir(run_dir) and os.listdir(run_dir):
+        raise UsageError(
+            f"the output directory {run_dir} exists and is not a "
+            "keras-snapshot run; choose another --output-dir."
+        )
+    _ensure_writable(run_dir)
+    run = {"config": config, "status": "new"}
+    write_run(run_dir, run)
+    return run
+
+
+def load_data(config: dict, data_dir=None):
+    """The run's dataset, split as it was for training."""
+    from keras_snapshot.app.datasets import load_dataset
+
+    return load_dataset(
+        config["dataset"],
+        data_dir=data_dir,
+        validation_fraction=config["validation_fraction"],
+        seed=config["seed"],
+    )
+
+
+def split(data, name: str):
+    """`(x, y)` of the `"train"`, `"val"` or `"test"` split, never empty."""
+    x, y = {
+        "train": (data.x_train, data.y_train),
+        "val": (data.x_val, data.y_val),
+        "test": (data.x_test, data.y_test),
+    }[name]
+    if len(x) == 0:
+        raise UsageError(
+            f"the {name} split of {data.name} is empty; choose another split "
+            "or a --validation-fraction above 0."
+        )
+    return x, y
+
+
+def steps_per_epoch(config: dict, data) -> int:
+    """Optimizer steps in one epoch over the training split.
+
+    The one place this is computed: the schedule, the baseline's cosine
+    decay and the printed plan all use it.
+    """
+    return math.ceil(len(data.x_train) / config["batch_size"])
+
+
+def make_schedule(config: dict, data):
+    """The run's `SnapshotSchedule` (it checks M against the budget)."""
+    from keras_snapshot import SnapshotSchedule
+
+    return SnapshotSchedule.from_epochs(
+        config["learning_rate"],
+        config["epochs"],
+        steps_per_epoch(config, data),
+        config["num_snapshots"],
+    )

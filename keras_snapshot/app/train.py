@@ -1,0 +1,234 @@
+"""`keras-snapshot train`: train, evaluate, export and report, in that order.
+
+`train_command` reads top to bottom as the job it runs; each step is a
+function here or in `evaluate`, `export` and `report`, which the `evaluate`
+and `export` commands reuse.
+"""
+
+import os
+import time
+
+import keras
+
+from keras_snapshot import SnapshotCheckpoint
+from keras_snapshot.app import report as report_lib
+from keras_snapshot.app import run as run_lib
+from keras_snapshot.app.evaluate import choose_ensembles
+from keras_snapshot.app.evaluate import evaluate_run
+from keras_snapshot.app.export import chosen_snapshots
+from keras_snapshot.app.export import export_files
+from keras_snapshot.app.models import MODELS
+from keras_snapshot.app.models import get_model
+
+_RECALIBRATION_SAMPLES = 10000
+
+
+def run_config(args) -> dict:
+    """The run's settings from the command line, checked before any work."""
+    looks_like_a_path = args.model.endswith(".keras") or os.sep in args.model
+    if args.model not in MODELS and looks_like_a_path:
+        if not os.path.isfile(args.model):
+            raise run_lib.UsageError(
+                f"the model file {args.model} does not exist; give the path "
+                "of a saved .keras model, or a model name: "
+                f"{', '.join(MODELS)}."
+            )
+    elif args.model not in MODELS:
+        raise run_lib.UsageError(
+            f"unknown model {args.model!r}: choose one of "
+            f"{', '.join(MODELS)}, or give the path of a .keras file."
+        )
+    if not 0 <= args.validation_fraction < 1:
+        raise run_lib.UsageError(
+            "--validation-fraction must be in [0, 1), received "
+            f"{args.validation_fraction}."
+        )
+    config = {
+        key: getattr(args, key)
+        for key in run_lib.RUN_KEYS
+        + ("data_dir", "select", "baseline", "strategy", "output_dir")
+    }
+    config["output_dir"] = args.output_dir or os.path.join(
+        "runs", f"{args.dataset}_{os.path.basename(args.model)}_seed{args.seed}"
+    )
+    return config
+
+
+def _strategy(name: str):
+    if name == "default":
+        import tensorflow as tf
+
+        return tf.distribute.get_strategy()
+    from keras_snapshot.app.distribute import get_strategy
+
+    return get_strategy(name)
+
+
+def _compiled_model(config, data, learning_rate, strategy):
+    """The model, compiled with SGD; weight decay is applied here only.
+
+    `--weight-decay` is the optimizer's decoupled weight decay: each step
+    multiplies the weights by `1 - learning_rate * weight_decay`. The
+    models add no kernel regularizer, so the decay is applied once.
+    """
+    with strategy.scope():
+        model = get_model(config["model"], data.input_shape, data.num_classes)
+        model.compile(
+            optimizer=keras.optimizers.SGD(
+                learning_rate=learning_rate,
+                momentum=config["momentum"],
+                weight_decay=config["weight_decay"] or None,
+            ),
+            loss="sparse_categorical_crossentropy",
+            metrics=["accuracy"],
+        )
+    return model
+
+
+def _fit(model, data, config, callbacks, verbose):
+    from keras_snapshot.app.datasets import make_dataset
+
+    train = make_dataset(
+        data.x_train,
+        data.y_train,
+        config["batch_size"],
+        shuffle=True,
+        augment=config["augment"],
+        seed=config["seed"],
+    )
+    validation = None
+    if len(data.x_val):
+        validation = make_dataset(
+            data.x_val, data.y_val, max(256, config["batch_size"])
+        )
+    model.fit(
+        train,
+        epochs=config["epochs"],
+        validation_data=validation,
+        callbacks=callbacks,
+        verbose=verbose,
+        shuffle=False,  # The tf.data pipeline shuffles every epoch.
+    )
+
+
+def train_snapshots(run, config, data, schedule, strategy, verbose) -> float:
+    """Trains with snapshots, or resumes; returns the total training time.
+
+    `run.json` records the status, so that a run killed during training
+    resumes from its last backup and a finished one is not trained again.
+    """
+    run_dir = config["output_dir"]
+    if run["status"] == "trained":
+        print("Training already finished; evaluating the saved snapshots.")
+        return run.get("train_seconds", 0.0)
+    if run["status"] == "training":
+        print("Resuming the interrupted run from its last backup.")
+    run["status"] = "training"
+    run_lib.write_run(run_dir, run)
+
+    keras.utils.set_random_seed(config["seed"])
+    model = _compiled_model(config, data, schedule, strategy)
+    recalibration = None
+    if config["recalibrate_bn"]:
+        recalibration = data.x_train[:_RECALIBRATION_SAMPLES]
+    callbacks = [
+        keras.callbacks.BackupAndRestore(os.path.join(run_dir, "backup")),
+        SnapshotCheckpoint(
+            os.path.join(run_dir, run_lib.SNAPSHOT_DIR),
+            recalibration_data=recalibration,
+            verbose=1 if verbose else 0,
+        ),
+    ]
+    started = time.perf_counter()
+    _fit(model, data, config, callbacks, verbose)
+    seconds = run.get("train_seconds", 0.0) + time.perf_counter() - started
+    run.update(status="trained", train_seconds=seconds)
+    run_lib.write_run(run_dir, run)
+    return seconds
+
+
+def train_baseline(config, data, schedule, strategy, verbose) -> None:
+    """A single model with one cosine decay over the same budget."""
+    path = os.path.join(config["output_dir"], run_lib.BASELINE_FILE)
+    if os.path.isfile(path):
+        return
+    keras.utils.set_random_seed(config["seed"])
+    decay = keras.optimizers.schedules.CosineDecay(
+        config["learning_rate"], schedule.total_steps
+    )
+    model = _compiled_model(config, data, decay, strategy)
+    print("Training the baseline single model (one cosine decay) ...")
+    _fit(model, data, config, [], verbose)
+    model.save(path)
+
+
+def _temperature(choices, args):
+    """The validation-fitted temperature of the exported choice, or None."""
+    if not args.temperature_scaling:
+        return None
+    if not choices:
+        raise run_lib.UsageError(
+            "--temperature-scaling is fitted on the validation split; "
+            "use a --validation-fraction above 0."
+        )
+    name = args.select if args.select != "all" else "uniform"
+    return choices[name]["temperature"]
+
+
+def train_command(args) -> int:
+    """`keras-snapshot train`: the whole job, one step after the other."""
+    config = run_config(args)
+    data = run_lib.load_data(config, args.data_dir)
+    # Checks M against the budget before anything is written.
+    schedule = run_lib.make_schedule(config, data)
+    run = run_lib.start_or_resume(config, overwrite=args.overwrite)
+    run_dir = config["output_dir"]
+    strategy = _strategy(args.strategy)
+    print(report_lib.plan(run_dir, data, schedule, config))
+
+    train_seconds = train_snapshots(
+        run, config, data, schedule, strategy, args.verbose
+    )
+    if args.baseline:
+        train_baseline(config, data, schedule, strategy, args.verbose)
+
+    scores, probs = evaluate_run(run_dir, data)
+    choices = None
+    if "val" in probs:
+        choices = choose_ensembles(
+            probs["val"], data.y_val, probs["test"], data.y_test
+        )
+    weights = None
+    if args.select != "all" and choices:
+        weights = choices[args.select]["weights"]
+    snapshots, weights = chosen_snapshots(run_dir, weights)
+    temperature = _temperature(choices, args)
+    export_files(run_dir, snapshots, weights, temperature)
+
+    report = {
+        "config": config,
+        "steps": schedule.total_steps,
+        "cycle_end_steps": schedule.cycle_end_steps,
+        "train_seconds": round(train_seconds, 2),
+        "test": scores["test"],
+        "validation": scores.get("val"),
+        "choices": choices,
+        "exported": {
+            "choice": args.select,
+            "members": len(snapshots),
+            "temperature": temperature,
+        },
+        "versions": {
+            "keras": keras.__version__,
+            "backend": keras.backend.backend(),
+        },
+    }
+    report_lib.write_run_report(run_dir, report, schedule, probs, data.y_test)
+    print("\n" + report_lib.summary_table(report))
+    print("\n" + report_lib.verdict(report))
+    print(
+        f"\nReport: {os.path.join(run_dir, 'report.md')}\n"
+        f"Ensemble: {os.path.join(run_dir, 'ensemble.keras')} and "
+        f"{os.path.join(run_dir, 'saved_model')}"
+    )
+    return 0

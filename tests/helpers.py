@@ -1,0 +1,73 @@
+"""Small data, models and training runs shared by the tests.
+
+Import these from here (`from helpers import make_data`), never from
+`conftest`; conftest.py only holds the fixtures.
+"""
+
+import os
+
+import keras
+import numpy as np
+
+import keras_snapshot
+
+
+def make_data(n=96, features=8, classes=3, seed=0):
+    """A small learnable classification problem."""
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, features)).astype("float32")
+    w = rng.normal(size=(features, classes))
+    y = np.argmax(x @ w, axis=1).astype("int32")
+    return x, y
+
+
+def make_model(features=8, classes=3, batchnorm=True, name=None):
+    layers = [keras.Input((features,)), keras.layers.Dense(16)]
+    if batchnorm:
+        layers.append(keras.layers.BatchNormalization())
+    layers += [
+        keras.layers.Activation("relu"),
+        keras.layers.Dense(classes, activation="softmax"),
+    ]
+    return keras.Sequential(layers, name=name)
+
+
+def compile_with_schedule(model, total_steps, num_snapshots, lr=0.1):
+    schedule = keras_snapshot.SnapshotSchedule(lr, total_steps, num_snapshots)
+    model.compile(
+        optimizer=keras.optimizers.SGD(schedule, momentum=0.9),
+        loss="sparse_categorical_crossentropy",
+        metrics=["accuracy"],
+    )
+    return schedule
+
+
+def train_snapshots(directory, epochs=5, batch_size=16, num_snapshots=3, **kw):
+    """Trains the tiny model with snapshots; 96 samples -> 6 steps/epoch."""
+    keras.utils.set_random_seed(0)
+    x, y = make_data()
+    model = make_model()
+    steps = epochs * int(np.ceil(len(x) / batch_size))
+    schedule = compile_with_schedule(model, steps, num_snapshots)
+    callback = keras_snapshot.SnapshotCheckpoint(directory, verbose=0, **kw)
+    model.fit(
+        x,
+        y,
+        batch_size=batch_size,
+        epochs=epochs,
+        callbacks=[callback],
+        verbose=0,
+    )
+    return model, schedule, callback
+
+
+def saved_steps(directory):
+    """The optimizer step stored inside each snapshot file, in file order."""
+    steps = []
+    for name in sorted(os.listdir(directory)):
+        if name.endswith(".keras"):
+            model = keras.saving.load_model(os.path.join(directory, name))
+            steps.append(
+                int(keras.ops.convert_to_numpy(model.optimizer.iterations))
+            )
+    return steps

@@ -13,11 +13,8 @@ from keras import ops
 
 from keras_snapshot import manifest as manifest_lib
 from keras_snapshot._checks import check_positive_int
-<<<<<<< HEAD
-from keras_snapshot.batchnorm import check_bounded_data
-=======
 from keras_snapshot._distribution import is_writer
->>>>>>> dist
+from keras_snapshot.batchnorm import check_bounded_data
 from keras_snapshot.batchnorm import recalibrate_batchnorm
 from keras_snapshot.batchnorm import restore_batchnorm_statistics
 from keras_snapshot.batchnorm import save_batchnorm_statistics

@@ -5,13 +5,6 @@ import os
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import pytest  # noqa: E402
-
-# Re-exported for test modules that still import them from conftest; new
-# code imports from `helpers`.
-from helpers import compile_with_schedule  # noqa: E402, F401
-from helpers import make_data  # noqa: E402, F401
-from helpers import make_model  # noqa: E402, F401
-from helpers import saved_steps  # noqa: E402, F401
 from helpers import train_snapshots  # noqa: E402
 
 

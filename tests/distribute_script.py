@@ -87,8 +87,8 @@ def _train(
     directory, model, epochs=EPOCHS, late_chief_seconds=0.0, after_compile=None
 ):
     """Compiles and fits `model` with snapshots; returns the callback."""
-    from conftest import compile_with_schedule
-    from conftest import make_data
+    from helpers import compile_with_schedule
+    from helpers import make_data
 
     x, y = make_data(n=SAMPLES)
     compile_with_schedule(model, EPOCHS * (SAMPLES // BATCH_SIZE), SNAPSHOTS)
@@ -109,7 +109,7 @@ def _train(
 
 
 def _new_model():
-    from conftest import make_model
+    from helpers import make_model
 
     # No BatchNorm: each replica would normalise with the moments of its
     # part of the batch, so a distributed run would differ on purpose.
@@ -290,8 +290,8 @@ def jax_multiprocess(outdir, snapshot_dir, coordinator, count, index):
     import jax
     import keras
     import numpy as np
-    from conftest import compile_with_schedule
-    from conftest import make_data
+    from helpers import compile_with_schedule
+    from helpers import make_data
 
     keras.distribution.initialize(
         job_addresses=coordinator, num_processes=count, process_id=index

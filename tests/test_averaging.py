@@ -21,8 +21,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
-from conftest import make_data  # noqa: E402
-from conftest import make_model  # noqa: E402
+from helpers import make_data  # noqa: E402
+from helpers import make_model  # noqa: E402
 
 from keras_snapshot.averaging import StochasticWeightAveraging  # noqa: E402
 from keras_snapshot.averaging import average_weights  # noqa: E402

@@ -2,8 +2,8 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import make_data
-from conftest import make_model
+from helpers import make_data
+from helpers import make_model
 
 from keras_snapshot import recalibrate_batchnorm
 

@@ -17,9 +17,9 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import compile_with_schedule
-from conftest import make_data
-from conftest import make_model
+from helpers import compile_with_schedule
+from helpers import make_data
+from helpers import make_model
 
 import keras_snapshot
 from keras_snapshot import SnapshotCheckpoint

@@ -6,8 +6,8 @@ import zipfile
 import keras
 import numpy as np
 import pytest
-from conftest import make_data
-from conftest import make_model
+from helpers import make_data
+from helpers import make_model
 
 from keras_snapshot.distill import distill
 from keras_snapshot.ensemble import build_ensemble

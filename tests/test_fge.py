@@ -5,8 +5,8 @@ import math
 import keras
 import numpy as np
 import pytest
-from conftest import make_data
-from conftest import make_model
+from helpers import make_data
+from helpers import make_model
 
 import keras_snapshot
 from keras_snapshot.fge import FGESchedule

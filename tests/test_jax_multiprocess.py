@@ -17,8 +17,8 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import make_data
-from conftest import saved_steps
+from helpers import make_data
+from helpers import saved_steps
 
 import keras_snapshot
 from keras_snapshot import manifest as manifest_lib

@@ -13,10 +13,10 @@ import shutil
 import keras
 import numpy as np
 import pytest
-from conftest import compile_with_schedule
-from conftest import make_data
-from conftest import make_model
-from conftest import train_snapshots
+from helpers import compile_with_schedule
+from helpers import make_data
+from helpers import make_model
+from helpers import train_snapshots
 
 import keras_snapshot
 from keras_snapshot import build_ensemble

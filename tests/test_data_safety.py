@@ -293,3 +293,35 @@ def test_training_past_total_steps_and_short_fits_warn(tmp_path):
         fit(str(tmp_path / "long"), epochs=7)
     with pytest.warns(UserWarning, match="will not be taken"):
         fit(str(tmp_path / "short"), epochs=3)
+
+
+# 1. --overwrite only replaces a run, and only the run's own files.
+
+
+def test_overwrite_refuses_a_folder_that_is_not_a_run(tmp_path):
+    from keras_snapshot.app import cli
+
+    precious = tmp_path / "precious"
+    precious.mkdir()
+    (precious / "thesis.tex").write_text("years of work")
+    code = cli.main(
+        ["train", "--output-dir", str(precious), "--overwrite", "--epochs", "2"]
+    )
+    assert code == 2
+    assert (precious / "thesis.tex").read_text() == "years of work"
+    link = tmp_path / "link"
+    link.symlink_to(precious)
+    assert cli.main(["train", "--output-dir", str(link), "--overwrite"]) == 2
+    assert (precious / "thesis.tex").exists()
+
+
+def test_overwrite_removes_only_the_runs_own_files(tmp_path):
+    from keras_snapshot.app import run as run_lib
+
+    run_dir = tmp_path / "run"
+    (run_dir / "snapshots").mkdir(parents=True)
+    (run_dir / "run.json").write_text("{}")
+    (run_dir / "report.md").write_text("old report")
+    (run_dir / "notes.txt").write_text("mine")
+    run_lib.remove_run(str(run_dir))
+    assert sorted(os.listdir(run_dir)) == ["notes.txt"]

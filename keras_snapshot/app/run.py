@@ -19,6 +19,22 @@ import tempfile
 RUN_FILE = "run.json"
 SNAPSHOT_DIR = "snapshots"
 BASELINE_FILE = "baseline.keras"
+BACKUP_DIR = "backup"
+# Everything a run writes into its folder: all that --overwrite may remove.
+RUN_OUTPUTS = (
+    RUN_FILE,
+    SNAPSHOT_DIR,
+    BACKUP_DIR,
+    BASELINE_FILE,
+    "ensemble.keras",
+    "saved_model",
+    "report.json",
+    "report.md",
+    "learning_rate.png",
+    "error_vs_snapshots.png",
+    "reliability.png",
+    "disagreement.png",
+)
 # Settings that define a run: resuming with other values is refused.
 RUN_KEYS = (
     "dataset",
@@ -77,8 +93,8 @@ def start_or_resume(config: dict, overwrite: bool) -> dict:
     deletes the directory first.
     """
     run_dir = config["output_dir"]
-    if overwrite and os.path.exists(run_dir):
-        shutil.rmtree(run_dir)
+    if overwrite and os.path.lexists(run_dir):
+        remove_run(run_dir)
     if os.path.isfile(os.path.join(run_dir, RUN_FILE)):
         run = read_run(run_dir)
         differ = [
@@ -102,6 +118,33 @@ def start_or_resume(config: dict, overwrite: bool) -> dict:
     run = {"config": config, "status": "new"}
     write_run(run_dir, run)
     return run
+
+
+def remove_run(run_dir: str) -> None:
+    """Deletes a run's own files (`RUN_OUTPUTS`) and nothing else.
+
+    Refuses (`UsageError`) a folder that holds no keras-snapshot run or is a
+    symbolic link, so that `--overwrite` never deletes someone's data.
+    """
+    if os.path.islink(run_dir) or not os.path.isdir(run_dir):
+        raise UsageError(
+            f"--overwrite replaces a keras-snapshot run folder, and {run_dir} "
+            "is a link or not a folder; choose another --output-dir."
+        )
+    if not os.path.isfile(os.path.join(run_dir, RUN_FILE)):
+        if not os.listdir(run_dir):
+            return
+        raise UsageError(
+            f"--overwrite only replaces a keras-snapshot run, and {run_dir} "
+            f"holds no {RUN_FILE}: nothing was deleted. Choose another "
+            "--output-dir."
+        )
+    for name in RUN_OUTPUTS:
+        path = os.path.join(run_dir, name)
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path)
+        elif os.path.lexists(path):
+            os.remove(path)
 
 
 def load_data(config: dict, data_dir=None):

@@ -132,7 +132,11 @@ def train_snapshots(run, config, data, schedule, strategy, verbose) -> float:
     if config["recalibrate_bn"]:
         recalibration = data.x_train[:_RECALIBRATION_SAMPLES]
     callbacks = [
-        keras.callbacks.BackupAndRestore(os.path.join(run_dir, "backup")),
+        # Two backups: Keras falls back to the older one if the newer one
+        # was cut short by a kill.
+        keras.callbacks.BackupAndRestore(
+            os.path.join(run_dir, run_lib.BACKUP_DIR), double_checkpoint=True
+        ),
         SnapshotCheckpoint(
             os.path.join(run_dir, run_lib.SNAPSHOT_DIR),
             recalibration_data=recalibration,

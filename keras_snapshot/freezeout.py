@@ -153,6 +153,27 @@ def freeze_steps(fractions: Sequence[float], total_steps: int) -> list[int]:
     return [math.ceil(f * total_steps - 1e-9) for f in fractions]
 
 
+def group_rate_factor(step, fraction, total_steps, scale_lr=True):
+    """`lr_i(t) / lr0` for a group that freezes at `fraction` of training.
+
+    `0.5 * (1 / t_i if scale_lr else 1) * (1 + cos(pi * t / (t_i * T)))`
+    for `t < t_i * T`, and 0 from there on. In `keras.ops`, so it runs in
+    the train step; `step` can also be a numpy array of steps.
+
+    Example:
+
+    ```python
+    group_rate_factor(0, 0.5, 100)  # 2.0: the scaled start, 1 / t_i
+    group_rate_factor(50, 0.5, 100)  # 0.0: frozen
+    ```
+    """
+    progress = ops.minimum(
+        ops.divide(ops.cast(step, "float32"), fraction * total_steps), 1.0
+    )
+    start = 1.0 / fraction if scale_lr else 1.0
+    return 0.5 * start * (1.0 + ops.cos(math.pi * progress))
+
+
 def _is_normalization(layer) -> bool:
     return isinstance(layer, _NORMALIZATION)
 
@@ -538,18 +559,13 @@ class FreezeOut(keras.callbacks.Callback):
     # The plan -----------------------------------------------------------
 
     def learning_rate_factor(self, group: int, step):
-        """`lr_i(t) / lr0` of group `i` at `step` (0-based), in `keras.ops`.
+        """`lr_i(t) / lr0` of group `i` at `step`; see `group_rate_factor`.
 
-        Zero from the group's freeze step on. Valid once `fit` has begun
-        (it needs `T` and the groups).
+        Valid once `fit` has begun (it needs `T` and the groups).
         """
-        fraction = self.fractions_[group]
-        progress = ops.minimum(
-            ops.divide(ops.cast(step, "float32"), fraction * self.total_steps_),
-            1.0,
+        return group_rate_factor(
+            step, self.fractions_[group], self.total_steps_, self.scale_lr
         )
-        start = 1.0 / fraction if self.scale_lr else 1.0
-        return 0.5 * start * (1.0 + ops.cos(math.pi * progress))
 
     def _resolve_total_steps(self) -> int:
         if self.total_steps is not None:

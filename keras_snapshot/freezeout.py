@@ -404,6 +404,14 @@ def _attach_rates(optimizer, factor_of_variable, active_variables):
     """
     while hasattr(optimizer, "inner_optimizer"):  # LossScaleOptimizer
         optimizer = optimizer.inner_optimizer
+
+    def detach():
+        for name in ("update_step", "stateless_apply"):
+            if getattr(vars(optimizer).get(name), "freezeout", False):
+                delattr(optimizer, name)
+
+    # A `fit` that raised never reached `on_train_end`: undo its wrappers.
+    detach()
     update_step = optimizer.update_step
     stateless_apply = optimizer.stateless_apply
 
@@ -429,15 +437,11 @@ def _attach_rates(optimizer, factor_of_variable, active_variables):
             [scope.get_current_value(v) for v in optimizer.variables],
         )
 
+    group_update_step.freezeout = True
+    subset_stateless_apply.freezeout = True
     optimizer.update_step = group_update_step
     if keras.backend.backend() == "jax":
         optimizer.stateless_apply = subset_stateless_apply
-
-    def detach():
-        for name in ("update_step", "stateless_apply"):
-            if name in vars(optimizer):
-                delattr(optimizer, name)
-
     return detach
 
 

@@ -525,6 +525,49 @@ def test_optimizer_is_left_as_it_was():
     assert type(model.optimizer) is keras.optimizers.Adam
 
 
+def test_a_failed_fit_does_not_stack_rate_wrappers():
+    keras.utils.set_random_seed(0)
+    x, y = make_data()
+    model = make_model(3)
+    model.compile(OPTIMIZERS["sgd"](), "sparse_categorical_crossentropy")
+
+    class Fail(keras.callbacks.Callback):
+        def on_train_batch_begin(self, batch, logs=None):
+            if batch == 2:
+                raise RuntimeError("interrupted")
+
+    with pytest.raises(RuntimeError, match="interrupted"):
+        model.fit(
+            x,
+            y,
+            batch_size=BATCH,
+            epochs=4,
+            verbose=0,
+            callbacks=[FreezeOut(verbose=0), Fail()],
+        )
+    # Keras skipped `on_train_end`; the next `fit` replaces the wrapper.
+    assert "update_step" in vars(model.optimizer)
+    recorder = Recorder(x, y)
+    model.fit(
+        x,
+        y,
+        batch_size=BATCH,
+        epochs=4,
+        verbose=0,
+        shuffle=False,
+        callbacks=[FreezeOut(total_steps=24, verbose=0), recorder],
+    )
+    assert "update_step" not in vars(model.optimizer)
+    t = 2  # the optimizer had done 2 steps: the rates continue from there
+    rate = np_rate(t + 1, np_fractions(3, 0.8, "cubic")[2], 24, LR, True)
+    k = [id(w) for w in model.weights].index(id(model.layers[-1].kernel))
+    g = recorder.grads[1][
+        [id(v) for v in recorder.variables].index(id(model.layers[-1].kernel))
+    ]
+    change = recorder.weights[2][k] - recorder.weights[1][k]
+    assert_change(change, -rate * g, recorder.weights[1][k], 1e-4)
+
+
 # processes of their own ------------------------------------------------------
 
 

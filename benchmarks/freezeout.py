@@ -1,0 +1,297 @@
+"""FreezeOut benchmark: test error and training wall time vs normal training.
+
+Normal training is SGD with Nesterov momentum and a cosine-annealed rate
+(`keras.optimizers.schedules.CosineDecay`, the schedule FreezeOut anneals
+per group); FreezeOut (Brock et al. 2017, arXiv:1706.04983) runs the same
+optimizer at a constant `lr0` with `keras_snapshot.freezeout.FreezeOut`,
+over `t0`, the three scalings, scaled and unscaled. Data: a fixed random
+subset of Fashion-MNIST (the local IDX files). Models: the ResNet-style and
+DenseNet-style networks of `keras_snapshot.app.models`. Wall time is that of
+the whole `fit` call, first trace and FreezeOut's retraces included.
+
+    python benchmarks/freezeout.py --quick            # minutes, on a CPU
+    python benchmarks/freezeout.py --models resnet20 densenet16 --seeds 3
+
+Writes `benchmarks/results/freezeout[_quick].{json,md}` and the per-group
+learning rates of the paper's Figure 1 (`freezeout_rates.png`).
+"""
+
+import argparse
+import math
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+from _common import RESULTS  # noqa: E402
+from _common import hardware  # noqa: E402
+from _common import md_table  # noqa: E402
+from _common import write_json  # noqa: E402
+
+from keras_snapshot.app.datasets import load_dataset  # noqa: E402
+from keras_snapshot.app.models import densenet  # noqa: E402
+from keras_snapshot.app.models import resnet  # noqa: E402
+from keras_snapshot.freezeout import FreezeOut  # noqa: E402
+from keras_snapshot.freezeout import estimate_speedup  # noqa: E402
+from keras_snapshot.freezeout import freeze_fractions  # noqa: E402
+from keras_snapshot.freezeout import group_rate_factor  # noqa: E402
+
+SHAPE = (28, 28, 1)
+
+
+def build_model(name: str) -> keras.Model:
+    """`resnetD` (D = 6n + 2) or `densenetD` (D = 3L + 4, k = 12)."""
+    if name.startswith("resnet"):
+        return resnet(int(name[6:]), SHAPE, 10)
+    if name.startswith("densenet"):
+        return densenet(int(name[8:]), 12, SHAPE, 10)
+    raise ValueError(f"Unknown model {name!r}. Received: model={name!r}")
+
+
+def load_data(args) -> dict:
+    data = load_dataset("fashion_mnist_local", validation_fraction=0.1, seed=0)
+    rng = np.random.default_rng(0)
+    train = np.sort(rng.permutation(len(data.x_train))[: args.subset])
+    test = np.arange(len(data.x_test))[: args.test_size or None]
+    return {
+        "x_train": data.x_train[train],
+        "y_train": data.y_train[train],
+        "x_test": data.x_test[test],
+        "y_test": data.y_test[test],
+    }
+
+
+def configs(args) -> list:
+    """`None` (normal training), then one dict per FreezeOut setting."""
+    out = [None]
+    for t0 in args.t0:
+        for scaling in args.scalings:
+            for scale_lr in (True, False) if args.unscaled else (True,):
+                out.append({"t0": t0, "scaling": scaling, "scale_lr": scale_lr})
+    return out
+
+
+def label(config) -> str:
+    if config is None:
+        return "normal (cosine)"
+    kind = "scaled" if config["scale_lr"] else "unscaled"
+    return f"t0={config['t0']} {config['scaling']} {kind}"
+
+
+def run_one(model_name, config, data, args, seed) -> dict:
+    keras.utils.set_random_seed(seed)
+    model = build_model(model_name)
+    steps = args.epochs * math.ceil(args.subset / args.batch_size)
+    callbacks = []
+    if config is None:
+        rate = keras.optimizers.schedules.CosineDecay(args.lr, steps)
+    else:
+        rate = args.lr
+        freeze = FreezeOut(
+            **config, groups=args.groups, total_steps=steps, verbose=0
+        )
+        callbacks.append(freeze)
+    model.compile(
+        keras.optimizers.SGD(rate, momentum=0.9, nesterov=True),
+        "sparse_categorical_crossentropy",
+    )
+    start = time.perf_counter()
+    model.fit(
+        data["x_train"],
+        data["y_train"],
+        batch_size=args.batch_size,
+        epochs=args.epochs,
+        verbose=0,
+        callbacks=callbacks,
+    )
+    seconds = time.perf_counter() - start
+    pred = model.predict(data["x_test"], batch_size=1000, verbose=0)
+    result = {
+        "model": model_name,
+        "config": label(config),
+        "seed": seed,
+        "test_error": float(np.mean(pred.argmax(-1) != data["y_test"])),
+        "seconds": seconds,
+    }
+    if config is not None:
+        result["freeze_events"] = len(freeze.freeze_events)
+        result["groups"] = len(freeze.groups_)
+        result["estimated_saving"] = estimate_speedup(
+            model, args.groups, config["t0"], config["scaling"]
+        )
+    return result
+
+
+def summarize(results, args) -> list:
+    rows = []
+    for model_name in args.models:
+        by_config = {}
+        for r in results:
+            if r["model"] == model_name:
+                by_config.setdefault(r["config"], []).append(r)
+        base = by_config[label(None)]
+        base_err = np.mean([r["test_error"] for r in base])
+        base_sec = np.mean([r["seconds"] for r in base])
+        for name, runs in by_config.items():
+            err = [r["test_error"] for r in runs]
+            sec = np.mean([r["seconds"] for r in runs])
+            rows.append(
+                {
+                    "model": model_name,
+                    "config": name,
+                    "seeds": len(runs),
+                    "test_error": float(np.mean(err)),
+                    "test_error_std": float(np.std(err)),
+                    "seconds": float(sec),
+                    "time_ratio": float(sec / base_sec),
+                    "relative_error_change": float(
+                        (np.mean(err) - base_err) / base_err
+                    ),
+                    "estimated_saving": runs[0].get("estimated_saving"),
+                    "freeze_events": runs[0].get("freeze_events"),
+                }
+            )
+    return rows
+
+
+def markdown(rows, args) -> str:
+    table = md_table(
+        [
+            "model",
+            "setting",
+            "test error %",
+            "wall s",
+            "time vs normal",
+            "measured saving",
+            "estimated saving",
+            "rel. error change",
+            "retraces",
+        ],
+        [
+            [
+                r["model"],
+                r["config"],
+                f"{100 * r['test_error']:.2f} "
+                f"± {100 * r['test_error_std']:.2f}",
+                f"{r['seconds']:.1f}",
+                f"{r['time_ratio']:.2f}",
+                f"{100 * (1 - r['time_ratio']):.0f}%",
+                "-"
+                if r["estimated_saving"] is None
+                else f"{100 * r['estimated_saving']:.0f}%",
+                f"{100 * r['relative_error_change']:+.1f}%",
+                "-" if r["freeze_events"] is None else r["freeze_events"],
+            ]
+            for r in rows
+        ],
+    )
+    groups = "one per weighted layer" if args.groups is None else args.groups
+    return (
+        f"Fashion-MNIST, {args.subset} training / {args.test_size or 10000} "
+        f"test images, {args.epochs} epochs, batch {args.batch_size}, "
+        f"SGD Nesterov lr0={args.lr}, groups: {groups}, seeds "
+        f"{args.seeds}. Wall time of `fit` (traces included), mean over "
+        "seeds.\n\n" + table + "\n"
+    )
+
+
+def plot_group_rates(
+    path: str,
+    num_groups: int = 5,
+    t0: float = 0.8,
+    scaling: str = "cubic",
+    scale_lr: bool = True,
+    total_steps: int = 1000,
+) -> str:
+    """Writes the per-group learning rates over training (paper, Fig. 1).
+
+    Uses matplotlib's object-oriented API (`Figure`), so it sets no global
+    state. Returns `path`.
+    """
+    from matplotlib.figure import Figure
+
+    steps = np.arange(total_steps)
+    fig = Figure(figsize=(6, 3.5))
+    ax = fig.subplots()
+    for i, fraction in enumerate(freeze_fractions(num_groups, t0, scaling)):
+        factor = keras.ops.convert_to_numpy(
+            group_rate_factor(steps, fraction, total_steps, scale_lr)
+        )
+        ax.plot(steps / total_steps, factor, label=f"group {i}")
+    kind = "scaled" if scale_lr else "unscaled"
+    ax.set_title(f"FreezeOut rates, t0={t0}, {scaling}, {kind}")
+    ax.set_xlabel("fraction of training t / T")
+    ax.set_ylabel("lr_i(t) / lr0")
+    ax.legend(fontsize="small")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    return path
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true", help="tiny smoke setting")
+    p.add_argument("--models", nargs="+", default=["resnet20", "densenet16"])
+    p.add_argument("--t0", type=float, nargs="+", default=[0.5, 0.8])
+    p.add_argument(
+        "--scalings", nargs="+", default=["linear", "squared", "cubic"]
+    )
+    p.add_argument("--no-unscaled", dest="unscaled", action="store_false")
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--epochs", type=int, default=20)
+    p.add_argument("--subset", type=int, default=5000)
+    p.add_argument("--test-size", type=int, default=0, help="0: all 10000")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--lr", type=float, default=0.1)
+    p.add_argument(
+        "--groups",
+        type=int,
+        default=None,
+        help="merge the layers into this many groups (default: one group "
+        "per weighted layer)",
+    )
+    p.add_argument("--name", default="freezeout", help="result file prefix")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.models = ["resnet8", "densenet7"]
+        args.t0, args.seeds, args.epochs = [0.8], 1, 3
+        args.subset, args.test_size = 1024, 2000
+        args.name = "freezeout_quick"
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    data = load_data(args)
+    results = []
+    for model_name in args.models:
+        for seed in range(args.seeds):
+            for config in configs(args):
+                r = run_one(model_name, config, data, args, seed)
+                print(
+                    f"{model_name} {r['config']} seed {seed}: error "
+                    f"{100 * r['test_error']:.2f}%, {r['seconds']:.1f} s",
+                    flush=True,
+                )
+                results.append(r)
+    rows = summarize(results, args)
+    text = markdown(rows, args)
+    print(text)
+    write_json(
+        os.path.join(RESULTS, f"{args.name}.json"),
+        {
+            "args": vars(args),
+            "hardware": hardware(),
+            "runs": results,
+            "rows": rows,
+        },
+    )
+    with open(os.path.join(RESULTS, f"{args.name}.md"), "w") as f:
+        f.write(text)
+    print(plot_group_rates(os.path.join(RESULTS, "freezeout_rates.png")))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,792 @@
+"""`FreezeOut`: per-group rates against numpy, real freezing, resume, saving.
+
+The tests not marked slow are backend-agnostic; `test_core_tests_pass_on_jax`
+runs them again in a subprocess with `KERAS_BACKEND=jax`. The file is also a
+script (`python tests/test_freezeout.py MODE OUT`) for the runs that need a
+process of their own: a training killed with SIGKILL and resumed, and a
+`MirroredStrategy` over 2 logical CPUs.
+"""
+
+import importlib.util
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+if __name__ == "__main__":  # run as a script: import this checkout
+    sys.path.insert(0, os.path.dirname(os.path.dirname(__file__)))
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+from keras_snapshot.freezeout import FreezeOut  # noqa: E402
+from keras_snapshot.freezeout import estimate_speedup  # noqa: E402
+from keras_snapshot.freezeout import freeze_fractions  # noqa: E402
+from keras_snapshot.freezeout import resolve_groups  # noqa: E402
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+TIMEOUT_SECONDS = 600
+BATCH = 16
+N = 96  # 6 steps per epoch
+LR = 0.1
+TF = keras.backend.backend() == "tensorflow"
+
+
+# numpy references -------------------------------------------------------
+
+
+def np_fractions(num_groups, t0, scaling):
+    power = {"linear": 1, "squared": 2, "cubic": 3}[scaling]
+    L = num_groups - 1
+    return np.array([(t0 + (1 - t0) * i / L) ** power for i in range(L + 1)])
+
+
+def np_rate(t, t_i, total, lr0, scale_lr):
+    """lr_i(t) of the paper; 0 from step t_i * T on."""
+    if t >= t_i * total:
+        return 0.0
+    start = lr0 / t_i if scale_lr else lr0
+    return 0.5 * start * (1 + np.cos(np.pi * t / (t_i * total)))
+
+
+def np_update(kind, g, lr, state, t):
+    """One Keras optimizer step on one variable; returns the change."""
+    if kind == "sgd":
+        return -lr * g
+    if kind in ("momentum", "nesterov"):
+        m = state.get("m", np.zeros_like(g)) * 0.9 - lr * g
+        state["m"] = m
+        return 0.9 * m - lr * g if kind == "nesterov" else m
+    b1, b2, eps = 0.9, 0.999, 1e-7
+    m = state.get("m", np.zeros_like(g))
+    v = state.get("v", np.zeros_like(g))
+    m = m + (g - m) * (1 - b1)
+    v = v + (g * g - v) * (1 - b2)
+    state["m"], state["v"] = m, v
+    alpha = lr * np.sqrt(1 - b2 ** (t + 1)) / (1 - b1 ** (t + 1))
+    return -alpha * m / (np.sqrt(v) + eps)
+
+
+def assert_change(change, expected, before, rtol, message=""):
+    """`change == expected` up to `rtol` and the float32 rounding of the
+    weights themselves (a change is measured as `w(t + 1) - w(t)`)."""
+    error = np.abs(change - expected)
+    bound = rtol * np.abs(expected) + 2 * np.spacing(np.abs(before))
+    assert np.all(error <= bound), (
+        f"{message}: max error {np.max(error)}, "
+        f"change {change.ravel()[:4]}, expected {expected.ravel()[:4]}"
+    )
+
+
+OPTIMIZERS = {
+    "sgd": lambda: keras.optimizers.SGD(LR),
+    "momentum": lambda: keras.optimizers.SGD(LR, momentum=0.9),
+    "nesterov": lambda: keras.optimizers.SGD(LR, momentum=0.9, nesterov=True),
+    "adam": lambda: keras.optimizers.Adam(LR / 10),
+}
+
+
+# models and probes --------------------------------------------------------
+
+
+def make_data(n=N, features=8, classes=3, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, features)).astype("float32")
+    w = rng.normal(size=(features, classes))
+    return x, np.argmax(x @ w, axis=1).astype("int32")
+
+
+class Probe(keras.Model):
+    """A functional model that records each trace of its train step.
+
+    Python code in `train_step` runs only while Keras traces the train
+    function, so `traces` has one entry per trace: the number of variables
+    that get gradients and, on TensorFlow, the MatMul ops the step really
+    runs (those a variable update depends on; TensorFlow's function runtime
+    prunes the others).
+    """
+
+    def train_step(self, *args, **kwargs):
+        info = {"gradients": len(self.trainable_variables)}
+        out = super().train_step(*args, **kwargs)
+        if TF:
+            import tensorflow as tf
+
+            info["matmuls"] = _live_matmuls(tf.compat.v1.get_default_graph())
+        self.traces = getattr(self, "traces", []) + [info]
+        return out
+
+
+def _live_matmuls(graph):
+    """MatMul ops that some variable assignment depends on."""
+    operations = graph.get_operations()
+    stack = [
+        op
+        for op in operations
+        if op.type.startswith(("Assign", "ResourceApply"))
+    ]
+    seen = set()
+    while stack:
+        op = stack.pop()
+        if op.name not in seen:
+            seen.add(op.name)
+            stack.extend(t.op for t in op.inputs)
+            stack.extend(op.control_inputs)
+    return sum(op.type == "MatMul" and op.name in seen for op in operations)
+
+
+def make_model(depth=3, batchnorm=False, features=8, classes=3, probe=True):
+    """`depth` Dense layers (one group each); BatchNorm after the first.
+
+    With `probe=False` a plain `keras.Model`, to save and load elsewhere.
+    """
+    inputs = keras.Input((features,))
+    x = keras.layers.Dense(16, name="dense_0")(inputs)
+    if batchnorm:
+        x = keras.layers.BatchNormalization(name="bn_0")(x)
+    x = keras.layers.ReLU()(x)
+    for i in range(1, depth - 1):
+        x = keras.layers.Dense(16, activation="relu", name=f"dense_{i}")(x)
+    outputs = keras.layers.Dense(
+        classes, activation="softmax", name=f"dense_{depth - 1}"
+    )(x)
+    return (Probe if probe else keras.Model)(inputs, outputs)
+
+
+def sync(model):
+    """On JAX, writes the running training state back to the variables."""
+    if hasattr(model, "jax_state_sync"):
+        model.jax_state_sync()
+
+
+def batch_gradients(model, variables, x, y):
+    """Gradients of the mean cross-entropy for `variables`, any backend."""
+    loss = keras.losses.SparseCategoricalCrossentropy()
+    if keras.backend.backend() == "jax":
+        import jax
+
+        trainable = model.trainable_variables
+        others = model.non_trainable_variables
+        index = {id(v): i for i, v in enumerate(variables)}
+
+        def f(values):
+            tv = [
+                values[index[id(v)]] if id(v) in index else v.value
+                for v in trainable
+            ]
+            ntv = [
+                values[index[id(v)]] if id(v) in index else v.value
+                for v in others
+            ]
+            y_pred, _ = model.stateless_call(tv, ntv, x, training=True)
+            return loss(y, y_pred)
+
+        grads = jax.grad(f)([v.value for v in variables])
+        return [np.asarray(g) for g in grads]
+    import tensorflow as tf
+
+    with tf.GradientTape() as tape:
+        tape.watch([v.value for v in variables])
+        value = loss(y, model(x, training=True))
+    grads = tape.gradient(value, [v.value for v in variables])
+    return [g.numpy() for g in grads]
+
+
+class Recorder(keras.callbacks.Callback):
+    """Records all weights before each step and at the end; gradients too."""
+
+    def __init__(self, x, y, gradients=True):
+        super().__init__()
+        self.x, self.y, self.gradients = x, y, gradients
+        self.weights, self.grads, self.frozen = [], [], []
+
+    def on_train_begin(self, logs=None):
+        self.variables = list(self.model.trainable_variables)
+
+    def _snapshot(self):
+        sync(self.model)
+        return [keras.ops.convert_to_numpy(w) for w in self.model.weights]
+
+    def on_train_batch_begin(self, batch, logs=None):
+        self.weights.append(self._snapshot())
+        self.frozen.append(
+            [not la.trainable for la in self.model.layers if la.weights]
+        )
+        if self.gradients:
+            sl = slice(batch * BATCH, (batch + 1) * BATCH)
+            self.grads.append(
+                batch_gradients(
+                    self.model, self.variables, self.x[sl], self.y[sl]
+                )
+            )
+
+    def on_train_end(self, logs=None):
+        self.weights.append(self._snapshot())
+
+
+def train(
+    optimizer="sgd",
+    epochs=4,
+    depth=3,
+    batchnorm=False,
+    gradients=True,
+    callbacks=(),
+    probe=True,
+    **freezeout,
+):
+    keras.utils.set_random_seed(0)
+    x, y = make_data()
+    model = make_model(depth, batchnorm, probe=probe)
+    model.compile(OPTIMIZERS[optimizer](), "sparse_categorical_crossentropy")
+    freeze = FreezeOut(verbose=0, **freezeout)
+    recorder = Recorder(x, y, gradients)
+    model.fit(
+        x,
+        y,
+        batch_size=BATCH,
+        epochs=epochs,
+        shuffle=False,
+        verbose=0,
+        callbacks=[freeze, recorder, *callbacks],
+    )
+    return model, freeze, recorder
+
+
+def group_weight_indices(model, groups):
+    """Indices into `model.weights` of each group's weights."""
+    position = {id(w): i for i, w in enumerate(model.weights)}
+    return [[position[id(w)] for la in g for w in la.weights] for g in groups]
+
+
+# the schedule ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("scaling", ["linear", "squared", "cubic"])
+@pytest.mark.parametrize("t0", [0.5, 0.8, 1.0])
+def test_freeze_fractions_match_the_formula(scaling, t0):
+    for groups in (2, 3, 20):
+        np.testing.assert_allclose(
+            freeze_fractions(groups, t0, scaling),
+            np_fractions(groups, t0, scaling),
+            rtol=1e-12,
+        )
+        assert freeze_fractions(groups, t0, scaling)[-1] == 1.0
+    # The paper's default: the first group freezes at 0.8**3 = 51.2%.
+    assert freeze_fractions(5, 0.8, "cubic")[0] == pytest.approx(0.512)
+
+
+# exact rates ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "optimizer, scaling, scale_lr",
+    [
+        ("sgd", "linear", True),
+        ("sgd", "cubic", False),
+        ("momentum", "squared", True),
+        ("nesterov", "linear", True),
+        ("adam", "cubic", True),
+    ],
+)
+def test_every_update_uses_the_group_rate(optimizer, scaling, scale_lr):
+    """Each step's change of each variable is the optimizer's update with
+    lr_i(t) of the numpy formula, and exactly zero once the group froze."""
+    t0, epochs = 0.5, 4
+    model, freeze, rec = train(
+        optimizer, epochs, t0=t0, scaling=scaling, scale_lr=scale_lr
+    )
+    total = epochs * N // BATCH
+    fractions = np_fractions(3, t0, scaling)
+    groups = freeze.groups_
+    indices = group_weight_indices(model, groups)
+    variable_of = {id(v): i for i, v in enumerate(rec.variables)}
+    position = {id(w): i for i, w in enumerate(model.weights)}
+    states = {}
+    for t in range(total):
+        for i, group in enumerate(groups):
+            lr = np_rate(
+                t,
+                fractions[i],
+                total,
+                LR / 10 if optimizer == "adam" else LR,
+                scale_lr,
+            )
+            for layer in group:
+                for w in layer.weights:
+                    change = (
+                        rec.weights[t + 1][position[id(w)]]
+                        - rec.weights[t][position[id(w)]]
+                    )
+                    if t >= math.ceil(fractions[i] * total - 1e-9):
+                        # Frozen: bit-identical, however the optimizer's
+                        # momentum or moments stand.
+                        assert not np.any(change), (t, i, w.path)
+                        continue
+                    g = rec.grads[t][variable_of[id(w)]]
+                    expected = np_update(
+                        optimizer, g, lr, states.setdefault(id(w), {}), t
+                    )
+                    assert_change(
+                        change,
+                        expected,
+                        rec.weights[t][position[id(w)]],
+                        rtol=2e-3,
+                        message=f"step {t}, group {i}, {w.path}",
+                    )
+    # Groups below the last froze; the last trained to the end.
+    assert [s for s, _ in freeze.freeze_events] == [
+        math.ceil(f * total - 1e-9) for f in fractions[:-1]
+    ]
+    last = indices[-1]
+    assert any(np.any(rec.weights[-1][k] != rec.weights[-2][k]) for k in last)
+
+
+def test_plain_sgd_update_is_rate_times_gradient():
+    """The issue's statement, literally: w(t+1) - w(t) = -lr_i(t) * g."""
+    model, freeze, rec = train("sgd", 2, t0=0.8, scaling="cubic")
+    total, fractions = 12, np_fractions(3, 0.8, "cubic")
+    for t in range(total):
+        for i, group in enumerate(freeze.groups_):
+            rate = np_rate(t, fractions[i], total, LR, True)
+            for layer in group:
+                w = layer.kernel
+                k = [id(v) for v in model.weights].index(id(w))
+                g = rec.grads[t][[id(v) for v in rec.variables].index(id(w))]
+                change = rec.weights[t + 1][k] - rec.weights[t][k]
+                assert_change(change, -rate * g, rec.weights[t][k], 1e-4)
+
+
+# real freezing --------------------------------------------------------------
+
+
+def test_frozen_groups_stay_bit_identical_batchnorm_included():
+    model, freeze, rec = train(
+        "momentum",
+        4,
+        batchnorm=True,
+        gradients=False,
+        t0=0.5,
+        scaling="linear",
+    )
+    assert [[la.name for la in g] for g in freeze.groups_] == [
+        ["dense_0", "bn_0"],
+        ["dense_1"],
+        ["dense_2"],
+    ]
+    indices = group_weight_indices(model, freeze.groups_)
+    # Group 0 (with the BatchNorm's moving mean and variance) from step 12,
+    # group 1 from step 18: unchanged to the end, bit for bit.
+    for group, start in ((0, 12), (1, 18)):
+        for k in indices[group]:
+            for later in rec.weights[start + 1 :]:
+                np.testing.assert_array_equal(later[k], rec.weights[start][k])
+        # ... and changing until then.
+        for k in indices[group]:
+            assert np.any(rec.weights[start][k] != rec.weights[start - 1][k])
+    # The groups above still train after each freeze.
+    for k in indices[2]:
+        assert np.any(rec.weights[-1][k] != rec.weights[-2][k])
+    for k in indices[1]:
+        assert np.any(rec.weights[18][k] != rec.weights[13][k])
+    # The BatchNorm ran in inference mode once frozen: layer flags
+    # seen at each step, and restored at the end.
+    assert rec.frozen[11][:2] == [False, False]
+    assert rec.frozen[12][:2] == [True, True]
+    assert rec.frozen[18] == [True, True, True, False]
+    assert all(la.trainable for la in model.layers)
+
+
+def test_backward_pass_shrinks_with_one_trace_per_freeze_step():
+    """5 groups, 6 steps, cubic t0=0.8: groups 0 and 1 freeze at step 4
+    together, group 2 at 5: 3 traces, each with fewer gradients."""
+    depth = 5
+    model, freeze, _ = train(
+        "sgd", 1, depth=depth, gradients=False, t0=0.8, scaling="cubic"
+    )
+    steps = [math.ceil(f * 6 - 1e-9) for f in np_fractions(depth, 0.8, "cubic")]
+    assert steps == [4, 4, 5, 6, 6]
+    assert freeze.freeze_events == [(4, [0, 1]), (5, [2])]
+    # One trace at the start and one per freeze step, not per group.
+    assert len(model.traces) == 3
+    # Kernel and bias of each Dense still training get gradients.
+    assert [t["gradients"] for t in model.traces] == [10, 6, 4]
+    if TF:
+        # The backward pass stops at the lowest group still training:
+        # `depth` forward MatMuls, and 2 per training layer but 1 for the
+        # lowest (no input gradient needed there).
+        frozen = [0, 2, 3]
+        assert [t["matmuls"] for t in model.traces] == [
+            depth + 2 * (depth - k) - 1 for k in frozen
+        ]
+
+
+def test_groups_argument_forms_and_cost_estimate():
+    keras.utils.set_random_seed(0)
+    model = make_model(4, batchnorm=True)
+    names = [["dense_0", "bn_0"], ["dense_1"], ["dense_2", "dense_3"]]
+    groups = resolve_groups(model, names)
+    assert [[la.name for la in g] for g in groups] == names
+    assert [[la.name for la in g] for g in resolve_groups(model, 2)] == [
+        ["dense_0", "bn_0", "dense_1"],
+        ["dense_2", "dense_3"],
+    ]
+    layer = model.get_layer("dense_3")
+    mixed = resolve_groups(
+        model, [["dense_0", "bn_0", "dense_1"], ["dense_2", layer]]
+    )
+    assert mixed[1][1] is layer
+    # The cost model against a hand count: 2 * in * out per Dense, 4 per
+    # BatchNorm output; backward twice the forward while a group trains.
+    f = np.array([2 * 8 * 16 + 4 * 16, 2 * 16 * 16, 2 * 16 * 16 + 2 * 16 * 3])
+    t = np_fractions(3, 0.5, "linear")
+    expected = 1 - np.sum(f * (1 + 2 * t)) / np.sum(f * 3)
+    assert estimate_speedup(model, names, 0.5, "linear") == pytest.approx(
+        expected
+    )
+    assert estimate_speedup(model, names, 1.0, "linear") == pytest.approx(0)
+
+
+def test_config_round_trip():
+    freeze = FreezeOut(0.5, "squared", False, [["a", "b"], ["c"]], 100, 0)
+    config = freeze.get_config()
+    assert config == {
+        "t0": 0.5,
+        "scaling": "squared",
+        "scale_lr": False,
+        "groups": [["a", "b"], ["c"]],
+        "total_steps": 100,
+        "verbose": 0,
+    }
+    assert FreezeOut.from_config(config).get_config() == config
+    again = keras.saving.deserialize_keras_object(
+        keras.saving.serialize_keras_object(freeze)
+    )
+    assert isinstance(again, FreezeOut) and again.get_config() == config
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"t0": 0}, "Received: t0=0"),
+        ({"t0": -0.5}, "Received: t0=-0.5"),
+        ({"t0": 1.5}, r"in \(0, 1\].*Received: t0=1.5"),
+        ({"t0": float("nan")}, "Received: t0=nan"),
+        ({"t0": "0.8"}, "Received: t0='0.8'"),
+        ({"scaling": "quadratic"}, "Received: scaling='quadratic'"),
+        ({"scale_lr": "yes"}, "Received: scale_lr='yes'"),
+        ({"groups": []}, "`groups` is empty"),
+        ({"groups": "dense_0"}, "Received: groups='dense_0'"),
+        ({"total_steps": 0}, "Received: total_steps=0"),
+    ],
+)
+def test_bad_arguments(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        FreezeOut(**kwargs)
+
+
+@pytest.mark.parametrize(
+    "groups, message",
+    [
+        ([["dense_0", "bn_0"], []], "Group 1 of `groups` is empty"),
+        ([["dense_0", "bn_0", "dense_1", "dense_2"]], "at least 2 layer"),
+        (1, "between 2 and the number"),
+        ([["dense_0", "bn_0"], ["dense_1"], ["dense_9"]], "no layer named"),
+        (
+            [["dense_0", "bn_0"], ["dense_1", "dense_0"], ["dense_2"]],
+            "in groups 0 and 1",
+        ),
+        ([["dense_0"], ["dense_1"], ["dense_2"]], r"\['bn_0'\] are in no"),
+        ([["dense_0", "bn_0"], [3]], "Received: groups entry 3"),
+    ],
+)
+def test_bad_groups(groups, message):
+    model = make_model(3, batchnorm=True)
+    with pytest.raises(ValueError, match=message):
+        resolve_groups(model, groups)
+
+
+def test_a_model_with_one_group_is_refused_at_fit():
+    model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(3)])
+    model.compile("sgd", "mse")
+    x, _ = make_data(16)
+    with pytest.raises(ValueError, match="has 1 group"):
+        model.fit(x, np.zeros((16, 3)), verbose=0, callbacks=[FreezeOut()])
+
+
+def test_optimizer_is_left_as_it_was():
+    model, _, _ = train("adam", 1, gradients=False)
+    assert "update_step" not in vars(model.optimizer)
+    assert "stateless_apply" not in vars(model.optimizer)
+    assert type(model.optimizer) is keras.optimizers.Adam
+
+
+def test_a_failed_fit_does_not_stack_rate_wrappers():
+    keras.utils.set_random_seed(0)
+    x, y = make_data()
+    model = make_model(3)
+    model.compile(OPTIMIZERS["sgd"](), "sparse_categorical_crossentropy")
+
+    class Fail(keras.callbacks.Callback):
+        def on_train_batch_begin(self, batch, logs=None):
+            if batch == 2:
+                raise RuntimeError("interrupted")
+
+    with pytest.raises(RuntimeError, match="interrupted"):
+        model.fit(
+            x,
+            y,
+            batch_size=BATCH,
+            epochs=4,
+            verbose=0,
+            callbacks=[FreezeOut(verbose=0), Fail()],
+        )
+    # Keras skipped `on_train_end`; the next `fit` replaces the wrapper.
+    assert "update_step" in vars(model.optimizer)
+    recorder = Recorder(x, y)
+    model.fit(
+        x,
+        y,
+        batch_size=BATCH,
+        epochs=4,
+        verbose=0,
+        shuffle=False,
+        callbacks=[FreezeOut(total_steps=24, verbose=0), recorder],
+    )
+    assert "update_step" not in vars(model.optimizer)
+    t = 2  # the optimizer had done 2 steps: the rates continue from there
+    rate = np_rate(t + 1, np_fractions(3, 0.8, "cubic")[2], 24, LR, True)
+    k = [id(w) for w in model.weights].index(id(model.layers[-1].kernel))
+    g = recorder.grads[1][
+        [id(v) for v in recorder.variables].index(id(model.layers[-1].kernel))
+    ]
+    change = recorder.weights[2][k] - recorder.weights[1][k]
+    assert_change(change, -rate * g, recorder.weights[1][k], 1e-4)
+
+
+# processes of their own ------------------------------------------------------
+
+
+def run(args, env=None, check=True):
+    try:
+        result = subprocess.run(
+            [sys.executable, *args],
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+            timeout=TIMEOUT_SECONDS,
+            env={**os.environ, **(env or {})},
+        )
+    except subprocess.TimeoutExpired as e:
+        pytest.fail(f"Timed out: {args}: {str(e.stdout)[-3000:]}")
+    if check:
+        assert result.returncode == 0, (
+            result.stdout[-3000:] + result.stderr[-3000:]
+        )
+    return result
+
+
+@pytest.mark.slow
+def test_resume_after_sigkill_lands_in_the_frozen_state(tmp_path):
+    script = os.path.abspath(__file__)
+    killed = run([script, "resume", str(tmp_path / "a"), "kill"], check=False)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    run([script, "resume", str(tmp_path / "a")])
+    run([script, "resume", str(tmp_path / "b")])
+    with open(tmp_path / "a" / "result.json") as f:
+        resumed = json.load(f)
+    with open(tmp_path / "b" / "result.json") as f:
+        straight = json.load(f)
+    # Killed after epoch 3 (step 18): the new process starts at step 18
+    # and freezes groups 0 and 1 there, in one go.
+    assert resumed["first_step"] == 18
+    assert resumed["events"] == [[18, [0, 1]]]
+    assert straight["events"] == [[12, [0]], [18, [1]]]
+    a = np.load(tmp_path / "a" / "weights.npz")
+    b = np.load(tmp_path / "b" / "weights.npz")
+    for key in a:
+        np.testing.assert_allclose(a[key], b[key], rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.slow
+def test_saved_files_load_without_keras_snapshot(tmp_path):
+    x, _ = make_data()
+    model, _, _ = train(
+        "nesterov",
+        4,
+        batchnorm=True,
+        gradients=False,
+        callbacks=[
+            keras.callbacks.ModelCheckpoint(str(tmp_path / "ep{epoch}.keras"))
+        ],
+        probe=False,
+        t0=0.5,
+    )
+    model.save(tmp_path / "final.keras")
+    np.save(tmp_path / "x.npy", x)
+    np.save(tmp_path / "expected.npy", model.predict(x, verbose=0))
+    code = f"""
+import sys, numpy as np, keras
+d = {str(tmp_path)!r}
+x = np.load(d + "/x.npy")
+for compile in (False, True):
+    m = keras.saving.load_model(d + "/final.keras", compile=compile)
+    np.testing.assert_allclose(m.predict(x, verbose=0),
+                               np.load(d + "/expected.npy"), atol=1e-6)
+assert type(m.optimizer).__name__ == "SGD", m.optimizer
+assert all(layer.trainable for layer in m.layers)
+m.fit(x, np.zeros(len(x)), verbose=0)  # trains on
+# Written mid-training, with frozen groups (group 0 froze at step 12).
+m = keras.saving.load_model(d + "/ep3.keras")
+assert not m.get_layer("dense_0").trainable
+assert np.isfinite(m.predict(x, verbose=0)).all()
+assert "keras_snapshot" not in sys.modules
+print("ok")
+"""
+    result = run(["-c", code])
+    assert "ok" in result.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    importlib.util.find_spec("jax") is None, reason="JAX is not installed."
+)
+@pytest.mark.skipif(not TF, reason="Runs the JAX pass from the TF suite.")
+def test_core_tests_pass_on_jax():
+    result = run(
+        [
+            "-m",
+            "pytest",
+            "-q",
+            "-x",
+            "-p",
+            "no:cacheprovider",
+            "-m",
+            "not slow",
+            os.path.abspath(__file__),
+        ],
+        env={"KERAS_BACKEND": "jax"},
+    )
+    assert " passed" in result.stdout and "failed" not in result.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not TF, reason="tf.distribute needs TensorFlow.")
+def test_mirrored_strategy_on_two_cpus_matches_one_device(tmp_path):
+    run([os.path.abspath(__file__), "mirrored", str(tmp_path)])
+    with open(tmp_path / "result.json") as f:
+        result = json.load(f)
+    assert result["replicas"] == 2
+    assert result["events"] == result["single_events"] == [[12, [0]], [18, [1]]]
+    a = np.load(tmp_path / "mirrored.npz")
+    b = np.load(tmp_path / "single.npz")
+    for key in a:
+        np.testing.assert_allclose(a[key], b[key], atol=1e-5)
+
+
+# script modes ---------------------------------------------------------------
+
+
+def _resume(out, kill):
+    os.makedirs(out, exist_ok=True)
+    keras.utils.set_random_seed(0)
+    x, y = make_data()
+    model = make_model(3, batchnorm=True)
+    model.compile(OPTIMIZERS["momentum"](), "sparse_categorical_crossentropy")
+    freeze = FreezeOut(t0=0.5, scaling="linear", verbose=0)
+
+    class Watch(keras.callbacks.Callback):
+        def on_epoch_begin(self, epoch, logs=None):
+            if not hasattr(self, "first_step"):
+                self.first_step = int(
+                    keras.ops.convert_to_numpy(self.model.optimizer.iterations)
+                )
+
+        def on_epoch_end(self, epoch, logs=None):
+            if kill and epoch == 2:
+                os.kill(os.getpid(), signal.SIGKILL)
+
+    watch = Watch()
+    model.fit(
+        x,
+        y,
+        batch_size=BATCH,
+        epochs=4,
+        shuffle=False,
+        verbose=0,
+        callbacks=[
+            keras.callbacks.BackupAndRestore(os.path.join(out, "backup")),
+            freeze,
+            watch,
+        ],
+    )
+    np.savez(
+        os.path.join(out, "weights.npz"),
+        *[keras.ops.convert_to_numpy(w) for w in model.weights],
+    )
+    with open(os.path.join(out, "result.json"), "w") as f:
+        json.dump(
+            {"first_step": watch.first_step, "events": freeze.freeze_events}, f
+        )
+
+
+def _mirrored(out):
+    import tensorflow as tf
+
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    tf.config.set_logical_device_configuration(
+        cpu, [tf.config.LogicalDeviceConfiguration()] * 2
+    )
+    x, y = make_data()
+    results = {}
+    for name in ("single", "mirrored"):
+        keras.utils.set_random_seed(0)
+        if name == "mirrored":
+            strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+        else:
+            strategy = tf.distribute.get_strategy()
+        with strategy.scope():
+            model = make_model(3, batchnorm=False)
+            model.compile(
+                OPTIMIZERS["nesterov"](), "sparse_categorical_crossentropy"
+            )
+        freeze = FreezeOut(t0=0.5, scaling="linear", verbose=0)
+        model.fit(
+            x,
+            y,
+            batch_size=BATCH,
+            epochs=4,
+            shuffle=False,
+            verbose=0,
+            callbacks=[freeze],
+        )
+        np.savez(
+            os.path.join(out, f"{name}.npz"),
+            *[keras.ops.convert_to_numpy(w) for w in model.weights],
+        )
+        results[name] = (strategy.num_replicas_in_sync, freeze.freeze_events)
+    with open(os.path.join(out, "result.json"), "w") as f:
+        json.dump(
+            {
+                "replicas": results["mirrored"][0],
+                "events": results["mirrored"][1],
+                "single_events": results["single"][1],
+            },
+            f,
+        )
+
+
+if __name__ == "__main__":
+    mode, out = sys.argv[1], sys.argv[2]
+    sys.path.insert(0, ROOT)
+    if mode == "resume":
+        _resume(out, kill=sys.argv[3:] == ["kill"])
+    elif mode == "mirrored":
+        os.makedirs(out, exist_ok=True)
+        _mirrored(out)
+    else:
+        raise SystemExit(f"Unknown mode {mode!r}.")

@@ -507,9 +507,7 @@ class SnapshotCheckpoint(keras.callbacks.Callback):
         final_path = os.path.join(self.directory, entry.file)
         partial_dir = None
         try:
-            partial_dir = tempfile.mkdtemp(
-                prefix=manifest_lib.PARTIAL_PREFIX, dir=self.directory
-            )
+            partial_dir = manifest_lib.make_partial_dir(self.directory)
             partial_path = os.path.join(partial_dir, entry.file)
             self._save_model_to(partial_path)
             os.chmod(partial_path, manifest_lib._umask_mode())

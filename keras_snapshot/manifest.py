@@ -80,6 +80,16 @@ def _umask_mode(mode: int = 0o666) -> int:
     return mode & ~umask
 
 
+def make_partial_dir(directory: str) -> str:
+    """A hidden scratch folder inside `directory` for one atomic write.
+
+    It lives in the same file system as the final file, so that
+    `commit_file`'s rename is atomic; `SnapshotDirectory.prepare` removes
+    what an interrupted write leaves behind.
+    """
+    return tempfile.mkdtemp(prefix=PARTIAL_PREFIX, dir=directory)
+
+
 def commit_file(temporary_path: str, final_path: str) -> None:
     """Flushes `temporary_path` to disk and renames it to `final_path`."""
     with open(temporary_path, "rb") as f:
@@ -416,7 +426,7 @@ class SnapshotDirectory:
         # A write-and-rename probe with the longest name a snapshot gets.
         probe = None
         try:
-            probe = tempfile.mkdtemp(prefix=PARTIAL_PREFIX, dir=self.path)
+            probe = make_partial_dir(self.path)
             name = os.path.join(probe, snapshot_filename(99999))
             with open(name, "wb") as f:
                 f.write(b"probe")

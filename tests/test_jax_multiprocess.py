@@ -137,7 +137,9 @@ def test_only_process_0_writes(two_process_run):
     entries = keras_snapshot.read_manifest(str(directory))["snapshots"]
     assert [e["step"] for e in entries] == CYCLE_ENDS
     for entry in entries:
-        manifest_lib.verify_snapshot_file(str(directory), entry)
+        manifest_lib.SnapshotDirectory(str(directory)).verified_path(
+            manifest_lib.SnapshotEntry(**entry)
+        )
     assert saved_steps(str(directory)) == CYCLE_ENDS
     assert not os.path.exists(out / "snapshots-1")
     # No scratch folder left behind by either process.

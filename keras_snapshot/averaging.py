@@ -15,7 +15,6 @@ import glob
 import json
 import os
 import shutil
-import sys
 import warnings
 
 import keras
@@ -24,6 +23,7 @@ from keras import ops
 
 from keras_snapshot import manifest as manifest_lib
 from keras_snapshot._checks import check_positive_int
+from keras_snapshot._io import print_msg
 from keras_snapshot.batchnorm import batchnorm_layers
 from keras_snapshot.batchnorm import recalibrate_batchnorm
 from keras_snapshot.ensemble import normalize_weights
@@ -422,8 +422,7 @@ class StochasticWeightAveraging(keras.callbacks.Callback):
         return [v for v in model.weights if _is_float(v)]
 
     def _current_values(self) -> list:
-        if hasattr(self.model, "jax_state_sync"):
-            self.model.jax_state_sync()
+        # On JAX, reading `self.model` syncs the training state.
         return [
             ops.convert_to_numpy(v).astype(np.float64)
             for v in self._float_variables(self.model)
@@ -579,12 +578,11 @@ class StochasticWeightAveraging(keras.callbacks.Callback):
         finally:
             shutil.rmtree(partial_dir, ignore_errors=True)
         if self.verbose:
-            sys.stdout.write(
-                f"\nStochasticWeightAveraging: saved the average of "
+            print_msg(
+                f"StochasticWeightAveraging: saved the average of "
                 f"{self._count} models (last at step {self._last_step}) to "
-                f"{self.filepath}\n"
+                f"{self.filepath}"
             )
-            sys.stdout.flush()
 
     # Resuming -----------------------------------------------------------------
 
@@ -732,8 +730,7 @@ class StochasticWeightAveraging(keras.callbacks.Callback):
             # The restored weights are the weights of that step.
             self._update(step, epoch)
         if self._count and self.verbose:
-            sys.stdout.write(
+            print_msg(
                 f"StochasticWeightAveraging: resumed at step {step} with the "
-                f"average of {self._count} models.\n"
+                f"average of {self._count} models."
             )
-            sys.stdout.flush()

@@ -14,6 +14,7 @@ from keras import ops
 from keras_snapshot import manifest as manifest_lib
 from keras_snapshot._checks import check_positive_int
 from keras_snapshot._distribution import is_writer
+from keras_snapshot._io import print_msg
 from keras_snapshot.batchnorm import check_bounded_data
 from keras_snapshot.batchnorm import recalibrate_batchnorm
 from keras_snapshot.batchnorm import restore_batchnorm_statistics
@@ -42,16 +43,6 @@ def learning_rate_schedule(optimizer):
     if isinstance(rate, keras.optimizers.schedules.LearningRateSchedule):
         return rate
     return None
-
-
-def _print(message: str) -> None:
-    """Prints as Keras callbacks do: stdout, or absl logging when off."""
-    if keras.config.is_interactive_logging_enabled():
-        print(message, flush=True)
-    else:
-        from absl import logging
-
-        logging.info(message)
 
 
 def _finite_number(value):
@@ -354,7 +345,7 @@ class SnapshotCheckpoint(keras.callbacks.Callback):
             removed = self._folder.prepare()
             self._folder.lock()
             if removed and self.verbose:
-                _print(
+                print_msg(
                     f"SnapshotCheckpoint: removed {len(removed)} incomplete "
                     f"write(s) left in {self.directory}."
                 )
@@ -416,7 +407,7 @@ class SnapshotCheckpoint(keras.callbacks.Callback):
 
     def _flush_messages(self) -> None:
         for message in self._messages:
-            _print(message)
+            print_msg(message)
         self._messages = []
 
     # Snapshots --------------------------------------------------------------

@@ -62,6 +62,7 @@ from keras import ops
 
 from keras_snapshot._checks import check_positive_int
 from keras_snapshot._checks import check_positive_number
+from keras_snapshot._io import print_msg
 
 SCALINGS = {
     "linear": lambda x: x,
@@ -382,13 +383,6 @@ def estimate_speedup(
     return float(1.0 - np.sum(costs * (1 + b * t)) / np.sum(costs * (1 + b)))
 
 
-def _print(message: str) -> None:
-    """Prints the way Keras callbacks do (absl logging when it is on)."""
-    from keras.src.utils import io_utils
-
-    io_utils.print_msg(message)
-
-
 def _attach_rates(optimizer, factor_of_variable, active_variables):
     """Makes `optimizer` use a rate per variable; returns an undo function.
 
@@ -629,7 +623,7 @@ class FreezeOut(keras.callbacks.Callback):
             saving = estimate_speedup(
                 model, self.groups_, self.t0, self.scaling
             )
-            _print(
+            print_msg(
                 f"FreezeOut: {len(self.groups_)} groups, t0={self.t0} "
                 f"({self.scaling}, {'scaled' if self.scale_lr else 'unscaled'}"
                 f"), {self.total_steps_} steps; groups freeze at steps "
@@ -650,7 +644,7 @@ class FreezeOut(keras.callbacks.Callback):
     def on_epoch_end(self, epoch, logs=None):
         if self.verbose:
             for step, groups in self.freeze_events[self._printed_events :]:
-                _print(
+                print_msg(
                     f"Epoch {epoch + 1}: FreezeOut froze group(s) {groups} "
                     f"at step {step}; {self._frozen.count(False)} of "
                     f"{len(self._frozen)} groups still train."
@@ -658,9 +652,7 @@ class FreezeOut(keras.callbacks.Callback):
             self._printed_events = len(self.freeze_events)
 
     def on_train_end(self, logs=None):
-        model = self.model
-        if hasattr(model, "jax_state_sync"):
-            model.jax_state_sync()
+        model = self.model  # On JAX, reading it syncs the training state.
         self._detach()
         for group, flags in zip(self.groups_, self._trainable):
             for layer, flag in zip(group, flags):
@@ -686,12 +678,9 @@ class FreezeOut(keras.callbacks.Callback):
         ]
         if not due:
             return
+        # On JAX, reading `self.model` writes the running state back to
+        # the variables before the set of trainable variables changes.
         model = self.model
-        if hasattr(model, "jax_state_sync"):
-            # JAX: write the running state back to the variables before
-            # the set of trainable variables changes; `fit` then reads it
-            # again for the next step.
-            model.jax_state_sync()
         for i in due:
             for layer in self.groups_[i]:
                 layer.trainable = False

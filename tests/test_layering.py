@@ -13,6 +13,7 @@ PACKAGE = os.path.dirname(keras_snapshot.__file__)
 CORE = {
     "_checks",
     "_distribution",
+    "_io",
     "schedule",
     "checkpoint",
     "manifest",

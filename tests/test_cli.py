@@ -182,27 +182,23 @@ def test_argparse_errors_exit_2_without_traceback(argv):
     assert "error" in result.stderr
 
 
-def test_tfds_dataset_path_on_mock_data(tmp_path):
+def test_tfds_dataset_path_on_prepared_data(tmp_path):
+    # Real tensorflow-datasets files, prepared offline. (Under
+    # `tfds.testing.mock_data` a dataset is never prepared, so the loader
+    # would check its download server, which CI cannot reach.)
     import tensorflow_datasets as tfds
 
-    run_dir = str(tmp_path / "mnist")
-    with tfds.testing.mock_data(num_examples=64):
-        code = cli.main(
-            [
-                "train",
-                "--dataset",
-                "mnist",
-                *SMALL,
-                "--batch-size",
-                "16",
-                "--output-dir",
-                run_dir,
-            ]
-        )
+    data_dir = str(tmp_path / "tfds")
+    tfds.testing.DummyMnist(data_dir=data_dir).download_and_prepare()
+    run_dir = str(tmp_path / "dummy_mnist")
+    code = cli.main(
+        ["train", "--dataset", "dummy_mnist", "--data-dir", data_dir]
+        + [*SMALL, "--batch-size", "6", "--output-dir", run_dir]
+    )
     assert code == 0
     with open(os.path.join(run_dir, "report.json")) as f:
         report = json.load(f)
-    assert report["config"]["dataset"] == "mnist"
+    assert report["config"]["dataset"] == "dummy_mnist"
     assert len(report["test"]["snapshots"]) == 2
 
 

@@ -212,29 +212,25 @@ def _image_label_keys(tfds, info, name):
     `ClassLabel` features.
     """
     features = info.features
+    image_type, label_type = tfds.features.Image, tfds.features.ClassLabel
     names = (
         list(features.keys())
         if isinstance(features, tfds.features.FeaturesDict)
         else []
     )
 
-    def of_type(feature_type):
-        return [k for k in names if isinstance(features[k], feature_type)]
-
     keys = info.supervised_keys
     if not keys:
-        images, labels = (
-            of_type(tfds.features.Image),
-            of_type(tfds.features.ClassLabel),
-        )
+        images = [k for k in names if isinstance(features[k], image_type)]
+        labels = [k for k in names if isinstance(features[k], label_type)]
         if len(images) == 1 and len(labels) == 1:
             keys = (images[0], labels[0])
     if not (
-        isinstance(keys, tuple)
+        isinstance(keys, (tuple, list))
         and len(keys) == 2
         and all(isinstance(k, str) and k in names for k in keys)
-        and isinstance(features[keys[0]], tfds.features.Image)
-        and isinstance(features[keys[1]], tfds.features.ClassLabel)
+        and isinstance(features[keys[0]], image_type)
+        and isinstance(features[keys[1]], label_type)
     ):
         raise ValueError(
             f"The tensorflow-datasets dataset {name!r} is not an image "
@@ -249,7 +245,7 @@ def _image_label_keys(tfds, info, name):
             f"images. Pick a dataset of fixed-size images. Received: "
             f"name={name!r}"
         )
-    return keys
+    return tuple(keys)
 
 
 def _unreachable_server(urls, timeout=_PROBE_TIMEOUT):

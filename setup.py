@@ -31,6 +31,11 @@ setup(
         "keras>=3.8,<4",
         "numpy>=1.26",
         "tensorflow-datasets>=4.9",
+        # tensorflow-datasets 4.9.10 imports the `importlib_resources`
+        # backport but declares it only for Python < 3.9; it came with
+        # `etils[epath]` until etils 1.14 dropped it. Without it every
+        # tfds dataset fails (tensorflow/datasets#11212).
+        "importlib_resources",
         # The embedded default dataset (scikit-learn's bundled digits) and
         # the report's plots.
         "scikit-learn>=1.3",

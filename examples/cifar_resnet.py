@@ -3,8 +3,14 @@
 Huang et al. 2017 (arXiv:1704.00109), Table 1: ResNet-110 on CIFAR-100,
 28.02% single model -> 24.19% snapshot ensemble (alpha0 = 0.2). Batch 64,
 standard augmentation (4-pixel padding, random crop, horizontal flip).
+As in the paper, the network trains on all 50,000 training images: no
+validation images are held out (`--validation-fraction 0`), the test set
+is only watched during training, and the ensemble averages all M
+snapshots, so nothing is chosen on the test set. Pass
+`--validation-fraction 0.1` to hold out 5,000 training images instead.
 Needs a GPU (about a day on one V100-class GPU for 200 epochs) and
-downloads CIFAR through tensorflow-datasets on first use.
+downloads CIFAR through tensorflow-datasets on first use (offline, pass
+`--data-dir` the folder where it was downloaded).
 
     python examples/cifar_resnet.py --dataset cifar100
     python examples/cifar_resnet.py --dataset cifar10 --strategy mirrored
@@ -30,6 +36,7 @@ from keras_snapshot.app.models import resnet
 parser = argparse.ArgumentParser()
 parser.add_argument("--dataset", default="cifar100")
 parser.add_argument("--data-dir")
+parser.add_argument("--validation-fraction", type=float, default=0.0)
 parser.add_argument("--depth", type=int, default=110)
 parser.add_argument("--epochs", type=int, default=200)
 parser.add_argument("--snapshots", type=int, default=5)
@@ -39,7 +46,15 @@ parser.add_argument("--strategy", default="default")
 parser.add_argument("--output-dir", default="cifar_run")
 args = parser.parse_args()
 
-data = load_dataset(args.dataset, data_dir=args.data_dir)
+data = load_dataset(
+    args.dataset,
+    data_dir=args.data_dir,
+    validation_fraction=args.validation_fraction,
+)
+print(
+    f"Training on {len(data.x_train)} images, validating on "
+    f"{len(data.x_val)}, testing on {len(data.x_test)}."
+)
 strategy = get_strategy(args.strategy)
 batch_size = args.batch_size * strategy.num_replicas_in_sync
 steps_per_epoch = int(np.ceil(len(data.x_train) / batch_size))

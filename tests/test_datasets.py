@@ -2,6 +2,7 @@
 
 import gzip
 import os
+import socket
 import struct
 
 import numpy as np
@@ -84,16 +85,104 @@ def test_bad_validation_fraction(fraction):
         load_dataset("digits", validation_fraction=fraction)
 
 
-@pytest.mark.parametrize(
-    "name, shape", [("mnist", (28, 28, 1)), ("cifar10", (32, 32, 3))]
-)
-def test_tfds_with_mock_data(name, shape):
-    with tfds.testing.mock_data(num_examples=20):
-        data = load_dataset(name, validation_fraction=0.25, seed=0)
-    assert data.name == name
-    _check_dataset(data, shape, 10)
-    assert (len(data.x_train), len(data.x_val), len(data.x_test)) == (15, 5, 20)
+class TinyRgb(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+    """A 32x32 RGB dataset with supervised keys and no "test" split."""
+
+    VERSION = tfds.core.Version("1.0.0")
+
+    def _info(self):
+        return tfds.core.DatasetInfo(
+            builder=self,
+            features=tfds.features.FeaturesDict(
+                {
+                    "image": tfds.features.Image(shape=(32, 32, 3)),
+                    "label": tfds.features.ClassLabel(num_classes=3),
+                }
+            ),
+            supervised_keys=("image", "label"),
+        )
+
+    def _split_generators(self, dl_manager):
+        return {
+            "train": self._generate_examples(30, 0),
+            "validation": self._generate_examples(9, 1),
+        }
+
+    def _generate_examples(self, count, seed):
+        rng = np.random.default_rng(seed)
+        for i in range(count):
+            image = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+            yield i, {"image": image, "label": i % 3}
+
+
+def test_tfds_prepared_dummy_mnist_loads(tmp_path):
+    # The real preparation path, offline: it needs tensorflow-datasets'
+    # `importlib_resources` dependency (setup.py).
+    tfds.testing.DummyMnist(data_dir=tmp_path).download_and_prepare()
+    data = load_dataset("dummy_mnist", data_dir=tmp_path, seed=0)
+    assert data.name == "dummy_mnist"
+    _check_dataset(data, (28, 28, 1), 10)
+    assert (len(data.x_train), len(data.x_val), len(data.x_test)) == (18, 2, 20)
+    np.testing.assert_allclose(data.x_test, 1 / 255)  # uint8 1, scaled
+    np.testing.assert_array_equal(np.bincount(data.y_test), [2] * 10)
+
+
+def test_tfds_supervised_keys_and_validation_as_test(tmp_path):
+    TinyRgb(data_dir=tmp_path).download_and_prepare()
+    data = load_dataset("tiny_rgb", data_dir=tmp_path, validation_fraction=0.2)
+    _check_dataset(data, (32, 32, 3), 3)
+    assert (len(data.x_train), len(data.x_val), len(data.x_test)) == (24, 6, 9)
+    np.testing.assert_array_equal(np.bincount(data.y_val), [2, 2, 2])
     assert data.x_train.max() > 0.5  # scaled from uint8, not left at 0-255
+    whole = load_dataset("tiny_rgb", data_dir=tmp_path, validation_fraction=0)
+    assert (len(whole.x_train), len(whole.x_val)) == (30, 0)
+
+
+def _assert_one_line_with_hint(error, name):
+    message = str(error.value)
+    assert "\n" not in message
+    assert f"{name!r} is not downloaded in" in message
+    assert "--data-dir" in message
+
+
+def test_tfds_not_downloaded_without_download(tmp_path):
+    with pytest.raises(FileNotFoundError) as error:
+        load_dataset("mnist", data_dir=tmp_path, download=False)
+    _assert_one_line_with_hint(error, "mnist")
+    assert list(tmp_path.iterdir()) == []
+
+
+def _refusing_proxy(monkeypatch):
+    """Routes HTTP(S) through a local port that refuses: no network."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for var in ("NO_PROXY", "no_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(var, raising=False)
+    for var in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy"):
+        monkeypatch.setenv(var, f"http://127.0.0.1:{port}")
+
+
+def test_tfds_unreachable_server_fails_in_one_line(tmp_path, monkeypatch):
+    # Without the check, tensorflow-datasets retries for minutes and ends
+    # in a ConnectionError.
+    _refusing_proxy(monkeypatch)
+    with pytest.raises(FileNotFoundError, match="cannot be reached") as error:
+        load_dataset("mnist", data_dir=tmp_path)
+    _assert_one_line_with_hint(error, "mnist")
+    assert "storage.googleapis.com" in str(error.value)
+
+
+def test_cli_says_dataset_is_missing_in_one_line(tmp_path, monkeypatch, capsys):
+    from keras_snapshot.app import cli
+
+    _refusing_proxy(monkeypatch)
+    argv = ["train", "--dataset", "cifar10", "--data-dir", str(tmp_path)]
+    assert cli.main(argv + ["--output-dir", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("keras-snapshot train: error: The tensorflow-")
+    assert "\n" not in err and "--data-dir" in err
+    assert not (tmp_path / "run").exists()
 
 
 def test_unknown_name_lists_embedded_names():

@@ -1,12 +1,38 @@
-"""The Colab notebook and the quickstart run, so they cannot rot."""
+"""The examples and the Colab notebook run, so they cannot rot.
+
+Each runs this checkout's package (`PYTHONPATH`), not whichever copy the
+environment has installed.
+"""
 
 import os
+import shutil
 import subprocess
 import sys
 
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NOTEBOOK = os.path.join(ROOT, "examples", "colab_snapshot_ensemble.ipynb")
+
+
+def _env(**extra):
+    """This process's environment, importing this checkout first."""
+    env = dict(os.environ, **extra)
+    env["PYTHONPATH"] = os.pathsep.join(
+        p for p in (ROOT, os.environ.get("PYTHONPATH")) if p
+    )
+    return env
+
+
+def _run(args, cwd, **kwargs):
+    return subprocess.run(
+        [sys.executable, *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        **kwargs,
+    )
 
 
 @pytest.mark.slow
@@ -15,8 +41,9 @@ def test_colab_notebook_executes(tmp_path, monkeypatch):
     import nbformat
 
     monkeypatch.setenv("KERAS_SNAPSHOT_NOTEBOOK_SMOKE", "1")
-    path = os.path.join(ROOT, "examples", "colab_snapshot_ensemble.ipynb")
-    notebook = nbformat.read(path, as_version=4)
+    # The kernel imports this checkout, so the install cell installs nothing.
+    monkeypatch.setenv("PYTHONPATH", _env()["PYTHONPATH"])
+    notebook = nbformat.read(NOTEBOOK, as_version=4)
     client = nbclient.NotebookClient(
         notebook,
         timeout=600,
@@ -33,18 +60,140 @@ def test_colab_notebook_executes(tmp_path, monkeypatch):
         if cell.cell_type == "code"
         for output in cell.get("outputs", [])
     )
+    assert "Installing keras-snapshot" not in outputs
     assert "SavedModel serves the same probabilities." in outputs
+
+
+def _install_cell():
+    import nbformat
+
+    notebook = nbformat.read(NOTEBOOK, as_version=4)
+    (cell,) = [
+        c.source
+        for c in notebook.cells
+        if c.cell_type == "code" and "def keras_snapshot_source" in c.source
+    ]
+    return cell
+
+
+def _run_install_cell(cwd, target, repo_url=""):
+    """Runs the notebook's install cell as a fresh Colab runtime would.
+
+    `python -S` leaves site-packages out, so `keras_snapshot` is not
+    importable, as before the install. The cell's `pip install` goes into
+    `target`, offline, without dependencies.
+    """
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith("PIP_") and k != "PYTHONPATH"
+    }
+    env.update(
+        PIP_TARGET=str(target),
+        PIP_NO_DEPS="1",
+        PIP_NO_INDEX="1",
+        PIP_NO_BUILD_ISOLATION="0",  # pip's spelling of --no-build-isolation
+        PIP_DISABLE_PIP_VERSION_CHECK="1",
+        KERAS_SNAPSHOT_REPO_URL=repo_url,
+    )
+    return _run(["-S", "-c", _install_cell()], cwd, env=env)
+
+
+def _copy_checkout(folder):
+    shutil.copytree(
+        ROOT,
+        folder,
+        ignore=shutil.ignore_patterns(
+            ".git", "build", "*.egg-info", "__pycache__", "runs", ".*venv"
+        ),
+    )
+    return folder
+
+
+def _assert_installed(result, target, source):
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"Installing keras-snapshot from {source}" in result.stdout
+    with open(os.path.join(ROOT, "keras_snapshot", "schedule.py")) as f:
+        assert (target / "keras_snapshot" / "schedule.py").read_text() == (
+            f.read()
+        )
+    (metadata,) = target.glob("keras_snapshot-*.dist-info/METADATA")
+    requires = metadata.read_text().replace("_", "-")
+    assert "Requires-Dist: importlib-resources" in requires
+
+
+def test_install_cell_without_a_source_says_what_to_do(tmp_path):
+    result = _run_install_cell(tmp_path, tmp_path / "target")
+    assert result.returncode != 0
+    assert "keras-snapshot is not on PyPI" in result.stderr
+    assert "set REPO_URL" in result.stderr
+    assert not (tmp_path / "target").exists()
+
+
+@pytest.mark.slow
+def test_install_cell_installs_an_uploaded_wheel(tmp_path):
+    source = _copy_checkout(tmp_path / "checkout")
+    content = tmp_path / "content"  # Colab's working folder
+    built = _run(
+        ["-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation"]
+        + ["-w", str(content), str(source)],
+        tmp_path,
+    )
+    assert built.returncode == 0, built.stderr[-3000:]
+    (wheel,) = content.glob("keras_snapshot-*.whl")
+    target = tmp_path / "target"
+    result = _run_install_cell(content, target)
+    _assert_installed(result, target, wheel)
+    imported = _run(
+        ["-c", "import keras_snapshot; print(keras_snapshot.__file__)"],
+        tmp_path,
+        env=dict(os.environ, PYTHONPATH=str(target)),
+    )
+    assert imported.returncode == 0, imported.stderr[-3000:]
+    assert imported.stdout.strip().startswith(str(target))
+
+
+@pytest.mark.slow
+def test_install_cell_installs_the_checkout_or_the_git_repository(tmp_path):
+    checkout = _copy_checkout(tmp_path / "checkout")
+    result = _run_install_cell(checkout / "examples", tmp_path / "target1")
+    _assert_installed(result, tmp_path / "target1", checkout)
+
+    if shutil.which("git") is None:
+        pytest.skip("needs git")
+    repo_url = "file://" + ROOT  # stands in for the repository's URL
+    result = _run_install_cell(tmp_path, tmp_path / "target2", repo_url)
+    _assert_installed(result, tmp_path / "target2", "git+" + repo_url)
 
 
 @pytest.mark.slow
 def test_quickstart_runs(tmp_path):
-    result = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "examples", "quickstart.py")],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=600,
+    result = _run(
+        [os.path.join(ROOT, "examples", "quickstart.py")], tmp_path, env=_env()
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "ensemble:   test error" in result.stdout
+    assert "ensemble of 4 snapshots:  test error" in result.stdout
+    assert "single model (final snapshot): test error" in result.stdout
+    assert "test images right" in result.stdout
     assert (tmp_path / "quickstart_ensemble.keras").exists()
+
+
+@pytest.mark.slow
+def test_cifar_example_trains_on_the_whole_training_split(tmp_path):
+    import tensorflow_datasets as tfds
+
+    data_dir = tmp_path / "tfds"
+    tfds.testing.DummyMnist(data_dir=data_dir).download_and_prepare()
+    args = ["--dataset", "dummy_mnist", "--data-dir", str(data_dir)]
+    args += ["--depth", "8", "--epochs", "2", "--snapshots", "2"]
+    args += ["--batch-size", "10", "--output-dir", str(tmp_path / "run")]
+    result = _run(
+        [os.path.join(ROOT, "examples", "cifar_resnet.py"), *args],
+        tmp_path,
+        env=_env(),
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    # All 20 training images, as the paper trains on all 50k of CIFAR.
+    assert "Training on 20 images, validating on 0" in result.stdout
+    assert "ensemble of the last 2 snapshots" in result.stdout
+    assert (tmp_path / "run" / "ensemble.keras").exists()

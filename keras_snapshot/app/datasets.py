@@ -16,6 +16,8 @@ import struct
 import numpy as np
 import tensorflow as tf
 
+from keras_snapshot._checks import check_positive_int
+
 __all__ = [
     "EMBEDDED_DATASETS",
     "FASHION_MNIST_DIR",
@@ -32,6 +34,8 @@ EMBEDDED_DATASETS = ("digits", "fashion_mnist_local")
 
 _DIGITS_TEST_FRACTION = 0.3
 _DIGITS_TEST_SEED = 0
+_PROBE_TIMEOUT = 10.0
+"""Seconds to wait for a tensorflow-datasets download server to answer."""
 _PAD = 4
 _FASHION_FILES = {
     "x_train": "train-images-idx3-ubyte.gz",
@@ -73,27 +77,32 @@ class Dataset:
 
 
 def _split(labels, fraction, seed):
-    """Stratified split: indices `(keep, held_out)`, both sorted.
+    """Random split stratified by class: indices `(keep, held_out)`, sorted.
 
     `round(fraction * len(labels))` examples are held out, shared among the
-    classes in proportion to their sizes (largest remainders first, ties
-    broken at random), and chosen in each class by a permutation seeded with
-    `seed`.
+    classes in proportion to their sizes by scikit-learn's
+    `train_test_split(stratify=...)`, with `seed` as its `random_state`.
+    Where the data is too small to stratify (a class with a single example,
+    or fewer held-out or kept examples than classes), the split is a plain
+    seeded random split.
     """
-    rng = np.random.default_rng(seed)
-    classes, sizes = np.unique(labels, return_counts=True)
-    quotas = fraction * sizes
-    counts = np.floor(quotas).astype(np.int64)
-    missing = round(fraction * labels.size) - int(counts.sum())
-    order = np.lexsort((rng.permutation(sizes.size), counts - quotas))
-    counts[order[:missing]] += 1
-    held = []
-    for c, count in zip(classes, counts, strict=True):
-        members = np.flatnonzero(labels == c)
-        held.append(rng.permutation(members)[:count])
-    held = np.sort(np.concatenate(held)).astype(np.int64)
-    keep = np.setdiff1d(np.arange(labels.size), held)
-    return keep, held
+    from sklearn.model_selection import train_test_split
+
+    indices = np.arange(labels.size)
+    held_count = round(fraction * labels.size)
+    if held_count == 0:
+        return indices, indices[:0]
+    _, sizes = np.unique(labels, return_counts=True)
+    stratify = sizes.min() >= 2 and sizes.size <= min(
+        held_count, labels.size - held_count
+    )
+    keep, held = train_test_split(
+        indices,
+        test_size=held_count,
+        random_state=seed,
+        stratify=labels if stratify else None,
+    )
+    return np.sort(keep), np.sort(held)
 
 
 def _finish(
@@ -186,16 +195,119 @@ def _load_fashion_mnist(data_dir, fraction, seed):
     )
 
 
-def _tfds_to_numpy(tfds, ds):
-    """Concatenates a supervised `tf.data.Dataset` into numpy arrays."""
+def _tfds_to_numpy(tfds, ds, keys):
+    """Concatenates the `(image, label)` features of a `tf.data.Dataset`."""
     xs, ys = [], []
-    for x, y in tfds.as_numpy(ds.batch(1024)):
-        xs.append(x)
-        ys.append(y)
+    for batch in tfds.as_numpy(ds.batch(1024)):
+        xs.append(batch[keys[0]])
+        ys.append(batch[keys[1]])
     return np.concatenate(xs), np.concatenate(ys)
 
 
-def _load_tfds(name, data_dir, fraction, seed):
+def _image_label_keys(tfds, info, name):
+    """The `(image, label)` feature names of an image-classification dataset.
+
+    The dataset's supervised keys, or, where it declares none (e.g. a
+    dataset read back from its prepared files), its only `Image` and only
+    `ClassLabel` features.
+    """
+    features = info.features
+    image_type, label_type = tfds.features.Image, tfds.features.ClassLabel
+    names = (
+        list(features.keys())
+        if isinstance(features, tfds.features.FeaturesDict)
+        else []
+    )
+
+    keys = info.supervised_keys
+    if not keys:
+        images = [k for k in names if isinstance(features[k], image_type)]
+        labels = [k for k in names if isinstance(features[k], label_type)]
+        if len(images) == 1 and len(labels) == 1:
+            keys = (images[0], labels[0])
+    if not (
+        isinstance(keys, (tuple, list))
+        and len(keys) == 2
+        and all(isinstance(k, str) and k in names for k in keys)
+        and isinstance(features[keys[0]], image_type)
+        and isinstance(features[keys[1]], label_type)
+    ):
+        raise ValueError(
+            f"The tensorflow-datasets dataset {name!r} is not an image "
+            "classification dataset: its supervised keys are "
+            f"{info.supervised_keys}. Pick one whose input is an image and "
+            f"whose target is a class label. Received: name={name!r}"
+        )
+    if None in features[keys[0]].shape:
+        raise ValueError(
+            f"The images of {name!r} have variable sizes "
+            f"{features[keys[0]].shape}; `load_dataset` needs fixed-size "
+            f"images. Pick a dataset of fixed-size images. Received: "
+            f"name={name!r}"
+        )
+    return tuple(keys)
+
+
+def _unreachable_server(urls, timeout=_PROBE_TIMEOUT):
+    """`(host, reason)` of the first server of `urls` that does not answer.
+
+    One HEAD request per host, no retries, with the proxies of the
+    environment (as tensorflow-datasets' own downloads use them). Any HTTP
+    answer, even an error status, counts as reachable. Returns `None` when
+    every server answers.
+    """
+    import urllib.error
+    import urllib.parse
+    import urllib.request
+
+    hosts = set()
+    for url in urls:
+        parts = urllib.parse.urlsplit(url)
+        if parts.scheme not in ("http", "https") or parts.netloc in hosts:
+            continue
+        hosts.add(parts.netloc)
+        request = urllib.request.Request(url, method="HEAD")
+        try:
+            with urllib.request.urlopen(request, timeout=timeout):
+                pass
+        except urllib.error.HTTPError:
+            pass  # The server answered.
+        except OSError as e:  # URLError, timeouts, refused connections.
+            return parts.netloc, getattr(e, "reason", e)
+    return None
+
+
+def _prepare_tfds(builder, name, download):
+    """Downloads and prepares `builder` unless it is prepared already.
+
+    Fails in one line, without tensorflow-datasets' minutes of retries,
+    when the data is not there and cannot be downloaded.
+    """
+    if builder.is_prepared():
+        return
+    hint = (
+        'Download it where there is network access (`python -c "import '
+        f"tensorflow_datasets as tfds; tfds.builder('{name}')"
+        '.download_and_prepare()"`) and pass the folder that holds its '
+        f"`{name}/` folder with `--data-dir` (`data_dir=` in Python)."
+    )
+    where = f"{name!r} is not downloaded in {builder.data_dir}"
+    if not download:
+        raise FileNotFoundError(
+            f"The tensorflow-datasets dataset {where} and download=False. "
+            f"{hint}"
+        )
+    unreachable = _unreachable_server(builder.url_infos or {})
+    if unreachable is not None:
+        host, reason = unreachable
+        raise FileNotFoundError(
+            f"The tensorflow-datasets dataset {where} and its download "
+            f"server {host} cannot be reached ({reason}). {hint}"
+        )
+    builder.download_and_prepare()
+
+
+def _load_tfds(name, data_dir, fraction, seed, download):
     import tensorflow_datasets as tfds
 
     try:
@@ -208,27 +320,9 @@ def _load_tfds(name, data_dir, fraction, seed):
             '"mnist", "cifar10", "cifar100", "svhn_cropped"). '
             f"Received: name={name!r}"
         ) from None
-    info = builder.info
-    keys = info.supervised_keys
-    image = info.features[keys[0]] if keys else None
-    label = info.features[keys[1]] if keys else None
-    classifies_images = isinstance(image, tfds.features.Image) and isinstance(
-        label, tfds.features.ClassLabel
-    )
-    if not classifies_images:
-        raise ValueError(
-            f"The tensorflow-datasets dataset {name!r} is not an image "
-            "classification dataset: its supervised keys are "
-            f"{keys}. Pick one whose input is an image and whose target is a "
-            f"class label. Received: name={name!r}"
-        )
-    if None in image.shape:
-        raise ValueError(
-            f"The images of {name!r} have variable sizes {image.shape}; "
-            "`load_dataset` needs fixed-size images. Pick a dataset of "
-            f"fixed-size images. Received: name={name!r}"
-        )
-    splits = set(info.splits.keys())
+    keys = _image_label_keys(tfds, builder.info, name)
+    _prepare_tfds(builder, name, download)
+    splits = set(builder.info.splits.keys())
     test_split = "test"
     if splits and "test" not in splits:
         if "validation" not in splits:
@@ -238,22 +332,18 @@ def _load_tfds(name, data_dir, fraction, seed):
                 f"dataset. Received: name={name!r}"
             )
         test_split = "validation"
-    train, test = tfds.load(
-        name,
-        split=["train", test_split],
-        data_dir=data_dir,
-        as_supervised=True,
-        shuffle_files=False,
+    train, test = builder.as_dataset(
+        split=["train", test_split], shuffle_files=False
     )
-    x_train, y_train = _tfds_to_numpy(tfds, train)
-    x_test, y_test = _tfds_to_numpy(tfds, test)
+    x_train, y_train = _tfds_to_numpy(tfds, train, keys)
+    x_test, y_test = _tfds_to_numpy(tfds, test, keys)
     return _finish(
         name,
         x_train / np.float32(255),
         y_train,
         x_test / np.float32(255),
         y_test,
-        label.num_classes,
+        builder.info.features[keys[1]].num_classes,
         fraction,
         seed,
     )
@@ -264,6 +354,7 @@ def load_dataset(
     data_dir: str | os.PathLike | None = None,
     validation_fraction: float = 0.1,
     seed: int = 0,
+    download: bool = True,
 ) -> Dataset:
     """Loads an image-classification dataset as numpy train/val/test arrays.
 
@@ -283,10 +374,14 @@ def load_dataset(
           `dataset-fashion-mnist` package installs them.
         - Any other name: a tensorflow-datasets image-classification
           dataset with fixed-size images (`"mnist"`, `"cifar10"`,
-          `"cifar100"`, ...), from `tfds.load(name, data_dir=data_dir,
-          as_supervised=True)`; it downloads if not in `data_dir`. Its
-          `"test"` split (or `"validation"` where there is no test split) is
-          the test set. The whole dataset is held in memory.
+          `"cifar100"`, ...) in tensorflow-datasets' `data_dir`, or
+          one prepared there by a `tfds` builder. It is downloaded and
+          prepared on first use; where it is not there and its download
+          server cannot be reached, a one-line `FileNotFoundError` says
+          so at once (tensorflow-datasets itself would retry for
+          minutes). Its `"test"` split (or `"validation"` where there is
+          no test split) is the test set. The whole dataset is held in
+          memory.
 
     Args:
         name: Dataset name, see above. Defaults to `"digits"`.
@@ -294,8 +389,11 @@ def load_dataset(
             `"fashion_mnist_local"`, tensorflow-datasets' `data_dir`
             otherwise. Ignored for `"digits"`. Defaults to `None`.
         validation_fraction: Fraction of the training split held out for
-            validation, in `[0, 1)`. Defaults to `0.1`.
+            validation, in `[0, 1)`; `0` trains on the whole training
+            split (as the paper does on CIFAR). Defaults to `0.1`.
         seed: Seed of the validation split. Defaults to `0`.
+        download: Whether a tensorflow-datasets dataset that is not in
+            `data_dir` may be downloaded. Defaults to `True`.
 
     Returns:
         A `Dataset` of float32 NHWC images in `[0, 1]` and int32 labels.
@@ -303,7 +401,9 @@ def load_dataset(
     Raises:
         ValueError: If `name` is unknown or not an image-classification
             dataset, or `validation_fraction` is out of range.
-        FileNotFoundError: If the Fashion-MNIST files are missing.
+        FileNotFoundError: If the Fashion-MNIST files are missing, or a
+            tensorflow-datasets dataset is not in `data_dir` and cannot be
+            downloaded.
 
     Example:
 
@@ -333,7 +433,7 @@ def load_dataset(
         return _load_digits(validation_fraction, seed)
     if name == "fashion_mnist_local":
         return _load_fashion_mnist(data_dir, validation_fraction, seed)
-    return _load_tfds(name, data_dir, validation_fraction, seed)
+    return _load_tfds(name, data_dir, validation_fraction, seed, download)
 
 
 def _augment(image, label, seeds):
@@ -388,15 +488,7 @@ def make_dataset(
     )
     ```
     """
-    if (
-        isinstance(batch_size, bool)
-        or not isinstance(batch_size, int)
-        or batch_size < 1
-    ):
-        raise ValueError(
-            "`batch_size` must be an int >= 1, e.g. 128. Received: "
-            f"batch_size={batch_size!r}"
-        )
+    batch_size = check_positive_int("batch_size", batch_size)
     if len(x) != len(y):
         raise ValueError(
             "`x` and `y` must hold the same number of examples. Received: "

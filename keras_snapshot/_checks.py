@@ -55,5 +55,27 @@ def check_positive_number(name: str, value, hint: str = "") -> float:
     return float(value)
 
 
+def check_in_range(name: str, value, low: float, high: float) -> float:
+    """Returns `value` as a float in `[low, high)`, or raises a ValueError.
+
+    Example:
+
+    ```python
+    check_in_range("momentum", 0.9, 0.0, 1.0)  # 0.9
+    ```
+    """
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, numbers.Real)
+        or not math.isfinite(value)
+        or not low <= value < high
+    ):
+        raise ValueError(
+            f"`{name}` must be a number in [{low}, {high}). "
+            f"Received: {name}={value!r}."
+        )
+    return float(value)
+
+
 def _space(hint: str) -> str:
     return f" {hint}" if hint else ""

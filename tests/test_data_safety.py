@@ -325,3 +325,122 @@ def test_overwrite_removes_only_the_runs_own_files(tmp_path):
     (run_dir / "notes.txt").write_text("mine")
     run_lib.remove_run(str(run_dir))
     assert sorted(os.listdir(run_dir)) == ["notes.txt"]
+
+
+# 6. A backup cut short by a kill.
+
+
+def _train_until_backup(run_dir, needed):
+    """Starts a CLI run and SIGKILLs it once the backup holds `needed`."""
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=ROOT)
+    command = [sys.executable, "-m", "keras_snapshot", "train"]
+    command += ["--epochs", "12", "--snapshots", "3", "--verbose", "0"]
+    command += ["--output-dir", run_dir]
+    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL)
+    target = os.path.join(run_dir, "backup", needed)
+    deadline = time.monotonic() + 300
+    while not os.path.exists(target) and time.monotonic() < deadline:
+        assert process.poll() is None, "the run ended before the backup"
+        time.sleep(0.02)
+    time.sleep(0.2)
+    process.send_signal(signal.SIGKILL)
+    process.wait(timeout=60)
+    return command, env
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("broken", ["latest", "both"])
+def test_unreadable_backup_resumes_or_restarts_keeping_snapshots(
+    tmp_path, broken
+):
+    run_dir = str(tmp_path / "run")
+    command, env = _train_until_backup(run_dir, "latest.weights.h5.bkp")
+    backup = os.path.join(run_dir, "backup")
+    names = ["latest.weights.h5"]
+    if broken == "both":
+        names.append("latest.weights.h5.bkp")
+    for name in names:
+        with open(os.path.join(backup, name), "wb") as f:
+            f.write(b"cut short by a kill")
+    rerun = subprocess.run(
+        command, env=env, capture_output=True, text=True, timeout=600
+    )
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    expected = "one before" if broken == "latest" else "starts again"
+    assert expected in rerun.stdout
+    snapshots = os.path.join(run_dir, "snapshots")
+    schedule = keras_snapshot.read_manifest(snapshots)["cycle_end_steps"]
+    assert steps_in(snapshots) == schedule
+
+
+# 9. Checks before the first step; no run recorded for a run that never ran.
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--momentum", "1.5"], "momentum"),
+        (["--weight-decay", "-5"], "weight_decay"),
+        (["--output-dir", ""], "--output-dir is empty"),
+        (
+            ["--validation-fraction", "0", "--temperature-scaling"],
+            "validation split",
+        ),
+    ],
+)
+def test_bad_settings_are_refused_before_anything_is_written(
+    tmp_path, capsys, argv, message, monkeypatch
+):
+    from keras_snapshot.app import cli
+
+    monkeypatch.chdir(tmp_path)
+    argv = ["train", *argv]
+    if "--output-dir" not in argv:
+        argv += ["--output-dir", str(tmp_path / "run")]
+    try:
+        code = cli.main(argv)
+    except SystemExit as e:  # argparse's own refusal
+        code = e.code
+    assert code == 2
+    assert message in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "run")
+    assert not os.path.exists(tmp_path / "runs")
+
+
+def test_model_that_does_not_fit_records_no_run(tmp_path, capsys):
+    from keras_snapshot.app import cli
+
+    wrong = keras.Sequential(
+        [
+            keras.Input((32, 32, 3)),
+            keras.layers.Flatten(),
+            keras.layers.Dense(2),
+        ]
+    )
+    path = str(tmp_path / "wrong.keras")
+    wrong.save(path)
+    run_dir = tmp_path / "run"
+    code = cli.main(["train", "--model", path, "--output-dir", str(run_dir)])
+    assert code == 2
+    assert not (run_dir / "run.json").exists()
+
+
+def test_evaluate_on_a_run_without_settings_is_one_line(tmp_path, capsys):
+    from keras_snapshot.app import cli
+
+    (tmp_path / "run.json").write_text('{"status": "trained"}')
+    assert cli.main(["evaluate", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "no run settings" in err and len(err.splitlines()) == 1
+
+
+def test_diverging_run_stops_with_one_line(tmp_path, capsys):
+    from keras_snapshot.app import cli
+
+    code = cli.main(
+        ["train", "--lr", "1e6", "--epochs", "4", "--snapshots", "2"]
+        + ["--verbose", "0", "--output-dir", str(tmp_path / "run")]
+    )
+    assert code == 2
+    err = capsys.readouterr().err.strip()
+    assert "training diverged" in err and len(err.splitlines()) == 1

@@ -17,8 +17,10 @@ import importlib
 import logging
 import sys
 
+from keras_snapshot._checks import check_in_range
 from keras_snapshot._checks import check_positive_int
 from keras_snapshot._checks import check_positive_number
+from keras_snapshot.app.distribute import STRATEGY_NAMES
 from keras_snapshot.app.run import UsageError
 
 # Command name -> (module in keras_snapshot.app, function).
@@ -53,6 +55,10 @@ def _positive_int(name):
 
 def _positive_float(name):
     return _checked(check_positive_number, float, name)
+
+
+def _in_range(name, low, high):
+    return _checked(lambda n, v: check_in_range(n, v, low, high), float, name)
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -138,11 +144,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="batch size",
     )
     train.add_argument(
-        "--momentum", type=float, default=0.9, help="SGD momentum"
+        "--momentum",
+        type=_in_range("momentum", 0.0, 1.0),
+        default=0.9,
+        help="SGD momentum, in [0, 1)",
     )
     train.add_argument(
         "--weight-decay",
-        type=float,
+        type=_in_range("weight_decay", 0.0, 1.0),
         default=0.0,
         help="decoupled weight decay of the SGD optimizer (Keras "
         "`SGD(weight_decay=...)`: each step multiplies the weights by "
@@ -158,7 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.add_argument(
         "--validation-fraction",
-        type=float,
+        type=_in_range("validation_fraction", 0.0, 1.0),
         default=0.1,
         help="fraction of the training data held out for validation",
     )
@@ -192,7 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument(
         "--strategy",
         default="default",
-        choices=("default", "mirrored", "multiworker", "tpu"),
+        choices=STRATEGY_NAMES,
         help="tf.distribute strategy",
     )
     train.add_argument(

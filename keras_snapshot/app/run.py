@@ -64,8 +64,17 @@ def read_run(run_dir: str) -> dict:
             f"{run_dir} is not a keras-snapshot run directory (no {RUN_FILE});"
             " create one with `keras-snapshot train --output-dir ...`."
         )
-    with open(path) as f:
-        return json.load(f)
+    try:
+        with open(path) as f:
+            run = json.load(f)
+    except (OSError, ValueError) as e:
+        raise UsageError(f"{path} is not readable JSON ({e}).") from None
+    if not isinstance(run, dict) or not isinstance(run.get("config"), dict):
+        raise UsageError(
+            f'{path} has no run settings (a "config" object): it was not '
+            "written by keras-snapshot train, or was edited by hand."
+        )
+    return run
 
 
 def write_run(run_dir: str, run: dict) -> None:

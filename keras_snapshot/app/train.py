@@ -5,7 +5,9 @@ function here or in `evaluate`, `export` and `report`, which the `evaluate`
 and `export` commands reuse.
 """
 
+import math
 import os
+import shutil
 import time
 
 import keras
@@ -38,10 +40,15 @@ def run_config(args) -> dict:
             f"unknown model {args.model!r}: choose one of "
             f"{', '.join(MODELS)}, or give the path of a .keras file."
         )
-    if not 0 <= args.validation_fraction < 1:
+    if args.output_dir is not None and not args.output_dir.strip():
         raise run_lib.UsageError(
-            "--validation-fraction must be in [0, 1), received "
-            f"{args.validation_fraction}."
+            "--output-dir is empty; give a folder, or leave the option out "
+            "for runs/<dataset>_<model>_seed<seed>."
+        )
+    if args.temperature_scaling and args.validation_fraction == 0:
+        raise run_lib.UsageError(
+            "--temperature-scaling is fitted on the validation split; use a "
+            "--validation-fraction above 0."
         )
     config = {
         key: getattr(args, key)
@@ -111,6 +118,66 @@ def _fit(model, data, config, callbacks, verbose):
     )
 
 
+class _Diverged(keras.callbacks.Callback):
+    """Stops after the first epoch whose loss is NaN or infinite.
+
+    An epoch hook, so that Keras's asynchronous batch dispatch stays on.
+    """
+
+    def on_epoch_end(self, epoch, logs=None):
+        loss = (logs or {}).get("loss")
+        if loss is not None and not math.isfinite(float(loss)):
+            step = int(
+                keras.ops.convert_to_numpy(self.model.optimizer.iterations)
+            )
+            raise run_lib.UsageError(
+                f"training diverged: the loss is {float(loss)} at step {step}."
+                " Lower --lr (or --weight-decay) and start again with "
+                "--overwrite; the snapshots taken so far are kept in "
+                "snapshots/ until then."
+            )
+
+
+def _check_backup(model, backup_dir: str) -> None:
+    """Makes an unreadable backup harmless before `fit` reads it.
+
+    A kill while `BackupAndRestore` writes can leave a backup that does not
+    load. Keras falls back to its older copy (`double_checkpoint`) only for
+    some errors; here both copies are tried, and when neither loads the
+    backup is moved aside and training starts again from step 0. The
+    snapshots are never deleted: `SnapshotCheckpoint` sets those from later
+    steps aside in `snapshots/superseded-*`.
+    """
+    latest = os.path.join(backup_dir, "latest.weights.h5")
+    if not os.path.exists(latest):
+        return
+    if not model.optimizer.built:
+        model.optimizer.build(model.trainable_variables)
+    for candidate in (latest, latest + ".bkp"):
+        if not os.path.exists(candidate):
+            continue
+        try:
+            model.load_weights(candidate)
+        except (OSError, ValueError):
+            continue
+        if candidate != latest:
+            for name in ("latest.weights.h5", "training_metadata.json"):
+                older = os.path.join(backup_dir, name + ".bkp")
+                if os.path.exists(older):
+                    shutil.copyfile(older, os.path.join(backup_dir, name))
+            print(
+                "The last backup was cut short; resuming from the one before."
+            )
+        return
+    aside = f"{backup_dir}-unreadable-{time.strftime('%Y%m%d-%H%M%S')}"
+    os.replace(backup_dir, aside)
+    print(
+        f"The training backup does not load (moved to {aside}); training "
+        "starts again from step 0, and earlier snapshots are set aside, "
+        "not deleted."
+    )
+
+
 def train_snapshots(run, config, data, schedule, strategy, verbose) -> float:
     """Trains with snapshots, or resumes; returns the total training time.
 
@@ -128,6 +195,7 @@ def train_snapshots(run, config, data, schedule, strategy, verbose) -> float:
 
     keras.utils.set_random_seed(config["seed"])
     model = _compiled_model(config, data, schedule, strategy)
+    _check_backup(model, os.path.join(run_dir, run_lib.BACKUP_DIR))
     recalibration = None
     if config["recalibrate_bn"]:
         recalibration = data.x_train[:_RECALIBRATION_SAMPLES]
@@ -144,7 +212,7 @@ def train_snapshots(run, config, data, schedule, strategy, verbose) -> float:
         ),
     ]
     started = time.perf_counter()
-    _fit(model, data, config, callbacks, verbose)
+    _fit(model, data, config, callbacks + [_Diverged()], verbose)
     seconds = run.get("train_seconds", 0.0) + time.perf_counter() - started
     run.update(status="trained", train_seconds=seconds)
     run_lib.write_run(run_dir, run)
@@ -185,6 +253,8 @@ def train_command(args) -> int:
     data = run_lib.load_data(config, args.data_dir)
     # Checks M against the budget before anything is written.
     schedule = run_lib.make_schedule(config, data)
+    # The model must fit the data before a run is recorded.
+    get_model(config["model"], data.input_shape, data.num_classes)
     run = run_lib.start_or_resume(config, overwrite=args.overwrite)
     run_dir = config["output_dir"]
     strategy = _strategy(args.strategy)

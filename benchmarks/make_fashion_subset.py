@@ -20,14 +20,14 @@ import io
 import os
 import zipfile
 
-import _common
+import common
 import numpy as np
 
 from keras_snapshot.app.datasets import FASHION_MNIST_DIR
 from keras_snapshot.app.datasets import load_dataset
 
 DEFAULT_OUT = os.path.join(
-    _common.ROOT, "keras_snapshot", "app", "data", "fashion_mnist_small.npz"
+    common.ROOT, "keras_snapshot", "app", "data", "fashion_mnist_small.npz"
 )
 
 

@@ -503,55 +503,31 @@ def markdown(res, args) -> str:
         "",
     ]
     rows = [
-        [
-            "(a) single, cosine decay, lr %g" % s["single_lr"],
-            pct(a["cosine"]),
-            a["cosine"]["n"],
-            "1x",
-        ],
-        [
-            "(a) single, cosine, BN recalibrated",
-            pct(a["cosine_recal"]),
-            a["cosine_recal"]["n"],
-            "1x",
-        ],
-        [
-            "(a) single, step decay (paper), lr %g" % s["single_lr"],
-            pct(a["step"]),
-            a["step"]["n"],
-            "1x",
-        ],
+        [f"(a) single, cosine decay, lr {s['single_lr']:g}", a["cosine"]],
+        ["(a) single, cosine, BN recalibrated", a["cosine_recal"]],
+        [f"(a) single, step decay (paper), lr {s['single_lr']:g}", a["step"]],
     ]
     for key, stat in b.items():
         kind, m = key.split("_M")
-        rows.append(
-            [f"(b) NoCycle, {kind} schedule, M={m}", pct(stat), stat["n"], "1x"]
-        )
+        rows.append([f"(b) NoCycle, {kind} schedule, M={m}", stat])
     for key, row in c.items():
-        m = key.split("_")[0][1:]
-        lr = key.split("lr")[1]
+        m, lr = key.split("_")[0][1:], key.split("lr")[1]
         for variant, label in (
             ("all_raw", "all M"),
             ("all_recal", "all M, BN recal."),
             ("best_last_m_raw", "best last m (val)"),
             ("best_last_m_recal", "best last m, BN recal."),
         ):
-            stat = row[variant]
-            rows.append(
-                [
-                    f"(c) snapshot M={m}, lr {lr}, {label}",
-                    pct(stat),
-                    stat["n"],
-                    "1x",
-                ]
-            )
+            rows.append([f"(c) snapshot M={m}, lr {lr}, {label}", row[variant]])
+    rows = [[label, pct(stat), stat["n"], "1x"] for label, stat in rows]
     for key, stat in d.items():
         m = key[1:]
+        runs = f"{stat['subsets']} subsets of {a['cosine']['n']}"
         rows.append(
             [
                 f"(d) true ensemble of {m} cosine singles",
                 pct(stat),
-                f"{stat['subsets']} subsets of {a['cosine']['n']}",
+                runs,
                 f"{m}x",
             ]
         )
@@ -667,15 +643,12 @@ def markdown(res, args) -> str:
     rows = []
     for key, row in c.items():
         for tag in ("raw", "recal"):
-            cells = [pct(st) for st in row[f"last_k_{tag}"]]
             rows.append(
-                [f"{key} {tag}"] + cells + [""] * (len(header) - 1 - len(cells))
+                [f"{key} {tag}"] + [pct(st) for st in row[f"last_k_{tag}"]]
             )
-    cells = [pct(st) for st in res["d_curve"][: len(header) - 1]]
     rows.append(
         ["(d) m independent singles, m x cost"]
-        + cells
-        + [""] * (len(header) - 1 - len(cells))
+        + [pct(st) for st in res["d_curve"][: len(header) - 1]]
     )
     lines.append(md_table(header, rows))
     lines += [
@@ -696,14 +669,16 @@ def markdown(res, args) -> str:
     rows = []
     for key, row in c.items():
         for tag in ("raw", "recal"):
-            cells = [pct(st) for st in row[f"members_{tag}"]]
-            cells += [""] * (max(args.snapshots) - len(cells))
+            members = [pct(st) for st in row[f"members_{tag}"]]
+            members += [""] * (max(args.snapshots) - len(members))
+            disagreement = 100 * row[f"disagreement_{tag}"]["mean"]
             rows.append(
-                [key, tag]
-                + cells
-                + [
+                [
+                    key,
+                    tag,
+                    *members,
                     pct(row[f"all_{tag}"]),
-                    f"{100 * row[f'disagreement_{tag}']['mean']:.2f}",
+                    f"{disagreement:.2f}",
                 ]
             )
     lines.append(md_table(header, rows))

@@ -60,7 +60,7 @@ def relative_gain(run) -> float:
     return 1 - run["ensemble"]["error"] / run["baseline"]["error"]
 
 
-def measure(options, seeds, workdir) -> dict:
+def measure(options, seeds, workdir, timing=True) -> dict:
     runs = []
     for seed in range(seeds):
         report = common.run_cli_train(
@@ -74,14 +74,26 @@ def measure(options, seeds, workdir) -> dict:
             f"({runs[-1]['wall_seconds']:.0f} s with --baseline)",
             flush=True,
         )
-    timing = common.run_cli_train(options, os.path.join(workdir, "job"))
-    return {
-        "options": options,
-        "config": report["config"],
-        "runs": runs,
-        "job_without_baseline": timing["benchmark"],
-        "hardware": common.hardware(),
-    }
+    res = {"options": options, "config": report["config"], "runs": runs}
+    if timing:
+        job = common.run_cli_train(options, os.path.join(workdir, "job"))
+        res["job_without_baseline"] = job["benchmark"]
+    res["hardware"] = common.hardware()
+    return res
+
+
+def timing_line(job, hw) -> str:
+    if job is None:
+        return "- The job was not timed without `--baseline` (`--no-timing`)."
+    met = job["wall_seconds"] < TARGET_SECONDS
+    return (
+        f"- The job without `--baseline` (seed 0, everything: training, "
+        f"evaluation, export, report): **{job['wall_seconds']:.0f} s** wall, "
+        f"{job['cpu_seconds']:.0f} s CPU, load average "
+        f"{job['load_average'][0]:.1f} to {job['load_average'][1]:.1f} on "
+        f"{hw['cpu_count']} cores ({hw['cpu']}, shared with other jobs); "
+        f"target {TARGET_SECONDS} s: **{'met' if met else 'missed'}**."
+    )
 
 
 def markdown(res) -> str:
@@ -97,7 +109,7 @@ def markdown(res) -> str:
     }
     base, ens = stats["baseline"]["error"], stats["ensemble"]["error"]
     gain = (base["mean"] - ens["mean"]) / base["mean"]
-    job = res["job_without_baseline"]
+    job = res.get("job_without_baseline")
     hw = res["hardware"]
     rows = [
         [
@@ -137,14 +149,7 @@ def markdown(res) -> str:
             f"- Ensemble against baseline: **{100 * gain:.1f}%** lower test "
             f"error on average (target {100 * TARGET_GAIN:.0f}%: "
             f"**{'met' if gain >= TARGET_GAIN else 'missed'}**).",
-            f"- The job without `--baseline` (seed 0, everything: training, "
-            f"evaluation, export, report): **{job['wall_seconds']:.0f} s** "
-            f"wall, {job['cpu_seconds']:.0f} s CPU, load average "
-            f"{job['load_average'][0]:.1f} to {job['load_average'][1]:.1f} "
-            f"on {hw['cpu_count']} cores ({hw['cpu']}, shared); target "
-            f"{TARGET_SECONDS} s: "
-            f"**{'met' if job['wall_seconds'] < TARGET_SECONDS else 'missed'}**"
-            ".",
+            timing_line(job, hw),
             "",
             md_table(
                 [
@@ -167,10 +172,16 @@ def main(argv=None):
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--name", default="default_job")
     p.add_argument("--out", default=common.RESULTS)
+    p.add_argument(
+        "--no-timing",
+        dest="timing",
+        action="store_false",
+        help="skip the timed run without --baseline (for exploring)",
+    )
     p.add_argument("options", nargs="*", help="more `keras-snapshot train` ")
     args = p.parse_args(argv)
     with tempfile.TemporaryDirectory() as workdir:
-        res = measure(JOB + args.options, args.seeds, workdir)
+        res = measure(JOB + args.options, args.seeds, workdir, args.timing)
     md = markdown(res)
     common.write_results(args.out, args.name, res, md)
     print(md)

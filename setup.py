@@ -22,6 +22,15 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     packages=find_packages(include=["keras_snapshot", "keras_snapshot.*"]),
+    # The bundled Fashion-MNIST subset of `--dataset fashion_mnist_small`,
+    # with its licence (MIT, Zalando SE) and README.
+    package_data={
+        "keras_snapshot.app": [
+            "data/fashion_mnist_small.npz",
+            "data/LICENSE-fashion-mnist",
+            "data/README.md",
+        ]
+    },
     python_requires=">=3.10",
     install_requires=[
         # Any TensorFlow 2.16+ (the first with Keras 3): a Colab runtime's

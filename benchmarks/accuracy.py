@@ -32,58 +32,23 @@ import argparse
 import dataclasses
 import itertools
 import json
-import math
 import os
 import shutil
 import tempfile
 import time
 
-import _common  # noqa: F401  (sets sys.path and TF logging)
+import common
 import keras
 import numpy as np
-from keras import layers
+from common import md_table
+from common import mean_std
+from common import pct
 
 import keras_snapshot
 from keras_snapshot import metrics
 from keras_snapshot import selection
-from keras_snapshot.app.datasets import load_dataset
-from keras_snapshot.app.datasets import make_dataset
 
 LOG_FLOOR = -80.0  # log-probabilities are cached as float16, floored here.
-
-
-# Model -----------------------------------------------------------------------
-
-
-def bench_cnn(widths, weight_decay, num_classes=10, input_shape=(28, 28, 1)):
-    """Conv3x3-BN-ReLU-MaxPool blocks, flatten, dense softmax.
-
-    A flatten head (not global pooling) so that the model can overfit a
-    few thousand images, the regime where ensembles pay.
-    """
-    reg = keras.regularizers.L2(weight_decay / 2) if weight_decay else None
-    inputs = keras.Input(shape=input_shape)
-    x = inputs
-    for filters in widths:
-        x = layers.Conv2D(
-            filters,
-            3,
-            padding="same",
-            use_bias=False,
-            kernel_initializer="he_normal",
-            kernel_regularizer=reg,
-        )(x)
-        x = layers.BatchNormalization(momentum=0.9, epsilon=1e-5)(x)
-        x = layers.ReLU()(x)
-        x = layers.MaxPooling2D(2)(x)
-    x = layers.Flatten()(x)
-    outputs = layers.Dense(
-        num_classes,
-        activation="softmax",
-        kernel_initializer="he_normal",
-        kernel_regularizer=reg,
-    )(x)
-    return keras.Model(inputs, outputs, name="bench_cnn")
 
 
 # Runs ------------------------------------------------------------------------
@@ -147,26 +112,9 @@ class EpochLog(keras.callbacks.Callback):
 
 def train_and_predict(run: Run, data, args, workdir: str) -> dict:
     """Trains one run; returns its cached arrays (log-probs, history...)."""
-    keras.utils.set_random_seed(1000 + run.seed)
-    x, y = data["x_train"], data["y_train"]
-    steps_per_epoch = math.ceil(len(x) / args.batch_size)
-    total = args.epochs * steps_per_epoch
-    if run.kind == "snapshot":
-        lr = keras_snapshot.SnapshotSchedule.from_epochs(
-            run.lr, args.epochs, steps_per_epoch, run.num_snapshots
-        )
-    elif run.kind == "cosine":
-        lr = keras.optimizers.schedules.CosineDecay(run.lr, total)
-    else:  # The paper's standard schedule: / 10 at 50% and 75% of B.
-        lr = keras.optimizers.schedules.PiecewiseConstantDecay(
-            [total // 2, (3 * total) // 4], [run.lr, run.lr / 10, run.lr / 100]
-        )
-    model = bench_cnn(args.widths, args.weight_decay)
-    model.compile(
-        optimizer=keras.optimizers.SGD(lr, momentum=0.9, nesterov=False),
-        loss="sparse_categorical_crossentropy",
-        metrics=["accuracy"],
-    )
+    x = data["x_train"]
+    steps = common.steps_per_epoch(len(x), args.batch_size)
+    total = args.epochs * steps
     run_dir = os.path.join(workdir, run.name)
     shutil.rmtree(run_dir, ignore_errors=True)
     callbacks = [EpochLog(args.log_every)]
@@ -179,8 +127,8 @@ def train_and_predict(run: Run, data, args, workdir: str) -> dict:
         for m in args.snapshots:
             if total % m:
                 raise ValueError(
-                    f"{args.epochs} epochs of {steps_per_epoch} steps do not "
-                    f"split into {m} equal cycles; choose --epochs so that "
+                    f"{args.epochs} epochs of {steps} steps do not split "
+                    f"into {m} equal cycles; choose --epochs so that "
                     "epochs * steps_per_epoch is a multiple of every M."
                 )
             dirs[m] = os.path.join(run_dir, f"nocycle{m}")
@@ -189,17 +137,19 @@ def train_and_predict(run: Run, data, args, workdir: str) -> dict:
                     dirs[m], cycle_length=total // m, num_snapshots=m, verbose=0
                 )
             )
-    train = make_dataset(
-        x,
-        y,
+    model, train_seconds = common.train_run(
+        run.kind,
+        run.lr,
+        data,
+        args.epochs,
         args.batch_size,
-        shuffle=True,
-        augment=args.augment,
         seed=1000 + run.seed,
+        num_snapshots=run.num_snapshots,
+        weight_decay=args.weight_decay,
+        widths=args.widths,
+        augment=args.augment,
+        callbacks=callbacks,
     )
-    started = time.perf_counter()
-    model.fit(train, epochs=args.epochs, callbacks=callbacks, verbose=0)
-    train_seconds = time.perf_counter() - started
 
     # Predict every snapshot with the trained model's (already traced)
     # predict function: load each file with the package, copy its weights.
@@ -249,26 +199,6 @@ def train_and_predict(run: Run, data, args, workdir: str) -> dict:
     return out
 
 
-# Data ------------------------------------------------------------------------
-
-
-def load_data(args) -> dict:
-    data = load_dataset("fashion_mnist_local", validation_fraction=0.1, seed=0)
-    rng = np.random.default_rng(0)
-    # A fixed, class-stratified-by-chance training subset shared by all runs.
-    train = np.sort(rng.permutation(len(data.x_train))[: args.subset])
-    val = np.arange(len(data.x_val))[: args.val_size]
-    test = np.arange(len(data.x_test))[: args.test_size or None]
-    return {
-        "x_train": data.x_train[train],
-        "y_train": data.y_train[train],
-        "x_val": data.x_val[val],
-        "y_val": data.y_val[val],
-        "x_test": data.x_test[test],
-        "y_test": data.y_test[test],
-    }
-
-
 # Analysis --------------------------------------------------------------------
 
 
@@ -284,22 +214,6 @@ def average(member_logp, weights=None) -> np.ndarray:
     return np.tensordot(np.asarray(weights, dtype=np.float64), probs, axes=1)
 
 
-def mean_std(values) -> dict:
-    values = np.asarray(values, dtype=np.float64)
-    return {
-        "mean": float(values.mean()),
-        "std": float(values.std(ddof=1)) if len(values) > 1 else 0.0,
-        "n": len(values),
-        "values": values.tolist(),
-    }
-
-
-def pct(stat: dict) -> str:
-    if stat["n"] > 1:
-        return f"{100 * stat['mean']:.2f} ± {100 * stat['std']:.2f}"
-    return f"{100 * stat['mean']:.2f}"
-
-
 def analyze(args, runs, cache_dir) -> dict:
     data = np.load(os.path.join(cache_dir, "labels.npz"))
     y_val, y_test = data["y_val"], data["y_test"]
@@ -311,7 +225,7 @@ def analyze(args, runs, cache_dir) -> dict:
     singles = [r for r in runs if r.kind == "cosine" and r in loaded]
     steps = [r for r in runs if r.kind == "step" and r in loaded]
     snaps = [r for r in runs if r.kind == "snapshot" and r in loaded]
-    res = {"settings": vars(args).copy(), "hardware": _common.hardware()}
+    res = {"settings": vars(args).copy(), "hardware": common.hardware()}
     res["train_seconds"] = {
         r.name: float(loaded[r]["train_seconds"]) for r in loaded
     }
@@ -554,6 +468,13 @@ def headline(res, args) -> dict:
 # Report ----------------------------------------------------------------------
 
 
+_DECAY = {
+    False: "an L2 penalty on the kernels, before the decay moved to the "
+    "optimizer",
+    True: "the SGD optimizer's decoupled `weight_decay`, no L2 penalty",
+}
+
+
 def markdown(res, args) -> str:
     s = res["settings"]
     a, b, c, d = (
@@ -570,7 +491,8 @@ def markdown(res, args) -> str:
         f"validation {s['val_size']} images carved from the training split, "
         f"full test set ({s['test_size'] or 10000} images). CNN "
         f"{tuple(s['widths'])} conv-BN-ReLU-pool blocks + flatten + dense, "
-        f"weight decay {s['weight_decay']:g}, "
+        f"weight decay {s['weight_decay']:g} "
+        f"({_DECAY[s.get('decoupled_weight_decay', False)]}), "
         f"{'with' if s['augment'] else 'no'} augmentation, batch "
         f"{s['batch_size']}, SGD momentum 0.9, budget B = {s['epochs']} "
         f"epochs. Test error in %, mean ± std over seeds. Training wall time "
@@ -581,62 +503,36 @@ def markdown(res, args) -> str:
         "",
     ]
     rows = [
-        [
-            "(a) single, cosine decay, lr %g" % s["single_lr"],
-            pct(a["cosine"]),
-            a["cosine"]["n"],
-            "1x",
-        ],
-        [
-            "(a) single, cosine, BN recalibrated",
-            pct(a["cosine_recal"]),
-            a["cosine_recal"]["n"],
-            "1x",
-        ],
-        [
-            "(a) single, step decay (paper), lr %g" % s["single_lr"],
-            pct(a["step"]),
-            a["step"]["n"],
-            "1x",
-        ],
+        [f"(a) single, cosine decay, lr {s['single_lr']:g}", a["cosine"]],
+        ["(a) single, cosine, BN recalibrated", a["cosine_recal"]],
+        [f"(a) single, step decay (paper), lr {s['single_lr']:g}", a["step"]],
     ]
     for key, stat in b.items():
         kind, m = key.split("_M")
-        rows.append(
-            [f"(b) NoCycle, {kind} schedule, M={m}", pct(stat), stat["n"], "1x"]
-        )
+        rows.append([f"(b) NoCycle, {kind} schedule, M={m}", stat])
     for key, row in c.items():
-        m = key.split("_")[0][1:]
-        lr = key.split("lr")[1]
+        m, lr = key.split("_")[0][1:], key.split("lr")[1]
         for variant, label in (
             ("all_raw", "all M"),
             ("all_recal", "all M, BN recal."),
             ("best_last_m_raw", "best last m (val)"),
             ("best_last_m_recal", "best last m, BN recal."),
         ):
-            stat = row[variant]
-            rows.append(
-                [
-                    f"(c) snapshot M={m}, lr {lr}, {label}",
-                    pct(stat),
-                    stat["n"],
-                    "1x",
-                ]
-            )
+            rows.append([f"(c) snapshot M={m}, lr {lr}, {label}", row[variant]])
+    rows = [[label, pct(stat), stat["n"], "1x"] for label, stat in rows]
     for key, stat in d.items():
         m = key[1:]
+        runs = f"{stat['subsets']} subsets of {a['cosine']['n']}"
         rows.append(
             [
                 f"(d) true ensemble of {m} cosine singles",
                 pct(stat),
-                f"{stat['subsets']} subsets of {a['cosine']['n']}",
+                runs,
                 f"{m}x",
             ]
         )
     lines.append(
-        _common.md_table(
-            ["method", "test error %", "runs", "training cost"], rows
-        )
+        md_table(["method", "test error %", "runs", "training cost"], rows)
     )
     lines += ["", "## Targets", ""]
     rows = []
@@ -665,7 +561,7 @@ def markdown(res, args) -> str:
     )
     lines.append("")
     lines.append(
-        _common.md_table(
+        md_table(
             [
                 "M",
                 "chosen on validation",
@@ -726,7 +622,7 @@ def markdown(res, args) -> str:
             ]
         )
     lines.append(
-        _common.md_table(
+        md_table(
             [
                 "ensemble",
                 "mean member error",
@@ -747,17 +643,14 @@ def markdown(res, args) -> str:
     rows = []
     for key, row in c.items():
         for tag in ("raw", "recal"):
-            cells = [pct(st) for st in row[f"last_k_{tag}"]]
             rows.append(
-                [f"{key} {tag}"] + cells + [""] * (len(header) - 1 - len(cells))
+                [f"{key} {tag}"] + [pct(st) for st in row[f"last_k_{tag}"]]
             )
-    cells = [pct(st) for st in res["d_curve"][: len(header) - 1]]
     rows.append(
         ["(d) m independent singles, m x cost"]
-        + cells
-        + [""] * (len(header) - 1 - len(cells))
+        + [pct(st) for st in res["d_curve"][: len(header) - 1]]
     )
-    lines.append(_common.md_table(header, rows))
+    lines.append(md_table(header, rows))
     lines += [
         "",
         f"![error vs m]({args.name}_last_m.png)",
@@ -776,17 +669,19 @@ def markdown(res, args) -> str:
     rows = []
     for key, row in c.items():
         for tag in ("raw", "recal"):
-            cells = [pct(st) for st in row[f"members_{tag}"]]
-            cells += [""] * (max(args.snapshots) - len(cells))
+            members = [pct(st) for st in row[f"members_{tag}"]]
+            members += [""] * (max(args.snapshots) - len(members))
+            disagreement = 100 * row[f"disagreement_{tag}"]["mean"]
             rows.append(
-                [key, tag]
-                + cells
-                + [
+                [
+                    key,
+                    tag,
+                    *members,
                     pct(row[f"all_{tag}"]),
-                    f"{100 * row[f'disagreement_{tag}']['mean']:.2f}",
+                    f"{disagreement:.2f}",
                 ]
             )
-    lines.append(_common.md_table(header, rows))
+    lines.append(md_table(header, rows))
     if "disagreement_independent" in res:
         lines += [
             "",
@@ -814,20 +709,14 @@ def markdown(res, args) -> str:
                     else "",
                 ]
             )
-        lines.append(
-            _common.md_table(["method", "error %", "NLL", "ECE %", "T"], rows)
-        )
+        lines.append(md_table(["method", "error %", "NLL", "ECE %", "T"], rows))
         lines.append("")
     lines += [f"![learning-rate schedules]({args.name}_schedules.png)", ""]
     return "\n".join(lines)
 
 
 def plot(res, args, out_dir):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = common.pyplot()
     c = res["c_snapshot"]
     fig, axes = plt.subplots(
         1,
@@ -874,7 +763,7 @@ def plot(res, args, out_dir):
     plt.close(fig)
 
     # Learning-rate schedules with snapshot points.
-    spe = math.ceil(args.subset / args.batch_size)
+    spe = common.steps_per_epoch(args.subset, args.batch_size)
     total = args.epochs * spe
     steps = np.arange(total)
     fig, ax = plt.subplots(figsize=(9, 3.5))
@@ -953,18 +842,26 @@ def parse_args(argv=None):
     p.add_argument("--test-size", type=int, default=0, help="0: full test set")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--widths", type=int, nargs="+", default=[16, 32, 64])
-    p.add_argument("--weight-decay", type=float, default=5e-4)
+    p.add_argument(
+        "--weight-decay",
+        type=float,
+        default=5e-3,
+        help="the SGD optimizer's decoupled weight decay (the model has no "
+        "L2 penalty); 5e-3 matches the L2 penalty 5e-4 of the committed "
+        "results under momentum 0.9",
+    )
     p.add_argument("--augment", action="store_true")
     p.add_argument("--single-lr", type=float, default=0.1)
     p.add_argument("--snapshot-lr", type=float, nargs="+", default=[0.1, 0.2])
     p.add_argument("--snapshots", type=int, nargs="+", default=[4, 6])
     p.add_argument(
-        "--out", default=os.path.join(_common.RESULTS), help="results folder"
+        "--out", default=os.path.join(common.RESULTS), help="results folder"
     )
     p.add_argument("--name", default="accuracy", help="result file prefix")
     p.add_argument("--keep-snapshots", action="store_true")
     p.add_argument("--log-every", type=int, default=0)
     args = p.parse_args(argv)
+    args.decoupled_weight_decay = True  # recorded in settings.json
     if args.quick:
         args.seeds, args.singles, args.epochs = 2, 4, 6
         args.subset, args.val_size, args.test_size = 1000, 1000, 2000
@@ -985,10 +882,14 @@ def main(argv=None):
         for key, value in trained.items():
             if key not in ("analyze_only", "out", "name", "quick", "only"):
                 setattr(args, key, value)
+        # Runs cached before weight decay moved to the optimizer.
+        args.decoupled_weight_decay = trained.get(
+            "decoupled_weight_decay", False
+        )
     runs = plan(args)
     started = time.time()
     if not args.analyze_only:
-        data = load_data(args)
+        data = common.load_fashion(args.subset, args.val_size, args.test_size)
         np.savez(
             os.path.join(cache_dir, "labels.npz"),
             y_val=data["y_val"],
@@ -1025,14 +926,11 @@ def main(argv=None):
             )
         shutil.rmtree(workdir, ignore_errors=True)
     res = analyze(args, runs, cache_dir)
-    os.makedirs(args.out, exist_ok=True)
-    _common.write_json(os.path.join(args.out, f"{args.name}.json"), res)
     md = markdown(res, args)
-    with open(os.path.join(args.out, f"{args.name}.md"), "w") as f:
-        f.write(md + "\n")
+    common.write_results(args.out, args.name, res, md + "\n")
     plot(res, args, args.out)
     if args.name == "accuracy":
-        _common.update_readme_block(
+        common.update_readme_block(
             "accuracy",
             md.split("\n", 2)[2].replace("](accuracy_", "](results/accuracy_"),
         )

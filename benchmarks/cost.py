@@ -20,75 +20,80 @@ import json
 import os
 import resource
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
 
-import _common  # noqa: F401  (sets sys.path and TF logging)
+import common
 import keras
-from accuracy import bench_cnn  # noqa: E402  (the accuracy benchmark's CNN)
+from common import md_table
+from common import median
 
 import keras_snapshot
-from keras_snapshot.app.datasets import load_dataset
 from keras_snapshot.app.datasets import make_dataset
 
 WIDTHS = (16, 32, 64)
 
 
-def median(values):
-    return float(statistics.median(values))
-
-
 def make_model(seed=0):
     keras.utils.set_random_seed(seed)
-    return bench_cnn(WIDTHS, 5e-4)
+    return common.bench_cnn(WIDTHS)
 
 
 # Training overhead -----------------------------------------------------------
 
 
-class WriteTimes(keras.callbacks.Callback):
-    """Collects `SnapshotCheckpoint.last_write_seconds` after each write.
+class WriteTimer:
+    """Times a `SnapshotCheckpoint`'s snapshot writes from outside it.
 
-    Placed after the checkpoint in the callback list, so that it runs right
-    after each of the checkpoint's hooks. Its batch hook adds no cost that
-    the checkpoint's own batch hook does not already impose.
+    `callbacks` brackets the checkpoint between two hooks (callbacks run in
+    list order): each hook of the second measures the time since the same
+    hook of the first, that is, the checkpoint's own hook. A hook after
+    which the snapshot folder holds one more `.keras` file wrote a snapshot
+    (file, sha256, fsync and manifest); its time is kept. Mid-epoch
+    snapshots are written in the batch hook, the others at epoch end.
     """
 
     def __init__(self, checkpoint):
-        super().__init__()
         self.checkpoint = checkpoint
-        self.seen = None
         self.times = []
+        self._files = 0
+        self._started = 0.0
+        timer = self
 
-    def _collect(self):
-        value = self.checkpoint.last_write_seconds
-        if value is not None and value is not self.seen:
-            self.seen = value
-            self.times.append(value)
+        class Hook(keras.callbacks.Callback):
+            def __init__(self, stop):
+                super().__init__()
+                self.hook = timer._stop if stop else timer._start
 
-    def on_train_batch_begin(self, batch, logs=None):
-        # Mid-epoch snapshots are written in the checkpoint's batch hook,
-        # which runs just before this one.
-        self._collect()
+            def on_train_batch_begin(self, batch, logs=None):
+                self.hook()
 
-    def on_epoch_end(self, epoch, logs=None):
-        self._collect()
+            def on_epoch_end(self, epoch, logs=None):
+                self.hook()
 
-    def on_train_end(self, logs=None):
-        self._collect()
+            def on_train_end(self, logs=None):
+                self.hook()
+
+        self.callbacks = [Hook(False), checkpoint, Hook(True)]
+
+    def _start(self):
+        self._started = time.perf_counter()
+
+    def _stop(self):
+        seconds = time.perf_counter() - self._started
+        if seconds < 1e-3:  # far too short for a write: skip the listing
+            return
+        directory = self.checkpoint.directory
+        files = sum(f.endswith(".keras") for f in os.listdir(directory))
+        if files > self._files:
+            self._files = files
+            self.times.append(seconds)
 
 
-def compiled(learning_rate):
-    model = make_model()
-    model.compile(
-        optimizer=keras.optimizers.SGD(learning_rate, momentum=0.9),
-        loss="sparse_categorical_crossentropy",
-        metrics=["accuracy"],
-    )
-    return model
+def compiled(learning_rate, weight_decay):
+    return common.compile_sgd(make_model(), learning_rate, weight_decay)
 
 
 def timed_fit(model, dataset, epochs, callbacks=()):
@@ -117,28 +122,28 @@ def timed_fit(model, dataset, epochs, callbacks=()):
     return seconds
 
 
-def snapshot_callbacks(workdir, tag):
+def snapshot_callbacks(workdir, tag) -> WriteTimer:
+    """A `SnapshotCheckpoint` in a new folder, timed by a `WriteTimer`."""
     directory = tempfile.mkdtemp(prefix=f"{tag}-", dir=workdir)
-    checkpoint = keras_snapshot.SnapshotCheckpoint(directory, verbose=0)
-    return [checkpoint, WriteTimes(checkpoint)]
+    return WriteTimer(keras_snapshot.SnapshotCheckpoint(directory, verbose=0))
 
 
 def training_overhead(args, x, y, workdir) -> dict:
     dataset = make_dataset(x, y, args.batch_size, shuffle=True, seed=0)
-    steps_per_epoch = -(-len(x) // args.batch_size)
+    steps_per_epoch = common.steps_per_epoch(len(x), args.batch_size)
     samples = len(x)
 
     def snapshot_model(epochs, num_snapshots):
         schedule = keras_snapshot.SnapshotSchedule.from_epochs(
             0.1, epochs, steps_per_epoch, num_snapshots
         )
-        return compiled(schedule)
+        return compiled(schedule, args.weight_decay)
 
     # Main comparison: M snapshots in a fit of `epochs` epochs.
-    plain = compiled(0.05)
+    plain = compiled(0.05, args.weight_decay)
     snap = snapshot_model(args.epochs, args.num_snapshots)
     timed_fit(plain, dataset, 1)  # tracing
-    timed_fit(snap, dataset, 1, snapshot_callbacks(workdir, "warmup"))
+    timed_fit(snap, dataset, 1, snapshot_callbacks(workdir, "warmup").callbacks)
     # "schedule": the snapshot model without the callback, which isolates
     # the callback's cost from differences between two model instances.
     variants = ("plain", "schedule", "snapshot")
@@ -154,13 +159,13 @@ def training_overhead(args, x, y, workdir) -> dict:
             elif variant == "schedule":
                 times["schedule"].append(timed_fit(snap, dataset, args.epochs))
             else:
-                cbs = snapshot_callbacks(workdir, f"rep{rep}")
+                timer = snapshot_callbacks(workdir, f"rep{rep}")
                 times["snapshot"].append(
-                    timed_fit(snap, dataset, args.epochs, cbs)
+                    timed_fit(snap, dataset, args.epochs, timer.callbacks)
                 )
-                writes += cbs[1].times
-                write_share.append(sum(cbs[1].times) / times["snapshot"][-1])
-                shutil.rmtree(cbs[0].directory, ignore_errors=True)
+                writes += timer.times
+                write_share.append(sum(timer.times) / times["snapshot"][-1])
+                shutil.rmtree(timer.checkpoint.directory, ignore_errors=True)
         print(
             f"  rep {rep + 1}/{args.reps}: plain {times['plain'][-1]:.2f}s "
             f"schedule only {times['schedule'][-1]:.2f}s "
@@ -193,13 +198,14 @@ def training_overhead(args, x, y, workdir) -> dict:
         "snapshot_file_bytes": snapshot_file,
     }
     # One snapshot file's size.
-    cbs = snapshot_callbacks(workdir, "size")
-    timed_fit(snapshot_model(1, 1), dataset, 1, cbs)
-    files = [f for f in os.listdir(cbs[0].directory) if f.endswith(".keras")]
+    timer = snapshot_callbacks(workdir, "size")
+    timed_fit(snapshot_model(1, 1), dataset, 1, timer.callbacks)
+    directory = timer.checkpoint.directory
+    files = [f for f in os.listdir(directory) if f.endswith(".keras")]
     main["snapshot_file_bytes"] = os.path.getsize(
-        os.path.join(cbs[0].directory, files[0])
+        os.path.join(directory, files[0])
     )
-    shutil.rmtree(cbs[0].directory, ignore_errors=True)
+    shutil.rmtree(directory, ignore_errors=True)
 
     # Overhead against M, fixed budget of `scaling_epochs` epochs.
     scaling = []
@@ -210,24 +216,26 @@ def training_overhead(args, x, y, workdir) -> dict:
         except ValueError as e:  # (T, M) whose last cycle would be empty.
             print(f"  M={m}: skipped, {e}", flush=True)
             continue
-        timed_fit(model, dataset, 1, snapshot_callbacks(workdir, "warmup"))
+        timed_fit(
+            model, dataset, 1, snapshot_callbacks(workdir, "warmup").callbacks
+        )
         snap_times, m_writes, shares = [], [], []
         for rep in range(args.scaling_reps):
-            cbs = snapshot_callbacks(workdir, f"m{m}")
+            timer = snapshot_callbacks(workdir, f"m{m}")
             if rep % 2 == 0:
                 plain_short.append(
                     timed_fit(plain, dataset, args.scaling_epochs)
                 )
             snap_times.append(
-                timed_fit(model, dataset, args.scaling_epochs, cbs)
+                timed_fit(model, dataset, args.scaling_epochs, timer.callbacks)
             )
             if rep % 2 == 1:
                 plain_short.append(
                     timed_fit(plain, dataset, args.scaling_epochs)
                 )
-            m_writes += cbs[1].times
-            shares.append(sum(cbs[1].times) / snap_times[-1])
-            shutil.rmtree(cbs[0].directory, ignore_errors=True)
+            m_writes += timer.times
+            shares.append(sum(timer.times) / snap_times[-1])
+            shutil.rmtree(timer.checkpoint.directory, ignore_errors=True)
         scaling.append(
             {
                 "M": m,
@@ -272,28 +280,6 @@ def jit(model, jit_compile):
     return model
 
 
-def time_interleaved(fns: dict, reps: int) -> dict:
-    """Best-of-`reps` seconds of each function, calls interleaved.
-
-    The machine is shared: interleaving spreads outside load over the
-    variants being compared, and the minimum (as `timeit` reports) drops
-    the repetitions that other jobs slowed down; medians go to
-    `time_interleaved.medians`.
-    """
-    for fn in fns.values():
-        fn()  # warm-up: tracing / XLA compilation
-    times = {name: [] for name in fns}
-    names = list(fns)
-    for rep in range(reps):
-        order = names if rep % 2 == 0 else names[::-1]
-        for name in order:
-            started = time.perf_counter()
-            fns[name]()
-            times[name].append(time.perf_counter() - started)
-    time_interleaved.medians = {name: median(v) for name, v in times.items()}
-    return {name: min(v) for name, v in times.items()}
-
-
 def predictor(models, xs, batch):
     """A function that runs `predict` of each model over `xs`."""
 
@@ -322,7 +308,7 @@ def inference(args, x, workdir) -> dict:
                 n = args.images_batch1
             xs = x[:n]
 
-            t = time_interleaved(
+            t, medians = common.time_interleaved(
                 {
                     "single": predictor([members[0]], xs, batch),
                     "separate": predictor(members, xs, batch),
@@ -337,8 +323,7 @@ def inference(args, x, workdir) -> dict:
                 "images": n,
                 "ms_per_batch": {k: 1000 * v / batches for k, v in t.items()},
                 "median_ms_per_batch": {
-                    k: 1000 * v / batches
-                    for k, v in time_interleaved.medians.items()
+                    k: 1000 * v / batches for k, v in medians.items()
                 },
                 "ensemble_over_single": t["ensemble"] / t["single"],
                 "ensemble_over_separate": t["ensemble"] / t["separate"],
@@ -365,7 +350,7 @@ def inference(args, x, workdir) -> dict:
             ensemble = jit(
                 keras_snapshot.build_ensemble(paths[:k]), jit_compile
             )
-            t = time_interleaved(
+            t, medians = common.time_interleaved(
                 {
                     "single": predictor([single], xs, batch),
                     "ensemble": predictor([ensemble], xs, batch),
@@ -380,9 +365,7 @@ def inference(args, x, workdir) -> dict:
                     "ms_per_batch": 1000 * t["ensemble"] / batches,
                     "single_ms_per_batch": 1000 * t["single"] / batches,
                     "over_single": t["ensemble"] / t["single"],
-                    "median_ms_per_batch": 1000
-                    * time_interleaved.medians["ensemble"]
-                    / batches,
+                    "median_ms_per_batch": 1000 * medians["ensemble"] / batches,
                 }
             )
         print(
@@ -443,7 +426,7 @@ def memory(args, workdir) -> dict:
     rows = []
     for k in args.memory_m:
         code = _MEMORY_CHILD.format(
-            root=_common.ROOT, paths=paths[:k], n=args.min_images, batch=256
+            root=common.ROOT, paths=paths[:k], n=args.min_images, batch=256
         )
         out = subprocess.run(
             [sys.executable, "-c", code],
@@ -502,7 +485,7 @@ def markdown(res) -> str:
         " a real run). Plain: constant rate, no callback. Schedule: the"
         " snapshot model and schedule, no callback.",
         "",
-        _common.md_table(
+        md_table(
             ["variant", "median s per fit", "samples/s"],
             [
                 [
@@ -534,7 +517,7 @@ def markdown(res) -> str:
         f"Overhead against M, fit of {sc['epochs_per_fit']} epochs "
         f"(plain: median {sc['plain_seconds_median']:.2f} s):",
         "",
-        _common.md_table(
+        md_table(
             [
                 "M",
                 "median s per fit",
@@ -582,7 +565,7 @@ def markdown(res) -> str:
         )
     m = inf["members"]
     lines.append(
-        _common.md_table(
+        md_table(
             [
                 "jit_compile",
                 "batch",
@@ -620,7 +603,7 @@ def markdown(res) -> str:
         for k, v in sorted(by_m.items())
     ]
     lines += [
-        _common.md_table(
+        md_table(
             ["M", "ms (no jit)", "x single", "ms (jit)", "x single"], rows
         ),
         "",
@@ -635,7 +618,7 @@ def markdown(res) -> str:
         f"{res['memory']['batch_size']}. Resident-set growth over that base, "
         "sampled every 2 ms; the peak includes tracing the predict function.",
         "",
-        _common.md_table(
+        md_table(
             [
                 "M",
                 "after build (MiB)",
@@ -659,11 +642,7 @@ def markdown(res) -> str:
 
 
 def plot(res, out_dir):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = common.pyplot()
     sc = res["training"]["scaling"]["rows"]
     fig, ax = plt.subplots(figsize=(5.5, 3.5))
     ax.plot(
@@ -729,6 +708,12 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--epochs", type=int, default=8)
     p.add_argument("--num-snapshots", type=int, default=4)
+    p.add_argument(
+        "--weight-decay",
+        type=float,
+        default=5e-3,
+        help="the SGD optimizer's decoupled weight decay (no L2 penalty)",
+    )
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--scaling-epochs", type=int, default=2)
     p.add_argument("--scaling-reps", type=int, default=2)
@@ -742,7 +727,7 @@ def parse_args(argv=None):
     p.add_argument("--inference-reps", type=int, default=7)
     p.add_argument("--scaling-batch", type=int, default=256)
     p.add_argument("--memory-m", type=int, nargs="+", default=[1, 4, 10])
-    p.add_argument("--out", default=_common.RESULTS)
+    p.add_argument("--out", default=common.RESULTS)
     args = p.parse_args(argv)
     if args.quick:
         args.images, args.epochs, args.reps = 1024, 4, 2
@@ -757,13 +742,11 @@ def parse_args(argv=None):
 def report(res, args):
     """Writes cost.json, cost.md, the plots and the README block."""
     os.makedirs(args.out, exist_ok=True)
-    _common.write_json(os.path.join(args.out, "cost.json"), res)
     md = markdown(res)
-    with open(os.path.join(args.out, "cost.md"), "w") as f:
-        f.write(md + "\n")
+    common.write_results(args.out, "cost", res, md)
     plot(res, args.out)
     if not args.quick:
-        _common.update_readme_block(
+        common.update_readme_block(
             "cost", md.split("\n", 2)[2].replace("](cost_", "](results/cost_")
         )
     print(md)
@@ -776,22 +759,22 @@ def main(argv=None):
             report(json.load(f), args)
         return
     started = time.perf_counter()
-    data = load_dataset("fashion_mnist_local", validation_fraction=0.1, seed=0)
-    x, y = data.x_train[: args.images], data.y_train[: args.images]
+    data = common.load_fashion()
+    x, y = data["x_train"][: args.images], data["y_train"][: args.images]
     workdir = tempfile.mkdtemp(prefix="keras_snapshot_cost_")
     try:
         print("Training overhead", flush=True)
         training = training_overhead(args, x, y, workdir)
         keras.backend.clear_session()
         print("Inference", flush=True)
-        inf = inference(args, data.x_test, workdir)
+        inf = inference(args, data["x_test"], workdir)
         print("Memory", flush=True)
         mem = memory(args, workdir)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     res = {
         "settings": vars(args),
-        "hardware": _common.hardware(),
+        "hardware": common.hardware(),
         "filesystem_of_snapshots": tempfile.gettempdir(),
         "params": make_model().count_params(),
         "training": training,

@@ -1,124 +1,190 @@
-"""Measures the defaults of `keras-snapshot train` (digits, no network).
+"""Measures the default job, `keras-snapshot train`, as a user runs it.
 
-Runs the main job as a user would, with `--baseline`, over several seeds,
-with and without BatchNorm recalibration of the snapshots, and prints the
-mean and standard deviation of test error and NLL for: the final single
-model of the snapshot run (its last snapshot), the snapshot ensemble, and
-the baseline single model trained with one cosine decay on the same budget.
+For each seed, runs `keras-snapshot train --baseline` with the job's
+options and reads its report.json: test error and NLL of the exported
+snapshot ensemble, of the final single model of the snapshot run (its last
+snapshot) and of the baseline single model (one cosine decay, same
+budget). Then times the job itself, without `--baseline`, once: wall time,
+CPU time (user + system) and the load average of this shared machine.
 
-    python benchmarks/default_job.py            # 3 seeds, about 5 minutes
-    python benchmarks/default_job.py --seeds 5
+    python benchmarks/default_job.py              # 3 seeds, ~10 min idle
+    python benchmarks/default_job.py --seeds 1 --name explore -- --epochs 30
 
-Writes benchmarks/results/default_job.json and default_job.md.
+Options after `--` go to `keras-snapshot train` after `JOB` below (the
+defaults this script measured; later options win). Writes
+benchmarks/results/NAME.json and NAME.md (default_job).
 """
 
 import argparse
-import json
 import os
-import subprocess
-import sys
 import tempfile
-import time
 
-import numpy as np
+import common
+from common import md_table
+from common import mean_std
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-RESULTS = os.path.join(HERE, "results")
+# The job's settings, given explicitly so that the measurement does not
+# depend on the command line's defaults of the day.
+JOB = [
+    "--dataset",
+    "fashion_mnist_small",
+    "--model",
+    "small_cnn",
+    "--epochs",
+    "40",
+    "--snapshots",
+    "4",
+    "--lr",
+    "0.1",
+    "--batch-size",
+    "64",
+    "--weight-decay",
+    "5e-3",
+]
+TARGET_GAIN = 0.05  # relative test error, ensemble against baseline
+TARGET_SECONDS = 120  # the job without --baseline, on 2 cores
 
 
-def run_job(seed, recalibrate, extra, workdir):
-    run_dir = os.path.join(workdir, f"seed{seed}_recal{int(recalibrate)}")
-    command = [
-        sys.executable,
-        "-m",
-        "keras_snapshot",
-        "train",
-        "--baseline",
-        "--seed",
-        str(seed),
-        "--verbose",
-        "0",
-        "--output-dir",
-        run_dir,
-        *extra,
-    ]
-    if not recalibrate:
-        command.append("--no-recalibrate-bn")
-    started = time.perf_counter()
-    subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
-    seconds = time.perf_counter() - started
-    with open(os.path.join(run_dir, "report.json")) as f:
-        report = json.load(f)
+def scores(report) -> dict:
+    """Test error and NLL of the three models of one report.json."""
     test = report["test"]
     return {
-        "seed": seed,
-        "wall_seconds": seconds,
-        "final_single": test["snapshots"][-1],
-        "ensemble": test["last_m"][-1],
+        "ensemble": test.get("ensemble") or test["last_m"][-1],
+        "final_single": test.get("final_single") or test["snapshots"][-1],
         "baseline": test["baseline"],
-        "snapshots": [s["error"] for s in test["snapshots"]],
-        "config": report["config"],
     }
 
 
-def summarize(runs, key, metric):
-    values = np.array([r[key][metric] for r in runs])
-    return float(values.mean()), float(values.std())
+def relative_gain(run) -> float:
+    """How much lower the ensemble's test error is than the baseline's."""
+    return 1 - run["ensemble"]["error"] / run["baseline"]["error"]
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument(
-        "extra", nargs="*", help="more `keras-snapshot train` options"
+def measure(options, seeds, workdir, timing=True) -> dict:
+    runs = []
+    for seed in range(seeds):
+        report = common.run_cli_train(
+            [*options, "--baseline", "--seed", str(seed), "--verbose", "0"],
+            os.path.join(workdir, f"seed{seed}"),
+        )
+        runs.append({"seed": seed, **scores(report), **report["benchmark"]})
+        print(
+            f"seed {seed}: baseline {100 * runs[-1]['baseline']['error']:.2f}%"
+            f", ensemble {100 * runs[-1]['ensemble']['error']:.2f}% "
+            f"({runs[-1]['wall_seconds']:.0f} s with --baseline)",
+            flush=True,
+        )
+    res = {"options": options, "config": report["config"], "runs": runs}
+    if timing:
+        job = common.run_cli_train(options, os.path.join(workdir, "job"))
+        res["job_without_baseline"] = job["benchmark"]
+    res["hardware"] = common.hardware()
+    return res
+
+
+def timing_line(job, hw) -> str:
+    if job is None:
+        return "- The job was not timed without `--baseline` (`--no-timing`)."
+    met = job["wall_seconds"] < TARGET_SECONDS
+    return (
+        f"- The job without `--baseline` (seed 0, everything: training, "
+        f"evaluation, export, report): **{job['wall_seconds']:.0f} s** wall, "
+        f"{job['cpu_seconds']:.0f} s CPU, load average "
+        f"{job['load_average'][0]:.1f} to {job['load_average'][1]:.1f} on "
+        f"{hw['cpu_count']} cores ({hw['cpu']}, shared with other jobs); "
+        f"target {TARGET_SECONDS} s: **{'met' if met else 'missed'}**."
     )
-    args = parser.parse_args()
-    rows = {}
+
+
+def markdown(res) -> str:
+    runs, config = res["runs"], res["config"]
+    models = (
+        ("baseline", "baseline single model (one cosine decay)"),
+        ("final_single", "final single model of the snapshot run"),
+        ("ensemble", "exported snapshot ensemble (all M)"),
+    )
+    stats = {
+        key: {m: mean_std([r[key][m] for r in runs]) for m in ("error", "nll")}
+        for key, _ in models
+    }
+    base, ens = stats["baseline"]["error"], stats["ensemble"]["error"]
+    gain = (base["mean"] - ens["mean"]) / base["mean"]
+    job = res.get("job_without_baseline")
+    hw = res["hardware"]
+    rows = [
+        [
+            label,
+            common.pct(stats[key]["error"]),
+            f"{stats[key]['nll']['mean']:.4f} ± {stats[key]['nll']['std']:.4f}",
+        ]
+        for key, label in models
+    ]
+    per_seed = [
+        [
+            r["seed"],
+            f"{100 * r['baseline']['error']:.2f}",
+            f"{100 * r['ensemble']['error']:.2f}",
+            f"{100 * relative_gain(r):.1f}%",
+            f"{r['baseline']['nll']:.4f}",
+            f"{r['ensemble']['nll']:.4f}",
+            f"{r['wall_seconds']:.0f}",
+        ]
+        for r in runs
+    ]
+    return "\n".join(
+        [
+            "# The default job, `keras-snapshot train`, measured",
+            "",
+            f"`keras-snapshot train {' '.join(res['options'])}`: dataset "
+            f"{config['dataset']}, model {config['model']}, "
+            f"{config['epochs']} epochs, M = {config['num_snapshots']}, "
+            f"initial rate {config['learning_rate']}, batch "
+            f"{config['batch_size']}, weight decay {config['weight_decay']:g}"
+            f" ({common.WEIGHT_DECAY_NOTE[:-1].lower()}). {len(runs)} seeds "
+            "(`--seed 0..`), test error % and NLL as mean ± std over seeds. "
+            "Command: `python benchmarks/default_job.py`.",
+            "",
+            md_table(["model", "test error %", "test NLL"], rows),
+            "",
+            f"- Ensemble against baseline: **{100 * gain:.1f}%** lower test "
+            f"error on average (target {100 * TARGET_GAIN:.0f}%: "
+            f"**{'met' if gain >= TARGET_GAIN else 'missed'}**).",
+            timing_line(job, hw),
+            "",
+            md_table(
+                [
+                    "seed",
+                    "baseline error %",
+                    "ensemble error %",
+                    "relative gain",
+                    "baseline NLL",
+                    "ensemble NLL",
+                    "wall s with --baseline",
+                ],
+                per_seed,
+            ),
+        ]
+    )
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--name", default="default_job")
+    p.add_argument("--out", default=common.RESULTS)
+    p.add_argument(
+        "--no-timing",
+        dest="timing",
+        action="store_false",
+        help="skip the timed run without --baseline (for exploring)",
+    )
+    p.add_argument("options", nargs="*", help="more `keras-snapshot train` ")
+    args = p.parse_args(argv)
     with tempfile.TemporaryDirectory() as workdir:
-        for recalibrate in (False, True):
-            runs = [
-                run_job(seed, recalibrate, args.extra, workdir)
-                for seed in range(args.seeds)
-            ]
-            rows[f"recalibrate_bn={recalibrate}"] = runs
-    config = rows["recalibrate_bn=True"][0]["config"]
-    lines = [
-        "# `keras-snapshot train` defaults, measured",
-        "",
-        f"Dataset {config['dataset']}, model {config['model']}, "
-        f"{config['epochs']} epochs, M={config['num_snapshots']}, initial "
-        f"rate {config['learning_rate']}, batch {config['batch_size']}; "
-        f"{args.seeds} seeds, mean ± std over seeds. Command: "
-        "`python benchmarks/default_job.py`.",
-        "",
-        "| BN recalibration | model | test error % | test NLL |",
-        "|---|---|---|---|",
-    ]
-    for name, runs in rows.items():
-        for key, label in (
-            ("baseline", "baseline single model (one cosine decay)"),
-            ("final_single", "final single model of the snapshot run"),
-            ("ensemble", "snapshot ensemble (all M)"),
-        ):
-            err, err_std = summarize(runs, key, "error")
-            nll, nll_std = summarize(runs, key, "nll")
-            lines.append(
-                f"| {name.split('=')[1]} | {label} | {100 * err:.2f} ± "
-                f"{100 * err_std:.2f} | {nll:.4f} ± {nll_std:.4f} |"
-            )
-    wall = np.mean([r["wall_seconds"] for r in rows["recalibrate_bn=True"]])
-    lines += [
-        "",
-        f"Mean wall time of one `keras-snapshot train --baseline`: "
-        f"{wall:.0f} s (snapshot run, baseline, evaluation and export).",
-    ]
-    text = "\n".join(lines) + "\n"
-    print(text)
-    os.makedirs(RESULTS, exist_ok=True)
-    with open(os.path.join(RESULTS, "default_job.json"), "w") as f:
-        json.dump(rows, f, indent=2)
-    with open(os.path.join(RESULTS, "default_job.md"), "w") as f:
-        f.write(text)
+        res = measure(JOB + args.options, args.seeds, workdir, args.timing)
+    md = markdown(res)
+    common.write_results(args.out, args.name, res, md)
+    print(md)
 
 
 if __name__ == "__main__":

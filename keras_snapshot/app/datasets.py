@@ -29,7 +29,7 @@ __all__ = [
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 """Where Debian's `dataset-fashion-mnist` package puts the IDX files."""
 
-EMBEDDED_DATASETS = ("digits", "fashion_mnist_local")
+EMBEDDED_DATASETS = ("digits", "fashion_mnist_local", "fashion_mnist_small")
 """Names `load_dataset` serves without tensorflow-datasets."""
 
 _DIGITS_TEST_FRACTION = 0.3
@@ -185,6 +185,38 @@ def _load_fashion_mnist(data_dir, fraction, seed):
     }
     return _finish(
         "fashion_mnist_local",
+        arrays["x_train"][..., np.newaxis] / np.float32(255),
+        arrays["y_train"],
+        arrays["x_test"][..., np.newaxis] / np.float32(255),
+        arrays["y_test"],
+        10,
+        fraction,
+        seed,
+    )
+
+
+def _load_fashion_mnist_small(data_dir, fraction, seed):
+    """The class-balanced Fashion-MNIST subset bundled with the package.
+
+    `keras_snapshot/app/data/fashion_mnist_small.npz` (uint8, made by
+    `benchmarks/make_fashion_subset.py`; MIT licence, see the README in that
+    folder), or the file of that name in `data_dir`.
+    """
+    folder = data_dir
+    if folder is None:
+        folder = os.path.join(os.path.dirname(__file__), "data")
+    path = os.path.join(folder, "fashion_mnist_small.npz")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"{path!r} does not exist. It is installed with the package; "
+            "reinstall keras-snapshot, or make it with `python "
+            "benchmarks/make_fashion_subset.py --out PATH` and pass its folder "
+            "as `data_dir`."
+        )
+    with np.load(path) as f:
+        arrays = {k: f[k] for k in ("x_train", "y_train", "x_test", "y_test")}
+    return _finish(
+        "fashion_mnist_small",
         arrays["x_train"][..., np.newaxis] / np.float32(255),
         arrays["y_train"],
         arrays["x_test"][..., np.newaxis] / np.float32(255),
@@ -372,6 +404,10 @@ def load_dataset(
           images) read from the original IDX gzip files in `data_dir`,
           by default `/usr/share/datasets/fashion-mnist` where Debian's
           `dataset-fashion-mnist` package installs them.
+        - `"fashion_mnist_small"`: a class-balanced subset of Fashion-MNIST
+          bundled with the package (3000 training and 3000 test 28x28
+          images, no network; MIT licence, (c) Zalando SE), read from
+          `fashion_mnist_small.npz` in `data_dir` if given.
         - Any other name: a tensorflow-datasets image-classification
           dataset with fixed-size images (`"mnist"`, `"cifar10"`,
           `"cifar100"`, ...) in tensorflow-datasets' `data_dir`, or
@@ -433,6 +469,8 @@ def load_dataset(
         return _load_digits(validation_fraction, seed)
     if name == "fashion_mnist_local":
         return _load_fashion_mnist(data_dir, validation_fraction, seed)
+    if name == "fashion_mnist_small":
+        return _load_fashion_mnist_small(data_dir, validation_fraction, seed)
     return _load_tfds(name, data_dir, validation_fraction, seed, download)
 
 

@@ -3,10 +3,16 @@
 `ram://` goes through `tf.io.gfile` like `gs://` or `s3://`, with no
 network: the remote code path (upload of a complete file, read-back check,
 manifest last, no `flock`) runs for real. A `ram://` file system lives in
-one process only, so resuming is tested in-process (a `fit` stopped by an
-exception, then a second `fit`), not by killing a subprocess.
+one process only, so resuming on it is tested in-process (a `fit` stopped
+by an exception, then a second `fit`). Killed processes are tested on a
+`file://` URL: the same gfile code path on local disk, which subprocesses
+share.
 """
 
+import os
+import signal
+import subprocess
+import sys
 import uuid
 
 import keras
@@ -276,3 +282,91 @@ def test_remote_manifest_entries_are_plain_names():
 def test_missing_remote_folder_is_a_clear_error():
     with pytest.raises(FileNotFoundError, match="does not exist"):
         keras_snapshot.build_ensemble(ram_folder())
+
+
+KILL_SCRIPT = """
+import os, signal, sys
+sys.path.insert(0, sys.argv[1])
+from test_remote_paths import fit_tiny
+from keras_snapshot import _fs
+from keras_snapshot import manifest as manifest_lib
+
+directory, backup, fault = sys.argv[2:5]
+replace, commit = _fs.replace, manifest_lib.commit_file
+
+def die():
+    os.kill(os.getpid(), signal.SIGKILL)
+
+def killing_replace(source, target):
+    # Snapshot 2 uploaded under its hidden name, not yet renamed.
+    if fault == "upload" and target.endswith("snapshot-02.keras"):
+        die()
+    return replace(source, target)
+
+def killing_commit(temporary, final):
+    # Snapshot 3's file is in place and checked; its manifest is not.
+    if fault == "manifest" and final.endswith(manifest_lib.MANIFEST_NAME):
+        if "snapshot-03.keras" in _fs.listdir(directory):
+            die()
+    return commit(temporary, final)
+
+_fs.replace = killing_replace
+manifest_lib.commit_file = killing_commit
+fit_tiny(directory, backup)
+"""
+
+
+@pytest.mark.slow
+def test_killed_processes_resume_through_gfile(tmp_path):
+    """SIGKILL during an upload and before a manifest, then a resume.
+
+    `ram://` cannot outlive a process, so this runs the remote code path
+    (`tf.io.gfile`: hidden upload, rename, read-back check, no `flock`) on
+    a `file://` URL, which gfile serves from local disk and subprocesses
+    share. Its renames are atomic, unlike object storage's.
+    """
+    directory = f"file://{tmp_path}/snapshots"
+    backup = str(tmp_path / "backup")
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    here = os.path.dirname(os.path.abspath(__file__))
+    env["PYTHONPATH"] = os.pathsep.join(
+        [os.path.dirname(here), env.get("PYTHONPATH", "")]
+    )
+
+    def run(fault):
+        return subprocess.run(
+            [sys.executable, "-c", KILL_SCRIPT, here, directory, backup, fault],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+
+    killed = run("upload")
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    names = _fs.listdir(directory)
+    assert listed(directory) == ["snapshot-01.keras"]
+    assert [n for n in names if n.startswith(".partial-")]  # Half done.
+    check_verified(directory)
+
+    killed = run("manifest")
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    assert listed(directory) == ["snapshot-01.keras", "snapshot-02.keras"]
+    assert "snapshot-03.keras" in _fs.listdir(directory)  # Unlisted.
+    check_verified(directory)
+
+    finished = run("none")
+    assert finished.returncode == 0, finished.stderr[-2000:]
+    assert manifest_values(directory, "step") == [10, 20, 30]
+    check_verified(directory)
+    assert not [
+        n for n in _fs.listdir(directory) if n.startswith((".partial", "sup"))
+    ]
+    reference = ram_folder()
+    fit_tiny(reference, str(tmp_path / "backup_reference"))
+    x, _ = make_data()
+    np.testing.assert_allclose(
+        keras_snapshot.build_ensemble(directory).predict(x, verbose=0),
+        keras_snapshot.build_ensemble(reference).predict(x, verbose=0),
+        atol=1e-5,
+    )

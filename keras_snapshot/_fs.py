@@ -54,7 +54,7 @@ def is_remote(path) -> bool:
     return bool(_REMOTE.match(os.fspath(path)))
 
 
-def _gfile():
+def _tensorflow():
     try:
         import tensorflow as tf
     except ImportError as e:
@@ -63,7 +63,11 @@ def _gfile():
             "`tf.io.gfile`: install TensorFlow (`pip install tensorflow`) to "
             "use them, or use a local folder."
         ) from e
-    return tf.io.gfile
+    return tf
+
+
+def _gfile():
+    return _tensorflow().io.gfile
 
 
 def _errors(path):
@@ -73,8 +77,7 @@ def _errors(path):
 
 @contextlib.contextmanager
 def _remote_errors(path):
-    import tensorflow as tf
-
+    tf = _tensorflow()
     try:
         yield
     except tf.errors.NotFoundError as e:

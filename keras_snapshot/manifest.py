@@ -5,7 +5,9 @@ A snapshot directory holds one `.keras` file per snapshot and a
 size and sha256 of its file. Files are written to a hidden temporary name and
 renamed into place only once complete, and the manifest is replaced
 atomically after its file, so an interrupted write never leaves a snapshot
-that looks complete.
+that looks complete. On remote storage (`gs://...`, through `tf.io.gfile`,
+see `keras_snapshot._fs`) each file is uploaded complete and read back
+against its size and sha256 before the manifest, written last, lists it.
 
 Two types hold that logic in one place:
 

@@ -2,7 +2,6 @@
 
 import math
 import os
-import shutil
 import tempfile
 import time
 import warnings
@@ -11,6 +10,7 @@ import keras
 import numpy as np
 from keras import ops
 
+from keras_snapshot import _fs
 from keras_snapshot import manifest as manifest_lib
 from keras_snapshot._checks import check_positive_int
 from keras_snapshot._distribution import is_writer
@@ -68,12 +68,18 @@ class SnapshotCheckpoint(keras.callbacks.Callback):
     its index, epoch, optimizer step, learning rate, training logs, whether
     its weights and loss were finite, and the file's size and sha256. Files
     are written under a hidden name and renamed when complete; the manifest
-    is replaced atomically afterwards. Whether a snapshot is due is decided
-    from the optimizer's step count, so the callback stays right when
-    training resumes through `keras.callbacks.BackupAndRestore`: snapshots
-    from steps a resumed or restarted run has not reached are set aside in a
-    `superseded-*` subfolder (never deleted) and taken again. While `fit`
-    runs the folder is locked against a second writer.
+    is replaced atomically afterwards. A remote folder (`gs://...`, any path
+    `tf.io.gfile` supports) has no atomic rename: each file is uploaded
+    complete, read back and checked against its size and sha256, and only
+    then listed in the manifest, which is written last.
+
+    Whether a snapshot is due is decided from the optimizer's step count, so
+    the callback stays right when training resumes through
+    `keras.callbacks.BackupAndRestore`: snapshots from steps a resumed or
+    restarted run has not reached are set aside in a `superseded-*`
+    subfolder (never deleted) and taken again. While `fit` runs, a local
+    folder is locked against a second writing process (object storage has
+    no such lock: give each run its own remote folder).
 
     The per-batch check is one integer comparison in `on_train_batch_begin`,
     which leaves Keras's asynchronous batch dispatch on. Messages are printed
@@ -81,7 +87,9 @@ class SnapshotCheckpoint(keras.callbacks.Callback):
 
     Args:
         directory: Folder for the snapshots and manifest; created if needed.
-            It must not be (or be inside) a `BackupAndRestore` folder.
+            A local path or a remote one that `tf.io.gfile` supports
+            (`gs://bucket/run/snapshots`). It must not be (or be inside) a
+            `BackupAndRestore` folder.
         cycle_length: Steps per cycle, only when the optimizer's schedule
             does not say where cycles end.
         num_snapshots: With `cycle_length` or a `CosineDecayRestarts`
@@ -299,12 +307,12 @@ class SnapshotCheckpoint(keras.callbacks.Callback):
             )
 
     def _check_not_in_backup_folder(self) -> None:
-        folder = os.path.abspath(self.directory)
-        while True:
+        folder = _fs.absolute(self.directory)
+        while folder is not None:
             found = [
                 name
                 for name in _BACKUP_FILES
-                if os.path.exists(os.path.join(folder, name))
+                if _fs.exists(_fs.join(folder, name))
             ]
             if found:
                 raise ValueError(
@@ -315,10 +323,7 @@ class SnapshotCheckpoint(keras.callbacks.Callback):
                     "and the backup separate folders, e.g. run/snapshots and "
                     "run/backup."
                 )
-            parent = os.path.dirname(folder)
-            if parent == folder:
-                return
-            folder = parent
+            folder = _fs.parent(folder)
 
     def _current_step(self) -> int:
         return int(ops.convert_to_numpy(self.model.optimizer.iterations))
@@ -476,7 +481,7 @@ class SnapshotCheckpoint(keras.callbacks.Callback):
             self._messages.append(
                 f"Snapshot {index}/{len(self._cycle_ends)} saved at step "
                 f"{step} (epoch {epoch}, {where}{rate_text}): "
-                f"{os.path.join(self.directory, entry.file)}"
+                f"{_fs.join(self.directory, entry.file)}"
             )
 
     def _save_model_to(self, path: str) -> None:
@@ -495,15 +500,19 @@ class SnapshotCheckpoint(keras.callbacks.Callback):
             restore_batchnorm_statistics(self.model, saved)
 
     def _write(self, entry) -> None:
-        final_path = os.path.join(self.directory, entry.file)
+        final_path = _fs.join(self.directory, entry.file)
         partial_dir = None
         try:
+            # Saved complete to a local scratch file (in the folder itself
+            # on local disk, for an atomic rename), then committed: renamed,
+            # or uploaded and read back on remote storage. Only then does
+            # the manifest list it.
             partial_dir = manifest_lib.make_partial_dir(self.directory)
             partial_path = os.path.join(partial_dir, entry.file)
             self._save_model_to(partial_path)
-            os.chmod(partial_path, manifest_lib._umask_mode())
-            entry.size = os.path.getsize(partial_path)
-            entry.sha256 = manifest_lib.sha256_of_file(partial_path)
+            _fs.apply_umask(partial_path)
+            entry.size = _fs.getsize(partial_path)
+            entry.sha256 = _fs.sha256(partial_path)
             entry.saved_at = time.strftime("%Y-%m-%dT%H:%M:%S%z")
             manifest = self._folder.read_or_new(self._cycle_ends)
             manifest.cycle_end_steps = list(self._cycle_ends)
@@ -517,7 +526,7 @@ class SnapshotCheckpoint(keras.callbacks.Callback):
             ) from e
         finally:
             if partial_dir is not None:
-                shutil.rmtree(partial_dir, ignore_errors=True)
+                _fs.rmtree(partial_dir, ignore_errors=True)
 
     def _write_and_discard(self) -> None:
         # Non-writing workers take part in the save (which may run
@@ -526,7 +535,7 @@ class SnapshotCheckpoint(keras.callbacks.Callback):
         try:
             self._save_model_to(os.path.join(scratch, "snapshot.keras"))
         finally:
-            shutil.rmtree(scratch, ignore_errors=True)
+            _fs.rmtree(scratch, ignore_errors=True)
 
 
 def _all_finite(model, logs: dict) -> bool:

@@ -17,6 +17,7 @@ import zipfile
 import keras
 import numpy as np
 
+from keras_snapshot import _fs
 from keras_snapshot import manifest as manifest_lib
 
 Member = collections.namedtuple(
@@ -69,13 +70,15 @@ def snapshot_paths(
 def _directory_sources(directory, skip_invalid: bool) -> list:
     """`[(name, path)]` of a snapshot directory's verified files."""
     directory = os.fspath(directory)
-    if not os.path.isdir(directory):
+    if not _fs.isdir(directory):
         raise FileNotFoundError(
             f"The snapshot directory {directory} does not exist."
         )
     folder = manifest_lib.SnapshotDirectory(directory)
     if not folder.has_manifest():
-        found = sorted(n for n in os.listdir(directory) if n.endswith(".keras"))
+        found = sorted(
+            n for n in _fs.listdir(directory) if n.endswith(".keras")
+        )
         hint = (
             f"It holds {found[:5]}: pass their paths as a list to use them "
             "without a manifest."
@@ -110,9 +113,9 @@ def _sources(snapshots, skip_invalid: bool) -> list:
     """`[(name, path or model)]` for any accepted form of `snapshots`."""
     if isinstance(snapshots, (str, os.PathLike)):
         path = os.fspath(snapshots)
-        if os.path.isdir(path):
+        if _fs.isdir(path):
             return _directory_sources(path, skip_invalid)
-        if not os.path.exists(path):
+        if not _fs.exists(path):
             raise FileNotFoundError(
                 f"{path} does not exist. `snapshots` must be a snapshot "
                 "directory written by SnapshotCheckpoint, a `.keras` file, or "
@@ -257,25 +260,28 @@ def _describe(name, item) -> str:
 
 
 def _load_one(path: str, safe_mode: bool, custom_objects):
-    if not os.path.isfile(path):
+    if not _fs.isfile(path):
         raise FileNotFoundError(f"Snapshot file {path} does not exist.")
-    if path.endswith(".keras") and not zipfile.is_zipfile(path):
-        raise ValueError(
-            f"Snapshot file {path} is not a `.keras` model: a `.keras` file "
-            "is a zip archive, and this one is not (truncated, or another "
-            "kind of file)."
-        )
-    try:
-        return keras.saving.load_model(
-            path,
-            compile=False,
-            safe_mode=safe_mode,
-            custom_objects=custom_objects,
-        )
-    except (ValueError, TypeError) as e:
-        hint = (
-            " If you trust this file, pass `safe_mode=False`."
-            if safe_mode
-            else ""
-        )
-        raise type(e)(f"Could not load snapshot {path}: {e}{hint}") from e
+    # A remote file is copied to a local temporary file once (as
+    # `keras.saving.load_model` would do itself), then checked and read.
+    with _fs.local_copy(path) as local:
+        if path.endswith(".keras") and not zipfile.is_zipfile(local):
+            raise ValueError(
+                f"Snapshot file {path} is not a `.keras` model: a `.keras` "
+                "file is a zip archive, and this one is not (truncated, or "
+                "another kind of file)."
+            )
+        try:
+            return keras.saving.load_model(
+                local,
+                compile=False,
+                safe_mode=safe_mode,
+                custom_objects=custom_objects,
+            )
+        except (ValueError, TypeError) as e:
+            hint = (
+                " If you trust this file, pass `safe_mode=False`."
+                if safe_mode
+                else ""
+            )
+            raise type(e)(f"Could not load snapshot {path}: {e}{hint}") from e

@@ -5,7 +5,9 @@ A snapshot directory holds one `.keras` file per snapshot and a
 size and sha256 of its file. Files are written to a hidden temporary name and
 renamed into place only once complete, and the manifest is replaced
 atomically after its file, so an interrupted write never leaves a snapshot
-that looks complete.
+that looks complete. On remote storage (`gs://...`, through `tf.io.gfile`,
+see `keras_snapshot._fs`) each file is uploaded complete and read back
+against its size and sha256 before the manifest, written last, lists it.
 
 Two types hold that logic in one place:
 
@@ -26,18 +28,19 @@ for entry in directory.read().entries:
 import collections
 import dataclasses
 import errno
-import hashlib
 import json
 import math
 import os
-import shutil
 import tempfile
 import time
+import uuid
+
+from keras_snapshot import _fs
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = "keras_snapshot.manifest"
 MANIFEST_VERSION = 1
-PARTIAL_PREFIX = ".partial-"
+PARTIAL_PREFIX = _fs.PARTIAL_PREFIX
 LOCK_NAME = ".lock"
 SUPERSEDED_PREFIX = "superseded-"
 # A manifest of 10,000 snapshots is about 5 MB; anything far larger is not
@@ -54,48 +57,33 @@ def snapshot_filename(index: int) -> str:
 
 
 def sha256_of_file(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _fsync_directory(directory: str) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass  # Some file systems cannot sync a directory; the data is.
-    finally:
-        os.close(fd)
+    """Hex sha256 of a local or remote file."""
+    return _fs.sha256(path)
 
 
 def _umask_mode(mode: int = 0o666) -> int:
-    umask = os.umask(0)
-    os.umask(umask)
-    return mode & ~umask
+    return _fs.umask_mode(mode)
 
 
 def make_partial_dir(directory: str) -> str:
-    """A hidden scratch folder inside `directory` for one atomic write.
+    """A hidden scratch folder for one atomic write into `directory`.
 
-    It lives in the same file system as the final file, so that
-    `commit_file`'s rename is atomic; `SnapshotDirectory.prepare` removes
-    what an interrupted write leaves behind.
+    On local disk it lives inside `directory` (the same file system, so
+    that `commit_file`'s rename is atomic) and `SnapshotDirectory.prepare`
+    removes what an interrupted write leaves behind; for a remote
+    `directory` it is a local temporary folder.
     """
-    return tempfile.mkdtemp(prefix=PARTIAL_PREFIX, dir=directory)
+    return _fs.make_scratch_dir(directory)
 
 
 def commit_file(temporary_path: str, final_path: str) -> None:
-    """Flushes `temporary_path` to disk and renames it to `final_path`."""
-    with open(temporary_path, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(temporary_path, final_path)
-    _fsync_directory(os.path.dirname(os.path.abspath(final_path)))
+    """Moves the complete local file `temporary_path` to `final_path`.
+
+    Local disk: flushed and renamed atomically. Remote: uploaded, renamed,
+    read back and checked against its size and sha256 (see
+    `keras_snapshot._fs.commit`).
+    """
+    _fs.commit(temporary_path, final_path)
 
 
 def finite_json(value):
@@ -123,19 +111,19 @@ def write_json_atomic(path: str, data: dict) -> None:
     (not the 0600 of a temporary file). NaN and infinities are refused:
     pass them through `finite_json` first.
     """
-    directory = os.path.dirname(os.path.abspath(path))
+    directory = _fs.parent(path) or path
     fd, temporary = tempfile.mkstemp(
-        prefix=PARTIAL_PREFIX, suffix=".json", dir=directory
+        prefix=PARTIAL_PREFIX, suffix=".json", dir=_fs.scratch_folder(directory)
     )
     try:
         with os.fdopen(fd, "w") as f:
             json.dump(data, f, indent=2, allow_nan=False)
             f.write("\n")
-        os.chmod(temporary, _umask_mode())
+        _fs.apply_umask(temporary)
         commit_file(temporary, path)
     except BaseException:
-        if os.path.exists(temporary):
-            os.remove(temporary)
+        if _fs.exists(temporary):
+            _fs.remove(temporary)
         raise
 
 
@@ -262,10 +250,10 @@ class SnapshotDirectory:
 
     @property
     def manifest_path(self) -> str:
-        return os.path.join(self.path, MANIFEST_NAME)
+        return _fs.join(self.path, MANIFEST_NAME)
 
     def has_manifest(self) -> bool:
-        return os.path.isfile(self.manifest_path)
+        return _fs.isfile(self.manifest_path)
 
     # Reading ---------------------------------------------------------------
 
@@ -277,13 +265,13 @@ class SnapshotDirectory:
             ValueError: if it is not a valid snapshot manifest.
         """
         where = self.manifest_path
-        if not os.path.isfile(where):
+        if not _fs.isfile(where):
             raise FileNotFoundError(
                 f"No snapshot manifest at {where}. Expected a directory "
                 "written by `keras_snapshot.SnapshotCheckpoint`; to use other "
                 "files, pass a list of `.keras` paths instead."
             )
-        size = os.path.getsize(where)
+        size = _fs.getsize(where)
         if size > MAX_MANIFEST_BYTES:
             raise ValueError(
                 f"The snapshot manifest {where} is {size} bytes, larger than "
@@ -291,8 +279,9 @@ class SnapshotDirectory:
                 "most). Restore the manifest written by SnapshotCheckpoint."
             )
         try:
-            with open(where, "rb") as f:
-                data = json.loads(f.read(), parse_constant=_refuse_constant)
+            data = json.loads(
+                _fs.read_bytes(where), parse_constant=_refuse_constant
+            )
         except RecursionError:
             data = None  # Refused as too deep below.
         except (OSError, ValueError) as e:
@@ -345,7 +334,8 @@ class SnapshotDirectory:
 
         A manifest may only name plain file names inside its own directory:
         absolute paths, `..` and symbolic links that point elsewhere are
-        refused.
+        refused. A remote folder (object storage) has no links: there only
+        the name is checked.
         """
         name = entry.file
         if (
@@ -361,10 +351,10 @@ class SnapshotDirectory:
                 "directory. Manifest entries may not point outside the "
                 "snapshot directory."
             )
-        path = os.path.join(self.path, name)
-        if os.path.dirname(os.path.realpath(path)) != os.path.realpath(
-            self.path
-        ):
+        path = _fs.join(self.path, name)
+        if _fs.is_remote(path):
+            return path
+        if os.path.dirname(_fs.realpath(path)) != _fs.realpath(self.path):
             raise ValueError(
                 f"The snapshot file {path} listed in {self.manifest_path} is "
                 "a link that points outside the snapshot directory; refusing "
@@ -380,12 +370,12 @@ class SnapshotDirectory:
             ValueError: if its size or sha256 differ from the manifest.
         """
         path = self.path_of(entry)
-        if not os.path.isfile(path):
+        if not _fs.isfile(path):
             raise FileNotFoundError(
                 f"Snapshot {entry.index} is listed in {self.manifest_path} "
                 f"but its file {path} is missing."
             )
-        size = os.path.getsize(path)
+        size = _fs.getsize(path)
         if size != entry.size:
             raise ValueError(
                 f"Snapshot file {path} is {size} bytes but the manifest "
@@ -416,43 +406,51 @@ class SnapshotDirectory:
             PermissionError / OSError: if the folder cannot be written, with
                 the reason (read-only, name too long, ...).
         """
-        if os.path.exists(self.path) and not os.path.isdir(self.path):
+        if _fs.exists(self.path) and not _fs.isdir(self.path):
             raise NotADirectoryError(
                 f"Snapshots are written into a folder, but {self.path} is a "
                 "file. Pass the path of a new or existing folder."
             )
-        os.makedirs(self.path, exist_ok=True)
+        _fs.makedirs(self.path)
         removed = self._remove_partial_files()
         # A write-and-rename probe with the longest name a snapshot gets.
+        remote = _fs.is_remote(self.path)
         probe = None
         try:
-            probe = make_partial_dir(self.path)
-            name = os.path.join(probe, snapshot_filename(99999))
-            with open(name, "wb") as f:
-                f.write(b"probe")
-            os.replace(name, name + ".probe")
+            if remote:
+                probe = _fs.join(
+                    self.path, f"{PARTIAL_PREFIX}probe-{uuid.uuid4().hex[:12]}"
+                )
+                _fs.makedirs(probe)
+            else:
+                probe = make_partial_dir(self.path)
+            name = _fs.join(probe, snapshot_filename(99999))
+            _fs.write_bytes(name, b"probe")
+            _fs.replace(name, name + ".probe")
         except OSError as e:
+            reason = (
+                e.strerror if remote else os.strerror(e.errno) if e.errno else e
+            )
             raise type(e)(
                 e.errno,
                 f"The snapshot directory {self.path} is not writable "
-                f"({os.strerror(e.errno) if e.errno else e}). Choose a "
-                "writable folder with a shorter path",
+                f"({reason}). Choose a writable folder with a shorter path",
             ) from e
         finally:
             if probe is not None:
-                shutil.rmtree(probe, ignore_errors=True)
+                _fs.rmtree(probe, ignore_errors=True)
         return removed
 
     def _remove_partial_files(self) -> list:
         removed = []
-        for name in sorted(os.listdir(self.path)):
+        for name in sorted(_fs.listdir(self.path)):
             if not name.startswith(PARTIAL_PREFIX):
                 continue
-            path = os.path.join(self.path, name)
-            if os.path.isdir(path) and not os.path.islink(path):
-                shutil.rmtree(path, ignore_errors=True)
-            elif os.path.lexists(path):
-                os.remove(path)
+            path = _fs.join(self.path, name)
+            if _fs.isdir(path) and not _fs.islink(path):
+                _fs.rmtree(path, ignore_errors=True)
+            elif _fs.lexists(path):
+                _fs.remove(path)
             removed.append(path)
         return removed
 
@@ -467,7 +465,7 @@ class SnapshotDirectory:
         listed = {e.file for e in manifest.entries}
         return sorted(
             name
-            for name in os.listdir(self.path)
+            for name in _fs.listdir(self.path)
             if name.startswith("snapshot-")
             and name.endswith(".keras")
             and name not in listed
@@ -478,8 +476,10 @@ class SnapshotDirectory:
 
         The file first, the manifest second: a kill between the two leaves
         a file the manifest does not list, never an entry without its file.
+        On remote storage the file is read back and checked against its
+        size and sha256 before the manifest lists it.
         """
-        commit_file(partial, os.path.join(self.path, entry.file))
+        commit_file(partial, _fs.join(self.path, entry.file))
         manifest.entries = [
             e for e in manifest.entries if e.index != entry.index
         ] + [entry]
@@ -490,23 +490,32 @@ class SnapshotDirectory:
 
         A new run that starts before their steps supersedes them; they are
         kept, as a snapshot folder of their own with its own manifest, and
-        never deleted. Returns that folder.
+        never deleted. Returns that folder. On local disk each file is
+        renamed; on remote storage (no atomic rename) it is copied, and the
+        originals are removed only once both manifests are written, so an
+        interruption leaves a copy too many, never a listed file missing.
         """
         stamp = time.strftime("%Y%m%d-%H%M%S")
-        target = os.path.join(self.path, f"{SUPERSEDED_PREFIX}{stamp}")
+        target = _fs.join(self.path, f"{SUPERSEDED_PREFIX}{stamp}")
         suffix = 1
-        while os.path.exists(target):
+        while _fs.exists(target):
             suffix += 1
-            target = os.path.join(
-                self.path, f"{SUPERSEDED_PREFIX}{stamp}-{suffix}"
-            )
-        os.makedirs(target)
+            target = _fs.join(self.path, f"{SUPERSEDED_PREFIX}{stamp}-{suffix}")
+        _fs.makedirs(target)
         aside = SnapshotDirectory(target)
         moved = Manifest(cycle_end_steps=manifest.cycle_end_steps)
+        remote = _fs.is_remote(self.path)
+        copied = []
         for entry in entries:
             source = self.path_of(entry)
-            if os.path.exists(source):
-                os.replace(source, os.path.join(target, entry.file))
+            if _fs.exists(source):
+                destination = _fs.join(target, entry.file)
+                if remote:
+                    _fs.copy(source, destination)
+                    _fs.check_copy(destination, entry.size, entry.sha256)
+                    copied.append(source)
+                else:
+                    _fs.replace(source, destination)
                 moved.entries.append(entry)
         # The old folder's manifest stops listing them only once they are
         # in their new home, listed by its manifest.
@@ -514,6 +523,8 @@ class SnapshotDirectory:
         names = {e.file for e in entries}
         manifest.entries = [e for e in manifest.entries if e.file not in names]
         self.write(manifest)
+        for source in copied:
+            _fs.remove(source)
         return target
 
     # Locking ---------------------------------------------------------------
@@ -525,12 +536,21 @@ class SnapshotDirectory:
     def lock(self) -> None:
         """Takes an advisory lock that dies with this process.
 
+        On local disk this is an `flock` on `.lock`, which a second process
+        cannot take. Object storage has no such lock: for a remote folder
+        only a second writer in this same process is kept out, and two
+        processes writing into one remote folder are not detected (give
+        each run its own folder).
+
         Raises:
             DirectoryLockedError: if another process holds it.
         """
-        key = os.path.realpath(self.path)
+        key = _fs.realpath(self.path)
         if key in SnapshotDirectory._held:
             SnapshotDirectory._held[key][1] = self
+            return
+        if _fs.is_remote(self.path):
+            SnapshotDirectory._held[key] = [None, self]
             return
         import fcntl
 
@@ -556,10 +576,11 @@ class SnapshotDirectory:
         SnapshotDirectory._held[key] = [handle, self]
 
     def unlock(self) -> None:
-        key = os.path.realpath(self.path)
+        key = _fs.realpath(self.path)
         held = SnapshotDirectory._held.get(key)
         if held is not None and held[1] is self:
-            held[0].close()  # Closing releases the flock.
+            if held[0] is not None:
+                held[0].close()  # Closing releases the flock.
             del SnapshotDirectory._held[key]
 
 

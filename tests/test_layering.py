@@ -14,6 +14,7 @@ CORE = {
     "_checks",
     "_distribution",
     "_io",
+    "_fs",
     "schedule",
     "checkpoint",
     "manifest",

@@ -1,0 +1,369 @@
+"""Every file-system access of the core, local disk or `tf.io.gfile`.
+
+Keras saves `.keras` files to `gs://...` and other remote paths through
+`tf.io.gfile` (`keras/src/utils/file_utils.py`); this module does the same
+for the snapshot folder, with the strongest guarantee each kind of storage
+offers:
+
+- Local disk (any path that is not remote): `os` and `shutil`, exactly as
+  before. `commit` flushes a file written under a hidden `.partial-*` name
+  in the same folder, renames it into place atomically (`os.replace`) and
+  flushes the folder.
+- Remote paths (`gs://`, `s3://`, `hdfs://`, `ram://`, ... and the
+  `/gcs`-style prefixes Keras treats as remote): `tf.io.gfile`. Object
+  storage has no atomic rename, so `commit` uploads a complete local file
+  under a hidden `.partial-*` name, renames it to its final name (a
+  server-side copy on object storage: the object appears whole or not at
+  all), reads it back and checks its size and sha256 before returning.
+  The caller lists the file in the manifest only after that.
+
+TensorFlow is imported only for a remote path: JAX and PyTorch users who
+write to local disk do not need it. `tf.errors` raised for a remote path
+become `OSError`s (`FileNotFoundError`, `PermissionError`) naming the path,
+so that callers handle both kinds of storage alike.
+
+Example:
+
+```python
+path = join("gs://bucket/run/snapshots", "manifest.json")
+if is_remote(path) and exists(path):
+    data = read_bytes(path)
+```
+"""
+
+import builtins
+import contextlib
+import errno
+import hashlib
+import os
+import posixpath
+import re
+import shutil
+import tempfile
+import uuid
+
+PARTIAL_PREFIX = ".partial-"
+
+# The paths Keras writes through `tf.io.gfile` (`file_utils.is_remote_path`).
+_REMOTE = re.compile(r"^(/cns|/cfs|/gcs|/hdfs|/readahead|/placer|/tfhub|.*://)")
+_BLOCK = 1 << 20
+
+
+def is_remote(path) -> bool:
+    """Whether `path` goes through `tf.io.gfile` (as Keras decides it)."""
+    return bool(_REMOTE.match(os.fspath(path)))
+
+
+def _tensorflow():
+    try:
+        import tensorflow as tf
+    except ImportError as e:
+        raise ImportError(
+            "Remote paths (gs://, s3://, ...) are read and written through "
+            "`tf.io.gfile`: install TensorFlow (`pip install tensorflow`) to "
+            "use them, or use a local folder."
+        ) from e
+    return tf
+
+
+def _gfile():
+    return _tensorflow().io.gfile
+
+
+def _errors(path):
+    """Turns `tf.errors` for a remote `path` into the matching `OSError`."""
+    return _remote_errors(path) if is_remote(path) else contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def _remote_errors(path):
+    tf = _tensorflow()
+    try:
+        yield
+    except tf.errors.NotFoundError as e:
+        raise FileNotFoundError(errno.ENOENT, e.message, path) from e
+    except tf.errors.PermissionDeniedError as e:
+        raise PermissionError(errno.EACCES, e.message, path) from e
+    except tf.errors.OpError as e:
+        raise OSError(errno.EIO, e.message, path) from e
+
+
+# Paths --------------------------------------------------------------------
+
+
+def join(path, *names) -> str:
+    path = os.fspath(path)
+    if is_remote(path):
+        return posixpath.join(path, *names)
+    return os.path.join(path, *names)
+
+
+def absolute(path) -> str:
+    """`os.path.abspath` for a local path; a remote one as it is."""
+    path = os.fspath(path)
+    if is_remote(path):
+        return path.rstrip("/") if not path.endswith("://") else path
+    return os.path.abspath(path)
+
+
+def parent(path) -> str | None:
+    """The folder that holds `path`, or None at the root (`gs://bucket`)."""
+    path = absolute(path)
+    scheme, separator, rest = path.partition("://")
+    if separator:
+        rest = rest.rstrip("/")
+        if "/" not in rest:
+            return None
+        return f"{scheme}://{rest.rsplit('/', 1)[0]}"
+    folder = (posixpath if is_remote(path) else os.path).dirname(path)
+    return None if folder == path else folder
+
+
+def realpath(path) -> str:
+    """Links resolved on local disk; a remote path has none."""
+    return absolute(path) if is_remote(path) else os.path.realpath(path)
+
+
+# Queries ------------------------------------------------------------------
+
+
+def exists(path) -> bool:
+    if is_remote(path):
+        with _remote_errors(path):
+            return _gfile().exists(path)
+    return os.path.exists(path)
+
+
+def isdir(path) -> bool:
+    if is_remote(path):
+        with _remote_errors(path):
+            return _gfile().isdir(path)
+    return os.path.isdir(path)
+
+
+def isfile(path) -> bool:
+    if is_remote(path):
+        with _remote_errors(path):
+            gfile = _gfile()
+            return gfile.exists(path) and not gfile.isdir(path)
+    return os.path.isfile(path)
+
+
+def islink(path) -> bool:
+    return False if is_remote(path) else os.path.islink(path)
+
+
+def lexists(path) -> bool:
+    """Whether `path` exists, a broken local link included."""
+    return exists(path) if is_remote(path) else os.path.lexists(path)
+
+
+def listdir(path) -> list:
+    """Names in the folder `path` (sub-folders without a trailing `/`)."""
+    if is_remote(path):
+        with _remote_errors(path):
+            return [name.rstrip("/") for name in _gfile().listdir(path)]
+    return os.listdir(path)
+
+
+def getsize(path) -> int:
+    if is_remote(path):
+        with _remote_errors(path):
+            return _gfile().stat(path).length
+    return os.path.getsize(path)
+
+
+def open(path, mode: str = "rb"):  # noqa: A001 (the module's `open`)
+    """A file object: the built-in `open` or a `tf.io.gfile.GFile`."""
+    if is_remote(path):
+        with _remote_errors(path):
+            return _gfile().GFile(path, mode)
+    return builtins.open(path, mode)
+
+
+def read_bytes(path) -> bytes:
+    with _errors(path):
+        with open(path, "rb") as f:
+            return f.read()
+
+
+def write_bytes(path, data: bytes) -> None:
+    with _errors(path):
+        with open(path, "wb") as f:
+            f.write(data)
+
+
+def sha256(path) -> str:
+    """Hex sha256 of a file, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with _errors(path):
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(_BLOCK), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+# Changes ------------------------------------------------------------------
+
+
+def makedirs(path) -> None:
+    """Creates `path` and its parents; an existing folder is fine."""
+    if is_remote(path):
+        with _remote_errors(path):
+            _gfile().makedirs(path)
+        return
+    os.makedirs(path, exist_ok=True)
+
+
+def remove(path) -> None:
+    if is_remote(path):
+        with _remote_errors(path):
+            _gfile().remove(path)
+        return
+    os.remove(path)
+
+
+def rmtree(path, ignore_errors: bool = False) -> None:
+    if is_remote(path):
+        try:
+            with _remote_errors(path):
+                _gfile().rmtree(path)
+        except OSError:
+            if not ignore_errors:
+                raise
+        return
+    shutil.rmtree(path, ignore_errors=ignore_errors)
+
+
+def copy(source, target) -> None:
+    """Copies a file, replacing `target`; either side may be remote."""
+    if is_remote(source) or is_remote(target):
+        with _remote_errors(target):
+            _gfile().copy(source, target, overwrite=True)
+        return
+    shutil.copyfile(source, target)
+
+
+def replace(source, target) -> None:
+    """Renames `source` to `target`, replacing it (atomic on local disk)."""
+    if is_remote(target):
+        with _remote_errors(target):
+            _gfile().rename(source, target, overwrite=True)
+        return
+    os.replace(source, target)
+
+
+def umask_mode(mode: int = 0o666) -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return mode & ~umask
+
+
+def apply_umask(path) -> None:
+    """Gives a local scratch file the permissions of a new file."""
+    os.chmod(path, umask_mode())
+
+
+def fsync_directory(directory: str) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # Some file systems cannot sync a directory; the data is.
+    finally:
+        os.close(fd)
+
+
+def scratch_folder(directory) -> str:
+    """Where to write a file bound for `directory` before `commit`.
+
+    `directory` itself on local disk (the same file system, so the rename
+    is atomic); the local temporary folder for a remote `directory`.
+    """
+    if is_remote(directory):
+        return tempfile.gettempdir()
+    return os.path.abspath(directory)
+
+
+def make_scratch_dir(directory) -> str:
+    """A new hidden `.partial-*` folder in `scratch_folder(directory)`."""
+    return tempfile.mkdtemp(
+        prefix=PARTIAL_PREFIX, dir=scratch_folder(directory)
+    )
+
+
+def commit(temporary_path: str, final_path: str) -> None:
+    """Moves the complete local file `temporary_path` to `final_path`.
+
+    Local disk: flush, atomic rename, flush the folder. Remote: upload to a
+    hidden `.partial-*` name next to `final_path`, rename it there, then
+    read the remote file back and compare its size and sha256 with the
+    local file. Only after this returns is the file complete at
+    `final_path`; list it in a manifest only then.
+
+    Raises:
+        OSError: if the write fails or the remote copy does not match.
+    """
+    if not is_remote(final_path):
+        with builtins.open(temporary_path, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(temporary_path, final_path)
+        fsync_directory(os.path.dirname(os.path.abspath(final_path)))
+        return
+    size, digest = os.path.getsize(temporary_path), sha256(temporary_path)
+    folder, name = posixpath.split(final_path)
+    hidden = join(folder, f"{PARTIAL_PREFIX}{uuid.uuid4().hex[:12]}-{name}")
+    try:
+        copy(temporary_path, hidden)
+        replace(hidden, final_path)
+    except BaseException:
+        with contextlib.suppress(Exception):
+            if exists(hidden):
+                remove(hidden)
+        raise
+    check_copy(final_path, size, digest)
+    os.remove(temporary_path)
+
+
+def check_copy(path, size: int, digest: str) -> None:
+    """Reads `path` back; `OSError` unless it has this size and sha256."""
+    found = getsize(path)
+    if found == size:
+        found_digest = sha256(path)
+        if found_digest == digest:
+            return
+        problem = f"sha256 {found_digest}, expected {digest}"
+    else:
+        problem = f"{found} bytes, expected {size}"
+    raise OSError(
+        errno.EIO,
+        f"the file read back from {path} does not match what was written "
+        f"({problem})",
+        path,
+    )
+
+
+@contextlib.contextmanager
+def local_copy(path):
+    """A local path with the content of `path` (a temporary copy if remote).
+
+    Example:
+
+    ```python
+    with local_copy("gs://bucket/model.keras") as local:
+        model = keras.saving.load_model(local)
+    ```
+    """
+    if not is_remote(path):
+        yield os.fspath(path)
+        return
+    folder = tempfile.mkdtemp(prefix="keras_snapshot_")
+    try:
+        local = os.path.join(folder, posixpath.basename(os.fspath(path)))
+        copy(path, local)
+        yield local
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)

@@ -47,7 +47,7 @@ def check_bounded_data(data, steps: int | None) -> None:
     """Refuses data that would never end without a `steps` limit.
 
     An endless `tf.data.Dataset` (the usual `.repeat()` training pipeline)
-    or a generator would make recalibration run forever.
+    would make recalibration run forever.
     """
     if steps is not None:
         return
@@ -62,16 +62,7 @@ def check_bounded_data(data, steps: int | None) -> None:
                 "e.g. steps=50, or a dataset without `.repeat()`."
             )
         return
-    if isinstance(data, tuple) or hasattr(data, "__len__"):
-        return
-    if hasattr(data, "__array__"):
-        return
-    raise ValueError(
-        "The recalibration data has no length (a generator or iterator), "
-        "so BatchNorm recalibration cannot know when to stop. Pass `steps` "
-        "(`recalibration_steps` for SnapshotCheckpoint). Received: "
-        f"{type(data).__name__}."
-    )
+    # Other data ends by itself (arrays, lists, finite datasets, generators).
 
 
 def _input_batches(data, batch_size: int, steps: int | None):

@@ -195,7 +195,11 @@ def load_members(
                 "would predict NaN. Leave it out (e.g. `last=`), or pass "
                 "`allow_nonfinite=True` to use it anyway."
             )
-        source = None if isinstance(item, keras.Model) else os.fspath(item)
+        source = (
+            f"model {item.name!r}"
+            if isinstance(item, keras.Model)
+            else os.fspath(item)
+        )
         members.append(Member(name, model, source))
     return members
 

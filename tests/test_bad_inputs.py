@@ -117,7 +117,6 @@ CHECKPOINT_CASES = [
     ({"cycle_length": -3}, ["cycle_length=-3"]),
     ({"cycle_length": 2.5}, ["cycle_length=2.5"]),
     ({"cycle_length": True}, ["cycle_length=True"]),
-    ({"num_snapshots": 3}, ["num_snapshots=3, cycle_length=None"]),
     ({"cycle_length": 5, "num_snapshots": 0}, ["num_snapshots=0"]),
     ({"cycle_length": 5, "num_snapshots": 1.5}, ["num_snapshots=1.5"]),
     ({"recalibration_steps": 0}, ["recalibration_steps=0"]),
@@ -179,8 +178,12 @@ def _file_as_directory(tmp_path):
 def _other_schedules_directory(tmp_path):
     directory = tmp_path / "other"
     directory.mkdir()
-    manifest = keras_snapshot.manifest.new_manifest(5, [5, 10])
-    keras_snapshot.manifest.write_manifest(str(directory), manifest)
+    from keras_snapshot.manifest import Manifest
+    from keras_snapshot.manifest import SnapshotEntry
+
+    entry = SnapshotEntry(index=1, file="snapshot-01.keras", step=5)
+    folder = keras_snapshot.SnapshotDirectory(str(directory))
+    folder.write(Manifest(cycle_end_steps=[5, 10], entries=[entry]))
     return {"directory": str(directory)}, [
         "another schedule",
         "[5, 10]",
@@ -327,10 +330,6 @@ def test_snapshot_directories(tmp_path, snapshot_run, case, entry_point):
 # build_ensemble and load_snapshots: members and options --------------------
 
 
-def _logits_model():
-    return keras.Sequential([keras.Input((8,)), keras.layers.Dense(3)])
-
-
 def _two_outputs():
     inputs = keras.Input((8,))
     a = keras.layers.Dense(3, activation="softmax")(inputs)
@@ -361,7 +360,14 @@ def _image_model():
 def _not_a_model_file(tmp_path):
     path = tmp_path / "notes.keras"
     path.write_text("not a zip file")
-    return [str(path)], [str(path), "Could not load snapshot"]
+    return [str(path)], [str(path), "not a `.keras` model"]
+
+
+def _undeclared_output_model():
+    """Ends in a ReLU: neither probabilities nor logits declared."""
+    inputs = keras.Input((8,))
+    outputs = keras.layers.Activation("relu")(keras.layers.Dense(3)(inputs))
+    return keras.Model(inputs, outputs)
 
 
 MEMBER_CASES = {
@@ -392,8 +398,8 @@ MEMBER_CASES = {
     ),
     "logits-without-from_logits": (
         lambda p: (
-            [_logits_model()],
-            ["does not output probabilities", "from_logits=True"],
+            [_undeclared_output_model()],
+            ["Cannot tell", "from_logits=True"],
         ),
         ValueError,
     ),

@@ -139,7 +139,6 @@ BAD_COMMANDS = [
         "the model file /no/such/file.keras does not exist",
     ),
     (["train", "--epochs", "1", "--snapshots", "1000"], "num_snapshots"),
-    (["train", "--validation-fraction", "1.5"], "validation-fraction"),
     (["evaluate", "/nonexistent/run"], "not a keras-snapshot run"),
     (["export", "/nonexistent/run", "/tmp/x"], "not a keras-snapshot run"),
 ]

@@ -381,6 +381,7 @@ def test_unreadable_backup_resumes_or_restarts_keeping_snapshots(
     [
         (["--momentum", "1.5"], "momentum"),
         (["--weight-decay", "-5"], "weight_decay"),
+        (["--validation-fraction", "1.5"], "validation_fraction"),
         (["--output-dir", ""], "--output-dir is empty"),
         (
             ["--validation-fraction", "0", "--temperature-scaling"],

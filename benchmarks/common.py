@@ -178,7 +178,8 @@ def train_run(kind, lr, data, epochs, batch_size, seed, **options):
     """Trains one benchmark CNN; returns `(model, train_seconds)`.
 
     `options`: `num_snapshots` (for "snapshot"), `weight_decay`, `widths`,
-    `augment`, `callbacks` (e.g. a `SnapshotCheckpoint`).
+    `augment`, `callbacks` (e.g. a `SnapshotCheckpoint`), `schedule` (any
+    Keras learning-rate schedule, used instead of `kind`'s).
     """
     import keras
 
@@ -187,7 +188,7 @@ def train_run(kind, lr, data, epochs, batch_size, seed, **options):
     keras.utils.set_random_seed(seed)
     x, y = data["x_train"], data["y_train"]
     steps = steps_per_epoch(len(x), batch_size)
-    schedule = make_schedule(
+    schedule = options.get("schedule") or make_schedule(
         kind, lr, epochs, steps, options.get("num_snapshots", 1)
     )
     model = bench_cnn(options.get("widths", (16, 32, 64)))

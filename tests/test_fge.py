@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from helpers import make_data
 from helpers import make_model
+from helpers import saved_steps
 
 import keras_snapshot
 from keras_snapshot.fge import FGESchedule
@@ -156,9 +157,13 @@ def test_fit_uses_the_rate_and_saves_in_a_keras_file(tmp_path):
 
 
 def test_snapshot_checkpoint_takes_fge_snapshots(tmp_path):
-    """Runs once SnapshotCheckpoint reads any schedule's cycle ends."""
+    """SnapshotCheckpoint reads FGESchedule's cycle ends (its alpha2 minima).
+
+    64 samples, batch 8: 8 steps per epoch. Start at step 6, cycles of 4:
+    snapshots after steps 8 (end of epoch 1), 12 (mid-epoch 2) and 16.
+    """
     keras.utils.set_random_seed(0)
-    x, y = make_data(n=48)
+    x, y = make_data(n=64)
     model = make_model()
     schedule = FGESchedule(0.05, 0.001, 4, 3, start_step=6)
     model.compile(
@@ -166,23 +171,27 @@ def test_snapshot_checkpoint_takes_fge_snapshots(tmp_path):
         "sparse_categorical_crossentropy",
     )
     directory = str(tmp_path / "fge")
-    try:
-        model.fit(
-            x,
-            y,
-            batch_size=8,
-            epochs=3,
-            verbose=0,
-            callbacks=[keras_snapshot.SnapshotCheckpoint(directory, verbose=0)],
-        )
-    except ValueError as e:
-        if "needs to know where the learning-rate" in str(e):
-            pytest.skip("SnapshotCheckpoint does not read FGESchedule yet.")
-        raise
-    entries = keras_snapshot.read_manifest(directory)["snapshots"]
+    model.fit(
+        x,
+        y,
+        batch_size=8,
+        epochs=2,
+        verbose=0,
+        callbacks=[keras_snapshot.SnapshotCheckpoint(directory, verbose=0)],
+    )
+    manifest = keras_snapshot.read_manifest(directory)
+    assert manifest["cycle_end_steps"] == [8, 12, 16]
+    entries = manifest["snapshots"]
     assert [e["step"] for e in entries] == [8, 12, 16]
+    assert [e["batch"] for e in entries] == [None, 4, None]
     for entry in entries:
+        # Each snapshot follows a step at the cycle's minimum rate alpha2.
         assert entry["learning_rate"] == pytest.approx(0.001)
+        assert fge_rate(entry["step"] - 1, 0.05, 0.001, 4, 6) == (
+            pytest.approx(0.001)
+        )
+    # The snapshot files hold the model after exactly these steps.
+    assert saved_steps(directory) == [8, 12, 16]
 
 
 @pytest.mark.parametrize(

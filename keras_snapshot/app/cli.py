@@ -28,6 +28,7 @@ _COMMANDS = {
     "train": ("train", "train_command"),
     "evaluate": ("evaluate", "evaluate_command"),
     "export": ("export", "export_command"),
+    "distill": ("distill_command", "distill_command"),
 }
 
 
@@ -55,6 +56,15 @@ def _positive_int(name):
 
 def _positive_float(name):
     return _checked(check_positive_number, float, name)
+
+
+def _alpha(name, value):
+    """Distillation's label weight, in [0, 1] (1 included)."""
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(
+            f"`{name}` must be between 0 and 1. Received: {name}={value}."
+        )
+    return value
 
 
 def _in_range(name, low, high):
@@ -199,6 +209,15 @@ def build_parser() -> argparse.ArgumentParser:
         "budget, for comparison",
     )
     train.add_argument(
+        "--method",
+        choices=("snapshot", "fge", "swa", "sgdr"),
+        default="snapshot",
+        help="snapshot: SnapshotSchedule cycles; fge: a normal phase then "
+        "Fast Geometric Ensembling cycles; swa: running weight average in "
+        "the final phase, exported as one model; sgdr: CosineDecayRestarts "
+        "with t_mul=2, a snapshot at each restart",
+    )
+    train.add_argument(
         "--strategy",
         default="default",
         choices=STRATEGY_NAMES,
@@ -267,7 +286,37 @@ def build_parser() -> argparse.ArgumentParser:
         "--data-dir",
         help="tensorflow-datasets data directory (default: tfds's own)",
     )
-    for sub in (train, evaluate, export):
+    distill = command(
+        "distill",
+        help="distil a run's exported ensemble into one model",
+        description="Train a fresh copy of the snapshot architecture on "
+        "the exported ensemble's soft targets plus the labels (Hinton et "
+        "al. 2015); saves RUN_DIR/student.keras and adds its test scores "
+        "to report.json.",
+    )
+    distill.add_argument("run_dir", help="a run directory of `train`")
+    distill.add_argument(
+        "--temperature",
+        type=_positive_float("temperature"),
+        default=4.0,
+        help="softmax temperature of the soft targets",
+    )
+    distill.add_argument(
+        "--alpha",
+        type=_checked(_alpha, float, "alpha"),
+        default=0.1,
+        help="weight of the hard-label loss, in [0, 1]",
+    )
+    distill.add_argument(
+        "--epochs",
+        type=_positive_int("epochs"),
+        help="epochs of student training (default: the run's epochs)",
+    )
+    distill.add_argument(
+        "--data-dir",
+        help="tensorflow-datasets data directory (default: tfds's own)",
+    )
+    for sub in (train, evaluate, export, distill):
         sub.add_argument(
             "--debug",
             action="store_true",

@@ -27,6 +27,8 @@ def markdown_report(report: dict) -> str:
     lines = [
         "# Snapshot ensemble report",
         "",
+        f"Method: `{report.get('method', 'snapshot')}`.",
+        "",
         f"Dataset `{config['dataset']}`, model `{config['model']}`, "
         f"{config['epochs']} epochs, {config['num_snapshots']} snapshots, "
         f"initial rate {config['learning_rate']}, batch "
@@ -55,6 +57,16 @@ def markdown_report(report: dict) -> str:
             f"{_percent(test['baseline']['error'])}% test error.",
             "",
         ]
+    for key, label in (
+        ("swa", "Running SWA (one model, BatchNorm recalibrated)"),
+        ("student", "Distilled student (one model)"),
+    ):
+        if key in test:
+            lines += [
+                f"{label}: {_percent(test[key]['error'])}% test error, "
+                f"NLL {test[key]['nll']:.4f}.",
+                "",
+            ]
     choices = report.get("choices")
     if choices:
         lines += [
@@ -163,6 +175,12 @@ def write_report(run_dir: str, report: dict) -> None:
 
 def plan(run_dir: str, data, schedule, config: dict) -> str:
     """The lines printed before training: directory, data and schedule."""
+    if hasattr(schedule, "describe"):
+        return (
+            f"Run directory: {run_dir}\nData: {data.name}, "
+            f"{len(data.x_train)} train / {len(data.x_val)} validation / "
+            f"{len(data.x_test)} test images\nSchedule: {schedule.describe()}"
+        )
     return (
         f"Run directory: {run_dir}\nData: {data.name}, "
         f"{len(data.x_train)} train / {len(data.x_val)} validation / "
@@ -226,8 +244,8 @@ def plot_learning_rate(schedule, path: str) -> None:
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("learning rate")
     ax.set_title(
-        f"SnapshotSchedule: {schedule.num_snapshots} cycles of "
-        f"{schedule.cycle_length} steps"
+        f"{getattr(schedule, 'method', 'snapshot')}: "
+        f"{schedule.num_snapshots} snapshots"
     )
     ax.legend()
     _save(fig, path)

@@ -34,6 +34,9 @@ RUN_OUTPUTS = (
     "error_vs_snapshots.png",
     "reliability.png",
     "disagreement.png",
+    "swa.keras",
+    "swa_state",
+    "student.keras",
 )
 # Settings that define a run: resuming with other values is refused.
 RUN_KEYS = (

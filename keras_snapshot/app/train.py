@@ -13,6 +13,7 @@ import time
 import keras
 
 from keras_snapshot import SnapshotCheckpoint
+from keras_snapshot.app import methods as methods_lib
 from keras_snapshot.app import report as report_lib
 from keras_snapshot.app import run as run_lib
 from keras_snapshot.app.evaluate import choose_ensembles
@@ -55,6 +56,7 @@ def run_config(args) -> dict:
         for key in run_lib.RUN_KEYS
         + ("data_dir", "select", "baseline", "strategy", "output_dir")
     }
+    config["method"] = getattr(args, "method", "snapshot")
     config["output_dir"] = args.output_dir or os.path.join(
         "runs", f"{args.dataset}_{os.path.basename(args.model)}_seed{args.seed}"
     )
@@ -194,7 +196,9 @@ def train_snapshots(run, config, data, schedule, strategy, verbose) -> float:
     run_lib.write_run(run_dir, run)
 
     keras.utils.set_random_seed(config["seed"])
-    model = _compiled_model(config, data, schedule, strategy)
+    model = _compiled_model(
+        config, data, methods_lib.optimizer_schedule(schedule), strategy
+    )
     _check_backup(model, os.path.join(run_dir, run_lib.BACKUP_DIR))
     recalibration = None
     if config["recalibrate_bn"]:
@@ -209,8 +213,9 @@ def train_snapshots(run, config, data, schedule, strategy, verbose) -> float:
             os.path.join(run_dir, run_lib.SNAPSHOT_DIR),
             recalibration_data=recalibration,
             verbose=1 if verbose else 0,
+            **methods_lib.snapshot_kwargs(schedule),
         ),
-    ]
+    ] + methods_lib.extra_callbacks(schedule, run_dir, recalibration)
     started = time.perf_counter()
     _fit(model, data, config, callbacks + [_Diverged()], verbose)
     seconds = run.get("train_seconds", 0.0) + time.perf_counter() - started
@@ -252,7 +257,8 @@ def train_command(args) -> int:
     config = run_config(args)
     data = run_lib.load_data(config, args.data_dir)
     # Checks M against the budget before anything is written.
-    schedule = run_lib.make_schedule(config, data)
+    schedule = methods_lib.make_schedule(config, data)
+    methods_lib.check_resume(config)
     # The model must fit the data before a run is recorded.
     get_model(config["model"], data.input_shape, data.num_classes)
     run = run_lib.start_or_resume(config, overwrite=args.overwrite)
@@ -276,10 +282,15 @@ def train_command(args) -> int:
     if args.select != "all" and choices:
         weights = choices[args.select]["weights"]
     snapshots, weights = chosen_snapshots(run_dir, weights)
+    snapshots, weights = methods_lib.exported_members(
+        config, run_dir, snapshots, weights
+    )
     temperature = _temperature(choices, args)
     export_files(run_dir, snapshots, weights, temperature)
 
+    scores["test"].update(methods_lib.method_scores(config, run_dir, data))
     report = {
+        "method": config["method"],
         "config": config,
         "steps": schedule.total_steps,
         "cycle_end_steps": schedule.cycle_end_steps,

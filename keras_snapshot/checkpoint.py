@@ -243,7 +243,12 @@ class SnapshotCheckpoint(keras.callbacks.Callback):
         set aside and taken again.
         """
         manifest = self._folder.read_or_new(self._cycle_ends)
-        if manifest.entries and manifest.cycle_end_steps != self._cycle_ends:
+        shorter = min(len(manifest.cycle_end_steps), len(self._cycle_ends))
+        # A plan that grows with the fit (SGDR restarts counted over a
+        # longer fit) keeps its earlier cycle ends: that is the same run.
+        if manifest.entries and (
+            manifest.cycle_end_steps[:shorter] != self._cycle_ends[:shorter]
+        ):
             raise ValueError(
                 f"The snapshot directory {self.directory} holds snapshots of "
                 f"another schedule (cycle ends {manifest.cycle_end_steps}, "

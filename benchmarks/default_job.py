@@ -9,6 +9,7 @@ CPU time (user + system) and the load average of this shared machine.
 
     python benchmarks/default_job.py              # 3 seeds, ~10 min idle
     python benchmarks/default_job.py --seeds 1 --name explore -- --epochs 30
+    python benchmarks/default_job.py --report-only  # NAME.md from NAME.json
 
 Options after `--` go to `keras-snapshot train` after `JOB` below (the
 defaults this script measured; later options win). Writes
@@ -16,6 +17,7 @@ benchmarks/results/NAME.json and NAME.md (default_job).
 """
 
 import argparse
+import json
 import os
 import tempfile
 
@@ -140,7 +142,7 @@ def markdown(res) -> str:
             f"{config['epochs']} epochs, M = {config['num_snapshots']}, "
             f"initial rate {config['learning_rate']}, batch "
             f"{config['batch_size']}, weight decay {config['weight_decay']:g}"
-            f" ({common.WEIGHT_DECAY_NOTE[:-1].lower()}). {len(runs)} seeds "
+            f". {common.WEIGHT_DECAY_NOTE} {len(runs)} seeds "
             "(`--seed 0..`), test error % and NLL as mean ± std over seeds. "
             "Command: `python benchmarks/default_job.py`.",
             "",
@@ -173,6 +175,11 @@ def main(argv=None):
     p.add_argument("--name", default="default_job")
     p.add_argument("--out", default=common.RESULTS)
     p.add_argument(
+        "--report-only",
+        action="store_true",
+        help="rewrite NAME.md from NAME.json, no training",
+    )
+    p.add_argument(
         "--no-timing",
         dest="timing",
         action="store_false",
@@ -180,10 +187,16 @@ def main(argv=None):
     )
     p.add_argument("options", nargs="*", help="more `keras-snapshot train` ")
     args = p.parse_args(argv)
-    with tempfile.TemporaryDirectory() as workdir:
-        res = measure(JOB + args.options, args.seeds, workdir, args.timing)
+    if args.report_only:
+        with open(os.path.join(args.out, f"{args.name}.json")) as f:
+            res = json.load(f)
+    else:
+        with tempfile.TemporaryDirectory() as workdir:
+            res = measure(JOB + args.options, args.seeds, workdir, args.timing)
     md = markdown(res)
     common.write_results(args.out, args.name, res, md)
+    if args.name == "default_job":
+        common.update_readme_block("default_job", md.split("\n", 2)[2])
     print(md)
 
 

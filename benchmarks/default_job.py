@@ -7,7 +7,7 @@ snapshot) and of the baseline single model (one cosine decay, same
 budget). Then times the job itself, without `--baseline`, once: wall time,
 CPU time (user + system) and the load average of this shared machine.
 
-    python benchmarks/default_job.py              # 3 seeds, ~10 min idle
+    python benchmarks/default_job.py   # 3 seeds; 33 min here at load 6 to 9
     python benchmarks/default_job.py --seeds 1 --name explore -- --epochs 30
     python benchmarks/default_job.py --report-only  # NAME.md from NAME.json
 
@@ -91,7 +91,9 @@ def timing_line(job, hw) -> str:
     return (
         f"- The job without `--baseline` (seed 0, everything: training, "
         f"evaluation, export, report): **{job['wall_seconds']:.0f} s** wall, "
-        f"{job['cpu_seconds']:.0f} s CPU, load average "
+        f"{job['cpu_seconds']:.0f} s CPU (so at least "
+        f"{job['cpu_seconds'] / hw['cpu_count']:.0f} s on {hw['cpu_count']} "
+        "idle cores), load average "
         f"{job['load_average'][0]:.1f} to {job['load_average'][1]:.1f} on "
         f"{hw['cpu_count']} cores ({hw['cpu']}, shared with other jobs); "
         f"target {TARGET_SECONDS} s: **{'met' if met else 'missed'}**."

@@ -129,6 +129,11 @@ def bench_cnn(widths=(16, 32, 64), num_classes=10, input_shape=(28, 28, 1)):
     return keras.Model(inputs, outputs, name="bench_cnn")
 
 
+def flat_cnn(input_shape, num_classes):
+    """`bench_cnn` as a `keras_snapshot.app.models.MODELS` builder."""
+    return bench_cnn((16, 32, 64), num_classes, tuple(input_shape))
+
+
 def compile_sgd(model, learning_rate, weight_decay=0.0, momentum=0.9):
     """SGD with momentum and decoupled weight decay; returns `model`."""
     import keras
@@ -211,14 +216,26 @@ def train_run(kind, lr, data, epochs, batch_size, seed, **options):
     return model, time.perf_counter() - started
 
 
-def run_cli_train(options, run_dir) -> dict:
-    """Runs `python -m keras_snapshot train OPTIONS --output-dir RUN_DIR`.
+# `keras-snapshot` with `--model flat_cnn` (the benchmark CNN) available,
+# for as long as the package's MODELS does not have it.
+_CLI = (
+    "import sys; sys.path.insert(0, {here!r}); import common; "
+    "from keras_snapshot.app import models; "
+    "models.MODELS.setdefault('flat_cnn', common.flat_cnn); "
+    "from keras_snapshot.app.cli import main; sys.exit(main(sys.argv[1:]))"
+)
 
+
+def run_cli_train(options, run_dir) -> dict:
+    """Runs `keras-snapshot train OPTIONS --output-dir RUN_DIR`.
+
+    The package's command line, in a child process, with one model added
+    if the package lacks it: `--model flat_cnn`, the benchmark CNN.
     Returns its `report.json` with the command's wall time, CPU time
     (user + system, of the child process) and the load average before and
     after, under "benchmark".
     """
-    command = [sys.executable, "-m", "keras_snapshot", "train"]
+    command = [sys.executable, "-c", _CLI.format(here=HERE), "train"]
     command += [*options, "--output-dir", run_dir]
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     load_before = os.getloadavg()[0]

@@ -87,8 +87,8 @@ def write_npz(path: str, arrays: dict) -> None:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--train", type=int, default=3000, help="training images")
-    p.add_argument("--test", type=int, default=3000, help="test images")
+    p.add_argument("--train", type=int, default=1000, help="training images")
+    p.add_argument("--test", type=int, default=5000, help="test images")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--data-dir", default=FASHION_MNIST_DIR)
     p.add_argument("--out", default=DEFAULT_OUT)

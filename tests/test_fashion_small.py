@@ -30,9 +30,9 @@ def test_loads_offline_with_shapes_dtypes_and_balanced_classes(no_network):
     assert data.name == "fashion_mnist_small"
     assert data.num_classes == 10 and data.input_shape == (28, 28, 1)
     assert (len(data.x_train), len(data.x_val), len(data.x_test)) == (
-        2700,
-        300,
-        3000,
+        900,
+        100,
+        5000,
     )
     for x, y in [
         (data.x_train, data.y_train),
@@ -42,11 +42,11 @@ def test_loads_offline_with_shapes_dtypes_and_balanced_classes(no_network):
         assert x.dtype == np.float32 and y.dtype == np.int32
         assert x.shape == (len(y), 28, 28, 1)
         assert 0 <= x.min() and x.max() <= 1 and x.max() > 0.9
-    # 300 images of each class in each original split, and the stratified
-    # validation split keeps the balance: 270 + 30 per class.
-    assert np.bincount(data.y_test, minlength=10).tolist() == [300] * 10
-    assert np.bincount(data.y_train, minlength=10).tolist() == [270] * 10
-    assert np.bincount(data.y_val, minlength=10).tolist() == [30] * 10
+    # 100 training and 500 test images of each class, and the stratified
+    # validation split keeps the balance: 90 + 10 per class.
+    assert np.bincount(data.y_test, minlength=10).tolist() == [500] * 10
+    assert np.bincount(data.y_train, minlength=10).tolist() == [90] * 10
+    assert np.bincount(data.y_val, minlength=10).tolist() == [10] * 10
 
 
 def test_file_is_small_uint8_and_matches_the_debian_originals():
@@ -57,7 +57,8 @@ def test_file_is_small_uint8_and_matches_the_debian_originals():
         assert arrays[f"x_{split}"].dtype == np.uint8
         assert arrays[f"y_{split}"].dtype == np.uint8
         index = arrays[f"index_{split}"]
-        assert len(np.unique(index)) == len(index) == 3000
+        assert len(np.unique(index)) == len(index) == len(arrays[f"y_{split}"])
+    assert len(arrays["y_train"]) == 1000 and len(arrays["y_test"]) == 5000
     if not os.path.isdir(datasets.FASHION_MNIST_DIR):
         pytest.skip("Debian's dataset-fashion-mnist is not installed")
     full = load_dataset("fashion_mnist_local", validation_fraction=0)

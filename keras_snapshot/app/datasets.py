@@ -405,7 +405,7 @@ def load_dataset(
           by default `/usr/share/datasets/fashion-mnist` where Debian's
           `dataset-fashion-mnist` package installs them.
         - `"fashion_mnist_small"`: a class-balanced subset of Fashion-MNIST
-          bundled with the package (3000 training and 3000 test 28x28
+          bundled with the package (1000 training and 5000 test 28x28
           images, no network; MIT licence, (c) Zalando SE), read from
           `fashion_mnist_small.npz` in `data_dir` if given.
         - Any other name: a tensorflow-datasets image-classification

@@ -100,38 +100,13 @@ def load_fashion(subset=0, val_size=0, test_size=0, seed=0) -> dict:
 
 
 def bench_cnn(widths=(16, 32, 64), num_classes=10, input_shape=(28, 28, 1)):
-    """Conv3x3-BN-ReLU-MaxPool blocks, flatten, dense softmax.
+    """The package's `flat_cnn` (the default job's model), no regularizer.
 
-    A flatten head (not global pooling) so that the model can overfit a
-    few thousand images, the regime where ensembles pay. No regularizer:
-    weight decay is the optimizer's (see `compile_sgd`).
+    Weight decay is the optimizer's (see `compile_sgd`).
     """
-    import keras
-    from keras import layers
+    from keras_snapshot.app.models import flat_cnn
 
-    inputs = keras.Input(shape=input_shape)
-    x = inputs
-    for filters in widths:
-        x = layers.Conv2D(
-            filters,
-            3,
-            padding="same",
-            use_bias=False,
-            kernel_initializer="he_normal",
-        )(x)
-        x = layers.BatchNormalization(momentum=0.9, epsilon=1e-5)(x)
-        x = layers.ReLU()(x)
-        x = layers.MaxPooling2D(2)(x)
-    x = layers.Flatten()(x)
-    outputs = layers.Dense(
-        num_classes, activation="softmax", kernel_initializer="he_normal"
-    )(x)
-    return keras.Model(inputs, outputs, name="bench_cnn")
-
-
-def flat_cnn(input_shape, num_classes):
-    """`bench_cnn` as a `keras_snapshot.app.models.MODELS` builder."""
-    return bench_cnn((16, 32, 64), num_classes, tuple(input_shape))
+    return flat_cnn(input_shape, num_classes, widths=tuple(widths))
 
 
 def compile_sgd(model, learning_rate, weight_decay=0.0, momentum=0.9):
@@ -216,26 +191,15 @@ def train_run(kind, lr, data, epochs, batch_size, seed, **options):
     return model, time.perf_counter() - started
 
 
-# `keras-snapshot` with `--model flat_cnn` (the benchmark CNN) available,
-# for as long as the package's MODELS does not have it.
-_CLI = (
-    "import sys; sys.path.insert(0, {here!r}); import common; "
-    "from keras_snapshot.app import models; "
-    "models.MODELS.setdefault('flat_cnn', common.flat_cnn); "
-    "from keras_snapshot.app.cli import main; sys.exit(main(sys.argv[1:]))"
-)
-
-
 def run_cli_train(options, run_dir) -> dict:
     """Runs `keras-snapshot train OPTIONS --output-dir RUN_DIR`.
 
-    The package's command line, in a child process, with one model added
-    if the package lacks it: `--model flat_cnn`, the benchmark CNN.
+    The package's command line, in a child process.
     Returns its `report.json` with the command's wall time, CPU time
     (user + system, of the child process) and the load average before and
     after, under "benchmark".
     """
-    command = [sys.executable, "-c", _CLI.format(here=HERE), "train"]
+    command = [sys.executable, "-m", "keras_snapshot", "train"]
     command += [*options, "--output-dir", run_dir]
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     load_before = os.getloadavg()[0]

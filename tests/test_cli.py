@@ -14,7 +14,11 @@ from keras_snapshot import metrics
 from keras_snapshot.app import cli
 from keras_snapshot.app.datasets import load_dataset
 
-SMALL = ["--epochs", "2", "--snapshots", "2", "--verbose", "0"]
+# The quick settings these tests were written for (the CLI's defaults are
+# the longer Fashion-MNIST job).
+QUICK = ["--dataset", "digits", "--model", "small_cnn", "--lr", "0.2"]
+QUICK += ["--batch-size", "32", "--weight-decay", "0"]
+SMALL = [*QUICK, "--epochs", "2", "--snapshots", "2", "--verbose", "0"]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
@@ -103,7 +107,8 @@ def test_running_again_resumes_instead_of_retraining(cli_run, capsys):
 
 def test_other_settings_on_an_existing_run_are_refused(cli_run, capsys):
     code = cli.main(
-        ["train", "--epochs", "3", "--snapshots", "2", "--output-dir", cli_run]
+        ["train", *QUICK, "--epochs", "3", "--snapshots", "2"]
+        + ["--output-dir", cli_run]
     )
     assert code == 2
     err = capsys.readouterr().err
@@ -285,6 +290,7 @@ def test_killed_cli_run_resumes_with_the_same_command(tmp_path):
         "-m",
         "keras_snapshot",
         "train",
+        *QUICK,
         "--epochs",
         "6",
         "--snapshots",

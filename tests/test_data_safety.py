@@ -334,6 +334,7 @@ def _train_until_backup(run_dir, needed):
     """Starts a CLI run and SIGKILLs it once the backup holds `needed`."""
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=ROOT)
     command = [sys.executable, "-m", "keras_snapshot", "train"]
+    command += ["--dataset", "digits", "--model", "small_cnn"]
     command += ["--epochs", "12", "--snapshots", "3", "--verbose", "0"]
     command += ["--output-dir", run_dir]
     process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL)
@@ -439,7 +440,8 @@ def test_diverging_run_stops_with_one_line(tmp_path, capsys):
     from keras_snapshot.app import cli
 
     code = cli.main(
-        ["train", "--lr", "1e6", "--epochs", "4", "--snapshots", "2"]
+        ["train", "--dataset", "digits", "--lr", "1e6", "--epochs", "4"]
+        + ["--snapshots", "2"]
         + ["--verbose", "0", "--output-dir", str(tmp_path / "run")]
     )
     assert code == 2

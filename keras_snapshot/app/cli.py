@@ -115,8 +115,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.add_argument(
         "--dataset",
-        default="digits",
-        help="'digits' (scikit-learn's bundled 8x8 digits), "
+        default="fashion_mnist_small",
+        help="'fashion_mnist_small' (1,000 train / 5,000 test Fashion-MNIST "
+        "images bundled with the package), 'digits' (scikit-learn's bundled "
+        "8x8 digits, the quick option), "
         "'fashion_mnist_local' (Debian's dataset-fashion-mnist files) or "
         "any tensorflow-datasets image classification name (cifar10, ...)",
     )
@@ -126,12 +128,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.add_argument(
         "--model",
-        default="small_cnn",
-        help="small_cnn, resnet20, resnet56, resnet110, densenet40, "
+        default="flat_cnn",
+        help="flat_cnn, small_cnn, resnet20, resnet56, resnet110, densenet40, "
         "wrn32_4, or the path of a .keras model file",
     )
     train.add_argument(
-        "--epochs", type=_positive_int("epochs"), default=40, help="epochs"
+        "--epochs", type=_positive_int("epochs"), default=100, help="epochs"
     )
     train.add_argument(
         "--snapshots",
@@ -144,13 +146,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--lr",
         dest="learning_rate",
         type=_positive_float("lr"),
-        default=0.2,
+        default=0.1,
         help="initial learning rate of every cycle",
     )
     train.add_argument(
         "--batch-size",
         type=_positive_int("batch_size"),
-        default=32,
+        default=64,
         help="batch size",
     )
     train.add_argument(
@@ -162,7 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument(
         "--weight-decay",
         type=_in_range("weight_decay", 0.0, 1.0),
-        default=0.0,
+        default=5e-3,
         help="decoupled weight decay of the SGD optimizer (Keras "
         "`SGD(weight_decay=...)`: each step multiplies the weights by "
         "1 - lr * weight_decay). It is the only weight decay: the models "

@@ -158,6 +158,62 @@ def small_cnn(
     return _classifier(x, num_classes, weight_decay, "small_cnn", inputs)
 
 
+def flat_cnn(
+    input_shape: Sequence[int],
+    num_classes: int,
+    widths: Sequence[int] = (16, 32, 64),
+    weight_decay: float = 0.0,
+) -> keras.Model:
+    """The default job's CNN: conv blocks and a flatten head (29K parameters).
+
+    Three Conv3x3 (no bias) - BatchNorm - ReLU - MaxPool blocks with 16, 32
+    and 64 filters, then Flatten and a dense softmax. The flatten head (not
+    global pooling) lets it overfit a few thousand images, the regime where
+    snapshot ensembles (Huang et al. 2017, arXiv:1704.00109) pay: chosen by
+    `benchmarks/default_job.py`, which `benchmarks/` also train.
+
+    Args:
+        input_shape: `(height, width, channels)` of one image.
+        num_classes: Number of classes of the softmax output, >= 2.
+        widths: Filters of the three blocks.
+        weight_decay: Coupled weight decay as `L2(weight_decay / 2)` on the
+            kernels; `0.0` (default) adds none.
+
+    Returns:
+        An uncompiled `keras.Model` named `"flat_cnn"`.
+
+    Example:
+
+    ```python
+    model = flat_cnn((28, 28, 1), 10)
+    ```
+    """
+    input_shape = _check_input_shape(input_shape)
+    num_classes = _check_num_classes(num_classes)
+    inputs = keras.Input(shape=input_shape)
+    x = inputs
+    for filters in widths:
+        x = layers.Conv2D(
+            filters,
+            3,
+            padding="same",
+            use_bias=False,
+            kernel_initializer="he_normal",
+            kernel_regularizer=_l2(weight_decay),
+        )(x)
+        x = layers.BatchNormalization(momentum=0.9, epsilon=1e-5)(x)
+        x = layers.ReLU()(x)
+        x = layers.MaxPooling2D(2)(x)
+    x = layers.Flatten()(x)
+    outputs = layers.Dense(
+        num_classes,
+        activation="softmax",
+        kernel_initializer="he_normal",
+        kernel_regularizer=_l2(weight_decay),
+    )(x)
+    return keras.Model(inputs, outputs, name="flat_cnn")
+
+
 def _zero_pad_shortcut(x, filters, strides):
     """Option A shortcut of He et al. 2016: subsample, pad channels with 0s.
 
@@ -388,6 +444,7 @@ def densenet(
 
 
 MODELS: dict[str, Callable[..., keras.Model]] = {
+    "flat_cnn": flat_cnn,
     "small_cnn": small_cnn,
     "resnet20": functools.partial(resnet, 20),
     "resnet56": functools.partial(resnet, 56),

@@ -173,21 +173,31 @@ def markdown_report(report: dict) -> str:
         "",
         verdict(report),
         "",
-        "## Test error of each snapshot and of the last m averaged",
+        "## Each snapshot alone, and the ensemble of the last m",
         "",
-        "All on the test split, as in Figure 3 of Huang et al. 2017; nothing "
-        "here is chosen. Row m: snapshot m alone, and the ensemble of the "
-        "last m snapshots.",
+        "All on the test split; nothing here is chosen. Snapshot i is the "
+        "model at the end of cycle i.",
         "",
-        "| m / snapshot | snapshot error % | ensemble of last m: error % "
-        "| NLL | ECE % |",
-        "|---|---|---|---|---|",
+        "| snapshot i | error % | NLL | ECE % |",
+        "|---|---|---|---|",
     ]
-    for i, snapshot in enumerate(test["snapshots"]):
-        ens = test["last_m"][i]
+    for i, snapshot in enumerate(test["snapshots"], start=1):
         lines.append(
-            f"| {i + 1} | {_percent(snapshot['error'])} | "
-            f"{_percent(ens['error'])} | {ens['nll']:.4f} | "
+            f"| {i} | {_percent(snapshot['error'])} | "
+            f"{snapshot['nll']:.4f} | {_percent(snapshot['ece'])} |"
+        )
+    lines += [
+        "",
+        "As in Figure 3 of Huang et al. 2017: m = 1 is the last snapshot "
+        "alone, m = M all snapshots.",
+        "",
+        "| m (most recent snapshots averaged) | ensemble of last m: "
+        "error % | NLL | ECE % |",
+        "|---|---|---|---|",
+    ]
+    for ens in test["last_m"]:
+        lines.append(
+            f"| {ens['m']} | {_percent(ens['error'])} | {ens['nll']:.4f} | "
             f"{_percent(ens['ece'])} |"
         )
     lines.append("")
@@ -529,8 +539,9 @@ def plot_reliability(single_probs, ensemble_probs, y, path: str) -> None:
     width = 1 / num_bins
     centers = (np.arange(num_bins) + 0.5) * width
     minimum = 0
-    for offset, (probs, label) in zip(
+    for offset, marker, (probs, label) in zip(
         (-width / 4, width / 4),
+        ("s", "o"),
         (
             (single_probs, "final single model"),
             (ensemble_probs, "ensemble"),
@@ -545,7 +556,8 @@ def plot_reliability(single_probs, ensemble_probs, y, path: str) -> None:
         top.plot(
             confidence[keep],
             accuracy[keep],
-            marker="o",
+            marker=marker,
+            markersize=8 if marker == "s" else 5,
             label=f"{label} (ECE {100 * ece:.2f}%)",
         )
         bottom.bar(centers + offset, count, width=width / 2, label=label)

@@ -40,8 +40,9 @@ PLOTS = (
 )
 COMMAND = "python benchmarks/main_job_report.py"
 HEADER = (
-    "<!-- Written by `{command}` (the default job, `keras-snapshot train "
-    "--baseline`); do not edit by hand. -->\n\n"
+    "_Written by `{command}`: the default job, `keras-snapshot train "
+    "--baseline`, with the command line's defaults of this version; do not "
+    "edit by hand._\n\n"
 )
 
 

@@ -554,21 +554,34 @@ class SnapshotDirectory:
             return
         import fcntl
 
-        handle = open(os.path.join(self.path, LOCK_NAME), "a+")
-        try:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as e:
-            handle.seek(0)
-            holder = handle.read().strip() or "another process"
+        path = os.path.join(self.path, LOCK_NAME)
+        while True:
+            handle = open(path, "a+")
+            try:
+                fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as e:
+                handle.seek(0)
+                holder = handle.read().strip() or "another process"
+                handle.close()
+                if e.errno not in (errno.EAGAIN, errno.EACCES):
+                    raise
+                raise DirectoryLockedError(
+                    f"The snapshot directory {self.path} is being written by "
+                    f"{holder}. Two runs in one folder would mix their "
+                    "snapshots: wait for that run to finish, or use another "
+                    "folder."
+                ) from None
+            # The holder before us removes the file when it is done: our
+            # lock counts only if it is on the file that is there now.
+            try:
+                same = os.path.samestat(
+                    os.fstat(handle.fileno()), os.stat(path)
+                )
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
             handle.close()
-            if e.errno not in (errno.EAGAIN, errno.EACCES):
-                raise
-            raise DirectoryLockedError(
-                f"The snapshot directory {self.path} is being written by "
-                f"{holder}. Two runs in one folder would mix their "
-                "snapshots: wait for that run to finish, or use another "
-                "folder."
-            ) from None
         handle.seek(0)
         handle.truncate()
         handle.write(f"process {os.getpid()} since {time.ctime()}\n")
@@ -580,6 +593,12 @@ class SnapshotDirectory:
         held = SnapshotDirectory._held.get(key)
         if held is not None and held[1] is self:
             if held[0] is not None:
+                # Removed while still held, then released: a process that
+                # opened the old file sees that it is gone and tries again.
+                try:
+                    os.remove(os.path.join(self.path, LOCK_NAME))
+                except FileNotFoundError:
+                    pass
                 held[0].close()  # Closing releases the flock.
             del SnapshotDirectory._held[key]
 

@@ -6,21 +6,24 @@ here score such averaged probabilities (error, negative log-likelihood, Brier
 score, expected calibration error), measure how different the snapshots are
 (pairwise disagreement and the correlation of softmax outputs that Section 4.3
 of the paper uses), and give per-example uncertainty (predictive entropy and
-mutual information).
+mutual information); two more say whether two models' test errors differ beyond
+chance (`mcnemar_test`, `error_interval`, with `scipy.stats`).
 
-Everything is plain numpy. Predictions are probabilities, not logits:
-`probs` has shape `(num_examples, num_classes)` and each row sums to 1;
-`member_probs` stacks the predictions of several members (snapshots) into
-shape `(num_members, num_examples, num_classes)`. Labels `y` are integer class
-indices of shape `(num_examples,)` (or `(num_examples, 1)`, as returned by
-`keras.datasets.cifar10.load_data()`), or one-hot of shape
-`(num_examples, num_classes)`. Entropies use the natural logarithm (nats).
+Everything is plain numpy (and scipy for the two tests). Predictions are
+probabilities, not logits: `probs` has shape `(num_examples, num_classes)`
+and each row sums to 1; `member_probs` stacks the predictions of several
+members (snapshots) into shape `(num_members, num_examples, num_classes)`.
+Labels `y` are integer class indices of shape `(num_examples,)` (or
+`(num_examples, 1)`, as returned by `keras.datasets.cifar10.load_data()`),
+or one-hot of shape `(num_examples, num_classes)`. Entropies use the
+natural logarithm (nats).
 """
 
 import numbers
 
 import numpy as np
 from numpy.typing import ArrayLike
+from scipy import stats
 
 from keras_snapshot._checks import check_positive_int
 
@@ -491,3 +494,104 @@ def mutual_information(member_probs: ArrayLike) -> np.ndarray:
     member_probs = _check_member_probs(member_probs)
     mean_entropy = np.mean(_entropy(member_probs), axis=0)
     return np.maximum(_entropy(member_probs.mean(axis=0)) - mean_entropy, 0.0)
+
+
+def mcnemar_test(probs_a: ArrayLike, probs_b: ArrayLike, y: ArrayLike) -> dict:
+    """Exact McNemar test: do two models' errors differ beyond chance?
+
+    Two models scored on the same test images are paired: only the images
+    that exactly one of them gets right (the discordant pairs) carry
+    information about which is better. Under the null hypothesis that both
+    have the same error rate, each discordant image is equally likely to
+    favour either model, so the count `a_only` of images that only model A
+    gets right is Binomial(`a_only + b_only`, 1/2). The two-sided p-value
+    is `scipy.stats.binomtest(a_only, a_only + b_only, 0.5).pvalue`, and 1
+    when there are no discordant pairs (McNemar 1947; Dietterich 1998,
+    "Approximate Statistical Tests for Comparing Supervised Classification
+    Learning Algorithms"). Use it to say whether a Snapshot Ensemble
+    (Huang et al. 2017, arXiv:1704.00109) beats a single model on a test
+    set, rather than reading a difference of a few images as a gain.
+
+    Args:
+        probs_a: Predictions of model A, shape `(num_examples, num_classes)`.
+        probs_b: Predictions of model B on the same examples, same shape.
+        y: Integer labels of shape `(num_examples,)` or `(num_examples, 1)`,
+            or one-hot labels of shape `(num_examples, num_classes)`.
+
+    Returns:
+        A dict with `"a_only"` and `"b_only"` (Python ints: examples that
+        only A, or only B, classifies correctly) and `"p_value"` (a Python
+        float in `[0, 1]`).
+
+    Example:
+
+    ```python
+    y = np.array([0, 0, 1, 1])
+    a = np.array([[0.9, 0.1], [0.8, 0.2], [0.3, 0.7], [0.6, 0.4]])
+    b = np.array([[0.9, 0.1], [0.4, 0.6], [0.6, 0.4], [0.6, 0.4]])
+    mcnemar_test(a, b, y)  # {'a_only': 2, 'b_only': 0, 'p_value': 0.5}
+    ```
+    """
+    probs_a, labels = _check_inputs(probs_a, y)
+    probs_b = _check_probs(probs_b, name="probs_b")
+    if probs_b.shape != probs_a.shape:
+        raise ValueError(
+            "`probs_a` and `probs_b` must be predictions on the same "
+            f"examples, of the same shape. Received: probs_a.shape="
+            f"{probs_a.shape}, probs_b.shape={probs_b.shape}."
+        )
+    right_a = np.argmax(probs_a, axis=1) == labels
+    right_b = np.argmax(probs_b, axis=1) == labels
+    a_only = int(np.sum(right_a & ~right_b))
+    b_only = int(np.sum(right_b & ~right_a))
+    p_value = 1.0
+    if a_only + b_only:
+        p_value = float(stats.binomtest(a_only, a_only + b_only, 0.5).pvalue)
+    return {"a_only": a_only, "b_only": b_only, "p_value": min(p_value, 1.0)}
+
+
+def error_interval(
+    num_errors: int, num_examples: int, confidence: float = 0.95
+) -> tuple[float, float]:
+    """Exact (Clopper-Pearson) confidence interval of an error rate.
+
+    A test error measured on `num_examples` images is a binomial
+    proportion: `num_errors / num_examples` with a resolution of one image
+    (`1 / num_examples`). The interval is
+    `scipy.stats.binomtest(num_errors, num_examples).proportion_ci(
+    confidence, method="exact")`, which shows how far apart two errors
+    must be before the test set can tell them apart.
+
+    Args:
+        num_errors: Number of misclassified examples, `0 <= num_errors <=
+            num_examples`.
+        num_examples: Number of test examples, a positive integer.
+        confidence: Confidence level in `(0, 1)`. Defaults to `0.95`.
+
+    Returns:
+        A tuple `(low, high)` of Python floats in `[0, 1]`.
+
+    Example:
+
+    ```python
+    error_interval(5, 1000)  # (0.0016..., 0.0116...)
+    ```
+    """
+    num_examples = check_positive_int("num_examples", num_examples)
+    if not (
+        isinstance(num_errors, numbers.Integral)
+        and 0 <= num_errors <= num_examples
+    ):
+        raise ValueError(
+            "`num_errors` must be an integer between 0 and `num_examples` "
+            f"({num_examples}). Received: num_errors={num_errors!r}."
+        )
+    if not (isinstance(confidence, numbers.Real) and 0 < confidence < 1):
+        raise ValueError(
+            "`confidence` must be between 0 and 1, e.g. 0.95. Received: "
+            f"confidence={confidence!r}."
+        )
+    ci = stats.binomtest(int(num_errors), num_examples).proportion_ci(
+        float(confidence), method="exact"
+    )
+    return float(ci.low), float(ci.high)

@@ -9,7 +9,9 @@ members and weights from predictions, in plain numpy:
   (Caruana et al. 2004, "Ensemble Selection from Libraries of Models").
 - `best_last_m`: the number `m` of most recent snapshots to average.
 - `fit_temperature` and `apply_temperature`: temperature scaling
-  (Guo et al. 2017, "On Calibration of Modern Neural Networks").
+  (Guo et al. 2017, "On Calibration of Modern Neural Networks");
+  `calibrate_temperature` also says whether validation identified the
+  temperature or fell back to `T = 1`.
 - `choose_members`: the one function that turns a selection method
   (`"greedy"`, `"last_m"` or `"all"`) into member weights, and
   `members_and_weights`, which drops the members a choice left out.
@@ -24,6 +26,7 @@ in snapshot order (oldest first), and labels are as in
 `(num_examples, 1)`, or one-hot labels.
 """
 
+import dataclasses
 import os
 
 import numpy as np
@@ -39,9 +42,16 @@ from keras_snapshot.loading import load_snapshots
 from keras_snapshot.loading import snapshot_paths
 
 _METRICS = ("nll", "error")
-# Temperatures are searched in [1e-2, 1e2], on a log scale.
-_LOG_T_BOUNDS = (np.log(1e-2), np.log(1e2))
+# Temperatures are searched in [0.05, 20], on a log scale: beyond these,
+# a validation split is telling more about its own size than about
+# calibration (a split with no errors pushes T towards 0).
+TEMPERATURE_BOUNDS = (0.05, 20.0)
 _LOG_T_TOLERANCE = 1e-8
+# An optimum this close to a bound (in log T) counts as on the bound.
+_LOG_T_AT_BOUND = 1e-3
+# Below this relative gain in validation NLL, the temperature is not
+# identified and T = 1 is kept.
+MIN_NLL_GAIN = 0.01
 
 
 def _check_metric(metric: str) -> str:
@@ -239,10 +249,164 @@ def _scaled_nll(logits: np.ndarray, labels: np.ndarray, log_t: float):
     return float(np.mean(log_norm - z[np.arange(z.shape[0]), labels]))
 
 
+@dataclasses.dataclass(frozen=True)
+class TemperatureFit:
+    """What `calibrate_temperature` found on the validation split.
+
+    Attributes:
+        temperature: The temperature to use: the fitted one, or `1.0` when
+            validation could not identify it.
+        fitted: The minimiser of validation NLL within `bounds`.
+        status: `"fitted"`, or why `T = 1` was kept: `"no_errors"` (the
+            validation error is 0, so the NLL falls as `T -> 0` and has no
+            interior minimum), `"at_bound"` (the minimiser lies on a
+            bound) or `"flat"` (the NLL improves by less than
+            `min_nll_gain`, relative).
+        nll: Validation NLL at `T = 1`.
+        fitted_nll: Validation NLL at `fitted`.
+        bounds: The `(low, high)` temperatures searched.
+        min_nll_gain: The relative NLL gain below which `T = 1` is kept.
+    """
+
+    temperature: float
+    fitted: float
+    status: str
+    nll: float
+    fitted_nll: float
+    bounds: tuple[float, float]
+    min_nll_gain: float
+
+    @property
+    def message(self) -> str:
+        """One sentence that says what happened, for logs and reports."""
+        nlls = (
+            f"validation NLL {self.nll:.4f} at T = 1, {self.fitted_nll:.4f} "
+            f"at T = {self.fitted:.3g}"
+        )
+        if self.status == "fitted":
+            return f"temperature T = {self.fitted:.3g} fitted ({nlls})."
+        reason = {
+            "no_errors": "the validation error is 0, so validation NLL keeps "
+            "falling as T goes to 0",
+            "at_bound": "the validation optimum lies on the search bound "
+            f"(T in [{self.bounds[0]:g}, {self.bounds[1]:g}])",
+            "flat": "validation NLL barely changes with T (under "
+            f"{100 * self.min_nll_gain:g}% lower)",
+        }[self.status]
+        return (
+            f"temperature not identified: {reason}; {nlls}. Using T = 1 "
+            "(no scaling)."
+        )
+
+
+def calibrate_temperature(
+    logits_or_probs: ArrayLike,
+    y_val: ArrayLike,
+    from_logits: bool = False,
+    bounds: tuple[float, float] = TEMPERATURE_BOUNDS,
+    min_nll_gain: float = MIN_NLL_GAIN,
+) -> TemperatureFit:
+    """Fits a temperature on validation data, or keeps `T = 1`.
+
+    Temperature scaling (Guo et al. 2017, "On Calibration of Modern Neural
+    Networks") divides the logits by one scalar `T` before the softmax.
+    The minimiser of validation NLL is searched in `bounds` (bounded Brent
+    search over `log T`, `scipy.optimize.minimize_scalar`). A validation
+    split cannot always identify `T`: when it has no errors, NLL falls
+    without end as `T -> 0`, and a split with a handful of errors makes
+    the optimum a statement about those few images. Such a temperature
+    can make test NLL several times worse, so `T = 1` is kept, and the
+    result says why, when:
+
+    - the validation error is 0 (`status="no_errors"`);
+    - the minimiser lies on a bound (`status="at_bound"`);
+    - the NLL at the minimiser is less than `min_nll_gain` (relative)
+      below the NLL at `T = 1` (`status="flat"`).
+
+    Fit this on validation data only, never on the test set.
+
+    Args:
+        logits_or_probs: Validation predictions of shape
+            `(num_examples, num_classes)`: probabilities, or logits if
+            `from_logits=True`.
+        y_val: Validation labels: integers of shape `(num_examples,)` or
+            `(num_examples, 1)`, or one-hot of shape
+            `(num_examples, num_classes)`.
+        from_logits: Whether `logits_or_probs` holds logits. Defaults to
+            `False`.
+        bounds: `(low, high)` temperatures searched, `0 < low < 1 < high`.
+            Defaults to `(0.05, 20.0)`.
+        min_nll_gain: Smallest relative improvement of validation NLL
+            over `T = 1` that counts as identified. Defaults to `0.01`.
+
+    Returns:
+        A `TemperatureFit`; its `temperature` is the one to use and its
+        `message` says what happened.
+
+    Example:
+
+    ```python
+    probs_val = np.array([[0.99, 0.01], [0.99, 0.01], [0.01, 0.99]])
+    fit = calibrate_temperature(probs_val, np.array([0, 1, 1]))
+    fit.temperature, fit.status  # (> 1, "fitted"): overconfident
+    fit = calibrate_temperature(probs_val, np.array([0, 0, 1]))
+    fit.temperature, fit.status  # (1.0, "no_errors")
+    ```
+    """
+    logits = _as_logits(logits_or_probs, from_logits, ndim=2)
+    labels = metrics._check_labels(y_val, *logits.shape, name="y_val")
+    low, high = _check_bounds(bounds)
+    min_nll_gain = check_positive_number(
+        "min_nll_gain", min_nll_gain, "e.g. 0.01 for 1%."
+    )
+    log_bounds = (np.log(low), np.log(high))
+    result = optimize.minimize_scalar(
+        lambda log_t: _scaled_nll(logits, labels, log_t),
+        bounds=log_bounds,
+        method="bounded",
+        options={"xatol": _LOG_T_TOLERANCE},
+    )
+    log_t = float(result.x)
+    nll = _scaled_nll(logits, labels, 0.0)
+    fitted_nll = _scaled_nll(logits, labels, log_t)
+    if not np.any(np.argmax(logits, axis=1) != labels):
+        status = "no_errors"
+    elif min(abs(log_t - b) for b in log_bounds) < _LOG_T_AT_BOUND:
+        status = "at_bound"
+    elif nll - fitted_nll < min_nll_gain * nll:
+        status = "flat"
+    else:
+        status = "fitted"
+    fitted = float(np.exp(log_t))
+    return TemperatureFit(
+        temperature=fitted if status == "fitted" else 1.0,
+        fitted=fitted,
+        status=status,
+        nll=nll,
+        fitted_nll=fitted_nll,
+        bounds=(low, high),
+        min_nll_gain=min_nll_gain,
+    )
+
+
+def _check_bounds(bounds) -> tuple[float, float]:
+    try:
+        low, high = (float(b) for b in bounds)
+    except (TypeError, ValueError):
+        low = high = float("nan")
+    if not (0 < low < 1 < high < np.inf):
+        raise ValueError(
+            "`bounds` must be two temperatures `(low, high)` with "
+            "0 < low < 1 < high, e.g. (0.05, 20.0). Received: "
+            f"bounds={bounds!r}."
+        )
+    return low, high
+
+
 def fit_temperature(
     logits_or_probs: ArrayLike, y_val: ArrayLike, from_logits: bool = False
 ) -> float:
-    """Fits the temperature that minimises validation NLL.
+    """Fits the temperature that minimises validation NLL, or returns 1.
 
     Temperature scaling (Guo et al. 2017, "On Calibration of Modern Neural
     Networks") divides the logits by a single scalar `T` before the
@@ -252,8 +416,11 @@ def fit_temperature(
     arXiv:1704.00109), `log(probs)` serves as the logits (probabilities
     below 1e-12 are clipped first). The NLL is convex in `1 / T`, hence
     unimodal in `log T`: `scipy.optimize.minimize_scalar` (bounded Brent
-    search over `log T`) finds its minimum; `T` is searched in
-    `[0.01, 100]`.
+    search over `log T`) finds its minimum in `[0.05, 20]`.
+
+    When validation cannot identify `T` (no validation errors, the optimum
+    on a bound, or less than 1% lower NLL than at `T = 1`), returns `1.0`:
+    `calibrate_temperature` does the fit and says which case happened.
 
     Fit this on validation data only, never on the test set.
 
@@ -268,7 +435,7 @@ def fit_temperature(
             `False`.
 
     Returns:
-        The fitted temperature, a positive Python float.
+        The fitted temperature (or `1.0`), a positive Python float.
 
     Example:
 
@@ -279,16 +446,9 @@ def fit_temperature(
     calibrated = apply_temperature(probs_val, temperature)
     ```
     """
-    logits = _as_logits(logits_or_probs, from_logits, ndim=2)
-    labels = metrics._check_labels(y_val, *logits.shape, name="y_val")
-
-    result = optimize.minimize_scalar(
-        lambda log_t: _scaled_nll(logits, labels, log_t),
-        bounds=_LOG_T_BOUNDS,
-        method="bounded",
-        options={"xatol": _LOG_T_TOLERANCE},
-    )
-    return float(np.exp(result.x))
+    return calibrate_temperature(
+        logits_or_probs, y_val, from_logits=from_logits
+    ).temperature
 
 
 def apply_temperature(

@@ -329,6 +329,8 @@ def test_disk_full_keeps_earlier_snapshots_and_manifest(tmp_path):
     manifest_lib.SnapshotDirectory(directory).verified_path(
         manifest_lib.SnapshotEntry(**entries[0])
     )
+    # The failed fit still holds the lock (no on_train_end): only this
+    # process could take it over.
     assert sorted(os.listdir(directory)) == [
         ".lock",
         "manifest.json",

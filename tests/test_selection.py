@@ -165,8 +165,11 @@ def test_fit_temperature_recovers_known_temperature(true_temperature):
 def test_fit_temperature_minimises_validation_nll():
     rng = np.random.default_rng(1)
     probs = rng.dirichlet(np.full(4, 0.3), size=300)
-    labels = rng.integers(0, 4, size=300)
+    # Labels drawn from softer predictions: the optimum is near T = 3.
+    soft = selection.apply_temperature(probs, 3.0)
+    labels = np.array([rng.choice(4, p=p) for p in soft])
     temperature = selection.fit_temperature(probs, labels)
+    assert 2 < temperature < 5
 
     def nll(t):
         return negative_log_likelihood(
@@ -177,6 +180,107 @@ def test_fit_temperature_minimises_validation_nll():
     assert nll(temperature) <= min(nll(t) for t in grid) + 1e-9
     assert nll(temperature) <= nll(temperature * 1.001)
     assert nll(temperature) <= nll(temperature / 1.001)
+
+
+def _near_perfect(num_examples=200, num_classes=10, wrong=0, seed=0):
+    """Confident, correct predictions; the first `wrong` rows are wrong."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, num_classes, size=num_examples)
+    logits = rng.normal(size=(num_examples, num_classes))
+    logits[np.arange(num_examples), labels] += 6.0
+    logits[np.arange(wrong), (labels[:wrong] + 1) % num_classes] += 9.0
+    return _softmax(logits), labels
+
+
+def test_temperature_falls_back_to_one_without_validation_errors():
+    # Validation NLL falls without end as T -> 0 when nothing is wrong:
+    # the unbounded search used to return its floor, T = 0.01.
+    probs, labels = _near_perfect()
+    fit = selection.calibrate_temperature(probs, labels)
+    assert fit.status == "no_errors"
+    assert fit.temperature == 1.0
+    assert fit.fitted < 0.5 and fit.fitted_nll < fit.nll
+    assert "validation error is 0" in fit.message and "T = 1" in fit.message
+    assert selection.fit_temperature(probs, labels) == 1.0
+
+
+def test_temperature_fitted_on_near_perfect_validation_spares_test_nll():
+    # The issue's case: a near-perfect validation split, and a test split
+    # where a few confident mistakes happen. The fallback keeps test NLL.
+    val_probs, val_labels = _near_perfect(wrong=0, seed=0)
+    test_probs, test_labels = _near_perfect(wrong=4, seed=1)
+    temperature = selection.fit_temperature(val_probs, val_labels)
+    before = negative_log_likelihood(test_probs, test_labels)
+    after = negative_log_likelihood(
+        selection.apply_temperature(test_probs, temperature), test_labels
+    )
+    assert after == pytest.approx(before)
+    floor = negative_log_likelihood(
+        selection.apply_temperature(test_probs, 0.05), test_labels
+    )
+    assert floor > 3 * before  # what the floor temperature would do
+
+
+def test_temperature_on_a_bound_falls_back_to_one():
+    # Labels independent of confident predictions: the optimum is T > 20.
+    rng = np.random.default_rng(1)
+    probs = rng.dirichlet(np.full(4, 0.3), size=300)
+    labels = rng.integers(0, 4, size=300)
+    fit = selection.calibrate_temperature(probs, labels)
+    assert fit.status == "at_bound"
+    assert fit.fitted == pytest.approx(20.0, rel=1e-3)
+    assert fit.temperature == 1.0
+    assert "[0.05, 20]" in fit.message
+    wider = selection.calibrate_temperature(probs, labels, bounds=(0.01, 100))
+    assert wider.status == "fitted" and 20 < wider.temperature < 100
+
+
+def test_temperature_with_flat_validation_nll_falls_back_to_one():
+    # Calibrated predictions: the optimum is near 1 and gains < 1% NLL.
+    rng = np.random.default_rng(2)
+    logits = 2.0 * rng.normal(size=(3000, 5))
+    calibrated = _softmax(logits)
+    labels = np.array([rng.choice(5, p=p) for p in calibrated])
+    fit = selection.calibrate_temperature(calibrated, labels)
+    assert fit.status == "flat"
+    assert fit.temperature == 1.0
+    assert fit.fitted == pytest.approx(1.0, abs=0.1)
+    assert 0 <= fit.nll - fit.fitted_nll < 0.01 * fit.nll
+    assert "barely changes" in fit.message
+    strict = selection.calibrate_temperature(
+        calibrated, labels, min_nll_gain=1e-9
+    )
+    assert strict.status == "fitted"
+    assert strict.temperature == pytest.approx(fit.fitted)
+
+
+def test_calibrate_temperature_reports_a_fitted_temperature():
+    rng = np.random.default_rng(3)
+    logits = 2.0 * rng.normal(size=(2000, 5))
+    labels = np.array([rng.choice(5, p=p) for p in _softmax(logits)])
+    fit = selection.calibrate_temperature(logits / 2.0, labels, True)
+    assert fit.status == "fitted"
+    assert fit.temperature == fit.fitted == pytest.approx(0.5, rel=0.05)
+    assert fit.temperature == selection.fit_temperature(
+        logits / 2.0, labels, from_logits=True
+    )
+    reference = negative_log_likelihood(
+        _softmax(logits / 2.0 / fit.temperature), labels
+    )
+    assert fit.fitted_nll == pytest.approx(reference, rel=1e-9)
+    assert fit.nll == pytest.approx(
+        negative_log_likelihood(_softmax(logits / 2.0), labels), rel=1e-9
+    )
+    assert "fitted" in fit.message and "0.5" in fit.message
+
+
+@pytest.mark.parametrize(
+    "bounds", [(0.0, 20.0), (1.5, 20.0), (0.05, 0.9), (1.0,), None, "ab"]
+)
+def test_calibrate_temperature_rejects_bad_bounds(bounds):
+    probs, labels = _near_perfect(wrong=3)
+    with pytest.raises(ValueError, match="Received: bounds="):
+        selection.calibrate_temperature(probs, labels, bounds=bounds)
 
 
 def test_apply_temperature():

@@ -2,9 +2,10 @@
 
 Predicts with every snapshot once per split and scores each snapshot, each
 ensemble of the last m snapshots (Figure 3 of Huang et al. 2017,
-arXiv:1704.00109) and the baseline when there is one; chooses ensembles on
-the validation split. `keras-snapshot train` and `keras-snapshot evaluate`
-both run it.
+arXiv:1704.00109) and the baseline when there is one, with exact McNemar
+tests of the ensemble against the single models; chooses ensembles (and
+temperatures) on the validation split. `keras-snapshot train` and
+`keras-snapshot evaluate` both run it.
 """
 
 import json
@@ -31,7 +32,9 @@ def evaluate_members(member_probs, y, single_probs=None) -> dict:
     Returns:
         A dict with `snapshots` (one score dict per snapshot), `last_m`
         (the ensemble of the last m snapshots, m = 1..M, as in Figure 3 of
-        Huang et al. 2017), `disagreement`, and `baseline` when given.
+        Huang et al. 2017), `disagreement`, and the keys of
+        `compare_singles` for the ensemble of all snapshots (`ensemble`,
+        `final_single`, `baseline` when given, `mcnemar`, `num_examples`).
     """
     member_probs = np.asarray(member_probs)
     count = len(member_probs)
@@ -48,8 +51,52 @@ def evaluate_members(member_probs, y, single_probs=None) -> dict:
         ],
         "disagreement": metrics.pairwise_disagreement(member_probs).tolist(),
     }
-    if single_probs is not None:
-        result["baseline"] = metrics.evaluate_predictions(single_probs, y)
+    result.update(compare_singles(member_probs, y, baseline_probs=single_probs))
+    return result
+
+
+def compare_singles(
+    member_probs, y, weights=None, temperature=None, baseline_probs=None
+) -> dict:
+    """The ensemble against the single models, on the same test images.
+
+    Args:
+        member_probs: `(M, n, k)` predictions of the snapshots, oldest first.
+        y: Labels.
+        weights: One weight per snapshot (zeros leave members out), as from
+            `selection.choose_members`; `None` averages all snapshots.
+        temperature: The ensemble's temperature, or `None`.
+        baseline_probs: Optional predictions of a baseline single model.
+
+    Returns:
+        A dict with the scores (`error`, `nll`, `brier`, `ece`) of
+        `ensemble` (the ensemble so weighted and scaled), `final_single`
+        (the last snapshot: the model that training without an ensemble
+        gives) and `baseline` when given; `mcnemar`, the exact McNemar
+        test (`metrics.mcnemar_test`) of the ensemble against each single
+        model (`ensemble_vs_final_single`, `ensemble_vs_baseline`: `a_only`
+        counts the images only the ensemble gets right); `num_examples`.
+    """
+    member_probs = np.asarray(member_probs)
+    if weights is None:
+        weights = np.ones(len(member_probs))
+    weights = np.asarray(weights, dtype=np.float64)
+    ensemble = np.tensordot(weights / weights.sum(), member_probs, axes=1)
+    if temperature is not None:
+        ensemble = selection.apply_temperature(ensemble, temperature)
+    singles = {"final_single": member_probs[-1]}
+    if baseline_probs is not None:
+        singles["baseline"] = np.asarray(baseline_probs)
+    result = {
+        "num_examples": len(ensemble),
+        "ensemble": metrics.evaluate_predictions(ensemble, y),
+        "mcnemar": {},
+    }
+    for name, probs in singles.items():
+        result[name] = metrics.evaluate_predictions(probs, y)
+        result["mcnemar"][f"ensemble_vs_{name}"] = metrics.mcnemar_test(
+            ensemble, probs, y
+        )
     return result
 
 
@@ -61,23 +108,29 @@ def choose_ensembles(val_probs, y_val, test_probs, y_test) -> dict:
     """Uniform, last-m and greedy-weighted ensembles chosen on validation.
 
     The members, weights and temperatures are fitted on `val_probs` only
-    (with `selection.choose_members` and `selection.fit_temperature`) and
-    then scored on the test predictions, as they must be.
+    (with `selection.choose_members` and `selection.calibrate_temperature`)
+    and then scored on the test predictions, as they must be. A temperature
+    that validation cannot identify is 1; `temperature_fit` says why.
     """
     result = {}
     for name, method in CHOICES.items():
         weights = selection.choose_members(val_probs, y_val, method)
         val = np.tensordot(weights, val_probs, axes=1)
         test = np.tensordot(weights, test_probs, axes=1)
-        temperature = selection.fit_temperature(val, y_val)
+        fit = selection.calibrate_temperature(val, y_val)
         result[name] = {
             "weights": np.round(weights, 6).tolist(),
             "validation": metrics.evaluate_predictions(val, y_val),
             "test": metrics.evaluate_predictions(test, y_test),
             # Temperature scaling fitted on validation (Guo et al. 2017).
-            "temperature": round(float(temperature), 4),
+            "temperature": round(float(fit.temperature), 4),
+            "temperature_fit": {
+                "status": fit.status,
+                "fitted": round(fit.fitted, 4),
+                "message": fit.message,
+            },
             "test_temperature_scaled": metrics.evaluate_predictions(
-                selection.apply_temperature(test, temperature), y_test
+                selection.apply_temperature(test, fit.temperature), y_test
             ),
         }
     result["last_m"]["m"] = int(np.count_nonzero(result["last_m"]["weights"]))
@@ -89,8 +142,9 @@ def evaluate_run(run_dir: str, data, splits=("val", "test")):
 
     Returns:
         `(scores, probs)`: `scores[split]` from `evaluate_members` and
-        `probs[split]` the `(M, n, k)` snapshot predictions. An empty
-        validation split is left out.
+        `probs[split]` the `(M, n, k)` snapshot predictions; when the run
+        has a baseline, `probs["baseline"][split]` its `(n, k)`
+        predictions. An empty validation split is left out.
     """
     members = load_snapshots(os.path.join(run_dir, run_lib.SNAPSHOT_DIR))
     baseline_path = os.path.join(run_dir, run_lib.BASELINE_FILE)
@@ -106,6 +160,7 @@ def evaluate_run(run_dir: str, data, splits=("val", "test")):
         single = None
         if baseline is not None:
             single = selection.predict_members([baseline], x)[0]
+            probs.setdefault("baseline", {})[name] = single
         scores[name] = evaluate_members(probs[name], y, single)
     return scores, probs
 

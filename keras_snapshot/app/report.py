@@ -15,15 +15,143 @@ from matplotlib.figure import Figure
 
 from keras_snapshot import metrics
 
+# Significance level of the verdict's exact McNemar tests.
+ALPHA = 0.05
+# Reliability bins with fewer images than this (or than 1% of the test
+# set) are left out of the reliability diagram.
+MIN_BIN_IMAGES = 5
+MIN_BIN_FRACTION = 0.01
+
+# The single models the ensemble is compared with: report key, words.
+SINGLES = (
+    ("final_single", "the final single model (the last snapshot)"),
+    ("baseline", "the baseline single model (one cosine decay, same budget)"),
+)
+
 
 def _percent(value) -> str:
     return f"{100 * value:.2f}"
 
 
+def _ensemble(test: dict) -> dict:
+    """The exported ensemble's scores; older reports: all snapshots."""
+    return test.get("ensemble") or test["last_m"][-1]
+
+
+def _final_single(test: dict) -> dict:
+    return test.get("final_single") or test["snapshots"][-1]
+
+
+def _exported_words(report: dict) -> str:
+    exported = report.get("exported") or {}
+    members = exported.get("members", len(report["test"]["snapshots"]))
+    choice = exported.get("choice", "all")
+    words = {
+        "all": f"all {members} snapshots",
+        "last_m": f"the last {members} snapshots, m chosen on validation",
+        "greedy": f"{members} snapshots weighted greedily on validation",
+    }.get(choice, f"{members} snapshots, {choice}")
+    if exported.get("temperature") is not None:
+        words += f", temperature {exported['temperature']:.3g} from validation"
+    return words
+
+
+def _val_chosen_m(report: dict):
+    """The last-m choice made on validation, or None."""
+    return ((report.get("choices") or {}).get("last_m") or {}).get("m")
+
+
+def compare_sentence(name: str, ensemble: dict, single: dict, test) -> str:
+    """The ensemble against one single model: error, McNemar test and NLL.
+
+    Args:
+        name: Words for the single model.
+        ensemble: The ensemble's test scores (`error`, `nll`).
+        single: The single model's test scores.
+        test: `metrics.mcnemar_test` of the ensemble (A) against the single
+            model (B), or None when the paired predictions were not kept.
+    """
+    e, s = ensemble["error"], single["error"]
+    words = f"Against {name}: {_percent(e)}% vs {_percent(s)}% test error"
+    if test is None:
+        words += " (no paired test recorded)"
+    else:
+        p = test["p_value"]
+        words += (
+            f", {'' if p < ALPHA else 'not '}distinguishable (p = {p:.2g}; "
+            f"exact McNemar test: {test['a_only']} test images only the "
+            f"ensemble gets right, {test['b_only']} only the single model)"
+        )
+        if p >= ALPHA:
+            words += ", a tie"
+        else:
+            words += f": the ensemble is {'better' if e < s else 'worse'}"
+    if ensemble["nll"] == single["nll"]:
+        nll = "the same"
+    else:
+        nll = "lower" if ensemble["nll"] < single["nll"] else "higher"
+    return (
+        f"{words}. The ensemble's NLL is {nll} ({ensemble['nll']:.4f} vs "
+        f"{single['nll']:.4f})."
+    )
+
+
+def verdict(report: dict) -> str:
+    """How the exported ensemble compares with the single models.
+
+    Says, for the final single model and the baseline (when run), whether
+    the test error differs beyond chance (exact McNemar test at
+    `ALPHA`, from `test["mcnemar"]`) and how the NLL compares, and which
+    split chose the last-m ensemble it mentions.
+    """
+    test = report["test"]
+    ensemble = _ensemble(test)
+    tests = test.get("mcnemar") or {}
+    sentences = [
+        f"The exported ensemble ({_exported_words(report)}) has "
+        f"{_percent(ensemble['error'])}% test error and NLL "
+        f"{ensemble['nll']:.4f}."
+    ]
+    for key, name in SINGLES:
+        single = _final_single(test) if key == "final_single" else test.get(key)
+        if single is not None:
+            sentences.append(
+                compare_sentence(
+                    name, ensemble, single, tests.get(f"ensemble_vs_{key}")
+                )
+            )
+    chosen = _val_chosen_m(report)
+    if chosen is not None:
+        error = test["last_m"][chosen - 1]["error"]
+        sentences.append(
+            f"The last-m ensemble chosen on the validation split (m={chosen}) "
+            f"has {_percent(error)}% test error."
+        )
+    best = min(test["last_m"], key=lambda e: e["error"])
+    sentences.append(
+        f"With hindsight on the test split, m={best['m']} gives "
+        f"{_percent(best['error'])}% (chosen on test: optimistic, not a "
+        "fair choice)."
+    )
+    return " ".join(sentences)
+
+
 def markdown_report(report: dict) -> str:
-    """A readable Markdown version of `report.json`."""
+    """A readable Markdown version of `report.json`.
+
+    Renders what the report holds: the baseline, the choices made on the
+    validation split and the McNemar tests appear when present.
+    """
     config = report["config"]
     test = report["test"]
+    timing = ""
+    if "train_seconds" in report:
+        timing = f" Training took {report['train_seconds']:.1f} s"
+        if "baseline_train_seconds" in report:
+            timing += (
+                f" (the baseline {report['baseline_train_seconds']:.1f} s)"
+            )
+        timing += "."
     lines = [
         "# Snapshot ensemble report",
         "",
@@ -32,29 +160,54 @@ def markdown_report(report: dict) -> str:
         f"Dataset `{config['dataset']}`, model `{config['model']}`, "
         f"{config['epochs']} epochs, {config['num_snapshots']} snapshots, "
         f"initial rate {config['learning_rate']}, batch "
-        f"{config['batch_size']}, seed {config['seed']}. Training took "
-        f"{report['train_seconds']:.1f} s "
-        f"({report['steps']} steps).",
-        "",
-        "## Test error of each snapshot and of the last m averaged",
-        "",
-        "| m / snapshot | snapshot error % | ensemble of last m: error % "
-        "| NLL | ECE % |",
-        "|---|---|---|---|---|",
+        f"{config['batch_size']}, seed {config['seed']}, "
+        f"{report.get('steps', '?')} steps.{timing}",
     ]
-    count = len(test["snapshots"])
-    for i in range(count):
-        ens = test["last_m"][i]
+    if "num_examples" in test:
+        lines += [
+            "",
+            f"{test['num_examples']} test images: one image is "
+            f"{100 / test['num_examples']:.3f}% of test error.",
+        ]
+    lines += [
+        "",
+        "## Verdict",
+        "",
+        verdict(report),
+        "",
+        "## Each snapshot alone, and the ensemble of the last m",
+        "",
+        "All on the test split; nothing here is chosen. Snapshot i is the "
+        "model at the end of cycle i.",
+        "",
+        "| snapshot i | error % | NLL | ECE % |",
+        "|---|---|---|---|",
+    ]
+    for i, snapshot in enumerate(test["snapshots"], start=1):
         lines.append(
-            f"| {i + 1} | {_percent(test['snapshots'][i]['error'])} | "
-            f"{_percent(ens['error'])} | {ens['nll']:.4f} | "
+            f"| {i} | {_percent(snapshot['error'])} | "
+            f"{snapshot['nll']:.4f} | {_percent(snapshot['ece'])} |"
+        )
+    lines += [
+        "",
+        "As in Figure 3 of Huang et al. 2017: m = 1 is the last snapshot "
+        "alone, m = M all snapshots.",
+        "",
+        "| m (most recent snapshots averaged) | ensemble of last m: "
+        "error % | NLL | ECE % |",
+        "|---|---|---|---|",
+    ]
+    for ens in test["last_m"]:
+        lines.append(
+            f"| {ens['m']} | {_percent(ens['error'])} | {ens['nll']:.4f} | "
             f"{_percent(ens['ece'])} |"
         )
-    lines += ["", verdict(report), ""]
+    lines.append("")
     if "baseline" in test:
         lines += [
             f"Baseline single model (one cosine decay, same budget): "
-            f"{_percent(test['baseline']['error'])}% test error.",
+            f"{_percent(test['baseline']['error'])}% test error, NLL "
+            f"{test['baseline']['nll']:.4f}.",
             "",
         ]
     for key, label in (
@@ -67,66 +220,100 @@ def markdown_report(report: dict) -> str:
                 f"NLL {test[key]['nll']:.4f}.",
                 "",
             ]
-    choices = report.get("choices")
-    if choices:
-        lines += [
-            "## Ensembles chosen on the validation split",
-            "",
-            "| choice | test error % | NLL | ECE % | temperature T | "
-            "NLL with T | ECE % with T | weights |",
-            "|---|---|---|---|---|---|---|---|",
-        ]
-        for name, choice in choices.items():
-            weights = ", ".join(f"{w:.2f}" for w in choice["weights"])
-            test, scaled = choice["test"], choice["test_temperature_scaled"]
-            lines.append(
-                f"| {name} | {_percent(test['error'])} | {test['nll']:.4f} | "
-                f"{_percent(test['ece'])} | {choice['temperature']:.3g} | "
-                f"{scaled['nll']:.4f} | {_percent(scaled['ece'])} | "
-                f"{weights} |"
-            )
-        lines.append("")
+    lines += _mcnemar_table(test)
+    lines += _choices_table(report)
     exported = report["exported"]
-    scaling = (
-        f", temperature {exported['temperature']:.3g}"
-        if exported.get("temperature")
-        else ""
-    )
     lines += [
         f"Exported ensemble: `{exported['choice']}` "
-        f"({exported['members']} members{scaling}) in `ensemble.keras` "
-        "and `saved_model/`.",
+        f"({_exported_words(report)}) in `ensemble.keras` and "
+        "`saved_model/`.",
         "",
+    ]
+    fit = exported.get("temperature_fit")
+    if fit:
+        lines += [f"Temperature scaling: {fit['message']}", ""]
+    lines += [
         "![learning rate](learning_rate.png)",
         "",
         "![error vs m](error_vs_snapshots.png)",
+        "",
+        "![reliability](reliability.png)",
+        "",
+        "![disagreement](disagreement.png)",
         "",
     ]
     return "\n".join(lines)
 
 
-def verdict(report: dict) -> str:
-    """One honest sentence on how the ensemble compares with its members."""
-    test = report["test"]
-    ensemble = test["last_m"][-1]["error"]
-    last = test["snapshots"][-1]["error"]
-    best = min(s["error"] for s in test["snapshots"])
-    best_m = min(test["last_m"], key=lambda e: e["error"])
-    words = (
-        f"The ensemble of all {len(test['snapshots'])} snapshots has "
-        f"{_percent(ensemble)}% test error against {_percent(last)}% for "
-        f"the final single model (the last snapshot) and {_percent(best)}% "
-        f"for the best snapshot; the best last-m ensemble (m={best_m['m']}) "
-        f"has {_percent(best_m['error'])}%."
-    )
-    if "baseline" in test:
-        base = test["baseline"]["error"]
-        change = "lower" if ensemble < base else "higher"
-        words += (
-            f" Against the baseline single model ({_percent(base)}%), the "
-            f"ensemble's error is {change}."
+def _mcnemar_table(test: dict) -> list:
+    tests = test.get("mcnemar") or {}
+    if not tests:
+        return []
+    lines = [
+        "## Is the difference distinguishable? (exact McNemar test)",
+        "",
+        "Paired on the same test images; `scipy.stats.binomtest` on the "
+        f"images exactly one model gets right. Distinguishable: p < {ALPHA}.",
+        "",
+        "| exported ensemble vs | error % (ensemble / single) | "
+        "NLL (ensemble / single) | only ensemble right | only single right "
+        "| p | distinguishable |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    ensemble = _ensemble(test)
+    for key, _ in SINGLES:
+        result = tests.get(f"ensemble_vs_{key}")
+        if result is None or key not in test:
+            continue
+        single = test[key]
+        lines.append(
+            f"| {key.replace('_', ' ')} | {_percent(ensemble['error'])} / "
+            f"{_percent(single['error'])} | {ensemble['nll']:.4f} / "
+            f"{single['nll']:.4f} | {result['a_only']} | {result['b_only']} "
+            f"| {result['p_value']:.2g} | "
+            f"{'yes' if result['p_value'] < ALPHA else 'no'} |"
         )
-    return words
+    return lines + [""]
+
+
+def _choice_name(name: str, choice: dict) -> str:
+    if "m" in choice:
+        return f"{name} (m={choice['m']})"
+    return name
+
+
+def _choices_table(report: dict) -> list:
+    choices = report.get("choices")
+    if not choices:
+        return []
+    lines = [
+        "## Ensembles chosen on the validation split",
+        "",
+        "Members, weights and temperatures fitted on the validation split, "
+        "scored on test.",
+        "",
+        "| choice (on val) | test error % | NLL | ECE % | temperature T "
+        "(on val) | NLL with T | ECE % with T | weights |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    notes = []
+    for name, choice in choices.items():
+        weights = ", ".join(f"{w:.2f}" for w in choice["weights"])
+        test, scaled = choice["test"], choice["test_temperature_scaled"]
+        temperature = f"{choice['temperature']:.3g}"
+        fit = choice.get("temperature_fit")
+        if fit and fit["status"] != "fitted":
+            temperature += f" ({fit['status'].replace('_', ' ')})"
+            notes.append(f"- {name}: {fit['message']}")
+        lines.append(
+            f"| {_choice_name(name, choice)} | {_percent(test['error'])} | "
+            f"{test['nll']:.4f} | {_percent(test['ece'])} | {temperature} | "
+            f"{scaled['nll']:.4f} | {_percent(scaled['ece'])} | {weights} |"
+        )
+    lines.append("")
+    if notes:
+        lines += ["Temperatures kept at 1:", "", *notes, ""]
+    return lines
 
 
 def summary_table(report: dict) -> str:
@@ -149,11 +336,16 @@ def summary_table(report: dict) -> str:
             t = choice["test"]
             rows.append(
                 (
-                    f"chosen on val: {name}",
+                    f"chosen on val: {_choice_name(name, choice)}",
                     _percent(t["error"]),
                     f"{t['nll']:.4f}",
                 )
             )
+    if "exported" in report and "ensemble" in test:
+        e = test["ensemble"]
+        rows.append(
+            ("exported ensemble", _percent(e["error"]), f"{e['nll']:.4f}")
+        )
     widths = [max(len(r[i]) for r in rows) for i in range(3)]
     lines = []
     for j, row in enumerate(rows):
@@ -205,7 +397,9 @@ def write_run_report(run_dir: str, report: dict, schedule, probs, y_test):
     write_report(run_dir, report)
     plot_learning_rate(schedule, os.path.join(run_dir, "learning_rate.png"))
     plot_error_vs_snapshots(
-        report["test"], os.path.join(run_dir, "error_vs_snapshots.png")
+        report["test"],
+        os.path.join(run_dir, "error_vs_snapshots.png"),
+        chosen_m=_val_chosen_m(report),
     )
     test_probs = probs["test"]
     plot_reliability(
@@ -251,58 +445,152 @@ def plot_learning_rate(schedule, path: str) -> None:
     _save(fig, path)
 
 
-def plot_error_vs_snapshots(test: dict, path: str) -> None:
-    """Test error of the ensemble of the last m snapshots (Figure 3)."""
-    count = len(test["snapshots"])
-    m = np.arange(1, count + 1)
-    fig, ax = _figure((6, 3.6))
+def error_band(errors, num_examples: int):
+    """Exact 95% intervals (in %) around test errors measured on n images.
+
+    Returns `(low, high)` arrays, from `metrics.error_interval`.
+    """
+    bounds = [
+        metrics.error_interval(round(e * num_examples), num_examples)
+        for e in errors
+    ]
+    low, high = np.array(bounds).T
+    return 100 * low, 100 * high
+
+
+def plot_error_vs_snapshots(test: dict, path: str, chosen_m=None) -> None:
+    """Test error of the ensemble of the last m snapshots against m.
+
+    Figure 3 of Huang et al. 2017 (arXiv:1704.00109): m = 1 is the final
+    snapshot alone, m = M the ensemble of all snapshots. The single models
+    are horizontal reference lines; the shaded band is the exact 95%
+    interval of each ensemble error on this many test images (when
+    `test["num_examples"]` is known); `chosen_m`, the m chosen on the
+    validation split, is circled.
+    """
+    errors = np.array([e["error"] for e in test["last_m"]])
+    m = np.arange(1, len(errors) + 1)
+    fig, ax = _figure((6.4, 4))
     ax.plot(
-        m,
-        [100 * e["error"] for e in test["last_m"]],
-        marker="o",
-        label="ensemble of the last m snapshots",
+        m, 100 * errors, marker="o", label="ensemble of the last m snapshots"
     )
-    ax.plot(
-        m,
-        [100 * s["error"] for s in test["snapshots"]],
-        marker="s",
+    num_examples = test.get("num_examples")
+    subtitle = ""
+    if num_examples:
+        low, high = error_band(errors, num_examples)
+        ax.fill_between(
+            m, low, high, alpha=0.2, label="exact 95% interval (binomial)"
+        )
+        subtitle = (
+            f"\n{num_examples} test images: one image = "
+            f"{100 / num_examples:.3g}% error"
+        )
+    final = test.get("final_single") or test["snapshots"][-1]
+    ax.axhline(
+        100 * final["error"],
+        color="crimson",
         ls="--",
-        label="snapshot m alone",
+        label="final single model (snapshot M)",
     )
     if "baseline" in test:
         ax.axhline(
             100 * test["baseline"]["error"],
             color="gray",
             ls=":",
-            label="baseline single model",
+            label="baseline single model (one cosine decay)",
         )
-    ax.set_xlabel("m")
+    if chosen_m is not None:
+        ax.scatter(
+            [chosen_m],
+            [100 * errors[chosen_m - 1]],
+            s=160,
+            facecolors="none",
+            edgecolors="black",
+            zorder=3,
+            label=f"m chosen on validation (m={chosen_m})",
+        )
+    ax.set_xlabel("m: number of most recent snapshots averaged")
     ax.set_ylabel("test error %")
     ax.set_xticks(m)
-    ax.legend()
+    ax.set_title(
+        "Ensemble of the last m snapshots (Huang et al. 2017, Fig. 3)"
+        + subtitle,
+        fontsize=10,
+    )
+    ax.legend(fontsize=8)
     _save(fig, path)
 
 
+def min_bin_images(num_examples: int) -> int:
+    """Bins with fewer images are left out of the reliability diagram."""
+    return max(MIN_BIN_IMAGES, int(np.ceil(MIN_BIN_FRACTION * num_examples)))
+
+
+def reliability_points(probs, y, num_bins: int = 15):
+    """The reliability diagram's points, without the near-empty bins.
+
+    Returns:
+        `(confidence, accuracy, count, keep)`: the per-bin arrays of
+        `metrics.reliability_curve`, and the mask of the bins holding at
+        least `min_bin_images(len(y))` images, the ones plotted.
+    """
+    confidence, accuracy, count = metrics.reliability_curve(
+        probs, y, num_bins=num_bins
+    )
+    keep = count >= min_bin_images(int(count.sum()))
+    return confidence, accuracy, count, keep
+
+
 def plot_reliability(single_probs, ensemble_probs, y, path: str) -> None:
-    """Reliability diagram of the final single model and the ensemble."""
-    fig, ax = _figure((4.5, 4.5))
-    ax.plot([0, 1], [0, 1], color="gray", ls=":", label="perfect calibration")
-    for probs, label in (
-        (single_probs, "final single model"),
-        (ensemble_probs, "ensemble"),
+    """Reliability diagram of the final single model and the ensemble.
+
+    The top panel plots accuracy against confidence for the bins holding
+    at least `min_bin_images` images (a bin of one or two images is noise);
+    the bottom panel shows how many test images fall in each bin.
+    """
+    fig = Figure(figsize=(5, 6))
+    top, bottom = fig.subplots(
+        2, 1, sharex=True, gridspec_kw={"height_ratios": [3, 1.3]}
+    )
+    top.plot([0, 1], [0, 1], color="gray", ls=":", label="perfect calibration")
+    num_bins = 15
+    width = 1 / num_bins
+    centers = (np.arange(num_bins) + 0.5) * width
+    minimum = 0
+    for offset, marker, (probs, label) in zip(
+        (-width / 4, width / 4),
+        ("s", "o"),
+        (
+            (single_probs, "final single model"),
+            (ensemble_probs, "ensemble"),
+        ),
+        strict=True,
     ):
-        confidence, accuracy, count = metrics.reliability_curve(probs, y)
-        keep = count > 0
-        ece = metrics.expected_calibration_error(probs, y)
-        ax.plot(
+        confidence, accuracy, count, keep = reliability_points(
+            probs, y, num_bins
+        )
+        minimum = min_bin_images(int(count.sum()))
+        ece = metrics.expected_calibration_error(probs, y, num_bins)
+        top.plot(
             confidence[keep],
             accuracy[keep],
-            marker="o",
+            marker=marker,
+            markersize=8 if marker == "s" else 5,
             label=f"{label} (ECE {100 * ece:.2f}%)",
         )
-    ax.set_xlabel("confidence")
-    ax.set_ylabel("accuracy")
-    ax.legend(loc="upper left", fontsize=8)
+        bottom.bar(centers + offset, count, width=width / 2, label=label)
+    top.set_ylabel("accuracy")
+    top.set_title(
+        f"Reliability on {len(np.asarray(y))} test images\n(bins with "
+        f"fewer than {minimum} images left out)",
+        fontsize=10,
+    )
+    top.legend(loc="upper left", fontsize=8)
+    bottom.set_yscale("log")
+    bottom.axhline(minimum, color="gray", ls=":", lw=1)
+    bottom.set_xlabel("confidence (largest predicted probability)")
+    bottom.set_ylabel("images per bin")
+    bottom.set_xlim(0, 1)
     _save(fig, path)
 
 

@@ -17,6 +17,7 @@ from keras_snapshot.app import methods as methods_lib
 from keras_snapshot.app import report as report_lib
 from keras_snapshot.app import run as run_lib
 from keras_snapshot.app.evaluate import choose_ensembles
+from keras_snapshot.app.evaluate import compare_singles
 from keras_snapshot.app.evaluate import evaluate_run
 from keras_snapshot.app.export import chosen_snapshots
 from keras_snapshot.app.export import export_files
@@ -240,16 +241,19 @@ def train_baseline(config, data, schedule, strategy, verbose) -> None:
 
 
 def _temperature(choices, args):
-    """The validation-fitted temperature of the exported choice, or None."""
+    """The validation-fitted temperature of the exported choice, or None.
+
+    Also its `temperature_fit` (what validation could tell), or None.
+    """
     if not args.temperature_scaling:
-        return None
+        return None, None
     if not choices:
         raise run_lib.UsageError(
             "--temperature-scaling is fitted on the validation split; "
             "use a --validation-fraction above 0."
         )
-    name = args.select if args.select != "all" else "uniform"
-    return choices[name]["temperature"]
+    choice = choices[args.select if args.select != "all" else "uniform"]
+    return choice["temperature"], choice["temperature_fit"]
 
 
 def train_command(args) -> int:
@@ -281,11 +285,23 @@ def train_command(args) -> int:
     weights = None
     if args.select != "all" and choices:
         weights = choices[args.select]["weights"]
+    temperature, temperature_fit = _temperature(choices, args)
+    if temperature_fit:
+        print("Temperature scaling: " + temperature_fit["message"])
+    # The exported ensemble against the single models, on test.
+    scores["test"].update(
+        compare_singles(
+            probs["test"],
+            data.y_test,
+            weights,
+            temperature,
+            probs.get("baseline", {}).get("test"),
+        )
+    )
     snapshots, weights = chosen_snapshots(run_dir, weights)
     snapshots, weights = methods_lib.exported_members(
         config, run_dir, snapshots, weights
     )
-    temperature = _temperature(choices, args)
     export_files(run_dir, snapshots, weights, temperature)
 
     scores["test"].update(methods_lib.method_scores(config, run_dir, data))
@@ -302,6 +318,7 @@ def train_command(args) -> int:
             "choice": args.select,
             "members": len(snapshots),
             "temperature": temperature,
+            **({"temperature_fit": temperature_fit} if temperature_fit else {}),
         },
         "versions": {
             "keras": keras.__version__,

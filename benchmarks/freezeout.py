@@ -304,6 +304,60 @@ def plot_group_rates(
     return path
 
 
+def results_from_log(path, args) -> list:
+    """The runs printed in a log of this script (one line per run).
+
+    For a run cut short (e.g. by a time limit) before it wrote its files.
+    The time spent tracing is taken as wall minus steady-state time, the
+    estimated saving and number of freezes are recomputed (no training).
+    """
+    import re
+
+    from keras_snapshot.freezeout import freeze_steps
+    from keras_snapshot.freezeout import resolve_groups
+
+    pattern = re.compile(
+        r"^(\S+) (.+) seed (\d+): error ([\d.]+)%, ([\d.]+) s "
+        r"\(steady ([\d.]+) s\)$"
+    )
+    size = len(load_data(args)["x_train"])
+    steps = args.epochs * math.ceil(size / args.batch_size)
+    by_label = {label(c): c for c in configs(args)}
+    results = []
+    with open(path) as f:
+        for line in f:
+            match = pattern.match(line.strip())
+            if not match:
+                continue
+            name, setting, seed, err, wall, steady = match.groups()
+            result = {
+                "model": name,
+                "config": setting,
+                "seed": int(seed),
+                "test_error": float(err) / 100,
+                "seconds": float(wall),
+                "steady_seconds": float(steady),
+                "trace_seconds": float(wall) - float(steady),
+                "steps": steps,
+            }
+            config = by_label[setting]
+            if config is not None:
+                model = build_model(name)
+                groups = resolve_groups(model, args.groups)
+                fractions = freeze_fractions(
+                    len(groups), config["t0"], config["scaling"]
+                )
+                result["freeze_events"] = len(
+                    set(freeze_steps(fractions, steps)[:-1])
+                )
+                result["groups"] = len(groups)
+                result["estimated_saving"] = estimate_speedup(
+                    model, args.groups, config["t0"], config["scaling"]
+                )
+            results.append(result)
+    return results
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="tiny smoke setting")
@@ -334,6 +388,11 @@ def parse_args(argv=None):
         "many minus one retraces (0: one group per weighted layer)",
     )
     p.add_argument("--name", default="freezeout", help="result file prefix")
+    p.add_argument(
+        "--from-log",
+        help="write the results of the runs printed in this log of an "
+        "interrupted run of the same settings, without training",
+    )
     args = p.parse_args(argv)
     args.groups = args.groups or None
     if args.quick:
@@ -348,7 +407,10 @@ def main(argv=None):
     args = parse_args(argv)
     data = load_data(args)
     results = []
-    for model_name in args.models:
+    if args.from_log:
+        results = results_from_log(args.from_log, args)
+        args.models = list(dict.fromkeys(r["model"] for r in results))
+    for model_name in args.models if not args.from_log else []:
         for seed in range(args.seeds):
             for config in configs(args):
                 r = run_one(model_name, config, data, args, seed)

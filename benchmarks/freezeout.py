@@ -5,12 +5,22 @@ Normal training is SGD with Nesterov momentum and a cosine-annealed rate
 per group); FreezeOut (Brock et al. 2017, arXiv:1706.04983) runs the same
 optimizer at a constant `lr0` with `keras_snapshot.freezeout.FreezeOut`,
 over `t0`, the three scalings, scaled and unscaled. Data: a fixed random
-subset of Fashion-MNIST (the local IDX files). Models: the ResNet-style and
+subset of Fashion-MNIST (`--dataset`, by default the subset bundled with
+the package, `fashion_mnist_small`). Models: the ResNet-style and
 DenseNet-style networks of `keras_snapshot.app.models`. Wall time is that of
 the whole `fit` call, first trace and FreezeOut's retraces included.
 
+Two times are reported per run: the wall time of `fit` (first trace and
+FreezeOut's retraces included, what a user waits for), and the steady-state
+training time: the sum of the per-batch times with each batch that traced a
+train function (the first one, and the first one after each freeze) counted
+at the time of the batch after it. Their difference for FreezeOut, minus
+that of normal training, is the retracing cost, reported per retrace. On
+short CPU runs the retraces can cost more than freezing saves; the
+steady-state time shows the saving that longer runs approach.
+
     python benchmarks/freezeout.py --quick            # minutes, on a CPU
-    python benchmarks/freezeout.py --models resnet20 densenet16 --seeds 3
+    python benchmarks/freezeout.py                    # the results table
 
 Writes `benchmarks/results/freezeout[_quick].{json,md}` and the per-group
 learning rates of the paper's Figure 1 (`freezeout_rates.png`).
@@ -25,10 +35,10 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
-from _common import RESULTS  # noqa: E402
-from _common import hardware  # noqa: E402
-from _common import md_table  # noqa: E402
-from _common import write_json  # noqa: E402
+from common import RESULTS  # noqa: E402
+from common import hardware  # noqa: E402
+from common import md_table  # noqa: E402
+from common import write_results  # noqa: E402
 
 from keras_snapshot.app.datasets import load_dataset  # noqa: E402
 from keras_snapshot.app.models import densenet  # noqa: E402
@@ -51,7 +61,7 @@ def build_model(name: str) -> keras.Model:
 
 
 def load_data(args) -> dict:
-    data = load_dataset("fashion_mnist_local", validation_fraction=0.1, seed=0)
+    data = load_dataset(args.dataset, validation_fraction=0.0, seed=0)
     rng = np.random.default_rng(0)
     train = np.sort(rng.permutation(len(data.x_train))[: args.subset])
     test = np.arange(len(data.x_test))[: args.test_size or None]
@@ -70,6 +80,11 @@ def configs(args) -> list:
         for scaling in args.scalings:
             for scale_lr in (True, False) if args.unscaled else (True,):
                 out.append({"t0": t0, "scaling": scaling, "scale_lr": scale_lr})
+    for text in args.extra:
+        t0, scaling, kind = text.split(":")
+        out.append(
+            {"t0": float(t0), "scaling": scaling, "scale_lr": kind == "scaled"}
+        )
     return out
 
 
@@ -80,11 +95,40 @@ def label(config) -> str:
     return f"t0={config['t0']} {config['scaling']} {kind}"
 
 
+class BatchTimer(keras.callbacks.Callback):
+    """Wall time of every training batch, `durations[step]`."""
+
+    def on_train_begin(self, logs=None):
+        self.durations = []
+
+    def on_train_batch_begin(self, batch, logs=None):
+        self._start = time.perf_counter()
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.durations.append(time.perf_counter() - self._start)
+
+
+def steady_seconds(durations, trace_steps) -> tuple[float, float]:
+    """`(steady-state seconds, seconds spent tracing)` of one run.
+
+    Each batch in `trace_steps` (it built a new train function) counts at
+    the time of the batch after it; the difference is tracing.
+    """
+    durations = list(durations)
+    traced = 0.0
+    for step in sorted(set(trace_steps)):
+        if step + 1 < len(durations):
+            traced += durations[step] - durations[step + 1]
+            durations[step] = durations[step + 1]
+    return float(sum(durations)), float(traced)
+
+
 def run_one(model_name, config, data, args, seed) -> dict:
     keras.utils.set_random_seed(seed)
     model = build_model(model_name)
-    steps = args.epochs * math.ceil(args.subset / args.batch_size)
-    callbacks = []
+    steps = args.epochs * math.ceil(len(data["x_train"]) / args.batch_size)
+    timer = BatchTimer()
+    callbacks = [timer]
     if config is None:
         rate = keras.optimizers.schedules.CosineDecay(args.lr, steps)
     else:
@@ -107,6 +151,10 @@ def run_one(model_name, config, data, args, seed) -> dict:
         callbacks=callbacks,
     )
     seconds = time.perf_counter() - start
+    trace_steps = [0]
+    if config is not None:
+        trace_steps += [step for step, _ in freeze.freeze_events]
+    steady, traced = steady_seconds(timer.durations, trace_steps)
     pred = model.predict(data["x_test"], batch_size=1000, verbose=0)
     result = {
         "model": model_name,
@@ -114,6 +162,9 @@ def run_one(model_name, config, data, args, seed) -> dict:
         "seed": seed,
         "test_error": float(np.mean(pred.argmax(-1) != data["y_test"])),
         "seconds": seconds,
+        "steady_seconds": steady,
+        "trace_seconds": traced,
+        "steps": steps,
     }
     if config is not None:
         result["freeze_events"] = len(freeze.freeze_events)
@@ -134,9 +185,17 @@ def summarize(results, args) -> list:
         base = by_config[label(None)]
         base_err = np.mean([r["test_error"] for r in base])
         base_sec = np.mean([r["seconds"] for r in base])
+        base_steady = np.mean([r["steady_seconds"] for r in base])
+        base_trace = np.mean([r["trace_seconds"] for r in base])
         for name, runs in by_config.items():
             err = [r["test_error"] for r in runs]
             sec = np.mean([r["seconds"] for r in runs])
+            steady = np.mean([r["steady_seconds"] for r in runs])
+            events = runs[0].get("freeze_events") or 0
+            retrace = None
+            if events:
+                extra = np.mean([r["trace_seconds"] for r in runs]) - base_trace
+                retrace = float(extra / events)
             rows.append(
                 {
                     "model": model_name,
@@ -146,6 +205,9 @@ def summarize(results, args) -> list:
                     "test_error_std": float(np.std(err)),
                     "seconds": float(sec),
                     "time_ratio": float(sec / base_sec),
+                    "steady_seconds": float(steady),
+                    "steady_ratio": float(steady / base_steady),
+                    "seconds_per_retrace": retrace,
                     "relative_error_change": float(
                         (np.mean(err) - base_err) / base_err
                     ),
@@ -162,12 +224,14 @@ def markdown(rows, args) -> str:
             "model",
             "setting",
             "test error %",
-            "wall s",
-            "time vs normal",
-            "measured saving",
-            "estimated saving",
             "rel. error change",
+            "wall s",
+            "wall saving",
+            "steady-state s",
+            "steady-state saving",
+            "estimated saving",
             "retraces",
+            "s per retrace",
         ],
         [
             [
@@ -175,25 +239,35 @@ def markdown(rows, args) -> str:
                 r["config"],
                 f"{100 * r['test_error']:.2f} "
                 f"± {100 * r['test_error_std']:.2f}",
+                f"{100 * r['relative_error_change']:+.1f}%",
                 f"{r['seconds']:.1f}",
-                f"{r['time_ratio']:.2f}",
                 f"{100 * (1 - r['time_ratio']):.0f}%",
+                f"{r['steady_seconds']:.1f}",
+                f"{100 * (1 - r['steady_ratio']):.0f}%",
                 "-"
                 if r["estimated_saving"] is None
                 else f"{100 * r['estimated_saving']:.0f}%",
-                f"{100 * r['relative_error_change']:+.1f}%",
                 "-" if r["freeze_events"] is None else r["freeze_events"],
+                "-"
+                if r["seconds_per_retrace"] is None
+                else f"{r['seconds_per_retrace']:.1f}",
             ]
             for r in rows
         ],
     )
     groups = "one per weighted layer" if args.groups is None else args.groups
     return (
-        f"Fashion-MNIST, {args.subset} training / {args.test_size or 10000} "
-        f"test images, {args.epochs} epochs, batch {args.batch_size}, "
-        f"SGD Nesterov lr0={args.lr}, groups: {groups}, seeds "
-        f"{args.seeds}. Wall time of `fit` (traces included), mean over "
-        "seeds.\n\n" + table + "\n"
+        f"`{args.dataset}`, {args.subset} training / "
+        f"{args.test_size or 'all'} test images, {args.epochs} epochs, batch "
+        f"{args.batch_size}, SGD Nesterov lr0={args.lr}, groups: {groups}, "
+        f"seeds {args.seeds} (error: mean ± std over seeds; times: means). "
+        "Wall: `fit` with the first trace and FreezeOut's retraces; "
+        "steady-state: the per-batch times with each tracing batch counted "
+        "at the time of the next batch. Savings are against normal "
+        "training of the same model. Machine: "
+        f"{hardware()['cpu']}, {os.cpu_count()} cores, shared.\n\n"
+        + table
+        + "\n"
     )
 
 
@@ -230,33 +304,100 @@ def plot_group_rates(
     return path
 
 
+def results_from_log(path, args) -> list:
+    """The runs printed in a log of this script (one line per run).
+
+    For a run cut short (e.g. by a time limit) before it wrote its files.
+    The time spent tracing is taken as wall minus steady-state time, the
+    estimated saving and number of freezes are recomputed (no training).
+    """
+    import re
+
+    from keras_snapshot.freezeout import freeze_steps
+    from keras_snapshot.freezeout import resolve_groups
+
+    pattern = re.compile(
+        r"^(\S+) (.+) seed (\d+): error ([\d.]+)%, ([\d.]+) s "
+        r"\(steady ([\d.]+) s\)$"
+    )
+    size = len(load_data(args)["x_train"])
+    steps = args.epochs * math.ceil(size / args.batch_size)
+    by_label = {label(c): c for c in configs(args)}
+    results = []
+    with open(path) as f:
+        for line in f:
+            match = pattern.match(line.strip())
+            if not match:
+                continue
+            name, setting, seed, err, wall, steady = match.groups()
+            result = {
+                "model": name,
+                "config": setting,
+                "seed": int(seed),
+                "test_error": float(err) / 100,
+                "seconds": float(wall),
+                "steady_seconds": float(steady),
+                "trace_seconds": float(wall) - float(steady),
+                "steps": steps,
+            }
+            config = by_label[setting]
+            if config is not None:
+                model = build_model(name)
+                groups = resolve_groups(model, args.groups)
+                fractions = freeze_fractions(
+                    len(groups), config["t0"], config["scaling"]
+                )
+                result["freeze_events"] = len(
+                    set(freeze_steps(fractions, steps)[:-1])
+                )
+                result["groups"] = len(groups)
+                result["estimated_saving"] = estimate_speedup(
+                    model, args.groups, config["t0"], config["scaling"]
+                )
+            results.append(result)
+    return results
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="tiny smoke setting")
-    p.add_argument("--models", nargs="+", default=["resnet20", "densenet16"])
-    p.add_argument("--t0", type=float, nargs="+", default=[0.5, 0.8])
+    p.add_argument("--dataset", default="fashion_mnist_small")
+    p.add_argument("--models", nargs="+", default=["resnet8", "densenet7"])
+    p.add_argument("--t0", type=float, nargs="+", default=[0.8])
     p.add_argument(
         "--scalings", nargs="+", default=["linear", "squared", "cubic"]
     )
+    p.add_argument(
+        "--extra",
+        nargs="*",
+        default=["0.5:linear:unscaled"],
+        help="more settings as t0:scaling:scaled|unscaled",
+    )
     p.add_argument("--no-unscaled", dest="unscaled", action="store_false")
     p.add_argument("--seeds", type=int, default=3)
-    p.add_argument("--epochs", type=int, default=20)
-    p.add_argument("--subset", type=int, default=5000)
-    p.add_argument("--test-size", type=int, default=0, help="0: all 10000")
+    p.add_argument("--epochs", type=int, default=2)
+    p.add_argument("--subset", type=int, default=2048)
+    p.add_argument("--test-size", type=int, default=0, help="0: all")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=0.1)
     p.add_argument(
         "--groups",
         type=int,
-        default=None,
-        help="merge the layers into this many groups (default: one group "
-        "per weighted layer)",
+        default=4,
+        help="merge the weighted layers into this many groups, i.e. this "
+        "many minus one retraces (0: one group per weighted layer)",
     )
     p.add_argument("--name", default="freezeout", help="result file prefix")
+    p.add_argument(
+        "--from-log",
+        help="write the results of the runs printed in this log of an "
+        "interrupted run of the same settings, without training",
+    )
     args = p.parse_args(argv)
+    args.groups = args.groups or None
     if args.quick:
         args.models = ["resnet8", "densenet7"]
-        args.t0, args.seeds, args.epochs = [0.8], 1, 3
+        args.t0, args.seeds, args.epochs, args.extra = [0.8], 1, 3, []
         args.subset, args.test_size = 1024, 2000
         args.name = "freezeout_quick"
     return args
@@ -266,30 +407,34 @@ def main(argv=None):
     args = parse_args(argv)
     data = load_data(args)
     results = []
-    for model_name in args.models:
+    if args.from_log:
+        results = results_from_log(args.from_log, args)
+        args.models = list(dict.fromkeys(r["model"] for r in results))
+    for model_name in args.models if not args.from_log else []:
         for seed in range(args.seeds):
             for config in configs(args):
                 r = run_one(model_name, config, data, args, seed)
                 print(
                     f"{model_name} {r['config']} seed {seed}: error "
-                    f"{100 * r['test_error']:.2f}%, {r['seconds']:.1f} s",
+                    f"{100 * r['test_error']:.2f}%, {r['seconds']:.1f} s "
+                    f"(steady {r['steady_seconds']:.1f} s)",
                     flush=True,
                 )
                 results.append(r)
     rows = summarize(results, args)
     text = markdown(rows, args)
     print(text)
-    write_json(
-        os.path.join(RESULTS, f"{args.name}.json"),
+    write_results(
+        RESULTS,
+        args.name,
         {
             "args": vars(args),
             "hardware": hardware(),
             "runs": results,
             "rows": rows,
         },
+        text,
     )
-    with open(os.path.join(RESULTS, f"{args.name}.md"), "w") as f:
-        f.write(text)
     print(plot_group_rates(os.path.join(RESULTS, "freezeout_rates.png")))
 
 

@@ -71,6 +71,17 @@ def _in_range(name, low, high):
     return _checked(lambda n, v: check_in_range(n, v, low, high), float, name)
 
 
+def _check_t0(name, value):
+    value = check_positive_number(name, value)
+    if value > 1:
+        raise ValueError(
+            f"`{name}` must be in (0, 1]: the fraction of training after "
+            f"which FreezeOut freezes the first layer group (before scaling)"
+            f", e.g. 0.8. Received: {name}={value}."
+        )
+    return value
+
+
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Appends "(default: ...)" unless the help text states the default."""
 
@@ -209,6 +220,39 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="also train a single model with one cosine decay on the same "
         "budget, for comparison",
+    )
+    freezeout = train.add_argument_group(
+        "FreezeOut (Brock et al. 2017, arXiv:1706.04983)",
+        "train one model whose layer groups freeze one after the other, "
+        "instead of snapshots; with --baseline, next to the same model "
+        "trained normally",
+    )
+    freezeout.add_argument(
+        "--freezeout",
+        action="store_true",
+        help="train a FreezeOut single model: one cosine anneal of --lr "
+        "over the budget, per layer group, and no snapshots (--snapshots "
+        "is not used)",
+    )
+    freezeout.add_argument(
+        "--t0",
+        type=_checked(_check_t0, float, "t0"),
+        default=0.8,
+        help="fraction of training after which the first group freezes, "
+        "before scaling, in (0, 1]",
+    )
+    freezeout.add_argument(
+        "--freezeout-scaling",
+        choices=("cubic", "squared", "linear"),
+        default="cubic",
+        help="how the freeze times grow with depth",
+    )
+    freezeout.add_argument(
+        "--no-scale-lr",
+        dest="scale_lr",
+        action="store_false",
+        help="start every group at --lr instead of --lr / t_i (default: "
+        "scaled)",
     )
     train.add_argument(
         "--method",

@@ -19,6 +19,7 @@ import tempfile
 RUN_FILE = "run.json"
 SNAPSHOT_DIR = "snapshots"
 BASELINE_FILE = "baseline.keras"
+FREEZEOUT_FILE = "freezeout.keras"
 BACKUP_DIR = "backup"
 # Everything a run writes into its folder: all that --overwrite may remove.
 RUN_OUTPUTS = (
@@ -26,6 +27,7 @@ RUN_OUTPUTS = (
     SNAPSHOT_DIR,
     BACKUP_DIR,
     BASELINE_FILE,
+    FREEZEOUT_FILE,
     "ensemble.keras",
     "saved_model",
     "report.json",
@@ -52,7 +54,18 @@ RUN_KEYS = (
     "validation_fraction",
     "seed",
     "recalibrate_bn",
+    "freezeout",
+    "t0",
+    "freezeout_scaling",
+    "scale_lr",
 )
+# Values of run keys added later, for runs written before them.
+RUN_KEY_DEFAULTS = {
+    "freezeout": False,
+    "t0": 0.8,
+    "freezeout_scaling": "cubic",
+    "scale_lr": True,
+}
 
 
 class UsageError(Exception):
@@ -112,7 +125,7 @@ def start_or_resume(config: dict, overwrite: bool) -> dict:
         differ = [
             f"{key}: {run['config'].get(key)!r} != {config[key]!r}"
             for key in RUN_KEYS
-            if run["config"].get(key) != config[key]
+            if run["config"].get(key, RUN_KEY_DEFAULTS.get(key)) != config[key]
         ]
         if differ:
             raise UsageError(

@@ -258,6 +258,10 @@ def _temperature(choices, args):
 
 def train_command(args) -> int:
     """`keras-snapshot train`: the whole job, one step after the other."""
+    if getattr(args, "freezeout", False):
+        from keras_snapshot.app.freezeout_job import freezeout_command
+
+        return freezeout_command(args)
     config = run_config(args)
     data = run_lib.load_data(config, args.data_dir)
     # Checks M against the budget before anything is written.

@@ -7,7 +7,7 @@ end of every cycle, and average the snapshots' softmax outputs (Huang et al.
 Layers, bottom to top (imports only go down; `tests/test_layering.py`):
 
 - core: `schedule`, `checkpoint`, `manifest`, `loading`, `ensemble`,
-  `batchnorm`, `layers`, `averaging`, `fge`, `distill`;
+  `batchnorm`, `layers`, `averaging`, `fge`, `distill`, `freezeout`;
 - analysis: `metrics`, `selection`;
 - application: `keras_snapshot.app` (command line, report, data, models).
 
@@ -26,6 +26,8 @@ from keras_snapshot.ensemble import build_ensemble
 from keras_snapshot.ensemble import combine_members
 from keras_snapshot.ensemble import export_ensemble
 from keras_snapshot.fge import FGESchedule
+from keras_snapshot.freezeout import FreezeOut
+from keras_snapshot.freezeout import estimate_speedup
 from keras_snapshot.loading import load_snapshots
 from keras_snapshot.loading import snapshot_paths
 from keras_snapshot.manifest import SnapshotDirectory
@@ -38,6 +40,7 @@ __version__ = "0.2.0"
 
 __all__ = [
     "FGESchedule",
+    "FreezeOut",
     "SnapshotCheckpoint",
     "SnapshotDirectory",
     "SnapshotSchedule",
@@ -47,6 +50,7 @@ __all__ = [
     "build_ensemble",
     "combine_members",
     "distill",
+    "estimate_speedup",
     "export_ensemble",
     "load_snapshots",
     "metrics",

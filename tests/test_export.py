@@ -108,11 +108,10 @@ def test_saved_model_in_every_tensorflow_consumer(members, variant, tmp_path):
     outputs = signature(inputs=tf.constant(x))
     assert_same({k: v.numpy() for k, v in outputs.items()}, want)
     # Reloaded as a Keras layer: both endpoints.
-    layer = keras.layers.TFSMLayer(path, call_endpoint="serving_default")
-    assert_same(as_dict(keras.ops.convert_to_numpy(layer(x))), want)
-    layer = keras.layers.TFSMLayer(path, call_endpoint="serve")
-    got = keras.tree.map_structure(keras.ops.convert_to_numpy, layer(x))
-    assert_same(as_dict(got), want)
+    for endpoint in ("serving_default", "serve"):
+        layer = keras.layers.TFSMLayer(path, call_endpoint=endpoint)
+        got = keras.tree.map_structure(keras.ops.convert_to_numpy, layer(x))
+        assert_same(as_dict(got), want)
 
 
 def run_tflite(path, x):

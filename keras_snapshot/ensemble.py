@@ -8,6 +8,8 @@ one-line path: `keras_snapshot.loading` loads, BatchNorm is recalibrated if
 asked, and `combine_members` combines.
 """
 
+import functools
+
 import keras
 import numpy as np
 from numpy.typing import ArrayLike
@@ -503,9 +505,16 @@ def _input_signature(model):
 def _export_saved_model(ensemble, named, path):
     """`serve`: as `ensemble.export`; `serving_default`: named outputs."""
     archive = keras.export.ExportArchive()
+    # `named` shares the ensemble's variables: tracked once (on JAX, a
+    # second `track` would feed every variable twice to jax2tf).
+    archive.track(ensemble)
     signature = _input_signature(ensemble)
-    archive.track_and_add_endpoint("serve", ensemble, signature)
-    archive.track_and_add_endpoint("serving_default", named, signature)
+    for name, model in (("serve", ensemble), ("serving_default", named)):
+        archive.add_endpoint(
+            name,
+            functools.partial(model.__call__, training=False),
+            input_signature=signature,
+        )
     archive.write_out(path, verbose=False)
 
 

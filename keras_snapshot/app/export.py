@@ -13,6 +13,8 @@ import importlib.util
 import os
 import shutil
 
+import keras
+
 from keras_snapshot import build_ensemble
 from keras_snapshot import export_ensemble
 from keras_snapshot import selection
@@ -82,7 +84,17 @@ def check_format(format: str, quantization=None, serving_version=None):
             "--serving-version writes a TensorFlow Serving folder and "
             f"applies to --format saved_model, received --format {format}."
         )
-    if format == "onnx" and importlib.util.find_spec("tf2onnx") is None:
+    backend = keras.backend.backend()
+    if format == "tflite" and backend != "tensorflow":
+        raise run_lib.UsageError(
+            "--format tflite needs the TensorFlow backend, received "
+            f"KERAS_BACKEND={backend}; run with KERAS_BACKEND=tensorflow."
+        )
+    if (
+        format == "onnx"
+        and backend == "tensorflow"
+        and importlib.util.find_spec("tf2onnx") is None
+    ):
         raise run_lib.UsageError(
             "--format onnx needs tf2onnx, which is not installed: "
             'pip install "keras-snapshot[onnx]".'

@@ -59,7 +59,14 @@ setup(
             "ipykernel",
             # tests/test_backends.py runs the core tests on JAX too.
             "jax>=0.7.1",
+            # tests/test_export.py runs the ONNX export in onnxruntime.
+            "tf2onnx>=1.16.1",
+            "onnxruntime>=1.17",
         ],
+        # `keras-snapshot export --format onnx` / export_ensemble(...,
+        # format="onnx"): Keras converts with tf2onnx (patched by Keras for
+        # numpy 2); onnxruntime runs the file.
+        "onnx": ["tf2onnx>=1.16.1", "onnx>=1.16", "onnxruntime>=1.17"],
         # 0.7.1 added `jax.set_mesh`, which Keras's JAX distribution uses.
         "jax": ["jax>=0.7.1"],
     },

@@ -308,8 +308,29 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("run_dir", help="a run directory of `train`")
     export.add_argument(
         "output",
-        help="new folder for ensemble.keras and saved_model/ (an existing "
-        "file or non-empty folder needs --overwrite)",
+        help="new folder for ensemble.keras and the --format's saved_model/,"
+        " ensemble.tflite or ensemble.onnx (an existing file or non-empty "
+        "folder needs --overwrite)",
+    )
+    export.add_argument(
+        "--format",
+        choices=("saved_model", "tflite", "onnx"),
+        default="saved_model",
+        help="serving format; each names its output `probabilities` (onnx "
+        'needs pip install "keras-snapshot[onnx]")',
+    )
+    export.add_argument(
+        "--quantization",
+        choices=("dynamic_range", "float16"),
+        help="--format tflite only: weights as int8 or float16 (default: "
+        "float32)",
+    )
+    export.add_argument(
+        "--serving-version",
+        type=_positive_int("serving_version"),
+        metavar="N",
+        help="--format saved_model only: write saved_model/N/, the numbered "
+        "version folder TensorFlow Serving loads (default: saved_model/)",
     )
     export.add_argument(
         "--last",

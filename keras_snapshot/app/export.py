@@ -1,13 +1,19 @@
 """The export step of `keras-snapshot`: the chosen ensemble, saved twice.
 
-Writes `ensemble.keras` (reloads with `keras.saving.load_model`) and
-`saved_model/` (TensorFlow SavedModel, for serving) into one folder.
-`keras-snapshot train` exports into its run directory;
-`keras-snapshot export RUN OUT` into a new folder `OUT`.
+Writes `ensemble.keras` (reloads with `keras.saving.load_model`) and one
+serving format into one folder: `saved_model/` (TensorFlow SavedModel; with
+`--serving-version N`, `saved_model/N/` as TensorFlow Serving expects),
+`ensemble.tflite` or `ensemble.onnx`. Every format names its output
+`probabilities` (`keras_snapshot.export_ensemble`). `keras-snapshot train`
+exports a SavedModel into its run directory; `keras-snapshot export RUN OUT`
+into a new folder `OUT`.
 """
 
+import importlib.util
 import os
 import shutil
+
+import keras
 
 from keras_snapshot import build_ensemble
 from keras_snapshot import export_ensemble
@@ -18,6 +24,12 @@ from keras_snapshot.app.evaluate import evaluate_run
 
 ENSEMBLE_FILE = "ensemble.keras"
 SAVED_MODEL_DIR = "saved_model"
+# `--format` -> the entry written next to ENSEMBLE_FILE.
+FORMAT_ENTRIES = {
+    "saved_model": SAVED_MODEL_DIR,
+    "tflite": "ensemble.tflite",
+    "onnx": "ensemble.onnx",
+}
 
 
 def chosen_snapshots(run_dir: str, weights=None):
@@ -52,23 +64,76 @@ def check_output(output: str, overwrite: bool) -> None:
         os.remove(output)
 
 
-def export_files(output: str, snapshots, weights=None, temperature=None):
-    """Builds the ensemble and writes `ENSEMBLE_FILE` and `SAVED_MODEL_DIR`."""
+def format_entry(format: str = "saved_model", serving_version=None) -> str:
+    """The path, relative to the output folder, of the exported format."""
+    entry = FORMAT_ENTRIES[format]
+    if serving_version is not None:
+        entry = os.path.join(entry, str(serving_version))
+    return entry
+
+
+def check_format(format: str, quantization=None, serving_version=None):
+    """Refuses options of another format, or a missing ONNX converter."""
+    if quantization is not None and format != "tflite":
+        raise run_lib.UsageError(
+            f"--quantization applies to --format tflite, received "
+            f"--format {format}."
+        )
+    if serving_version is not None and format != "saved_model":
+        raise run_lib.UsageError(
+            "--serving-version writes a TensorFlow Serving folder and "
+            f"applies to --format saved_model, received --format {format}."
+        )
+    backend = keras.backend.backend()
+    if format == "tflite" and backend != "tensorflow":
+        raise run_lib.UsageError(
+            "--format tflite needs the TensorFlow backend, received "
+            f"KERAS_BACKEND={backend}; run with KERAS_BACKEND=tensorflow."
+        )
+    if (
+        format == "onnx"
+        and backend == "tensorflow"
+        and importlib.util.find_spec("tf2onnx") is None
+    ):
+        raise run_lib.UsageError(
+            "--format onnx needs tf2onnx, which is not installed: "
+            'pip install "keras-snapshot[onnx]".'
+        )
+
+
+def export_files(
+    output: str,
+    snapshots,
+    weights=None,
+    temperature=None,
+    format: str = "saved_model",
+    quantization=None,
+    serving_version=None,
+):
+    """Builds the ensemble; writes `ENSEMBLE_FILE` and the format's entry.
+
+    The entry (`format_entry`) is replaced if it exists; with a
+    `serving_version`, other versions in `saved_model/` are kept.
+    """
     ensemble = build_ensemble(
         snapshots, weights=weights, temperature=temperature
     )
     os.makedirs(output, exist_ok=True)
-    saved_model = os.path.join(output, SAVED_MODEL_DIR)
-    if os.path.isdir(saved_model):
-        shutil.rmtree(saved_model)
+    entry = os.path.join(output, format_entry(format, serving_version))
+    if os.path.isdir(entry):
+        shutil.rmtree(entry)
+    elif os.path.lexists(entry):
+        os.remove(entry)
+    os.makedirs(os.path.dirname(entry), exist_ok=True)
+    export_ensemble(ensemble, entry, format=format, quantization=quantization)
     ensemble.save(os.path.join(output, ENSEMBLE_FILE))
-    export_ensemble(ensemble, saved_model)
     return ensemble
 
 
 def export_command(args) -> int:
     """`keras-snapshot export RUN_DIR OUTPUT`: export a run's ensemble."""
     run = run_lib.read_run(args.run_dir)
+    check_format(args.format, args.quantization, args.serving_version)
     check_output(args.output, args.overwrite)
     weights = None
     if args.select != "all":
@@ -90,10 +155,18 @@ def export_command(args) -> int:
             )
         snapshots = snapshots[-args.last :]
         weights = None if weights is None else weights[-args.last :]
-    export_files(args.output, snapshots, weights)
+    export_files(
+        args.output,
+        snapshots,
+        weights,
+        format=args.format,
+        quantization=args.quantization,
+        serving_version=args.serving_version,
+    )
+    entry = format_entry(args.format, args.serving_version)
     print(
         f"Exported an ensemble of {len(snapshots)} snapshots to "
         f"{os.path.join(args.output, ENSEMBLE_FILE)} and "
-        f"{os.path.join(args.output, SAVED_MODEL_DIR)}"
+        f"{os.path.join(args.output, entry)} (output: probabilities)"
     )
     return 0

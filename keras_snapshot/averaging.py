@@ -27,8 +27,8 @@ from keras_snapshot._io import print_msg
 from keras_snapshot.batchnorm import batchnorm_layers
 from keras_snapshot.batchnorm import recalibrate_batchnorm
 from keras_snapshot.ensemble import normalize_weights
-from keras_snapshot.loading import load_snapshots
-from keras_snapshot.loading import snapshot_paths
+from keras_snapshot.loading import describe
+from keras_snapshot.loading import load_members
 
 # Keys of a layer's config that do not change what its weights mean.
 _IGNORED_CONFIG_KEYS = ("name",)
@@ -121,25 +121,6 @@ def check_same_architecture(models: list, names: list | None = None) -> None:
                 )
 
 
-def _member_names(snapshots, members: list, last) -> list:
-    """How to name each member in an error: its path, or its model name."""
-    if isinstance(snapshots, (str, os.PathLike)):
-        try:
-            return snapshot_paths(os.fspath(snapshots), last=last)
-        except (OSError, ValueError):
-            pass
-    elif not isinstance(snapshots, keras.Model):
-        items = list(snapshots)[-len(members) :]
-        if len(items) == len(members):
-            return [
-                os.fspath(item)
-                if isinstance(item, (str, os.PathLike))
-                else f"member {i} (model {item.name!r})"
-                for i, item in enumerate(items, start=1)
-            ]
-    return [f"member {i} (model {m.name!r})" for i, m in enumerate(members, 1)]
-
-
 def _model_with_weights(template, arrays: list):
     """A new model of `template`'s architecture holding `arrays`."""
     model = keras.models.clone_model(template)
@@ -223,14 +204,15 @@ def average_weights(
     check_positive_int("batch_size", batch_size)
     if recalibration_steps is not None:
         check_positive_int("recalibration_steps", recalibration_steps)
-    members = load_snapshots(
+    loaded = load_members(
         snapshots,
         last=last,
         safe_mode=safe_mode,
         skip_invalid=skip_invalid,
         custom_objects=custom_objects,
     )
-    check_same_architecture(members, _member_names(snapshots, members, last))
+    members = [member.model for member in loaded]
+    check_same_architecture(members, [describe(m) for m in loaded])
     if weights is None:
         coefficients = np.full(len(members), 1.0 / len(members))
     else:

@@ -18,6 +18,7 @@ from keras_snapshot import layers
 from keras_snapshot._checks import check_positive_int
 from keras_snapshot.batchnorm import recalibrate_batchnorm
 from keras_snapshot.loading import Member
+from keras_snapshot.loading import describe
 from keras_snapshot.loading import load_members
 
 EXTRA_OUTPUTS = ("entropy", "mutual_information")
@@ -127,8 +128,7 @@ def check_members(members: list) -> None:
     """
     reference = None
     for member in members:
-        model = member.model
-        name = member.name + (f" ({member.source})" if member.source else "")
+        model, name = member.model, describe(member)
         if len(model.inputs) != 1 or len(model.outputs) != 1:
             raise ValueError(
                 f"Member {name} has {len(model.inputs)} inputs and "

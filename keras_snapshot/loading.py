@@ -23,7 +23,18 @@ from keras_snapshot import manifest as manifest_lib
 Member = collections.namedtuple(
     "Member", ["name", "model", "source"], defaults=[None]
 )
-"""A loaded member: `name` (`"snapshot_3"`), `model`, `source` (its path)."""
+"""A loaded member: `name` (`"snapshot_3"`), `model`, `source` (its path).
+
+`source` is None for a member passed in as a model; `describe(member)`
+names either kind in an error message.
+"""
+
+
+def describe(member: Member) -> str:
+    """`snapshot_3 (path/snapshot-03.keras)` or `snapshot_1 (model 'm')`."""
+    where = member.source or f"model {member.model.name!r}"
+    return f"{member.name} ({where})"
+
 
 _SNAPSHOT_FILE = re.compile(r"snapshot-(\d+)\.keras$")
 
@@ -195,11 +206,7 @@ def load_members(
                 "would predict NaN. Leave it out (e.g. `last=`), or pass "
                 "`allow_nonfinite=True` to use it anyway."
             )
-        source = (
-            f"model {item.name!r}"
-            if isinstance(item, keras.Model)
-            else os.fspath(item)
-        )
+        source = None if isinstance(item, keras.Model) else os.fspath(item)
         members.append(Member(name, model, source))
     return members
 

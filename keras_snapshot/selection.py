@@ -27,7 +27,6 @@ in snapshot order (oldest first), and labels are as in
 """
 
 import dataclasses
-import os
 
 import numpy as np
 from numpy.typing import ArrayLike
@@ -38,8 +37,7 @@ from keras_snapshot import metrics
 from keras_snapshot._checks import check_positive_int
 from keras_snapshot._checks import check_positive_number
 from keras_snapshot.ensemble import normalize_weights
-from keras_snapshot.loading import load_snapshots
-from keras_snapshot.loading import snapshot_paths
+from keras_snapshot.loading import load_members
 
 _METRICS = ("nll", "error")
 # Temperatures are searched in [0.05, 20], on a log scale: beyond these,
@@ -668,11 +666,10 @@ def select_snapshots(
             f"`validation_data=(x_val, y_val)`. Received: {received}."
         )
     x_val, y_val = validation_data
-    if isinstance(snapshots, (str, os.PathLike)):
-        items = snapshot_paths(os.fspath(snapshots))
-    else:
-        items = list(snapshots)
-    members = load_snapshots(items, safe_mode=safe_mode)
+    loaded = load_members(snapshots, safe_mode=safe_mode)
+    members = [member.model for member in loaded]
+    # What the caller passes on to build_ensemble: paths, or the models.
+    items = [member.source or member.model for member in loaded]
     member_probs = predict_members(members, x_val, batch_size)
     weights = choose_members(member_probs, y_val, method, metric)
     chosen, chosen_weights = members_and_weights(range(len(members)), weights)

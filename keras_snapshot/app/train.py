@@ -141,6 +141,14 @@ class _Diverged(keras.callbacks.Callback):
             )
 
 
+def _loads(model, path: str) -> bool:
+    try:
+        model.load_weights(path)
+    except (OSError, ValueError):
+        return False
+    return True
+
+
 def _check_backup(model, backup_dir: str) -> None:
     """Makes an unreadable backup harmless before `fit` reads it.
 
@@ -156,22 +164,18 @@ def _check_backup(model, backup_dir: str) -> None:
         return
     if not model.optimizer.built:
         model.optimizer.build(model.trainable_variables)
-    for candidate in (latest, latest + ".bkp"):
-        if not os.path.exists(candidate):
-            continue
-        try:
-            model.load_weights(candidate)
-        except (OSError, ValueError):
-            continue
-        if candidate != latest:
-            for name in ("latest.weights.h5", "training_metadata.json"):
-                older = os.path.join(backup_dir, name + ".bkp")
-                if os.path.exists(older):
-                    shutil.copyfile(older, os.path.join(backup_dir, name))
-            print(
-                "The last backup was cut short; resuming from the one before."
-            )
+    if _loads(model, latest):
         return
+    if os.path.exists(latest + ".bkp"):
+        # Keras reads weights only from a `.weights.h5` name: put the older
+        # copy (and its epoch) in place of the newer one, then try it.
+        for name in ("latest.weights.h5", "training_metadata.json"):
+            older = os.path.join(backup_dir, name + ".bkp")
+            if os.path.exists(older):
+                shutil.copyfile(older, os.path.join(backup_dir, name))
+        if _loads(model, latest):
+            print("The last backup was cut short; resuming from the one before")
+            return
     aside = f"{backup_dir}-unreadable-{time.strftime('%Y%m%d-%H%M%S')}"
     os.replace(backup_dir, aside)
     print(

@@ -1,7 +1,7 @@
 """Which cheap ensemble should I use? Every method, same data and budget.
 
-On the bundled Fashion-MNIST subset (`fashion_mnist_small`: 2700 training,
-300 validation, 3000 test images), the same CNN and the same budget of
+On the bundled Fashion-MNIST subset (`fashion_mnist_small`: 900 training,
+100 validation, 5000 test images), the same CNN and the same budget of
 `--epochs` epochs, for each seed: a single model (one cosine decay), the
 snapshot ensemble (best last m on validation), SGDR snapshots (t_mul=2),
 FGE, SWA of the snapshots and of the FGE snapshots (+ BatchNorm
@@ -330,7 +330,7 @@ def _cli_method(row: str) -> str:
     return row
 
 
-def markdown(rows, goals, args, hardware, seconds) -> str:
+def markdown(rows, goals, args, hardware, seconds, sizes) -> str:
     header = [
         "method",
         "test error %",
@@ -397,7 +397,8 @@ def markdown(rows, goals, args, hardware, seconds) -> str:
             "",
             f"`python benchmarks/methods.py --seeds {args.seeds} --epochs "
             f"{args.epochs}`: Fashion-MNIST subset (`fashion_mnist_small`, "
-            "2700 train / 300 validation / 3000 test), CNN widths "
+            f"{sizes['train']} train / {sizes['val']} validation / "
+            f"{sizes['test']} test), CNN widths "
             f"{args.widths} (Conv-BN-ReLU-MaxPool blocks, `bench_cnn`), "
             f"{args.epochs} epochs of batch {args.batch_size}, SGD momentum "
             f"0.9, lr {args.lr}, weight decay {args.weight_decay}, "
@@ -454,7 +455,8 @@ def main(argv=None):
         shutil.rmtree(workdir, ignore_errors=True)
     seconds = time.perf_counter() - started
     rows, goals = summarize(per_seed, costs, args)
-    md = markdown(rows, goals, args, hardware, seconds)
+    sizes = {k: len(data[f"y_{k}"]) for k in ("train", "val", "test")}
+    md = markdown(rows, goals, args, hardware, seconds, sizes)
     common.write_results(
         args.out,
         NAME,

@@ -8,7 +8,7 @@ def print_msg(message: str) -> None:
 
     Like Keras's own callbacks: stdout while interactive logging is on
     (`keras.config.enable_interactive_logging`), absl logging otherwise.
-    Callbacks call it at epoch ends, below the progress bar, never in the
+    Callbacks call it once an epoch's progress bar is complete, never in the
     middle of an epoch.
 
     Example:

@@ -83,7 +83,8 @@ class SnapshotCheckpoint(keras.callbacks.Callback):
 
     The per-batch check is one integer comparison in `on_train_batch_begin`,
     which leaves Keras's asynchronous batch dispatch on. Messages are printed
-    at the end of the epoch, below the progress bar.
+    once the epoch's progress bar is complete (at the next epoch or at the
+    end of training).
 
     Args:
         directory: Folder for the snapshots and manifest; created if needed.
@@ -370,6 +371,8 @@ class SnapshotCheckpoint(keras.callbacks.Callback):
             self._planned = True
 
     def on_epoch_begin(self, epoch, logs=None):
+        # The last epoch's messages, now that its progress bar is complete.
+        self._flush_messages()
         self._epoch = epoch
         # Read once per epoch; batch hooks then only add the batch index.
         self._epoch_start_step = self._current_step()
@@ -384,7 +387,6 @@ class SnapshotCheckpoint(keras.callbacks.Callback):
         step = self._current_step()
         if step in self._steps_due:
             self._save_snapshot(step, batch=None, logs=logs)
-        self._flush_messages()
         if self._writer:
             self._check_not_in_backup_folder()
 

@@ -394,3 +394,17 @@ def test_manifest_file_is_valid_json_with_schema(snapshot_run):
         manifest = json.load(f)
     assert manifest["format"] == "keras_snapshot.manifest"
     assert manifest["cycle_end_steps"] == [10, 20, 30]
+
+
+def test_snapshot_line_is_printed_on_its_own_line(tmp_path, capsys):
+    """Below the finished progress bar, never inside it (verbose fit)."""
+    keras.utils.set_random_seed(0)
+    x, y = make_data()
+    model = make_model()
+    compile_with_schedule(model, total_steps=30, num_snapshots=3)
+    callback = SnapshotCheckpoint(str(tmp_path / "snaps"))
+    model.fit(x, y, batch_size=16, epochs=5, verbose=1, callbacks=[callback])
+    out = capsys.readouterr().out
+    lines = [line for line in out.split("\n") if "Snapshot " in line]
+    assert len(lines) == 3
+    assert all(line.startswith("Snapshot ") for line in lines), lines

@@ -447,3 +447,28 @@ def test_diverging_run_stops_with_one_line(tmp_path, capsys):
     assert code == 2
     err = capsys.readouterr().err.strip()
     assert "training diverged" in err and len(err.splitlines()) == 1
+
+
+def test_second_cli_run_on_a_live_run_directory_is_refused(tmp_path, capsys):
+    from keras_snapshot.app import cli
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=ROOT)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", _HOLDER, str(run_dir)],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        argv = ["train", "--dataset", "digits", "--epochs", "2"]
+        assert cli.main([*argv, "--output-dir", str(run_dir)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert "is being written by process" in err
+        assert len(err.splitlines()) == 1
+        assert not (run_dir / "run.json").exists()
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait(timeout=60)

@@ -22,6 +22,7 @@ from keras_snapshot._checks import check_positive_int
 from keras_snapshot._checks import check_positive_number
 from keras_snapshot.app.distribute import STRATEGY_NAMES
 from keras_snapshot.app.run import UsageError
+from keras_snapshot.app.run import release_run_dirs
 
 # Command name -> (module in keras_snapshot.app, function).
 _COMMANDS = {
@@ -425,6 +426,8 @@ def main(argv=None) -> int:
             file=sys.stderr,
         )
         return 130
+    finally:
+        release_run_dirs()
 
 
 if __name__ == "__main__":

@@ -235,6 +235,7 @@ def freezeout_command(args) -> int:
         model, t0=config["t0"], scaling=config["freezeout_scaling"]
     )
     del model
+    run_lib.lock_run_dir(config["output_dir"])  # Until the command ends.
     run = run_lib.start_or_resume(config, overwrite=args.overwrite)
     run_dir = config["output_dir"]
     strategy = _strategy(args.strategy)

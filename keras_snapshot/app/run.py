@@ -111,6 +111,51 @@ def _ensure_writable(directory: str) -> None:
         ) from None
 
 
+def _contents(run_dir: str) -> list:
+    """The folder's entries, less the lock this process holds on it."""
+    from keras_snapshot.manifest import LOCK_NAME
+
+    return [name for name in os.listdir(run_dir) if name != LOCK_NAME]
+
+
+def lock_run_dir(run_dir: str):
+    """Locks the run folder for this command, creating it if needed.
+
+    A second `keras-snapshot train` on the same `--output-dir` is refused
+    with one line before it reads or writes anything. `cli.main` releases
+    the lock when the command ends; a killed process loses it. Returns the
+    locked `SnapshotDirectory`, or None for a path that is not a run folder
+    (then `start_or_resume` says why).
+    """
+    from keras_snapshot.manifest import DirectoryLockedError
+    from keras_snapshot.manifest import SnapshotDirectory
+
+    if os.path.islink(run_dir) or (
+        os.path.lexists(run_dir) and not os.path.isdir(run_dir)
+    ):
+        return None
+    is_run = os.path.isfile(os.path.join(run_dir, RUN_FILE))
+    if os.path.isdir(run_dir) and _contents(run_dir) and not is_run:
+        return None  # Someone else's folder: touched by nobody.
+    _ensure_writable(run_dir)
+    folder = SnapshotDirectory(run_dir)
+    try:
+        folder.lock()
+    except DirectoryLockedError as e:
+        raise UsageError(str(e).replace("snapshot directory", "run")) from None
+    _LOCKED.append(folder)
+    return folder
+
+
+_LOCKED = []
+
+
+def release_run_dirs() -> None:
+    """Unlocks the run folders this process locked (the command is over)."""
+    while _LOCKED:
+        _LOCKED.pop().unlock()
+
+
 def start_or_resume(config: dict, overwrite: bool) -> dict:
     """The run in `config["output_dir"]`: a new one, or the one to resume.
 
@@ -134,7 +179,7 @@ def start_or_resume(config: dict, overwrite: bool) -> dict:
                 + "). Use another --output-dir, or --overwrite to start over."
             )
         return run
-    if os.path.isdir(run_dir) and os.listdir(run_dir):
+    if os.path.isdir(run_dir) and _contents(run_dir):
         raise UsageError(
             f"the output directory {run_dir} exists and is not a "
             "keras-snapshot run; choose another --output-dir."
@@ -157,7 +202,7 @@ def remove_run(run_dir: str) -> None:
             "is a link or not a folder; choose another --output-dir."
         )
     if not os.path.isfile(os.path.join(run_dir, RUN_FILE)):
-        if not os.listdir(run_dir):
+        if not _contents(run_dir):
             return
         raise UsageError(
             f"--overwrite only replaces a keras-snapshot run, and {run_dir} "

@@ -273,6 +273,7 @@ def train_command(args) -> int:
     methods_lib.check_resume(config)
     # The model must fit the data before a run is recorded.
     get_model(config["model"], data.input_shape, data.num_classes)
+    run_lib.lock_run_dir(config["output_dir"])  # Until the command ends.
     run = run_lib.start_or_resume(config, overwrite=args.overwrite)
     run_dir = config["output_dir"]
     strategy = _strategy(args.strategy)

@@ -12,51 +12,57 @@ Layers, bottom to top (imports only go down; `tests/test_layering.py`):
 - application: `keras_snapshot.app` (command line, report, data, models).
 
 Importing the package registers its serializable objects with Keras, so
-`.keras` files that use them load after `import keras_snapshot`.
+`.keras` files that use them load after `import keras_snapshot`. The one
+exception is the `keras-snapshot` program itself, so that `--help` and
+`--version` answer without importing TensorFlow: it imports the rest as soon
+as it runs a command.
 """
 
-from keras_snapshot import metrics
-from keras_snapshot import selection
-from keras_snapshot.averaging import StochasticWeightAveraging
-from keras_snapshot.averaging import average_weights
-from keras_snapshot.batchnorm import recalibrate_batchnorm
-from keras_snapshot.checkpoint import SnapshotCheckpoint
-from keras_snapshot.distill import distill
-from keras_snapshot.ensemble import build_ensemble
-from keras_snapshot.ensemble import combine_members
-from keras_snapshot.ensemble import export_ensemble
-from keras_snapshot.fge import FGESchedule
-from keras_snapshot.freezeout import FreezeOut
-from keras_snapshot.freezeout import estimate_speedup
-from keras_snapshot.loading import load_snapshots
-from keras_snapshot.loading import snapshot_paths
-from keras_snapshot.manifest import SnapshotDirectory
-from keras_snapshot.manifest import read_manifest
-from keras_snapshot.schedule import SnapshotSchedule
-from keras_snapshot.selection import SnapshotSelection
-from keras_snapshot.selection import select_snapshots
+import importlib
+import os
+import sys
 
 __version__ = "0.2.0"
 
-__all__ = [
-    "FGESchedule",
-    "FreezeOut",
-    "SnapshotCheckpoint",
-    "SnapshotDirectory",
-    "SnapshotSchedule",
-    "SnapshotSelection",
-    "StochasticWeightAveraging",
-    "average_weights",
-    "build_ensemble",
-    "combine_members",
-    "distill",
-    "estimate_speedup",
-    "export_ensemble",
-    "load_snapshots",
-    "metrics",
-    "read_manifest",
-    "recalibrate_batchnorm",
-    "select_snapshots",
-    "selection",
-    "snapshot_paths",
-]
+_EXPORTS = {
+    "FGESchedule": "fge",
+    "FreezeOut": "freezeout",
+    "SnapshotCheckpoint": "checkpoint",
+    "SnapshotDirectory": "manifest",
+    "SnapshotSchedule": "schedule",
+    "SnapshotSelection": "selection",
+    "StochasticWeightAveraging": "averaging",
+    "average_weights": "averaging",
+    "build_ensemble": "ensemble",
+    "combine_members": "ensemble",
+    "distill": "distill",
+    "estimate_speedup": "freezeout",
+    "export_ensemble": "ensemble",
+    "load_snapshots": "loading",
+    "read_manifest": "manifest",
+    "recalibrate_batchnorm": "batchnorm",
+    "select_snapshots": "selection",
+    "snapshot_paths": "loading",
+}
+_MODULES = ("metrics", "selection")
+__all__ = sorted([*_EXPORTS, *_MODULES])
+
+
+def import_all() -> None:
+    """Imports every public name (and registers the Keras objects)."""
+    for name in _MODULES:
+        globals()[name] = importlib.import_module(f"keras_snapshot.{name}")
+    for name, module in _EXPORTS.items():
+        module = importlib.import_module(f"keras_snapshot.{module}")
+        globals()[name] = getattr(module, name)
+
+
+def __getattr__(name):
+    if name in _EXPORTS or name in _MODULES:
+        import_all()
+        return globals()[name]
+    raise AttributeError(f"module 'keras_snapshot' has no attribute {name!r}")
+
+
+if os.path.basename(sys.argv[0] if sys.argv else "") != "keras-snapshot":
+    import_all()

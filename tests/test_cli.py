@@ -355,3 +355,45 @@ def test_temperature_scaling_is_fitted_on_validation(cli_run, tmp_path):
         selection.apply_temperature(test.mean(0), temperature),
         atol=1e-3,
     )
+
+
+HELP_WITHOUT_TENSORFLOW = """
+import sys
+sys.argv = ["/bin/keras-snapshot"]  # As the installed program starts.
+from keras_snapshot.app import cli
+for argv in (["--help"], ["train", "--help"], ["--version"]):
+    try:
+        cli.main(argv)
+    except SystemExit as e:
+        assert e.code == 0, (argv, e.code)
+print(sorted(m for m in ("tensorflow", "keras", "jax") if m in sys.modules))
+"""
+
+
+def test_help_and_version_do_not_import_tensorflow():
+    result = subprocess.run(
+        [sys.executable, "-c", HELP_WITHOUT_TENSORFLOW],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip().splitlines()[-1] == "[]"
+    assert "keras-snapshot " + keras_snapshot.__version__ in result.stdout
+
+
+def test_the_program_registers_keras_objects_when_it_runs_a_command():
+    code = """
+import sys
+sys.argv = ["/bin/keras-snapshot"]
+import keras_snapshot
+assert "SnapshotSchedule" not in vars(keras_snapshot)
+from keras_snapshot.app import cli
+cli.main(["evaluate", "/no/such/run"])
+import keras
+assert keras.saving.get_registered_object("keras_snapshot>SnapshotSchedule")
+print("registered")
+"""
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True
+    )
+    assert "registered" in result.stdout, result.stderr[-2000:]

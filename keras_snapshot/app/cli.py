@@ -400,6 +400,9 @@ def main(argv=None) -> int:
     # several snapshots) are noise on the command line.
     logging.getLogger("tensorflow").setLevel(logging.ERROR)
     try:
+        import keras_snapshot
+
+        keras_snapshot.import_all()  # Registers the Keras objects.
         module, function = _COMMANDS[args.command]
         run = getattr(
             importlib.import_module(f"keras_snapshot.app.{module}"), function

@@ -70,7 +70,7 @@ def _recording_checkpoint(directory, late_chief_seconds=0.0):
 
     class RecordingCheckpoint(keras_snapshot.SnapshotCheckpoint):
         def on_epoch_begin(self, epoch, logs=None):
-            if epoch == 0 and self._chief:
+            if epoch == 0 and self._writer:
                 time.sleep(late_chief_seconds)
             super().on_epoch_begin(epoch, logs)
 
@@ -213,7 +213,7 @@ def multiworker(outdir, snapshot_dir):
             )
         runs.append(
             {
-                "chief": callback._chief,
+                "chief": callback._writer,
                 "variable": type(model.trainable_variables[0].value).__name__,
                 "saved_steps": callback.saved_steps,
                 "steps": int(model.optimizer.iterations.numpy()),
@@ -329,7 +329,7 @@ def jax_multiprocess(outdir, snapshot_dir, coordinator, count, index):
         "global_devices": len(jax.devices()),
         "local_devices": len(jax.local_devices()),
         "kernel_devices": len(kernel.sharding.device_set),
-        "writer": callback._chief,
+        "writer": callback._writer,
         "saved_steps": callback.saved_steps,
         "steps": int(keras.ops.convert_to_numpy(model.optimizer.iterations)),
     }

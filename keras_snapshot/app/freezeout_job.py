@@ -65,13 +65,8 @@ def _train_freezeout(run, config, data, steps, strategy, verbose) -> float:
     from keras_snapshot.freezeout import FreezeOut
 
     run_dir = config["output_dir"]
-    if run["status"] == "trained":
-        print("Training already finished; evaluating the saved model.")
+    if not run_lib.start_training(run, run_dir):
         return run.get("train_seconds", 0.0)
-    if run["status"] == "training":
-        print("Resuming the interrupted run from its last backup.")
-    run["status"] = "training"
-    run_lib.write_run(run_dir, run)
 
     keras.utils.set_random_seed(config["seed"])
     # A constant optimizer rate: FreezeOut anneals it per group.

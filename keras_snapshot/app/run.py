@@ -217,6 +217,22 @@ def remove_run(run_dir: str) -> None:
             os.remove(path)
 
 
+def start_training(run: dict, run_dir: str) -> bool:
+    """Records that training starts or resumes; False if it already ended.
+
+    `run.json` records the status, so that a run killed during training
+    resumes from its last backup and a finished one is not trained again.
+    """
+    if run["status"] == "trained":
+        print("Training already finished; evaluating what it saved.")
+        return False
+    if run["status"] == "training":
+        print("Resuming the interrupted run from its last backup.")
+    run["status"] = "training"
+    write_run(run_dir, run)
+    return True
+
+
 def load_data(config: dict, data_dir=None):
     """The run's dataset, split as it was for training."""
     from keras_snapshot.app.datasets import load_dataset

@@ -192,13 +192,8 @@ def train_snapshots(run, config, data, schedule, strategy, verbose) -> float:
     resumes from its last backup and a finished one is not trained again.
     """
     run_dir = config["output_dir"]
-    if run["status"] == "trained":
-        print("Training already finished; evaluating the saved snapshots.")
+    if not run_lib.start_training(run, run_dir):
         return run.get("train_seconds", 0.0)
-    if run["status"] == "training":
-        print("Resuming the interrupted run from its last backup.")
-    run["status"] = "training"
-    run_lib.write_run(run_dir, run)
 
     keras.utils.set_random_seed(config["seed"])
     model = _compiled_model(

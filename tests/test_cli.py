@@ -269,8 +269,8 @@ def test_tfds_dataset_path_on_prepared_data(tmp_path):
     tfds.testing.DummyMnist(data_dir=data_dir).download_and_prepare()
     run_dir = str(tmp_path / "dummy_mnist")
     code = cli.main(
-        ["train", "--dataset", "dummy_mnist", "--data-dir", data_dir]
-        + [*SMALL, "--batch-size", "6", "--output-dir", run_dir]
+        ["train", *SMALL, "--dataset", "dummy_mnist", "--data-dir", data_dir]
+        + ["--batch-size", "6", "--output-dir", run_dir]
     )
     assert code == 0
     with open(os.path.join(run_dir, "report.json")) as f:

@@ -68,8 +68,15 @@ def saved_lines(stdout):
 
 
 def check_snapshot_directory(directory):
-    """Exactly 3 snapshots at the cycle ends, matching their sha256."""
-    assert sorted(os.listdir(directory)) == SNAPSHOT_FILES
+    """Exactly 3 snapshots at the cycle ends, matching their sha256.
+
+    (Runs a later run superseded are kept aside in `superseded-*/`.)
+    """
+    names = os.listdir(directory)
+    kept = [
+        n for n in names if not n.startswith(manifest_lib.SUPERSEDED_PREFIX)
+    ]
+    assert sorted(kept) == SNAPSHOT_FILES
     entries = keras_snapshot.read_manifest(directory)["snapshots"]
     assert [e["step"] for e in entries] == CYCLE_ENDS
     for entry in entries:
@@ -227,6 +234,13 @@ def test_multi_worker_only_the_chief_writes(tmp_path):
     assert "snapshot(s) [1, 2, 3] from later steps" in outputs[0]
     assert saved_lines(outputs[1]) == []
     check_snapshot_directory(snapshot_dir)
+    aside = [
+        n
+        for n in os.listdir(snapshot_dir)
+        if n.startswith(manifest_lib.SUPERSEDED_PREFIX)
+    ]
+    assert len(aside) == 1  # The first run's snapshots, kept.
+    check_snapshot_directory(os.path.join(snapshot_dir, aside[0]))
     # The other worker's scratch folders are gone (and the chief had none).
     for index in range(2):
         left = os.listdir(tmp_path / f"tmp-{index}")

@@ -27,6 +27,8 @@ learning rates of the paper's Figure 1 (`freezeout_rates.png`).
 """
 
 import argparse
+import gc
+import json
 import math
 import os
 import sys
@@ -43,10 +45,12 @@ from common import write_results  # noqa: E402
 from keras_snapshot.app.datasets import load_dataset  # noqa: E402
 from keras_snapshot.app.models import densenet  # noqa: E402
 from keras_snapshot.app.models import resnet  # noqa: E402
+from keras_snapshot.freezeout import DEFAULT_GROUPS  # noqa: E402
 from keras_snapshot.freezeout import FreezeOut  # noqa: E402
 from keras_snapshot.freezeout import estimate_speedup  # noqa: E402
 from keras_snapshot.freezeout import freeze_fractions  # noqa: E402
 from keras_snapshot.freezeout import group_rate_factor  # noqa: E402
+from keras_snapshot.freezeout import resolve_groups  # noqa: E402
 
 SHAPE = (28, 28, 1)
 
@@ -73,18 +77,29 @@ def load_data(args) -> dict:
     }
 
 
-def configs(args) -> list:
-    """`None` (normal training), then one dict per FreezeOut setting."""
+def configs(args, model_name: str) -> list:
+    """`None` (normal training), then one dict per FreezeOut setting.
+
+    Models in `--grid-models` run every `--t0` x `--scalings` x (scaled,
+    unscaled) setting; every model runs the `--extra` shortlist.
+    """
     out = [None]
-    for t0 in args.t0:
-        for scaling in args.scalings:
-            for scale_lr in (True, False) if args.unscaled else (True,):
-                out.append({"t0": t0, "scaling": scaling, "scale_lr": scale_lr})
+    if model_name in args.grid_models:
+        for t0 in args.t0:
+            for scaling in args.scalings:
+                for scale_lr in (True, False) if args.unscaled else (True,):
+                    out.append(
+                        {"t0": t0, "scaling": scaling, "scale_lr": scale_lr}
+                    )
     for text in args.extra:
         t0, scaling, kind = text.split(":")
-        out.append(
-            {"t0": float(t0), "scaling": scaling, "scale_lr": kind == "scaled"}
-        )
+        config = {
+            "t0": float(t0),
+            "scaling": scaling,
+            "scale_lr": kind == "scaled",
+        }
+        if config not in out:
+            out.append(config)
     return out
 
 
@@ -124,6 +139,11 @@ def steady_seconds(durations, trace_steps) -> tuple[float, float]:
 
 
 def run_one(model_name, config, data, args, seed) -> dict:
+    # Free the earlier runs' models and traced graphs first: otherwise the
+    # process grows, and Python's garbage collector pauses (seconds) land
+    # at random in the timed `fit` calls.
+    keras.backend.clear_session(free_memory=True)
+    gc.collect()
     keras.utils.set_random_seed(seed)
     model = build_model(model_name)
     steps = args.epochs * math.ceil(len(data["x_train"]) / args.batch_size)
@@ -175,6 +195,45 @@ def run_one(model_name, config, data, args, seed) -> dict:
     return result
 
 
+GOAL_SAVING = 0.2
+"""The paper's envelope: this much less wall time ..."""
+GOAL_RELATIVE_ERROR = 0.03
+"""... within this relative change of normal training's test error."""
+
+
+def steps_to_wall_saving(
+    goal, steps, base_steady, steady, base_trace, trace
+) -> float | None:
+    """Run length (steps) at which the wall-time saving reaches `goal`.
+
+    A projection from one run's measurements: a run of `S` steps costs
+    its tracing seconds once plus `S` times its steady-state seconds per
+    step, so the saving `1 - (trace + S * p) / (base_trace + S * p_base)`
+    grows with `S` towards the steady-state saving `1 - p / p_base`.
+    Returns `None` when that limit is below `goal` (never reached), and
+    `steps` or fewer when this run already reached it.
+
+    Example: `steps_to_wall_saving(0.2, 100, 50.0, 35.0, 5.0, 12.0)`
+    is 160 steps (0.5 s per normal step, 0.35 s with freezing).
+    """
+    per_step_base = base_steady / steps
+    per_step = steady / steps
+    margin = (1 - goal) * per_step_base - per_step
+    if margin <= 0:
+        return None
+    return float(max(0.0, (trace - (1 - goal) * base_trace) / margin))
+
+
+def warm_up(data, args) -> None:
+    """One tiny untimed FreezeOut run of each model, so that no timed run
+    pays for the process's first `fit` (TensorFlow's start-up costs)."""
+    small = {key: value[:256] for key, value in data.items()}
+    quick = argparse.Namespace(**{**vars(args), "epochs": 1})
+    for model_name in args.models:
+        config = {"t0": 0.5, "scaling": "linear", "scale_lr": True}
+        run_one(model_name, config, small, quick, seed=0)
+
+
 def summarize(results, args) -> list:
     rows = []
     for model_name in args.models:
@@ -187,8 +246,17 @@ def summarize(results, args) -> list:
         base_sec = np.mean([r["seconds"] for r in base])
         base_steady = np.mean([r["steady_seconds"] for r in base])
         base_trace = np.mean([r["trace_seconds"] for r in base])
+        base_err_of_seed = {r["seed"]: r["test_error"] for r in base}
         for name, runs in by_config.items():
             err = [r["test_error"] for r in runs]
+            # The change against normal training of the same seed (same
+            # initial weights and batches), one value per seed.
+            paired = [
+                (r["test_error"] - base_err_of_seed[r["seed"]])
+                / base_err_of_seed[r["seed"]]
+                for r in runs
+                if r["seed"] in base_err_of_seed
+            ]
             sec = np.mean([r["seconds"] for r in runs])
             steady = np.mean([r["steady_seconds"] for r in runs])
             events = runs[0].get("freeze_events") or 0
@@ -196,10 +264,20 @@ def summarize(results, args) -> list:
             if events:
                 extra = np.mean([r["trace_seconds"] for r in runs]) - base_trace
                 retrace = float(extra / events)
+            steps = runs[0]["steps"]
             rows.append(
                 {
                     "model": model_name,
                     "config": name,
+                    "steps": steps,
+                    "steps_to_goal": steps_to_wall_saving(
+                        GOAL_SAVING,
+                        steps,
+                        base_steady,
+                        steady,
+                        base_trace,
+                        np.mean([r["trace_seconds"] for r in runs]),
+                    ),
                     "seeds": len(runs),
                     "test_error": float(np.mean(err)),
                     "test_error_std": float(np.std(err)),
@@ -211,6 +289,7 @@ def summarize(results, args) -> list:
                     "relative_error_change": float(
                         (np.mean(err) - base_err) / base_err
                     ),
+                    "paired_relative_change_std": float(np.std(paired)),
                     "estimated_saving": runs[0].get("estimated_saving"),
                     "freeze_events": runs[0].get("freeze_events"),
                 }
@@ -218,13 +297,33 @@ def summarize(results, args) -> list:
     return rows
 
 
-def markdown(rows, args) -> str:
+def meets_goal(row) -> bool:
+    """Whether a setting saved >= 20% wall time within 3% relative error."""
+    return (
+        1 - row["time_ratio"] >= GOAL_SAVING
+        and row["relative_error_change"] <= GOAL_RELATIVE_ERROR
+    )
+
+
+def best_point(rows) -> dict | None:
+    """The FreezeOut setting with the largest wall-time saving among those
+    within the error envelope (`None` if no setting stays within it)."""
+    within = [
+        r
+        for r in rows
+        if r["freeze_events"]
+        and r["relative_error_change"] <= GOAL_RELATIVE_ERROR
+    ]
+    return max(within, key=lambda r: 1 - r["time_ratio"], default=None)
+
+
+def markdown(rows, args, sizes) -> str:
     table = md_table(
         [
             "model",
             "setting",
             "test error %",
-            "rel. error change",
+            "rel. error change (± std of seed pairs)",
             "wall s",
             "wall saving",
             "steady-state s",
@@ -232,6 +331,8 @@ def markdown(rows, args) -> str:
             "estimated saving",
             "retraces",
             "s per retrace",
+            "steps to 20% wall saving (projected)",
+            "goal met",
         ],
         [
             [
@@ -239,7 +340,8 @@ def markdown(rows, args) -> str:
                 r["config"],
                 f"{100 * r['test_error']:.2f} "
                 f"± {100 * r['test_error_std']:.2f}",
-                f"{100 * r['relative_error_change']:+.1f}%",
+                f"{100 * r['relative_error_change']:+.1f}% "
+                f"± {100 * r['paired_relative_change_std']:.1f}",
                 f"{r['seconds']:.1f}",
                 f"{100 * (1 - r['time_ratio']):.0f}%",
                 f"{r['steady_seconds']:.1f}",
@@ -251,22 +353,108 @@ def markdown(rows, args) -> str:
                 "-"
                 if r["seconds_per_retrace"] is None
                 else f"{r['seconds_per_retrace']:.1f}",
+                "-"
+                if not r["freeze_events"]
+                else "never"
+                if r["steps_to_goal"] is None
+                else f"{r['steps_to_goal']:.0f}",
+                "-"
+                if not r["freeze_events"]
+                else "yes"
+                if meets_goal(r)
+                else "no",
             ]
             for r in rows
         ],
     )
-    groups = "one per weighted layer" if args.groups is None else args.groups
-    return (
-        f"`{args.dataset}`, {args.subset} training / "
-        f"{args.test_size or 'all'} test images, {args.epochs} epochs, batch "
-        f"{args.batch_size}, SGD Nesterov lr0={args.lr}, groups: {groups}, "
-        f"seeds {args.seeds} (error: mean ± std over seeds; times: means). "
-        "Wall: `fit` with the first trace and FreezeOut's retraces; "
+    groups = (
+        "one per weighted layer" if args.groups == "layers" else args.groups
+    )
+    lines = [
+        f"`{args.dataset}`, {sizes['train']} training / {sizes['test']} test "
+        f"images, {args.epochs} epochs of batch {args.batch_size} "
+        f"({rows[0]['steps']} steps), SGD Nesterov lr0={args.lr}, groups: "
+        f"{groups}, seeds {args.seeds} (error: mean ± std over seeds; times: "
+        "means). Wall: `fit` with the first trace and FreezeOut's retraces; "
         "steady-state: the per-batch times with each tracing batch counted "
         "at the time of the next batch. Savings are against normal "
-        "training of the same model. Machine: "
-        f"{hardware()['cpu']}, {os.cpu_count()} cores, shared.\n\n"
-        + table
+        "training of the same model. Steps to 20% wall saving: the run "
+        "length at which this setting's measured tracing cost and time per "
+        "step would give 20% less wall time (a projection; `never` when the "
+        "steady-state saving is below 20%). Goal: >= 20% less wall time "
+        "within +3% relative test error. Machine: "
+        f"{hardware()['cpu']}, {os.cpu_count()} cores.",
+        "",
+        table,
+    ]
+    for model_name in dict.fromkeys(r["model"] for r in rows):
+        best = best_point([r for r in rows if r["model"] == model_name])
+        if best is None:
+            closest = min(
+                (
+                    r
+                    for r in rows
+                    if r["model"] == model_name and r["freeze_events"]
+                ),
+                key=lambda r: r["relative_error_change"],
+            )
+            lines.append(
+                f"- {model_name}: no FreezeOut setting stayed within +3% "
+                f"relative error; the closest, {closest['config']}, had "
+                f"{100 * closest['relative_error_change']:+.1f}% error for "
+                f"{100 * (1 - closest['time_ratio']):.0f}% wall / "
+                f"{100 * (1 - closest['steady_ratio']):.0f}% steady-state "
+                "saving."
+            )
+        else:
+            lines.append(
+                f"- {model_name}: best point within +3% relative error: "
+                f"{best['config']}, {100 * (1 - best['time_ratio']):.0f}% "
+                f"wall / {100 * (1 - best['steady_ratio']):.0f}% steady-state "
+                f"saving, {100 * best['relative_error_change']:+.1f}% error "
+                f"({'goal met' if meets_goal(best) else 'goal not met'})."
+            )
+    return "\n".join(lines) + "\n"
+
+
+def groups_table(rows, args) -> str:
+    """Estimated saving with FreezeOut's default groups vs one per layer.
+
+    No training: `estimate_speedup` of each model and setting run, with
+    `groups=None` (at most `DEFAULT_GROUPS` merged groups) and `"layers"`.
+    """
+    table = []
+    for row in rows:
+        if not row["freeze_events"]:
+            continue
+        t0, scaling = row["config"].split()[:2]
+        t0 = float(t0.removeprefix("t0="))
+        model = build_model(row["model"])
+        per_layer = resolve_groups(model, "layers")
+        table.append(
+            [
+                row["model"],
+                f"t0={t0} {scaling}",
+                f"{100 * estimate_speedup(model, None, t0, scaling):.0f}%",
+                f"{100 * estimate_speedup(model, 'layers', t0, scaling):.0f}%",
+                f"{len(per_layer) - 1}",
+            ]
+        )
+    unique = list({tuple(r): r for r in table}.values())
+    return (
+        f"Estimated saving of training FLOPs with FreezeOut's default groups "
+        f"(at most {DEFAULT_GROUPS}, so at most {DEFAULT_GROUPS - 1} "
+        "retraces) against one group per weighted layer (no training):\n\n"
+        + md_table(
+            [
+                "model",
+                "setting",
+                f"default groups (<= {DEFAULT_GROUPS})",
+                "one group per layer",
+                "freeze steps (retraces) per layer, at most",
+            ],
+            unique,
+        )
         + "\n"
     )
 
@@ -314,7 +502,6 @@ def results_from_log(path, args) -> list:
     import re
 
     from keras_snapshot.freezeout import freeze_steps
-    from keras_snapshot.freezeout import resolve_groups
 
     pattern = re.compile(
         r"^(\S+) (.+) seed (\d+): error ([\d.]+)%, ([\d.]+) s "
@@ -322,7 +509,9 @@ def results_from_log(path, args) -> list:
     )
     size = len(load_data(args)["x_train"])
     steps = args.epochs * math.ceil(size / args.batch_size)
-    by_label = {label(c): c for c in configs(args)}
+    by_label = {
+        label(c): c for name in args.models for c in configs(args, name)
+    }
     results = []
     with open(path) as f:
         for line in f:
@@ -361,23 +550,38 @@ def results_from_log(path, args) -> list:
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="tiny smoke setting")
-    p.add_argument("--dataset", default="fashion_mnist_small")
-    p.add_argument("--models", nargs="+", default=["resnet8", "densenet7"])
-    p.add_argument("--t0", type=float, nargs="+", default=[0.8])
+    p.add_argument(
+        "--dataset",
+        default="fashion_mnist_local",
+        help="Debian's Fashion-MNIST files (apt-get install -y "
+        "dataset-fashion-mnist); fashion_mnist_small needs no install",
+    )
+    p.add_argument(
+        "--models", nargs="+", default=["resnet20", "densenet16", "resnet56"]
+    )
+    p.add_argument(
+        "--grid-models",
+        nargs="*",
+        default=["resnet20"],
+        help="models that run the whole t0 x scalings x (un)scaled grid; "
+        "the others run normal training and the --extra settings",
+    )
+    p.add_argument("--t0", type=float, nargs="+", default=[0.5, 0.8])
     p.add_argument(
         "--scalings", nargs="+", default=["linear", "squared", "cubic"]
     )
     p.add_argument(
         "--extra",
         nargs="*",
-        default=["0.5:linear:unscaled"],
-        help="more settings as t0:scaling:scaled|unscaled",
+        default=["0.8:cubic:scaled", "0.5:linear:unscaled"],
+        help="settings every model runs, as t0:scaling:scaled|unscaled "
+        "(the paper's two defaults)",
     )
     p.add_argument("--no-unscaled", dest="unscaled", action="store_false")
     p.add_argument("--seeds", type=int, default=3)
-    p.add_argument("--epochs", type=int, default=2)
+    p.add_argument("--epochs", type=int, default=4)
     p.add_argument("--subset", type=int, default=2048)
-    p.add_argument("--test-size", type=int, default=0, help="0: all")
+    p.add_argument("--test-size", type=int, default=2000, help="0: all")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=0.1)
     p.add_argument(
@@ -385,19 +589,28 @@ def parse_args(argv=None):
         type=int,
         default=4,
         help="merge the weighted layers into this many groups, i.e. this "
-        "many minus one retraces (0: one group per weighted layer)",
+        "many minus one retraces (4 is FreezeOut's default; 0: one group "
+        "per weighted layer)",
     )
     p.add_argument("--name", default="freezeout", help="result file prefix")
+    p.add_argument(
+        "--render-only",
+        action="store_true",
+        help="write the tables again from the runs in NAME.json, without "
+        "training",
+    )
     p.add_argument(
         "--from-log",
         help="write the results of the runs printed in this log of an "
         "interrupted run of the same settings, without training",
     )
     args = p.parse_args(argv)
-    args.groups = args.groups or None
+    args.groups = args.groups or "layers"
     if args.quick:
-        args.models = ["resnet8", "densenet7"]
-        args.t0, args.seeds, args.epochs, args.extra = [0.8], 1, 3, []
+        args.dataset = "fashion_mnist_small"
+        args.models, args.grid_models = ["resnet8", "densenet7"], ["resnet8"]
+        args.t0, args.scalings, args.unscaled = [0.8], ["cubic"], False
+        args.seeds, args.epochs, args.extra = 1, 3, ["0.5:linear:unscaled"]
         args.subset, args.test_size = 1024, 2000
         args.name = "freezeout_quick"
     return args
@@ -409,10 +622,16 @@ def main(argv=None):
     results = []
     if args.from_log:
         results = results_from_log(args.from_log, args)
+    elif args.render_only:
+        with open(os.path.join(RESULTS, f"{args.name}.json")) as f:
+            results = json.load(f)["runs"]
+    else:
+        warm_up(data, args)
+    if results:
         args.models = list(dict.fromkeys(r["model"] for r in results))
-    for model_name in args.models if not args.from_log else []:
+    for model_name in args.models if not results else []:
         for seed in range(args.seeds):
-            for config in configs(args):
+            for config in configs(args, model_name):
                 r = run_one(model_name, config, data, args, seed)
                 print(
                     f"{model_name} {r['config']} seed {seed}: error "
@@ -422,7 +641,8 @@ def main(argv=None):
                 )
                 results.append(r)
     rows = summarize(results, args)
-    text = markdown(rows, args)
+    sizes = {"train": len(data["x_train"]), "test": len(data["x_test"])}
+    text = markdown(rows, args, sizes) + "\n" + groups_table(rows, args)
     print(text)
     write_results(
         RESULTS,

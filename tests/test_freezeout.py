@@ -34,6 +34,7 @@ TIMEOUT_SECONDS = 600
 BATCH = 16
 N = 96  # 6 steps per epoch
 LR = 0.1
+WD = 0.05  # large, so that a decay at the wrong rate fails the tolerance
 TF = keras.backend.backend() == "tensorflow"
 
 
@@ -54,8 +55,16 @@ def np_rate(t, t_i, total, lr0, scale_lr):
     return 0.5 * start * (1 + np.cos(np.pi * t / (t_i * total)))
 
 
-def np_update(kind, g, lr, state, t):
-    """One Keras optimizer step on one variable; returns the change."""
+def np_update(kind, g, lr, state, t, w=None):
+    """One Keras optimizer step on one variable; returns the change.
+
+    Kinds ending in `_wd` (and `adamw`) first decay `w` by `lr * WD * w`,
+    Keras's decoupled weight decay, with the same rate.
+    """
+    if kind.endswith("_wd") or kind == "adamw":
+        decay = lr * WD * w
+        kind = {"adamw": "adam"}.get(kind, kind.removesuffix("_wd"))
+        return -decay + np_update(kind, g, lr, state, t)
     if kind == "sgd":
         return -lr * g
     if kind in ("momentum", "nesterov"):
@@ -88,6 +97,11 @@ OPTIMIZERS = {
     "momentum": lambda: keras.optimizers.SGD(LR, momentum=0.9),
     "nesterov": lambda: keras.optimizers.SGD(LR, momentum=0.9, nesterov=True),
     "adam": lambda: keras.optimizers.Adam(LR / 10),
+    "sgd_wd": lambda: keras.optimizers.SGD(LR, weight_decay=WD),
+    "momentum_wd": lambda: keras.optimizers.SGD(
+        LR, momentum=0.9, weight_decay=WD
+    ),
+    "adamw": lambda: keras.optimizers.AdamW(LR / 10, weight_decay=WD),
 }
 
 
@@ -291,6 +305,9 @@ def test_freeze_fractions_match_the_formula(scaling, t0):
         ("momentum", "squared", True),
         ("nesterov", "linear", True),
         ("adam", "cubic", True),
+        ("sgd_wd", "linear", True),
+        ("momentum_wd", "cubic", True),
+        ("adamw", "squared", False),
     ],
 )
 def test_every_update_uses_the_group_rate(optimizer, scaling, scale_lr):
@@ -313,7 +330,7 @@ def test_every_update_uses_the_group_rate(optimizer, scaling, scale_lr):
                 t,
                 fractions[i],
                 total,
-                LR / 10 if optimizer == "adam" else LR,
+                LR / 10 if optimizer.startswith("adam") else LR,
                 scale_lr,
             )
             for layer in group:
@@ -329,7 +346,12 @@ def test_every_update_uses_the_group_rate(optimizer, scaling, scale_lr):
                         continue
                     g = rec.grads[t][variable_of[id(w)]]
                     expected = np_update(
-                        optimizer, g, lr, states.setdefault(id(w), {}), t
+                        optimizer,
+                        g,
+                        lr,
+                        states.setdefault(id(w), {}),
+                        t,
+                        rec.weights[t][position[id(w)]],
                     )
                     assert_change(
                         change,
@@ -406,7 +428,13 @@ def test_backward_pass_shrinks_with_one_trace_per_freeze_step():
     together, group 2 at 5: 3 traces, each with fewer gradients."""
     depth = 5
     model, freeze, _ = train(
-        "sgd", 1, depth=depth, gradients=False, t0=0.8, scaling="cubic"
+        "sgd",
+        1,
+        depth=depth,
+        gradients=False,
+        t0=0.8,
+        scaling="cubic",
+        groups="layers",
     )
     steps = [math.ceil(f * 6 - 1e-9) for f in np_fractions(depth, 0.8, "cubic")]
     assert steps == [4, 4, 5, 6, 6]
@@ -435,6 +463,18 @@ def test_groups_argument_forms_and_cost_estimate():
         ["dense_0", "bn_0", "dense_1"],
         ["dense_2", "dense_3"],
     ]
+    # By default the weighted layers merge into at most 4 groups (at most
+    # 3 retraces); "layers" keeps one group per weighted layer.
+    assert [[la.name for la in g] for g in resolve_groups(model)] == [
+        ["dense_0", "bn_0"],
+        ["dense_1"],
+        ["dense_2"],
+        ["dense_3"],
+    ]
+    deep = make_model(9)
+    assert [len(g) for g in resolve_groups(deep)] == [3, 2, 2, 2]
+    assert len(resolve_groups(deep, "layers")) == 9
+    assert resolve_groups(deep) == resolve_groups(deep, 4)
     layer = model.get_layer("dense_3")
     mixed = resolve_groups(
         model, [["dense_0", "bn_0", "dense_1"], ["dense_2", layer]]
@@ -481,6 +521,7 @@ def test_config_round_trip():
         ({"scale_lr": "yes"}, "Received: scale_lr='yes'"),
         ({"groups": []}, "`groups` is empty"),
         ({"groups": "dense_0"}, "Received: groups='dense_0'"),
+        ({"groups": True}, "Received: groups=True"),
         ({"total_steps": 0}, "Received: total_steps=0"),
     ],
 )
@@ -751,8 +792,10 @@ def _mirrored(out):
             strategy = tf.distribute.get_strategy()
         with strategy.scope():
             model = make_model(3, batchnorm=False)
+            # With decoupled weight decay: FreezeOut's per-variable decay
+            # runs inside the strategy's cross-replica update.
             model.compile(
-                OPTIMIZERS["nesterov"](), "sparse_categorical_crossentropy"
+                OPTIMIZERS["momentum_wd"](), "sparse_categorical_crossentropy"
             )
         freeze = FreezeOut(t0=0.5, scaling="linear", verbose=0)
         model.fit(

@@ -579,6 +579,13 @@ def parse_args(argv=None):
     )
     p.add_argument("--no-unscaled", dest="unscaled", action="store_false")
     p.add_argument("--seeds", type=int, default=3)
+    p.add_argument(
+        "--first-seed",
+        type=int,
+        default=0,
+        help="run seeds first-seed .. first-seed + seeds - 1 (to add seeds "
+        "to a log: append its lines and use --from-log)",
+    )
     p.add_argument("--epochs", type=int, default=4)
     p.add_argument("--subset", type=int, default=2048)
     p.add_argument("--test-size", type=int, default=2000, help="0: all")
@@ -630,7 +637,7 @@ def main(argv=None):
     if results:
         args.models = list(dict.fromkeys(r["model"] for r in results))
     for model_name in args.models if not results else []:
-        for seed in range(args.seeds):
+        for seed in range(args.first_seed, args.first_seed + args.seeds):
             for config in configs(args, model_name):
                 r = run_one(model_name, config, data, args, seed)
                 print(

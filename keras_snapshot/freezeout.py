@@ -228,6 +228,11 @@ def _is_count(groups) -> bool:
 
 def _check_groups_form(groups) -> None:
     """Raises unless `groups` is None, "layers", an int or a non-empty list."""
+    if _is_count(groups) and groups < 2:
+        raise ValueError(
+            "An integer `groups` must be at least 2: the last group trains "
+            f"to the end and the ones below freeze. Received: groups={groups}"
+        )
     if groups is None or _is_per_layer(groups) or _is_count(groups):
         return
     if isinstance(groups, str) or not isinstance(groups, Sequence):

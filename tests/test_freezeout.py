@@ -522,6 +522,7 @@ def test_config_round_trip():
         ({"groups": []}, "`groups` is empty"),
         ({"groups": "dense_0"}, "Received: groups='dense_0'"),
         ({"groups": True}, "Received: groups=True"),
+        ({"groups": 0}, "at least 2.*Received: groups=0"),
         ({"total_steps": 0}, "Received: total_steps=0"),
     ],
 )

@@ -34,7 +34,10 @@ if is_remote(path) and exists(path):
 import builtins
 import contextlib
 import errno
+import fnmatch
 import hashlib
+import json
+import math
 import os
 import posixpath
 import re
@@ -119,6 +122,13 @@ def parent(path) -> str | None:
     return None if folder == path else folder
 
 
+def basename(path) -> str:
+    path = os.fspath(path)
+    if is_remote(path):
+        return posixpath.basename(path.rstrip("/"))
+    return os.path.basename(path)
+
+
 def realpath(path) -> str:
     """Links resolved on local disk; a remote path has none."""
     return absolute(path) if is_remote(path) else os.path.realpath(path)
@@ -166,6 +176,19 @@ def listdir(path) -> list:
     return os.listdir(path)
 
 
+def glob(folder, pattern: str) -> list:
+    """Sorted paths of the entries of `folder` whose names match `pattern`.
+
+    `pattern` is an `fnmatch` pattern for one name (`"swa-state-*.npz"`),
+    matched against the names in `folder` only, so that characters such as
+    `[` in the folder's own path mean nothing. A missing folder has none.
+    """
+    if not isdir(folder):
+        return []
+    names = fnmatch.filter(listdir(folder), pattern)
+    return [join(folder, name) for name in sorted(names)]
+
+
 def getsize(path) -> int:
     if is_remote(path):
         with _remote_errors(path):
@@ -187,10 +210,8 @@ def read_bytes(path) -> bytes:
             return f.read()
 
 
-def write_bytes(path, data: bytes) -> None:
-    with _errors(path):
-        with open(path, "wb") as f:
-            f.write(data)
+def read_text(path) -> str:
+    return read_bytes(path).decode("utf-8")
 
 
 def sha256(path) -> str:
@@ -253,15 +274,11 @@ def replace(source, target) -> None:
     os.replace(source, target)
 
 
-def umask_mode(mode: int = 0o666) -> int:
+def _apply_umask(path) -> None:
+    """Gives a local scratch file the permissions of a new file."""
     umask = os.umask(0)
     os.umask(umask)
-    return mode & ~umask
-
-
-def apply_umask(path) -> None:
-    """Gives a local scratch file the permissions of a new file."""
-    os.chmod(path, umask_mode())
+    os.chmod(path, 0o666 & ~umask)
 
 
 def fsync_directory(directory: str) -> None:
@@ -289,10 +306,92 @@ def scratch_folder(directory) -> str:
 
 
 def make_scratch_dir(directory) -> str:
-    """A new hidden `.partial-*` folder in `scratch_folder(directory)`."""
+    """A new hidden `.partial-*` folder in `scratch_folder(directory)`.
+
+    On local disk it lives inside `directory` (the same file system, so
+    that `commit`'s rename is atomic) and `SnapshotDirectory.prepare`
+    removes what an interrupted write leaves behind; for a remote
+    `directory` it is a local temporary folder.
+    """
     return tempfile.mkdtemp(
         prefix=PARTIAL_PREFIX, dir=scratch_folder(directory)
     )
+
+
+@contextlib.contextmanager
+def atomic_write(final_path):
+    """Yields a local scratch path; commits it to `final_path` on success.
+
+    Write the complete file to the yielded path; when the block ends without
+    an exception the file is committed (`commit`: an atomic rename on local
+    disk; upload, rename and read-back check on remote storage). If the
+    block raises, nothing appears at `final_path` and the scratch file is
+    removed. The folder of `final_path` is created if needed.
+
+    Example:
+
+    ```python
+    with atomic_write("gs://bucket/run/model.keras") as local_path:
+        model.save(local_path)
+    ```
+    """
+    folder = parent(final_path)
+    if folder is not None:
+        makedirs(folder)
+    scratch = make_scratch_dir(folder if folder is not None else final_path)
+    try:
+        local_path = os.path.join(scratch, basename(final_path))
+        yield local_path
+        _apply_umask(local_path)
+        commit(local_path, final_path)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def write_bytes(path, data: bytes) -> None:
+    """Writes `data` to `path` atomically (see `atomic_write`)."""
+    with atomic_write(path) as local_path:
+        with builtins.open(local_path, "wb") as f:
+            f.write(data)
+
+
+def write_text(path, text: str) -> None:
+    """Writes `text` (UTF-8) to `path` atomically."""
+    write_bytes(path, text.encode("utf-8"))
+
+
+def finite_json(value):
+    """`value` with NaN and infinities turned into strings, for strict JSON.
+
+    Example:
+
+    ```python
+    finite_json({"loss": float("nan")})  # {"loss": "nan"}
+    ```
+    """
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: finite_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_json(v) for v in value]
+    return value
+
+
+def write_json(path, data) -> None:
+    """Writes `data` as strict JSON to `path` atomically.
+
+    NaN and infinities become the strings `"nan"`, `"inf"` (`finite_json`),
+    so that every JSON reader accepts the file.
+
+    Example:
+
+    ```python
+    write_json("runs/digits/run.json", {"status": "trained"})
+    ```
+    """
+    text = json.dumps(finite_json(data), indent=2, allow_nan=False)
+    write_text(path, text + "\n")
 
 
 def commit(temporary_path: str, final_path: str) -> None:

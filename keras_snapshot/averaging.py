@@ -11,17 +11,16 @@ during training. Both leave BatchNorm recalibration to
 apart.
 """
 
-import glob
+import io
 import json
 import os
-import shutil
 import warnings
 
 import keras
 import numpy as np
 from keras import ops
 
-from keras_snapshot import manifest as manifest_lib
+from keras_snapshot import _fs
 from keras_snapshot._checks import check_positive_int
 from keras_snapshot._io import print_msg
 from keras_snapshot.batchnorm import batchnorm_layers
@@ -237,17 +236,6 @@ def average_weights(
     else:
         _warn_batchnorm(model, recalibration_data)
     return model
-
-
-def _check_optional_step(name: str, value, minimum: int) -> int | None:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(
-            f"`{name}` must be an integer >= {minimum}. "
-            f"Received: {name}={value!r}."
-        )
-    return value
 
 
 _STATE_PREFIX = "swa-state-"
@@ -550,15 +538,8 @@ class StochasticWeightAveraging(keras.callbacks.Callback):
                 _warn_batchnorm(self.model, None)
 
     def _save_averaged(self, model) -> None:
-        directory = os.path.dirname(os.path.abspath(self.filepath))
-        os.makedirs(directory, exist_ok=True)
-        partial_dir = manifest_lib.make_partial_dir(directory)
-        try:
-            partial = os.path.join(partial_dir, os.path.basename(self.filepath))
-            model.save(partial)
-            manifest_lib.commit_file(partial, self.filepath)
-        finally:
-            shutil.rmtree(partial_dir, ignore_errors=True)
+        with _fs.atomic_write(self.filepath) as local_path:
+            model.save(local_path)
         if self.verbose:
             print_msg(
                 f"StochasticWeightAveraging: saved the average of "
@@ -581,16 +562,13 @@ class StochasticWeightAveraging(keras.callbacks.Callback):
     def _state_files(self) -> dict:
         """`{step: path}` of the saved states in `backup_dir`."""
         found = {}
-        pattern = os.path.join(glob.escape(self.backup_dir), "*.npz")
-        for path in glob.glob(pattern):
-            name = os.path.basename(path)
-            digits = name[len(_STATE_PREFIX) : -len(".npz")]
-            if name.startswith(_STATE_PREFIX) and digits.isdigit():
+        for path in _fs.glob(self.backup_dir, f"{_STATE_PREFIX}*.npz"):
+            digits = _fs.basename(path)[len(_STATE_PREFIX) : -len(".npz")]
+            if digits.isdigit():
                 found[int(digits)] = path
         return found
 
     def _write_state(self) -> None:
-        os.makedirs(self.backup_dir, exist_ok=True)
         metadata = {
             **self._fingerprint(),
             "count": self._count,
@@ -598,16 +576,11 @@ class StochasticWeightAveraging(keras.callbacks.Callback):
             "epochs_done": self._epochs_done,
         }
         arrays = {f"average_{i}": a for i, a in enumerate(self._average)}
-        partial_dir = manifest_lib.make_partial_dir(self.backup_dir)
-        try:
-            name = f"{_STATE_PREFIX}{self._last_step:010d}.npz"
-            partial = os.path.join(partial_dir, name)
-            np.savez(partial, metadata=np.array(json.dumps(metadata)), **arrays)
-            manifest_lib.commit_file(
-                partial, os.path.join(self.backup_dir, name)
+        name = f"{_STATE_PREFIX}{self._last_step:010d}.npz"
+        with _fs.atomic_write(_fs.join(self.backup_dir, name)) as local_path:
+            np.savez(
+                local_path, metadata=np.array(json.dumps(metadata)), **arrays
             )
-        finally:
-            shutil.rmtree(partial_dir, ignore_errors=True)
         self._prune_states()
 
     def _prune_states(self) -> None:
@@ -623,11 +596,12 @@ class StochasticWeightAveraging(keras.callbacks.Callback):
                 keep.add(max(before))
         for step, path in states.items():
             if step not in keep:
-                os.remove(path)
+                _fs.remove(path)
 
     def _read_state(self, path: str) -> dict:
         try:
-            with np.load(path, allow_pickle=False) as data:
+            saved = io.BytesIO(_fs.read_bytes(path))
+            with np.load(saved, allow_pickle=False) as data:
                 metadata = json.loads(str(data["metadata"]))
                 count = len([k for k in data.files if k != "metadata"])
                 average = [data[f"average_{i}"] for i in range(count)]
@@ -650,7 +624,7 @@ class StochasticWeightAveraging(keras.callbacks.Callback):
         states = self._state_files()
         stale = sorted(s for s in states if s > step)
         for s in stale:
-            os.remove(states.pop(s))
+            _fs.remove(states.pop(s))
         if stale:
             warnings.warn(
                 f"StochasticWeightAveraging: training is at step {step}; "

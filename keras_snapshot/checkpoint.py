@@ -508,22 +508,18 @@ class SnapshotCheckpoint(keras.callbacks.Callback):
 
     def _write(self, entry) -> None:
         final_path = _fs.join(self.directory, entry.file)
-        partial_dir = None
         try:
-            # Saved complete to a local scratch file (in the folder itself
-            # on local disk, for an atomic rename), then committed: renamed,
-            # or uploaded and read back on remote storage. Only then does
-            # the manifest list it.
-            partial_dir = manifest_lib.make_partial_dir(self.directory)
-            partial_path = os.path.join(partial_dir, entry.file)
-            self._save_model_to(partial_path)
-            _fs.apply_umask(partial_path)
-            entry.size = _fs.getsize(partial_path)
-            entry.sha256 = _fs.sha256(partial_path)
+            # Saved complete to a local scratch file, then committed:
+            # renamed, or uploaded and read back on remote storage. Only
+            # then does the manifest list it.
+            with _fs.atomic_write(final_path) as partial_path:
+                self._save_model_to(partial_path)
+                entry.size = _fs.getsize(partial_path)
+                entry.sha256 = _fs.sha256(partial_path)
             entry.saved_at = time.strftime("%Y-%m-%dT%H:%M:%S%z")
             manifest = self._folder.read_or_new(self._cycle_ends)
             manifest.cycle_end_steps = list(self._cycle_ends)
-            self._folder.add(manifest, entry, partial_path)
+            self._folder.add(manifest, entry)
         except OSError as e:
             raise OSError(
                 f"SnapshotCheckpoint could not write snapshot {entry.index} "
@@ -531,9 +527,6 @@ class SnapshotCheckpoint(keras.callbacks.Callback):
                 f"in {self.directory} are unchanged; free some space or "
                 "choose a writable directory, then resume training."
             ) from e
-        finally:
-            if partial_dir is not None:
-                _fs.rmtree(partial_dir, ignore_errors=True)
 
     def _write_and_discard(self) -> None:
         # Non-writing workers take part in the save (which may run

@@ -29,9 +29,7 @@ import collections
 import dataclasses
 import errno
 import json
-import math
 import os
-import tempfile
 import time
 import uuid
 
@@ -54,77 +52,6 @@ _REQUIRED = ("index", "file", "step", "size", "sha256")
 def snapshot_filename(index: int) -> str:
     """File name of snapshot `index` (1-based): `snapshot-03.keras`."""
     return f"snapshot-{index:02d}.keras"
-
-
-def sha256_of_file(path: str) -> str:
-    """Hex sha256 of a local or remote file."""
-    return _fs.sha256(path)
-
-
-def _umask_mode(mode: int = 0o666) -> int:
-    return _fs.umask_mode(mode)
-
-
-def make_partial_dir(directory: str) -> str:
-    """A hidden scratch folder for one atomic write into `directory`.
-
-    On local disk it lives inside `directory` (the same file system, so
-    that `commit_file`'s rename is atomic) and `SnapshotDirectory.prepare`
-    removes what an interrupted write leaves behind; for a remote
-    `directory` it is a local temporary folder.
-    """
-    return _fs.make_scratch_dir(directory)
-
-
-def commit_file(temporary_path: str, final_path: str) -> None:
-    """Moves the complete local file `temporary_path` to `final_path`.
-
-    Local disk: flushed and renamed atomically. Remote: uploaded, renamed,
-    read back and checked against its size and sha256 (see
-    `keras_snapshot._fs.commit`).
-    """
-    _fs.commit(temporary_path, final_path)
-
-
-def finite_json(value):
-    """`value` with NaN and infinities turned into strings, for strict JSON.
-
-    Example:
-
-    ```python
-    finite_json({"loss": float("nan")})  # {"loss": "nan"}
-    ```
-    """
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
-    if isinstance(value, dict):
-        return {k: finite_json(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [finite_json(v) for v in value]
-    return value
-
-
-def write_json_atomic(path: str, data: dict) -> None:
-    """Writes `data` as strict JSON to `path` through a temporary file.
-
-    The file gets the permissions of a new file under the current umask
-    (not the 0600 of a temporary file). NaN and infinities are refused:
-    pass them through `finite_json` first.
-    """
-    directory = _fs.parent(path) or path
-    fd, temporary = tempfile.mkstemp(
-        prefix=PARTIAL_PREFIX, suffix=".json", dir=_fs.scratch_folder(directory)
-    )
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2, allow_nan=False)
-            f.write("\n")
-        _fs.apply_umask(temporary)
-        commit_file(temporary, path)
-    except BaseException:
-        if _fs.exists(temporary):
-            _fs.remove(temporary)
-        raise
 
 
 @dataclasses.dataclass
@@ -160,7 +87,7 @@ class SnapshotEntry:
     saved_at: str | None = None
 
     def to_json(self) -> dict:
-        return finite_json(dataclasses.asdict(self))
+        return _fs.finite_json(dataclasses.asdict(self))
 
     @classmethod
     def from_json(cls, data: dict, where: str) -> "SnapshotEntry":
@@ -381,7 +308,7 @@ class SnapshotDirectory:
                 f"Snapshot file {path} is {size} bytes but the manifest "
                 f"recorded {entry.size}: it is truncated or was replaced."
             )
-        digest = sha256_of_file(path)
+        digest = _fs.sha256(path)
         if digest != entry.sha256:
             raise ValueError(
                 f"Snapshot file {path} does not match the sha256 recorded in "
@@ -394,7 +321,7 @@ class SnapshotDirectory:
 
     def write(self, manifest: Manifest) -> None:
         manifest.entries.sort(key=lambda e: e.index)
-        write_json_atomic(self.manifest_path, manifest.to_json())
+        _fs.write_json(self.manifest_path, manifest.to_json())
 
     def prepare(self) -> list:
         """Creates the folder, checks it is writable, removes leftovers.
@@ -423,7 +350,7 @@ class SnapshotDirectory:
                 )
                 _fs.makedirs(probe)
             else:
-                probe = make_partial_dir(self.path)
+                probe = _fs.make_scratch_dir(self.path)
             name = _fs.join(probe, snapshot_filename(99999))
             _fs.write_bytes(name, b"probe")
             _fs.replace(name, name + ".probe")
@@ -471,15 +398,13 @@ class SnapshotDirectory:
             and name not in listed
         )
 
-    def add(self, manifest: Manifest, entry: SnapshotEntry, partial: str):
-        """Moves a complete file into place and lists it in the manifest.
+    def add(self, manifest: Manifest, entry: SnapshotEntry) -> None:
+        """Lists `entry`, whose file is complete in the folder, in `manifest`.
 
-        The file first, the manifest second: a kill between the two leaves
-        a file the manifest does not list, never an entry without its file.
-        On remote storage the file is read back and checked against its
-        size and sha256 before the manifest lists it.
+        The file first (`_fs.atomic_write`), the manifest second: a kill
+        between the two leaves a file the manifest does not list, never an
+        entry without its file.
         """
-        commit_file(partial, _fs.join(self.path, entry.file))
         manifest.entries = [
             e for e in manifest.entries if e.index != entry.index
         ] + [entry]

@@ -347,10 +347,13 @@ def test_start_in_the_past_without_a_saved_average_is_refused():
 
 SCRIPT = os.path.abspath(__file__)
 FAULT_VARIABLE = "SWA_SCRIPT_FAULT"
+# A prefix for the average's `filepath` and `backup_dir` (`file://`: the
+# `tf.io.gfile` code path of remote storage, on a disk processes share).
+URL_VARIABLE = "SWA_SCRIPT_URL_PREFIX"
 TIMEOUT = 300
 
 
-def start(workdir, fault=None):
+def start(workdir, fault=None, url_prefix=""):
     os.makedirs(workdir, exist_ok=True)
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(
@@ -359,6 +362,7 @@ def start(workdir, fault=None):
     env.pop(FAULT_VARIABLE, None)
     if fault:
         env[FAULT_VARIABLE] = fault
+    env[URL_VARIABLE] = url_prefix
     with (
         open(os.path.join(workdir, "stdout.txt"), "w") as out,
         open(os.path.join(workdir, "stderr.txt"), "w") as err,
@@ -467,11 +471,12 @@ def main():
         keras.optimizers.SGD(0.05, momentum=0.9),
         "sparse_categorical_crossentropy",
     )
+    prefix = os.environ.get(URL_VARIABLE, "")
     swa = StochasticWeightAveraging(
         start_step=8,
         every_steps=4,
-        filepath=os.path.join(args.workdir, "swa.keras"),
-        backup_dir=os.path.join(args.workdir, "swa_state"),
+        filepath=prefix + os.path.join(args.workdir, "swa.keras"),
+        backup_dir=prefix + os.path.join(args.workdir, "swa_state"),
     )
     model.fit(
         x,

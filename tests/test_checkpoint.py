@@ -13,6 +13,7 @@ from helpers import train_snapshots
 
 import keras_snapshot
 from keras_snapshot import SnapshotCheckpoint
+from keras_snapshot import _fs
 from keras_snapshot import manifest as manifest_lib
 
 
@@ -36,7 +37,7 @@ def test_fit_writes_one_snapshot_per_cycle_end_mid_epoch(snapshot_run):
     assert [e["batch"] for e in entries] == [4, 2, None]
     for entry in entries:
         path = os.path.join(directory, entry["file"])
-        assert entry["sha256"] == manifest_lib.sha256_of_file(path)
+        assert entry["sha256"] == _fs.sha256(path)
         assert entry["size"] == os.path.getsize(path)
         expected_lr = float(schedule(entry["step"] - 1))
         assert entry["learning_rate"] == pytest.approx(expected_lr, rel=1e-5)
@@ -347,7 +348,7 @@ def test_failed_write_keeps_earlier_snapshots(tmp_path, monkeypatch, failing):
     compile_with_schedule(model, total_steps=30, num_snapshots=3)
     directory = str(tmp_path / "snaps")
     callback = SnapshotCheckpoint(directory, verbose=0)
-    original = manifest_lib.commit_file
+    original = _fs.commit
     calls = []
 
     def failing_commit(temporary, final):
@@ -359,7 +360,7 @@ def test_failed_write_keeps_earlier_snapshots(tmp_path, monkeypatch, failing):
             raise OSError(28, "No space left on device")
         return original(temporary, final)
 
-    monkeypatch.setattr(manifest_lib, "commit_file", failing_commit)
+    monkeypatch.setattr(_fs, "commit", failing_commit)
     with pytest.raises(OSError, match="could not write snapshot 2"):
         model.fit(
             x, y, batch_size=16, epochs=5, verbose=0, callbacks=[callback]

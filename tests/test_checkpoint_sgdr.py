@@ -17,6 +17,7 @@ from helpers import saved_steps
 
 import keras_snapshot
 from keras_snapshot import SnapshotCheckpoint
+from keras_snapshot import _fs
 from keras_snapshot import manifest as manifest_lib
 from keras_snapshot.schedule import restart_steps
 
@@ -102,7 +103,7 @@ def test_snapshots_at_every_restart_with_the_rate_at_its_minimum(tmp_path):
         # ... and the next step restarts at the top, scaled by m_mul**k.
         assert rates[end] == pytest.approx(0.1 * 0.99 * 0.8 ** (k + 1) + 0.001)
         path = os.path.join(directory, entry["file"])
-        assert entry["sha256"] == manifest_lib.sha256_of_file(path)
+        assert entry["sha256"] == _fs.sha256(path)
         assert "loss" in entry["logs"]
 
 

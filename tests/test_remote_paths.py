@@ -159,7 +159,7 @@ def test_interrupted_write_is_never_listed_and_fit_resumes(
     was never stopped.
     """
     remote = ram_folder()
-    original = manifest_lib.commit_file
+    original = _fs.commit
     manifests = []
 
     def stop_before_manifest(temporary, final):
@@ -170,7 +170,7 @@ def test_interrupted_write_is_never_listed_and_fit_resumes(
                 raise RuntimeError("stopped between file and manifest")
         return original(temporary, final)
 
-    monkeypatch.setattr(manifest_lib, "commit_file", stop_before_manifest)
+    monkeypatch.setattr(_fs, "commit", stop_before_manifest)
     with pytest.raises(RuntimeError, match="between file and manifest"):
         fit_tiny(remote, str(tmp_path / "backup"))
     monkeypatch.undo()
@@ -292,7 +292,7 @@ from keras_snapshot import _fs
 from keras_snapshot import manifest as manifest_lib
 
 directory, backup, fault = sys.argv[2:5]
-replace, commit = _fs.replace, manifest_lib.commit_file
+replace, commit = _fs.replace, _fs.commit
 
 def die():
     os.kill(os.getpid(), signal.SIGKILL)
@@ -311,7 +311,7 @@ def killing_commit(temporary, final):
     return commit(temporary, final)
 
 _fs.replace = killing_replace
-manifest_lib.commit_file = killing_commit
+_fs.commit = killing_commit
 fit_tiny(directory, backup)
 """
 
@@ -370,3 +370,122 @@ def test_killed_processes_resume_through_gfile(tmp_path):
         keras_snapshot.build_ensemble(reference).predict(x, verbose=0),
         atol=1e-5,
     )
+
+
+# StochasticWeightAveraging on remote storage ---------------------------------
+
+
+def swa_fit(callback, epochs=5, extra=()):
+    """48 samples, batch 8: 6 steps per epoch; returns the trained model."""
+    keras.utils.set_random_seed(0)
+    x, y = make_data(n=48)
+    model = make_model()
+    model.compile(
+        keras.optimizers.SGD(0.05, momentum=0.9),
+        "sparse_categorical_crossentropy",
+    )
+    model.fit(
+        x,
+        y,
+        batch_size=8,
+        epochs=epochs,
+        shuffle=False,
+        verbose=0,
+        callbacks=[*extra, callback],
+    )
+    return model
+
+
+def load_remote_model(path):
+    with _fs.local_copy(path) as local:
+        return keras.saving.load_model(local)
+
+
+def assert_same_weights(got, want):
+    for g, w in zip(got.get_weights(), want.get_weights()):
+        np.testing.assert_allclose(g, w, rtol=1e-6, atol=1e-7)
+
+
+def test_swa_writes_its_average_and_states_to_ram(tmp_path, monkeypatch):
+    """`filepath` and `backup_dir` on `ram://`: nothing lands on local disk
+    (once a `./ram:/...` folder), and old states are pruned remotely."""
+    monkeypatch.chdir(tmp_path)
+    remote = ram_folder("swa")
+    swa = keras_snapshot.StochasticWeightAveraging(
+        start_step=8,
+        every_steps=4,
+        filepath=f"{remote}/swa.keras",
+        backup_dir=f"{remote}/state",
+        verbose=0,
+    )
+    swa_fit(swa)
+    assert os.listdir(tmp_path) == []
+    assert swa.num_averaged == 6  # Steps 8, 12, ..., 28.
+    assert_same_weights(
+        load_remote_model(f"{remote}/swa.keras"), swa.averaged_model()
+    )
+    states = sorted(gfile.listdir(f"{remote}/state"))
+    # The newest state and the newest at each of the last two epoch ends.
+    assert states == [
+        "swa-state-0000000024.npz",
+        "swa-state-0000000028.npz",
+    ]
+    assert not [n for n in gfile.listdir(remote) if n.startswith(".partial")]
+
+
+def test_swa_resumes_from_a_remote_backup_dir(tmp_path):
+    """A `fit` stopped after epoch 3, resumed by a new callback object that
+    finds the running average in the remote `backup_dir` (once never
+    found, so the resume failed)."""
+    remote = ram_folder("swa")
+    backup = str(tmp_path / "backup")
+
+    def make_callback(filepath=f"{remote}/swa.keras", state="state"):
+        return keras_snapshot.StochasticWeightAveraging(
+            start_step=8,
+            every_steps=4,
+            filepath=filepath,
+            backup_dir=f"{remote}/{state}",
+            verbose=0,
+        )
+
+    with pytest.raises(RuntimeError, match="stopped"):
+        swa_fit(
+            make_callback(),
+            extra=[keras.callbacks.BackupAndRestore(backup), StopAt(epoch=2)],
+        )
+    resumed = make_callback()
+    swa_fit(resumed, extra=[keras.callbacks.BackupAndRestore(backup)])
+    reference = make_callback(filepath=None, state="reference_state")
+    swa_fit(reference)
+    assert resumed.num_averaged == reference.num_averaged == 6
+    assert_same_weights(
+        load_remote_model(f"{remote}/swa.keras"), reference.averaged_model()
+    )
+
+
+@pytest.mark.slow
+def test_swa_resumes_across_processes_through_gfile(tmp_path):
+    """A real SIGKILL at the end of epoch 4 (after BackupAndRestore saved
+    step 24, before the average of step 24), then a new process resumes
+    from the `file://` backup_dir: the same average as a run never
+    killed."""
+    import test_averaging as script
+
+    reference_dir = str(tmp_path / "reference")
+    reference = script.start(reference_dir, url_prefix="file://")
+    workdir = str(tmp_path / "killed")
+    process = script.start(
+        workdir, fault="kill_at_epoch_end:4", url_prefix="file://"
+    )
+    returncode, out, err = script.finish(process, workdir)
+    assert returncode == -signal.SIGKILL, err[-3000:]
+    process = script.start(workdir, url_prefix="file://")
+    returncode, out, err = script.finish(process, workdir)
+    assert returncode == 0, err[-3000:]
+    assert "resumed at step 24 with the average of 5 models" in out
+    returncode, ref_out, err = script.finish(reference, reference_dir)
+    assert returncode == 0, err[-3000:]
+    got = keras.saving.load_model(os.path.join(workdir, "swa.keras"))
+    want = keras.saving.load_model(os.path.join(reference_dir, "swa.keras"))
+    assert_same_weights(got, want)

@@ -94,9 +94,9 @@ def read_run(run_dir: str) -> dict:
 
 
 def write_run(run_dir: str, run: dict) -> None:
-    from keras_snapshot.manifest import write_json_atomic
+    from keras_snapshot import _fs
 
-    write_json_atomic(os.path.join(run_dir, RUN_FILE), run)
+    _fs.write_json(os.path.join(run_dir, RUN_FILE), run)
 
 
 def _ensure_writable(directory: str) -> None:

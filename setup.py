@@ -39,6 +39,9 @@ setup(
         "tensorflow>=2.16,<3",
         "keras>=3.8,<4",
         "numpy>=1.26",
+        # keras_snapshot.metrics (scipy.stats) and .selection
+        # (scipy.optimize, scipy.special), imported with the package.
+        "scipy>=1.10",
         "tensorflow-datasets>=4.9",
         # tensorflow-datasets 4.9.10 imports the `importlib_resources`
         # backport but declares it only for Python < 3.9; it came with

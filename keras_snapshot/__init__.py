@@ -6,20 +6,27 @@ end of every cycle, and average the snapshots' softmax outputs (Huang et al.
 
 Layers, bottom to top (imports only go down; `tests/test_layering.py`):
 
-- core: `schedule`, `checkpoint`, `manifest`, `loading`, `ensemble`,
+- core: `schedule`, `checkpoint`, `manifest`, `loading`, `ensemble`, `export`,
   `batchnorm`, `layers`, `averaging`, `fge`, `distill`, `freezeout`;
 - analysis: `metrics`, `selection`;
 - application: `keras_snapshot.app` (command line, report, data, models).
 
-Importing the package registers its serializable objects with Keras, so
-`.keras` files that use them load after `import keras_snapshot`. The one
-exception is the `keras-snapshot` program itself, so that `--help` and
-`--version` answer without importing TensorFlow: it imports the rest as soon
-as it runs a command.
+Importing the package is cheap and never imports Keras: the public names
+are imported on first use (PEP 562 `__getattr__`), so that
+`keras-snapshot --help` and `python -m keras_snapshot --help` answer without
+paying for TensorFlow. Yet Keras loads a `.keras` file that uses a
+serializable object of this package (`SnapshotSchedule`, registered with
+`keras.saving.register_keras_serializable(package="keras_snapshot")`) only
+once that object's module has run. So, after `import keras_snapshot`, the
+objects are registered as soon as Keras is there: at once if `keras` is
+already imported, else right after `import keras` (a one-shot import hook,
+`_RegisterAfterKeras`, that removes itself when used). Either import may
+come first.
 """
 
 import importlib
-import os
+import importlib.abc
+import importlib.util
 import sys
 
 __version__ = "0.2.0"
@@ -37,7 +44,7 @@ _EXPORTS = {
     "combine_members": "ensemble",
     "distill": "distill",
     "estimate_speedup": "freezeout",
-    "export_ensemble": "ensemble",
+    "export_ensemble": "export",
     "load_snapshots": "loading",
     "read_manifest": "manifest",
     "recalibrate_batchnorm": "batchnorm",
@@ -48,13 +55,28 @@ _MODULES = ("metrics", "selection")
 __all__ = sorted([*_EXPORTS, *_MODULES])
 
 
+_IMPORTING = []
+
+
 def import_all() -> None:
-    """Imports every public name (and registers the Keras objects)."""
-    for name in _MODULES:
-        globals()[name] = importlib.import_module(f"keras_snapshot.{name}")
-    for name, module in _EXPORTS.items():
-        module = importlib.import_module(f"keras_snapshot.{module}")
-        globals()[name] = getattr(module, name)
+    """Imports every public name (and registers the Keras objects).
+
+    Re-entrant: the first submodule it imports may import Keras, whose
+    import hook calls it again; that inner call leaves the work to the
+    outer one.
+    """
+    if _IMPORTING:
+        return
+    _IMPORTING.append(True)
+    try:
+        for name in _MODULES:
+            module = importlib.import_module(f"keras_snapshot.{name}")
+            globals()[name] = module
+        for name, module in _EXPORTS.items():
+            module = importlib.import_module(f"keras_snapshot.{module}")
+            globals()[name] = getattr(module, name)
+    finally:
+        _IMPORTING.clear()
 
 
 def __getattr__(name):
@@ -64,5 +86,39 @@ def __getattr__(name):
     raise AttributeError(f"module 'keras_snapshot' has no attribute {name!r}")
 
 
-if os.path.basename(sys.argv[0] if sys.argv else "") != "keras-snapshot":
+class _RegisterAfterKeras(importlib.abc.MetaPathFinder):
+    """Runs `import_all` right after the first `import keras` has run.
+
+    It finds `keras` with the other finders and wraps the `exec_module` of
+    that spec's loader. Once Keras is loaded it takes itself off
+    `sys.meta_path` and the wrapper off the loader; a mere probe
+    (`importlib.util.find_spec("keras")`) leaves it in place.
+    """
+
+    def find_spec(self, name, path=None, target=None):
+        if name != "keras":
+            return None
+        for finder in sys.meta_path:
+            find = getattr(finder, "find_spec", None)
+            spec = None if finder is self or find is None else find(name, path)
+            if spec is not None:
+                break
+        if spec is None or spec.loader is None:
+            return spec
+        loader = spec.loader
+
+        def exec_then_register(module):
+            if self in sys.meta_path:
+                sys.meta_path.remove(self)
+            del loader.exec_module  # The loader's own method again.
+            loader.exec_module(module)
+            import_all()
+
+        loader.exec_module = exec_then_register
+        return spec
+
+
+if "keras" in sys.modules:
     import_all()
+else:
+    sys.meta_path.insert(0, _RegisterAfterKeras())

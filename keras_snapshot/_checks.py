@@ -9,8 +9,10 @@ import math
 import numbers
 
 
-def check_positive_int(name: str, value) -> int:
+def check_positive_int(name: str, value, hint: str = "") -> int:
     """Returns `value` as an int >= 1, or raises a ValueError naming it.
+
+    `hint` is appended to the message (e.g. what the value means).
 
     Example:
 
@@ -21,12 +23,13 @@ def check_positive_int(name: str, value) -> int:
     """
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise ValueError(
-            f"`{name}` must be a positive integer. "
+            f"`{name}` must be a positive integer.{_space(hint)} "
             f"Received: {name}={value!r} (type {type(value).__name__})."
         )
     if value < 1:
         raise ValueError(
-            f"`{name}` must be a positive integer. Received: {name}={value}."
+            f"`{name}` must be a positive integer.{_space(hint)} "
+            f"Received: {name}={value}."
         )
     return int(value)
 
@@ -55,26 +58,90 @@ def check_positive_number(name: str, value, hint: str = "") -> float:
     return float(value)
 
 
-def check_in_range(name: str, value, low: float, high: float) -> float:
+def check_in_range(
+    name: str,
+    value,
+    low: float,
+    high: float,
+    hint: str = "",
+    *,
+    include_low: bool = True,
+    include_high: bool = False,
+) -> float:
     """Returns `value` as a float in `[low, high)`, or raises a ValueError.
+
+    `include_low` and `include_high` say whether each bound is accepted
+    (`[low, high)` by default); `hint` is appended to the message.
 
     Example:
 
     ```python
     check_in_range("momentum", 0.9, 0.0, 1.0)  # 0.9
+    check_in_range("alpha", 1.0, 0.0, 1.0, include_high=True)  # 1.0
     ```
     """
     if (
         isinstance(value, bool)
         or not isinstance(value, numbers.Real)
         or not math.isfinite(value)
-        or not low <= value < high
+        or not (low <= value if include_low else low < value)
+        or not (value <= high if include_high else value < high)
     ):
+        interval = (
+            f"{'[' if include_low else '('}{low}, {high}"
+            f"{']' if include_high else ')'}"
+        )
         raise ValueError(
-            f"`{name}` must be a number in [{low}, {high}). "
+            f"`{name}` must be a number in {interval}.{_space(hint)} "
             f"Received: {name}={value!r}."
         )
     return float(value)
+
+
+def check_non_negative_int(name: str, value, hint: str = "") -> int:
+    """Returns `value` as an int >= 0, or raises a ValueError naming it.
+
+    Example:
+
+    ```python
+    check_non_negative_int("start_step", 0)  # 0
+    ```
+    """
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, numbers.Integral)
+        or value < 0
+    ):
+        raise ValueError(
+            f"`{name}` must be a non-negative integer.{_space(hint)} "
+            f"Received: {name}={value!r}."
+        )
+    return int(value)
+
+
+def check_accumulation_steps(value) -> int | None:
+    """`gradient_accumulation_steps` as Keras takes it: None or an int >= 2.
+
+    Example:
+
+    ```python
+    check_accumulation_steps(None)  # None
+    check_accumulation_steps(4)  # 4
+    ```
+    """
+    if value is None:
+        return None
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, numbers.Integral)
+        or value < 2
+    ):
+        raise ValueError(
+            "`gradient_accumulation_steps` must be None or an integer >= 2, "
+            "the optimizer's value. "
+            f"Received: gradient_accumulation_steps={value!r}."
+        )
+    return int(value)
 
 
 def _space(hint: str) -> str:

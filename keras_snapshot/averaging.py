@@ -23,9 +23,11 @@ from keras import ops
 from keras_snapshot import _fs
 from keras_snapshot._checks import check_positive_int
 from keras_snapshot._io import print_msg
+from keras_snapshot._steps import StepTracker
 from keras_snapshot.batchnorm import batchnorm_layers
 from keras_snapshot.batchnorm import recalibrate_batchnorm
 from keras_snapshot.ensemble import normalize_weights
+from keras_snapshot.loading import clone_model
 from keras_snapshot.loading import describe
 from keras_snapshot.loading import load_members
 
@@ -120,9 +122,11 @@ def check_same_architecture(models: list, names: list | None = None) -> None:
                 )
 
 
-def _model_with_weights(template, arrays: list):
+def _model_with_weights(
+    template, arrays: list, safe_mode=True, custom_objects=None
+):
     """A new model of `template`'s architecture holding `arrays`."""
-    model = keras.models.clone_model(template)
+    model = clone_model(template, safe_mode, custom_objects)
     if len(model.weights) != len(arrays):
         raise ValueError(
             f"Could not rebuild {template.name!r} with clone_model: the "
@@ -155,6 +159,7 @@ def average_weights(
     safe_mode: bool = True,
     skip_invalid: bool = False,
     custom_objects: dict | None = None,
+    allow_nonfinite: bool = False,
 ):
     """One model whose weights are the mean of the snapshots' weights.
 
@@ -183,9 +188,9 @@ def average_weights(
         recalibration_steps: Optional limit on the batches used for that.
         batch_size: Batch size of the recalibration over arrays.
         last: Average only the last `last` snapshots.
-        safe_mode: Passed to `keras.saving.load_model`.
-        skip_invalid: Skip missing or corrupted snapshots with a warning.
-        custom_objects: Custom objects needed to load the snapshots.
+        safe_mode, skip_invalid, custom_objects, allow_nonfinite: How the
+            snapshots are loaded, the same for every loader: see
+            `keras_snapshot.loading.LoadOptions`.
 
     Returns:
         A new `keras.Model` with the averaged weights.
@@ -209,6 +214,7 @@ def average_weights(
         safe_mode=safe_mode,
         skip_invalid=skip_invalid,
         custom_objects=custom_objects,
+        allow_nonfinite=allow_nonfinite,
     )
     members = [member.model for member in loaded]
     check_same_architecture(members, [describe(m) for m in loaded])
@@ -228,7 +234,7 @@ def average_weights(
             value = ops.convert_to_numpy(member.weights[i])
             total += coefficient * value.astype(np.float64)
         averaged.append(total)
-    model = _model_with_weights(first, averaged)
+    model = _model_with_weights(first, averaged, safe_mode, custom_objects)
     if recalibration_data is not None:
         recalibrate_batchnorm(
             model, recalibration_data, batch_size, recalibration_steps
@@ -377,7 +383,7 @@ class StochasticWeightAveraging(keras.callbacks.Callback):
         self._count = 0
         self._last_step = -1
         self._epochs_done = 0
-        self._epoch_start_step = 0
+        self._steps = StepTracker(self)
         self._resumed = False
         self._epoch_end_steps = []
 
@@ -458,50 +464,79 @@ class StochasticWeightAveraging(keras.callbacks.Callback):
 
     # Keras hooks --------------------------------------------------------------
 
-    def _current_step(self) -> int:
-        return int(ops.convert_to_numpy(self.model.optimizer.iterations))
+    def _next_due(self) -> int | None:
+        """The next step at which `every_steps` averaging is due."""
+        if self.every_steps is None:
+            return None
+        if self._last_step < self.start_step:
+            return self.start_step
+        done = (self._last_step - self.start_step) // self.every_steps
+        return self.start_step + (done + 1) * self.every_steps
+
+    def _check_reachable(self, step: int, epoch: int) -> None:
+        """Refuses averages due at steps no batch hook of this fit sees."""
+        epochs, length = self.params.get("epochs"), self.params.get("steps")
+        if (
+            self.every_steps is None
+            or self._steps.steps_per_execution == 1
+            or not epochs
+            or not length
+        ):
+            return
+        end = step + (epochs - epoch) * length // self._steps.accumulation
+        first = max(self.start_step, self._next_due() or step)
+        due = range(first, end + 1, self.every_steps)
+        missed = self._steps.unreachable(step, due, epochs - epoch)
+        if missed:
+            shown = missed[:5] + (["..."] if len(missed) > 5 else [])
+            raise ValueError(
+                f"With steps_per_execution={self._steps.steps_per_execution},"
+                " Keras calls back only at batches 0, N, 2N, ... of each "
+                f"epoch ({length} batches) and at its end, so "
+                f"{len(missed)} of the averages due every {self.every_steps} "
+                f"steps from step {self.start_step} (at steps {shown}) cannot "
+                "be taken at their step. Choose `start_step` and "
+                "`every_steps` that are multiples of steps_per_execution "
+                "with an epoch length that is one too, or average per epoch "
+                "(`start_epoch`)."
+            )
+
+    def _take_due(self, step: int, epochs_done: int) -> None:
+        due = self._next_due()
+        if due is not None and due < step:
+            warnings.warn(
+                f"StochasticWeightAveraging: the average due at step {due} "
+                f"was not taken: the optimizer was at step {step} when Keras "
+                "next called back.",
+                stacklevel=3,
+            )
+        if step > self._last_step and self._is_update_step(step):
+            self._update(step, epochs_done)
 
     def on_train_begin(self, logs=None):
         self._resumed = False
-        steps_per_execution = getattr(self.model, "steps_per_execution", 1)
-        if (
-            self.every_steps is not None
-            and steps_per_execution
-            and steps_per_execution > 1
-            and (
-                self.every_steps % steps_per_execution
-                or self.start_step % steps_per_execution
-            )
-        ):
-            raise ValueError(
-                f"With steps_per_execution={steps_per_execution}, Keras runs "
-                "callbacks only every that many steps: choose `start_step` "
-                "and `every_steps` that are multiples of it. Received: "
-                f"start_step={self.start_step}, "
-                f"every_steps={self.every_steps}."
-            )
+        self._steps.attach()
 
     def on_epoch_begin(self, epoch, logs=None):
-        self._epoch_start_step = self._current_step()
+        step = self._steps.epoch_begin()
         if not self._resumed:
             # After every on_train_begin: BackupAndRestore has restored.
-            self._resume(self._epoch_start_step, epoch)
+            self._resume(step, epoch)
+            self._check_reachable(step, epoch)
             self._resumed = True
 
     def on_train_batch_begin(self, batch, logs=None):
-        if self.every_steps is None:
-            return
-        step = self._epoch_start_step + batch
-        if step > self._last_step and self._is_update_step(step):
-            self._update(step, self._epochs_done)
+        step = self._steps.poll(batch, self._next_due())
+        if step is not None:
+            self._take_due(step, self._epochs_done)
 
     def on_epoch_end(self, epoch, logs=None):
-        step = self._current_step()
+        step = self._steps.read()
         if self.every_steps is None:
             if epoch + 1 >= self.start_epoch and step > self._last_step:
                 self._update(step, epoch + 1)
-        elif step > self._last_step and self._is_update_step(step):
-            self._update(step, epoch + 1)
+        else:
+            self._take_due(step, epoch + 1)
         self._epochs_done = epoch + 1
         self._epoch_end_steps = (self._epoch_end_steps + [step])[-2:]
         if self.backup_dir is not None:
@@ -510,13 +545,9 @@ class StochasticWeightAveraging(keras.callbacks.Callback):
     def on_train_end(self, logs=None):
         if self.model is None:
             return
-        step = self._current_step()
-        if (
-            self.every_steps is not None
-            and step > self._last_step
-            and self._is_update_step(step)
-        ):
-            self._update(step, self._epochs_done)
+        step = self._steps.read()
+        if self.every_steps is not None:
+            self._take_due(step, self._epochs_done)
         if self._count == 0:
             if self.filepath or self.set_weights_at_end:
                 warnings.warn(

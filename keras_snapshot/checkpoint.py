@@ -15,6 +15,10 @@ from keras_snapshot import manifest as manifest_lib
 from keras_snapshot._checks import check_positive_int
 from keras_snapshot._distribution import is_writer
 from keras_snapshot._io import print_msg
+from keras_snapshot._steps import StepTracker
+from keras_snapshot._steps import check_schedule_counts_updates
+from keras_snapshot._steps import innermost_optimizer
+from keras_snapshot._steps import learning_rate_schedule
 from keras_snapshot.batchnorm import check_bounded_data
 from keras_snapshot.batchnorm import recalibrate_batchnorm
 from keras_snapshot.batchnorm import restore_batchnorm_statistics
@@ -24,25 +28,6 @@ from keras_snapshot.schedule import restart_steps
 
 # Files that `keras.callbacks.BackupAndRestore` keeps in its folder.
 _BACKUP_FILES = ("training_metadata.json", "latest.weights.h5")
-
-
-def innermost_optimizer(optimizer):
-    """The optimizer that holds the learning rate (unwraps loss scaling)."""
-    while getattr(optimizer, "inner_optimizer", None) is not None:
-        optimizer = optimizer.inner_optimizer
-    return optimizer
-
-
-def learning_rate_schedule(optimizer):
-    """The `LearningRateSchedule` that drives `optimizer`, or None.
-
-    Keras keeps the schedule object only in a private attribute: this is
-    the one place that reads it.
-    """
-    rate = getattr(innermost_optimizer(optimizer), "_learning_rate", None)
-    if isinstance(rate, keras.optimizers.schedules.LearningRateSchedule):
-        return rate
-    return None
 
 
 def _finite_number(value):
@@ -81,8 +66,15 @@ class SnapshotCheckpoint(keras.callbacks.Callback):
     folder is locked against a second writing process (object storage has
     no such lock: give each run its own remote folder).
 
-    The per-batch check is one integer comparison in `on_train_batch_begin`,
-    which leaves Keras's asynchronous batch dispatch on. Messages are printed
+    A step is an optimizer update (`optimizer.iterations`), also under
+    gradient accumulation (the schedule must then count updates: see
+    `SnapshotSchedule(gradient_accumulation_steps=...)`), mixed-precision
+    loss scaling (a skipped update is not a step) and `steps_per_execution`
+    (a cycle end that no batch hook can see is refused before the first
+    step). The per-batch check is one integer comparison in
+    `on_train_batch_begin` until the next cycle end is near (see
+    `keras_snapshot._steps`), which leaves Keras's asynchronous batch
+    dispatch on. Messages are printed
     once the epoch's progress bar is complete (at the next epoch or at the
     end of training).
 
@@ -104,6 +96,12 @@ class SnapshotCheckpoint(keras.callbacks.Callback):
             `recalibrate_batchnorm`); the model being trained keeps its own.
         recalibration_steps: Batches of `recalibration_data` to use; needed
             for an endless dataset.
+        ema_weights: With an optimizer built with `use_ema=True`, save the
+            exponential moving average of the weights (what `fit` leaves in
+            the model when it ends) instead of the weights trained at the
+            cycle end. Default False: a snapshot holds the trained weights,
+            the minimum the cycle reached, even when the optimizer keeps an
+            EMA. True with an optimizer without EMA is refused.
         verbose: 1 prints one line per snapshot, 0 is silent.
 
     Example:
@@ -132,6 +130,7 @@ class SnapshotCheckpoint(keras.callbacks.Callback):
         snapshot_steps: list | None = None,
         recalibration_data=None,
         recalibration_steps: int | None = None,
+        ema_weights: bool = False,
         verbose: int = 1,
     ):
         super().__init__()
@@ -170,6 +169,12 @@ class SnapshotCheckpoint(keras.callbacks.Callback):
         self.snapshot_steps = snapshot_steps
         self.recalibration_data = recalibration_data
         self.recalibration_steps = recalibration_steps
+        if not isinstance(ema_weights, bool):
+            raise ValueError(
+                "`ema_weights` must be True or False. "
+                f"Received: ema_weights={ema_weights!r}."
+            )
+        self.ema_weights = ema_weights
         self.verbose = verbose
         self._folder = manifest_lib.SnapshotDirectory(self.directory)
         self._cycle_ends = []
@@ -177,14 +182,17 @@ class SnapshotCheckpoint(keras.callbacks.Callback):
         self._planned = False
         self._messages = []
         self._epoch = 0
-        self._epoch_start_step = 0
+        self._steps = StepTracker(self)
+        self._fit_start_step, self._fit_epochs = None, 0
 
     # Planning ----------------------------------------------------------------
 
-    def _fit_steps(self):
-        """Steps this `fit` call runs from its first epoch, if known."""
+    def _fit_steps(self, epochs_done: int = 0):
+        """Updates this `fit` call runs after `epochs_done`, if known."""
         epochs, steps = self.params.get("epochs"), self.params.get("steps")
-        return epochs * steps if epochs and steps else None
+        if not epochs or not steps:
+            return None
+        return (epochs - epochs_done) * steps // self._steps.accumulation
 
     def _find_cycle_ends(self) -> list:
         """The step counts after which snapshots 1..M are due."""
@@ -280,19 +288,34 @@ class SnapshotCheckpoint(keras.callbacks.Callback):
             )
         taken = {e.step for e in manifest.entries if e.step <= step}
         self._warn_if_fit_misses_cycles(step)
-        return {
+        due = {
             end: index
             for index, end in enumerate(self._cycle_ends, start=1)
             if end >= step and end not in taken
         }
+        epochs = self.params.get("epochs") or 0
+        unreachable = self._steps.unreachable(step, due, epochs - self._epoch)
+        if unreachable:
+            raise ValueError(
+                f"With steps_per_execution={self._steps.steps_per_execution},"
+                " Keras calls back only at batches 0, N, 2N, ... of each "
+                f"epoch ({self.params.get('steps')} batches) and at its end, "
+                f"so the snapshots due at steps {unreachable} cannot be "
+                "taken at their step. Choose cycle ends that are a multiple "
+                "of steps_per_execution from the start of their epoch (e.g. "
+                "an epoch length that is a multiple of steps_per_execution), "
+                "or a smaller steps_per_execution."
+            )
+        return due
 
     def _warn_if_fit_misses_cycles(self, step: int) -> None:
-        epochs, steps = self.params.get("epochs"), self.params.get("steps")
-        if not epochs or not steps:
+        left = self._fit_steps(self._epoch)
+        if left is None:
             return
-        last_step = step + (epochs - self._epoch) * steps
+        last_step = step + left
         missed = [s for s in self._cycle_ends if s > last_step]
         if missed:
+            epochs, steps = self.params["epochs"], self.params["steps"]
             warnings.warn(
                 f"SnapshotCheckpoint: this fit stops at step {last_step} "
                 f"({epochs} epochs of {steps} steps), before the cycle ends "
@@ -331,25 +354,25 @@ class SnapshotCheckpoint(keras.callbacks.Callback):
                 )
             folder = _fs.parent(folder)
 
-    def _current_step(self) -> int:
-        return int(ops.convert_to_numpy(self.model.optimizer.iterations))
-
     # Keras hooks --------------------------------------------------------------
 
     def on_train_begin(self, logs=None):
+        self._steps.attach()
+        if self.ema_weights and not getattr(
+            innermost_optimizer(self.model.optimizer), "use_ema", False
+        ):
+            raise ValueError(
+                "SnapshotCheckpoint(ema_weights=True) saves the optimizer's "
+                "moving average of the weights, but the optimizer keeps none."
+                " Build it with `use_ema=True`, or leave ema_weights=False. "
+                f"Received: optimizer={type(self.model.optimizer).__name__}"
+                " with use_ema=False."
+            )
+        if self.snapshot_steps is None:
+            check_schedule_counts_updates(
+                "SnapshotCheckpoint", self.model.optimizer
+            )
         self._cycle_ends = self._find_cycle_ends()
-        steps_per_execution = getattr(self.model, "steps_per_execution", 1)
-        if steps_per_execution and steps_per_execution > 1:
-            misaligned = [
-                s for s in self._cycle_ends if s % steps_per_execution
-            ]
-            if misaligned:
-                raise ValueError(
-                    f"With steps_per_execution={steps_per_execution}, Keras "
-                    "runs callbacks only every that many steps, so snapshots "
-                    f"at steps {misaligned} cannot be taken exactly. Choose "
-                    "cycle ends that are multiples of steps_per_execution."
-                )
         self._writer = is_writer(self.model)
         if self._writer:
             self._check_not_in_backup_folder()
@@ -362,6 +385,7 @@ class SnapshotCheckpoint(keras.callbacks.Callback):
                 )
         self._steps_due = {}
         self._planned = False
+        self._fit_start_step, self._fit_epochs = None, 0
 
     def _plan_once(self, step: int) -> None:
         # Planned at the first epoch, after BackupAndRestore has restored
@@ -370,33 +394,83 @@ class SnapshotCheckpoint(keras.callbacks.Callback):
             self._steps_due = self._plan(step)
             self._planned = True
 
+    def _take_due(self, step: int, batch, logs) -> None:
+        """Takes the snapshot due at `step`; reports the ones passed by."""
+        passed = sorted(s for s in self._steps_due if s < step)
+        for due in passed:
+            index = self._steps_due.pop(due)
+            warnings.warn(
+                f"SnapshotCheckpoint: snapshot {index} was due at step {due}, "
+                f"but the optimizer was at step {step} when Keras next "
+                "called back; it is not taken.",
+                stacklevel=3,
+            )
+        if step in self._steps_due:
+            self._save_snapshot(step, batch=batch, logs=logs)
+
+    def _take_last_if_short(self, step: int, logs) -> None:
+        """The last snapshot of a run that ran every batch but came up short.
+
+        Mixed-precision loss scaling skips the updates whose gradients
+        overflowed, so a `fit` sized for `T` updates can end a few updates
+        before the last cycle end. Then the last snapshot is taken at the
+        last update and the manifest records the cycle end it stands for
+        (`planned_step`). Only when the last cycle end alone is missing and
+        by no more updates than were skipped: a `fit` that is simply too
+        short, or stopped early, gets the usual warning instead.
+        """
+        epochs, steps = self.params.get("epochs"), self.params.get("steps")
+        if (
+            not self._steps_due
+            or list(self._steps_due) != [self._cycle_ends[-1]]
+            or self.model.stop_training
+            or not epochs
+            or not steps
+            or self._epoch != epochs - 1
+            or self._fit_start_step is None
+        ):
+            return
+        due = self._cycle_ends[-1]
+        run = self._fit_epochs * steps // self._steps.accumulation
+        skipped = run - (step - self._fit_start_step)
+        if 0 < due - step <= skipped:
+            warnings.warn(
+                f"SnapshotCheckpoint: {skipped} update(s) were skipped (loss "
+                f"scaling), so training ended at step {step}, before the "
+                f"last cycle end {due}: the last snapshot is taken at step "
+                f"{step} and recorded with planned_step={due}.",
+                stacklevel=3,
+            )
+            self._save_snapshot(step, None, logs, due=due)
+
     def on_epoch_begin(self, epoch, logs=None):
         # The last epoch's messages, now that its progress bar is complete.
         self._flush_messages()
         self._epoch = epoch
-        # Read once per epoch; batch hooks then only add the batch index.
-        self._epoch_start_step = self._current_step()
-        self._plan_once(self._epoch_start_step)
+        step = self._steps.epoch_begin()
+        if self._fit_start_step is None:
+            self._fit_start_step, self._fit_epochs = step, 0
+        self._plan_once(step)
 
     def on_train_batch_begin(self, batch, logs=None):
-        step = self._epoch_start_step + batch
-        if step in self._steps_due:
-            self._save_snapshot(step, batch=batch, logs=None)
+        due = min(self._steps_due) if self._steps_due else None
+        step = self._steps.poll(batch, due)
+        if step is not None:
+            self._take_due(step, batch, None)
 
     def on_epoch_end(self, epoch, logs=None):
-        step = self._current_step()
-        if step in self._steps_due:
-            self._save_snapshot(step, batch=None, logs=logs)
+        self._fit_epochs += 1
+        self._take_due(self._steps.read(), None, logs)
         if self._writer:
             self._check_not_in_backup_folder()
 
     def on_train_end(self, logs=None):
         try:
-            step = self._current_step()
+            step = self._steps.read()
             # A run restored at its very end runs no epoch: plan here.
             self._plan_once(step)
-            if step in self._steps_due:
-                self._save_snapshot(step, batch=None, logs=logs)
+            self._take_due(step, None, logs)
+            self._take_last_if_short(step, logs)
             self._flush_messages()
             if self._writer:
                 self._check_not_in_backup_folder()
@@ -406,8 +480,12 @@ class SnapshotCheckpoint(keras.callbacks.Callback):
             self._folder.unlock()
 
     def _warn_if_snapshots_missing(self, step: int) -> None:
-        due = [s for s in self._cycle_ends if s <= step]
-        taken = {e.step for e in self._folder.read_or_new([]).entries}
+        # A last snapshot taken short of its cycle end counts as its own.
+        taken = {
+            e.planned_step or e.step
+            for e in self._folder.read_or_new([]).entries
+        }
+        due = [s for s in self._cycle_ends if s <= step or s in taken]
         missing = [s for s in due if s not in taken]
         if missing or len(due) < len(self._cycle_ends):
             warnings.warn(
@@ -437,8 +515,10 @@ class SnapshotCheckpoint(keras.callbacks.Callback):
                 result[key] = number
         return result
 
-    def _save_snapshot(self, step: int, batch, logs) -> None:
-        index = self._steps_due.pop(step)
+    def _save_snapshot(self, step: int, batch, logs, due=None) -> None:
+        """Saves the snapshot due at `due` (default `step`) at `step`."""
+        due = step if due is None else due
+        index = self._steps_due.pop(due)
         epoch = self._epoch + 1
         if batch == 0:
             # Before any batch of this epoch: no running metrics yet. A
@@ -449,7 +529,10 @@ class SnapshotCheckpoint(keras.callbacks.Callback):
                 epoch, batch = self._epoch, None
         logs = self._training_logs(logs)
         schedule = learning_rate_schedule(self.model.optimizer)
-        rate = schedule(max(step - 1, 0)) if schedule else None
+        # The rate of the update that made step `step`: Keras called the
+        # schedule with that update's last batch count.
+        batch_count = step * self._steps.accumulation - 1
+        rate = schedule(max(batch_count, 0)) if schedule else None
         entry = manifest_lib.SnapshotEntry(
             index=index,
             file=manifest_lib.snapshot_filename(index),
@@ -464,6 +547,7 @@ class SnapshotCheckpoint(keras.callbacks.Callback):
             logs=logs,
             finite=_all_finite(self.model, logs),
             batchnorm_recalibrated=self.recalibration_data is not None,
+            planned_step=None if due == step else due,
         )
         if not entry.finite:
             warnings.warn(
@@ -485,26 +569,38 @@ class SnapshotCheckpoint(keras.callbacks.Callback):
                 if entry.learning_rate is not None
                 else ""
             )
+            short = f" of {due}" if due != step else ""
             self._messages.append(
                 f"Snapshot {index}/{len(self._cycle_ends)} saved at step "
-                f"{step} (epoch {epoch}, {where}{rate_text}): "
+                f"{step}{short} (epoch {epoch}, {where}{rate_text}): "
                 f"{_fs.join(self.directory, entry.file)}"
             )
 
     def _save_model_to(self, path: str) -> None:
-        if self.recalibration_data is None:
-            self.model.save(path)
-            return
-        saved = save_batchnorm_statistics(self.model)
+        """Saves the model, with EMA weights and recalibrated BatchNorm if
+        asked; the model being trained keeps its own values."""
+        trained = None
+        saved = None
         try:
-            recalibrate_batchnorm(
-                self.model,
-                self.recalibration_data,
-                steps=self.recalibration_steps,
-            )
+            if self.ema_weights:
+                variables = self.model.trainable_variables
+                trained = [ops.convert_to_numpy(v) for v in variables]
+                # Public Keras API: the model's variables take the average.
+                self.model.optimizer.finalize_variable_values(variables)
+            if self.recalibration_data is not None:
+                saved = save_batchnorm_statistics(self.model)
+                recalibrate_batchnorm(
+                    self.model,
+                    self.recalibration_data,
+                    steps=self.recalibration_steps,
+                )
             self.model.save(path)
         finally:
-            restore_batchnorm_statistics(self.model, saved)
+            if saved is not None:
+                restore_batchnorm_statistics(self.model, saved)
+            if trained is not None:
+                for variable, value in zip(variables, trained):
+                    variable.assign(value)
 
     def _write(self, entry) -> None:
         final_path = _fs.join(self.directory, entry.file)

@@ -1,31 +1,57 @@
 """Distilling an ensemble into one model (Hinton, Vinyals, Dean 2015)."""
 
-import math
-import numbers
-
 import keras
 import numpy as np
 from keras import ops
 
+from keras_snapshot._checks import check_in_range
 from keras_snapshot._checks import check_positive_int
-from keras_snapshot._checks import check_positive_number
+from keras_snapshot.layers import temperature_logits
+from keras_snapshot.layers import temperature_softmax
+from keras_snapshot.loading import clone_model
 from keras_snapshot.loading import load_snapshots
 
 _EPSILON = 1e-7
 
 
+# The highest temperature `distill` accepts. Once T is well above the
+# spread of the logits, the soft loss is Hinton et al.'s high-temperature
+# limit (matching logits) and a higher T changes nothing but float32
+# rounding: the soft targets and the student's `softmax(z / T)` are both
+# near-uniform, so the gradient `T * (p_T - q_T)` is a difference of
+# numbers that agree to about 1 / T, with a relative error of about
+# 5e-8 * T in float32 (5e-5 at T = 1000, 5% at 1e6); near 1e9 the soft
+# targets round to uniform, and above 1.8e19 `T^2` overflows float32 (NaN
+# weights). The loss value shown by `fit` is noisier still: its KL shrinks
+# as 1 / T^2 while its rounding does not.
+MAX_TEMPERATURE = 1000.0
+
+
+def _check_temperature(temperature) -> float:
+    return check_in_range(
+        "temperature",
+        temperature,
+        0.0,
+        MAX_TEMPERATURE,
+        "Far above the logits' spread the loss is already the "
+        "high-temperature limit (matching logits); a higher T only adds "
+        "float32 rounding to the gradient (relative error about 5e-8 * T) "
+        "until T^2 overflows float32 above 1.8e19. Hinton et al. use T "
+        "from 1 to 20.",
+        include_low=False,
+        include_high=True,
+    )
+
+
 def _check_alpha(alpha) -> float:
-    if (
-        isinstance(alpha, bool)
-        or not isinstance(alpha, numbers.Real)
-        or not math.isfinite(alpha)
-        or not 0 <= alpha <= 1
-    ):
-        raise ValueError(
-            "`alpha` (the weight of the hard-label loss) must be a number "
-            f"between 0 and 1. Received: alpha={alpha!r}."
-        )
-    return float(alpha)
+    return check_in_range(
+        "alpha",
+        alpha,
+        0.0,
+        1.0,
+        "It is the weight of the hard-label loss.",
+        include_high=True,
+    )
 
 
 class _DistillationLoss(keras.losses.Loss):
@@ -43,17 +69,20 @@ class _DistillationLoss(keras.losses.Loss):
         self.num_classes = num_classes
         self.from_logits = from_logits
 
+    def _log_probabilities(self, y_pred, temperature):
+        """The student's `log softmax(z / T)`."""
+        z_t = temperature_logits(
+            y_pred, temperature, self.from_logits, epsilon=_EPSILON
+        )
+        return ops.log_softmax(z_t, axis=-1)
+
     def call(self, y_true, y_pred):
         y_true = ops.cast(y_true, "float32")
         y_pred = ops.cast(y_pred, "float32")
         soft = y_true[:, : self.num_classes]
         hard = y_true[:, self.num_classes :]
-        if self.from_logits:
-            logits = y_pred
-        else:
-            logits = ops.log(ops.clip(y_pred, _EPSILON, 1.0))
-        log_p = ops.log_softmax(logits, axis=-1)
-        log_p_t = ops.log_softmax(logits / self.temperature, axis=-1)
+        log_p = self._log_probabilities(y_pred, 1.0)
+        log_p_t = self._log_probabilities(y_pred, self.temperature)
         kl = ops.sum(
             soft * (ops.log(ops.clip(soft, _EPSILON, 1.0)) - log_p_t), axis=-1
         )
@@ -131,7 +160,7 @@ def _one_hot(y, num_samples: int, num_classes: int, name: str) -> np.ndarray:
     return labels
 
 
-def _resolve_teacher(teacher, safe_mode, custom_objects):
+def _resolve_teacher(teacher, **load_kwargs):
     """The models whose mean probabilities teach, and the first member."""
     if isinstance(teacher, keras.Model):
         try:
@@ -141,9 +170,7 @@ def _resolve_teacher(teacher, safe_mode, custom_objects):
         if not isinstance(first, keras.Model):
             first = teacher
         return [teacher], first
-    members = load_snapshots(
-        teacher, safe_mode=safe_mode, custom_objects=custom_objects
-    )
+    members = load_snapshots(teacher, **load_kwargs)
     return members, members[0]
 
 
@@ -170,8 +197,7 @@ def teacher_probabilities(
             output = output["probabilities"]
         output = np.asarray(output, dtype=np.float64)
         if from_logits:
-            output = np.exp(output - output.max(axis=-1, keepdims=True))
-            output /= output.sum(axis=-1, keepdims=True)
+            output = temperature_softmax(output, 1.0, from_logits=True)
         elif output.ndim != 2 or not (
             np.all(output >= -1e-6)
             and np.allclose(output.sum(axis=-1), 1.0, atol=1e-3)
@@ -184,14 +210,6 @@ def teacher_probabilities(
             )
         total = output if total is None else total + output
     return total / len(teacher_models)
-
-
-def soften(probabilities: np.ndarray, temperature: float) -> np.ndarray:
-    """`softmax(log(p) / T)`: probabilities at temperature T, in numpy."""
-    logits = np.log(np.maximum(probabilities, 1e-12)) / temperature
-    logits -= logits.max(axis=-1, keepdims=True)
-    soft = np.exp(logits)
-    return soft / soft.sum(axis=-1, keepdims=True)
 
 
 def distill(
@@ -211,6 +229,8 @@ def distill(
     teacher_batch_size: int = 256,
     safe_mode: bool = True,
     custom_objects: dict | None = None,
+    skip_invalid: bool = False,
+    allow_nonfinite: bool = False,
 ):
     """Trains one student model on an ensemble's softened probabilities.
 
@@ -248,7 +268,9 @@ def distill(
             default a fresh copy of the first member (see above).
         data: `x` or an `(x, y)` tuple of arrays; `y` are integer labels
             or one-hot rows. Without labels, `alpha` must be 0.
-        temperature: The temperature `T` (Hinton et al. use 1 to 20).
+        temperature: The temperature `T` (Hinton et al. use 1 to 20), in
+            `(0, 1000]` (`MAX_TEMPERATURE`): beyond, a higher T only adds
+            float32 rounding.
         alpha: Weight of the hard-label loss, between 0 and 1.
         epochs: Epochs of student training.
         batch_size: Batch size of student training.
@@ -260,8 +282,9 @@ def distill(
         teacher_from_logits: The teacher outputs logits, not probabilities.
         student_from_logits: The student outputs logits.
         teacher_batch_size: Batch size of the teacher's predictions.
-        safe_mode: Passed to `keras.saving.load_model` for snapshot files.
-        custom_objects: Custom objects needed to load the snapshots.
+        safe_mode, skip_invalid, custom_objects, allow_nonfinite: How a
+            teacher of snapshots is loaded, the same for every loader: see
+            `keras_snapshot.loading.LoadOptions`.
 
     Returns:
         The trained student, a plain Keras model.
@@ -276,7 +299,7 @@ def distill(
     student.save("student.keras")  # Reloads without keras_snapshot.
     ```
     """
-    temperature = check_positive_number("temperature", temperature)
+    temperature = _check_temperature(temperature)
     alpha = _check_alpha(alpha)
     epochs = check_positive_int("epochs", epochs)
     batch_size = check_positive_int("batch_size", batch_size)
@@ -296,10 +319,14 @@ def distill(
             f"first member). Received: student={student!r}."
         )
     teacher_models, first_member = _resolve_teacher(
-        teacher, safe_mode, custom_objects
+        teacher,
+        safe_mode=safe_mode,
+        skip_invalid=skip_invalid,
+        custom_objects=custom_objects,
+        allow_nonfinite=allow_nonfinite,
     )
     if student is None:
-        student = keras.models.clone_model(first_member)
+        student = clone_model(first_member, safe_mode, custom_objects)
     try:
         inputs, outputs = student.inputs, student.outputs
     except (AttributeError, ValueError):
@@ -326,7 +353,8 @@ def distill(
         else:
             labels = _one_hot(y_part, len(x_part), num_classes, name)
         return np.concatenate(
-            [soften(q, temperature).astype("float32"), labels], axis=-1
+            [temperature_softmax(q, temperature).astype("float32"), labels],
+            axis=-1,
         ), num_classes
 
     packed, num_classes = targets(x, y, "data")

@@ -1,14 +1,13 @@
-"""Combining loaded members into one functional Keras model, and export.
+"""Combining loaded members into one functional Keras model.
 
 The second half of turning a snapshot run into an ensemble:
 `combine_members` averages members' probabilities with stock Keras layers
 (`Average`, or `Rescaling` and `Add` with weights), optionally followed by
 temperature scaling and uncertainty outputs. `build_ensemble` is the
 one-line path: `keras_snapshot.loading` loads, BatchNorm is recalibrated if
-asked, and `combine_members` combines.
+asked, and `combine_members` combines. `keras_snapshot.export` serves the
+result.
 """
-
-import functools
 
 import keras
 import numpy as np
@@ -18,10 +17,14 @@ from keras_snapshot import layers
 from keras_snapshot._checks import check_positive_int
 from keras_snapshot.batchnorm import recalibrate_batchnorm
 from keras_snapshot.loading import Member
+from keras_snapshot.loading import clone_model
 from keras_snapshot.loading import describe
 from keras_snapshot.loading import load_members
 
 EXTRA_OUTPUTS = ("entropy", "mutual_information")
+# The one name of the ensemble's output: its output layer, the key of its
+# output dict, and the output of every format `keras_snapshot.export` writes.
+OUTPUT_NAME = "probabilities"
 
 
 def normalize_weights(weights: ArrayLike, num_members: int) -> np.ndarray:
@@ -232,13 +235,13 @@ def combine_members(
         combined = outputs[0]
     if temperature is not None:
         probabilities = layers.TemperatureScaling(
-            temperature, name="probabilities"
+            temperature, name=OUTPUT_NAME
         )(combined)
     else:
-        probabilities = keras.layers.Identity(name="probabilities")(combined)
+        probabilities = keras.layers.Identity(name=OUTPUT_NAME)(combined)
     if not extra_outputs:
         return keras.Model(inputs, probabilities, name=name)
-    result = {"probabilities": probabilities}
+    result = {OUTPUT_NAME: probabilities}
     if "entropy" in extra_outputs:
         result["entropy"] = layers.PredictiveEntropy(name="entropy")(
             probabilities
@@ -287,14 +290,12 @@ def build_ensemble(
             their output layer (softmax or linear).
         recalibration_data: Optional training inputs; each member's
             BatchNorm statistics are recomputed on it (on copies).
-        safe_mode: Passed to `keras.saving.load_model`.
-        skip_invalid: Skip missing or corrupted snapshot files with a
-            warning instead of raising an error.
-        custom_objects: Custom objects needed to load the snapshots.
+        safe_mode, skip_invalid, custom_objects, allow_nonfinite: How the
+            snapshots are loaded, the same for every loader: see
+            `keras_snapshot.loading.LoadOptions`.
         temperature: Optional temperature for the averaged probabilities
             (`softmax(log(p) / T)`); see `selection.fit_temperature`.
         extra_outputs: `"entropy"` and/or `"mutual_information"`.
-        allow_nonfinite: Accept members with NaN or infinite weights.
         name: Name of the ensemble model.
 
     Returns:
@@ -321,7 +322,10 @@ def build_ensemble(
         members = [
             Member(
                 n,
-                recalibrate_batchnorm(_private_copy(m), recalibration_data),
+                recalibrate_batchnorm(
+                    _private_copy(m, safe_mode, custom_objects),
+                    recalibration_data,
+                ),
                 s,
             )
             for n, m, s in members
@@ -336,237 +340,8 @@ def build_ensemble(
     )
 
 
-def _private_copy(model):
+def _private_copy(model, safe_mode: bool, custom_objects):
     """A copy of `model` whose weights can be changed without touching it."""
-    copy = keras.models.clone_model(model)
+    copy = clone_model(model, safe_mode, custom_objects)
     copy.set_weights(model.get_weights())
     return copy
-
-
-# `export_ensemble`'s formats, with Keras's names for them as aliases.
-EXPORT_FORMATS = ("saved_model", "tflite", "onnx")
-_FORMAT_ALIASES = {"tf_saved_model": "saved_model", "litert": "tflite"}
-QUANTIZATIONS = ("dynamic_range", "float16")
-# The one name of the ensemble's output in every exported format.
-OUTPUT_NAME = "probabilities"
-
-
-def export_ensemble(
-    ensemble,
-    path: str,
-    format: str = "saved_model",
-    quantization: str | None = None,
-):
-    """Exports an ensemble for serving: SavedModel, TFLite or ONNX.
-
-    A Snapshot Ensemble (Huang et al. 2017, arXiv:1704.00109) is served as
-    one model. Every format names the output the same: `probabilities`
-    (plus `entropy` and `mutual_information` when the ensemble has those
-    outputs), so a client reads the same key from TensorFlow Serving, a
-    TFLite signature runner or onnxruntime:
-
-    - `"saved_model"`: a TensorFlow SavedModel (a folder). Its
-      `serving_default` signature (what TensorFlow Serving and
-      `TFSMLayer(path, call_endpoint="serving_default")` call) returns
-      `{"probabilities": ...}`; its `serve` endpoint returns what
-      `ensemble(x)` returns, as `ensemble.export(path)` would. Works on the
-      TensorFlow and JAX backends.
-    - `"tflite"`: a TFLite (LiteRT) flatbuffer, `path` ending in
-      `.tflite`, through Keras's `format="litert"` export (TensorFlow
-      backend). Its `serving_default` signature returns `probabilities`.
-      `quantization="dynamic_range"` stores weights as int8,
-      `"float16"` as float16.
-    - `"onnx"`: an ONNX model through Keras's `format="onnx"` export and
-      tf2onnx (`pip install "keras-snapshot[onnx]"`); its input is named
-      after the ensemble's input (`inputs`), its output `probabilities`.
-
-    None of the files need keras_snapshot (or Keras) to run. TensorFlow,
-    TFLite and onnxruntime are imported only by the format that needs them.
-
-    Args:
-        ensemble: A functional Keras model with one input, such as
-            `build_ensemble`'s: its output is the probabilities, or a dict
-            with a `"probabilities"` entry.
-        path: Where to write: a new folder for `"saved_model"`, a file for
-            the others.
-        format: `"saved_model"` (default), `"tflite"` or `"onnx"`; Keras's
-            names `"tf_saved_model"` and `"litert"` are accepted too.
-        quantization: TFLite only: `None` (float32, default),
-            `"dynamic_range"` or `"float16"`.
-
-    Returns:
-        `path`.
-
-    Example:
-
-    ```python
-    keras_snapshot.export_ensemble(ensemble, "ensemble_savedmodel")
-    served = tf.saved_model.load("ensemble_savedmodel")
-    signature = served.signatures["serving_default"]
-    probabilities = signature(tf.constant(x_test))["probabilities"]
-
-    keras_snapshot.export_ensemble(ensemble, "ensemble.onnx", format="onnx")
-    session = onnxruntime.InferenceSession("ensemble.onnx")
-    (probabilities,) = session.run(["probabilities"], {"inputs": x_test})
-    ```
-    """
-    format = _FORMAT_ALIASES.get(format, format)
-    if format not in EXPORT_FORMATS:
-        raise ValueError(
-            f"`format` must be one of {EXPORT_FORMATS}. Received: "
-            f"format={format!r}."
-        )
-    if quantization is not None and (
-        format != "tflite" or quantization not in QUANTIZATIONS
-    ):
-        raise ValueError(
-            f"`quantization` must be None or, with format='tflite', one of "
-            f"{QUANTIZATIONS}. Received: quantization={quantization!r}, "
-            f"format={format!r}."
-        )
-    path = str(path)
-    if format == "tflite" and not path.endswith(".tflite"):
-        raise ValueError(
-            "A TFLite export's path must end in '.tflite'. Received: "
-            f"path={path!r}."
-        )
-    named = _named_outputs(ensemble)
-    try:
-        if format == "saved_model":
-            _export_saved_model(ensemble, named, path)
-        elif format == "tflite":
-            _export_tflite(named, path, quantization)
-        else:
-            _export_onnx(named, path)
-    except ImportError as e:
-        raise RuntimeError(
-            f"Exporting to {format} on the {keras.backend.backend()} backend "
-            f"needs a package that is not installed ({e}). "
-            + _INSTALL_HINT[format]
-        ) from e
-    return path
-
-
-_INSTALL_HINT = {
-    "saved_model": "Install tensorflow, or save a `.keras` file with "
-    "`ensemble.save(...)` instead.",
-    "tflite": "TFLite export runs on the TensorFlow backend with tensorflow "
-    "installed (KERAS_BACKEND=tensorflow).",
-    "onnx": 'Install the ONNX extra: pip install "keras-snapshot[onnx]" '
-    "(tf2onnx on the TensorFlow backend, jax2onnx on JAX).",
-}
-
-
-def _named_outputs(ensemble):
-    """`ensemble` with its output in a dict under `OUTPUT_NAME`.
-
-    Keras names a SavedModel signature's outputs, and tf2onnx its outputs,
-    after the keys of the model's output dict (`output_0` and `Identity:0`
-    for a single tensor), so the dict is the one place the name is set.
-    """
-    inputs = getattr(ensemble, "inputs", None)
-    if not isinstance(ensemble, keras.Model) or not inputs:
-        raise ValueError(
-            "`ensemble` must be a functional Keras model with one input, "
-            "such as `build_ensemble`'s. Received: "
-            f"ensemble={type(ensemble).__name__}."
-        )
-    if len(inputs) != 1:
-        raise ValueError(
-            "`ensemble` must have one input. Received: a model with "
-            f"{len(inputs)} inputs."
-        )
-    output = ensemble.output
-    if isinstance(output, dict):
-        if OUTPUT_NAME not in output:
-            raise ValueError(
-                f"An ensemble with several outputs must have a "
-                f"{OUTPUT_NAME!r} output. Received: outputs "
-                f"{sorted(output)}."
-            )
-        return ensemble
-    if len(ensemble.outputs) != 1:
-        raise ValueError(
-            f"`ensemble` must have one output ({OUTPUT_NAME}) or a dict of "
-            f"outputs. Received: {len(ensemble.outputs)} outputs."
-        )
-    return keras.Model(inputs, {OUTPUT_NAME: output}, name=ensemble.name)
-
-
-def _input_signature(model):
-    (tensor,) = model.inputs
-    return [
-        keras.InputSpec(
-            shape=tuple(tensor.shape), dtype=tensor.dtype, name=tensor.name
-        )
-    ]
-
-
-def _export_saved_model(ensemble, named, path):
-    """`serve`: as `ensemble.export`; `serving_default`: named outputs."""
-    archive = keras.export.ExportArchive()
-    # `named` shares the ensemble's variables: tracked once (on JAX, a
-    # second `track` would feed every variable twice to jax2tf).
-    archive.track(ensemble)
-    signature = _input_signature(ensemble)
-    for name, model in (("serve", ensemble), ("serving_default", named)):
-        archive.add_endpoint(
-            name,
-            functools.partial(model.__call__, training=False),
-            input_signature=signature,
-        )
-    archive.write_out(path, verbose=False)
-
-
-def _export_tflite(named, path, quantization):
-    if keras.backend.backend() != "tensorflow":
-        raise RuntimeError(
-            "TFLite export needs the TensorFlow backend. Received: backend="
-            f"{keras.backend.backend()!r}. Run with KERAS_BACKEND=tensorflow "
-            "(the `.keras` file loads on any backend)."
-        )
-    import tensorflow as tf
-
-    converter_settings = {}
-    if quantization is not None:
-        converter_settings["optimizations"] = [tf.lite.Optimize.DEFAULT]
-    if quantization == "float16":
-        converter_settings["target_spec"] = {"supported_types": [tf.float16]}
-    named.export(
-        path,
-        format="litert",
-        verbose=False,
-        input_signature=_input_signature(named),
-        **converter_settings,
-    )
-    _name_tflite_tensors(path)
-
-
-def _name_tflite_tensors(path):
-    """Names the TFLite file's input and output tensors as its signature.
-
-    The converter names them `serving_default_inputs:0` and
-    `StatefulPartitionedCall_1:0`; after this, `get_output_details()` of a
-    plain `Interpreter` says `probabilities`, as the signature runner does.
-    """
-    try:
-        from tensorflow.lite.tools import flatbuffer_utils
-    except ImportError:  # The signature keeps the names.
-        return
-    model = flatbuffer_utils.read_model(path)
-    for signature in model.signatureDefs:
-        tensors = model.subgraphs[signature.subgraphIndex].tensors
-        for entry in list(signature.inputs) + list(signature.outputs):
-            tensors[entry.tensorIndex].name = entry.name
-    flatbuffer_utils.write_model(model, path)
-
-
-def _export_onnx(named, path):
-    if keras.backend.backend() == "tensorflow":
-        import tf2onnx  # noqa: F401  (a clear ImportError before Keras's)
-    named.export(
-        path,
-        format="onnx",
-        verbose=False,
-        input_signature=_input_signature(named),
-    )

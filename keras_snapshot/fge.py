@@ -1,28 +1,26 @@
 """The learning rate of Fast Geometric Ensembling (FGE)."""
 
 import math
-import numbers
 
 import keras
 from keras import ops
 
+from keras_snapshot._checks import check_in_range
+from keras_snapshot._checks import check_non_negative_int
 from keras_snapshot._checks import check_positive_int
 from keras_snapshot._checks import check_positive_number
 
 
 def _check_alpha2(alpha1: float, alpha2) -> float:
-    if isinstance(alpha2, bool) or not isinstance(alpha2, numbers.Real):
-        raise ValueError(
-            "`alpha2` must be a finite number between 0 and `alpha1`. "
-            f"Received: alpha2={alpha2!r} (type {type(alpha2).__name__})."
-        )
-    if not math.isfinite(alpha2) or not 0 <= alpha2 <= alpha1:
-        raise ValueError(
-            "`alpha2` (the rate at the middle of each cycle, where the "
-            f"snapshots are taken) must be between 0 and `alpha1` ({alpha1})."
-            f" Received: alpha2={alpha2}."
-        )
-    return float(alpha2)
+    return check_in_range(
+        "alpha2",
+        alpha2,
+        0.0,
+        alpha1,
+        "It is the rate at the middle of each cycle, where the snapshots "
+        f"are taken: between 0 and `alpha1` ({alpha1}).",
+        include_high=True,
+    )
 
 
 @keras.saving.register_keras_serializable(package="keras_snapshot")
@@ -108,17 +106,12 @@ class FGESchedule(keras.optimizers.schedules.LearningRateSchedule):
                 f"Received: cycle_steps={cycle_steps}."
             )
         self.num_snapshots = check_positive_int("num_snapshots", num_snapshots)
-        if (
-            isinstance(start_step, bool)
-            or not isinstance(start_step, numbers.Integral)
-            or start_step < 0
-        ):
-            raise ValueError(
-                "`start_step` must be a non-negative integer (the optimizer "
-                "steps of normal training before the FGE cycles). Received: "
-                f"start_step={start_step!r}."
-            )
-        self.start_step = int(start_step)
+        self.start_step = check_non_negative_int(
+            "start_step",
+            start_step,
+            "It counts the optimizer steps of normal training before the "
+            "FGE cycles.",
+        )
         if isinstance(initial_learning_rate, dict):
             initial_learning_rate = keras.optimizers.schedules.deserialize(
                 initial_learning_rate
@@ -170,21 +163,13 @@ class FGESchedule(keras.optimizers.schedules.LearningRateSchedule):
         """
         steps_per_epoch = check_positive_int("steps_per_epoch", steps_per_epoch)
         cycle_epochs = check_positive_int("cycle_epochs", cycle_epochs)
-        if (
-            isinstance(start_epoch, bool)
-            or not isinstance(start_epoch, numbers.Integral)
-            or start_epoch < 0
-        ):
-            raise ValueError(
-                "`start_epoch` must be a non-negative integer. Received: "
-                f"start_epoch={start_epoch!r}."
-            )
+        start_epoch = check_non_negative_int("start_epoch", start_epoch)
         return cls(
             alpha1,
             alpha2,
             cycle_steps=cycle_epochs * steps_per_epoch,
             num_snapshots=num_snapshots,
-            start_step=int(start_epoch) * steps_per_epoch,
+            start_step=start_epoch * steps_per_epoch,
             initial_learning_rate=initial_learning_rate,
             name=name,
         )

@@ -4,10 +4,17 @@
 use them. They are registered serializable, so an ensemble that has them
 reloads from `.keras` once `keras_snapshot` is imported, and its SavedModel
 export needs nothing at all.
+
+`temperature_logits` and `temperature_softmax` are the one implementation
+of temperature scaling: the `TemperatureScaling` layer, distillation's soft
+targets and loss (`keras_snapshot.distill`) and
+`keras_snapshot.selection.apply_temperature` all call them.
 """
 
 import keras
+import numpy as np
 from keras import ops
+from scipy import special
 
 from keras_snapshot._checks import check_positive_number
 
@@ -18,6 +25,62 @@ def _entropy(probabilities):
     return -ops.sum(
         probabilities * ops.log(ops.maximum(probabilities, _EPSILON)), axis=-1
     )
+
+
+def temperature_logits(
+    scores, temperature: float, from_logits: bool = False, epsilon=_EPSILON
+):
+    """The logits of temperature scaling: `z / T`.
+
+    Temperature scaling (Guo et al. 2017, "On Calibration of Modern Neural
+    Networks") and distillation's softened targets (Hinton, Vinyals, Dean
+    2015, arXiv:1503.02531) divide logits `z` by a temperature `T` before
+    the softmax. For probabilities `p`, such as the average of a Snapshot
+    Ensemble's members (Huang et al. 2017, arXiv:1704.00109), `z = log(p)`,
+    with `p` floored at `epsilon` first. A numpy array is computed in numpy
+    (float64 stays float64); anything else (a tensor, inside a model or a
+    loss) with `keras.ops`.
+
+    Args:
+        scores: Probabilities, or logits if `from_logits=True`, classes on
+            the last axis.
+        temperature: A positive number (not checked here: callers check
+            it once, where the user passes it).
+        from_logits: Whether `scores` are logits.
+        epsilon: The floor on probabilities before the logarithm.
+
+    Returns:
+        `z / T`, of the shape of `scores`.
+
+    Example:
+
+    ```python
+    temperature_logits(np.array([[0.8, 0.2]]), 2.0)  # log([0.8, 0.2]) / 2
+    ```
+    """
+    xp = np if isinstance(scores, np.ndarray) else ops
+    logits = scores if from_logits else xp.log(xp.maximum(scores, epsilon))
+    return logits / temperature
+
+
+def temperature_softmax(scores, temperature: float, from_logits: bool = False):
+    """Probabilities at temperature `T`: `softmax(z / T)`.
+
+    `z` as in `temperature_logits`: `T > 1` softens, `T < 1` sharpens, the
+    predicted class never changes. For probabilities the result is
+    `p ** (1 / T)`, renormalised. Numpy arrays go through
+    `scipy.special.softmax`, tensors through `keras.ops.softmax`.
+
+    Example:
+
+    ```python
+    temperature_softmax(np.array([[0.8, 0.2]]), 2.0)  # [[2/3, 1/3]]
+    ```
+    """
+    z = temperature_logits(scores, temperature, from_logits)
+    if isinstance(z, np.ndarray):
+        return special.softmax(z, axis=-1)
+    return ops.softmax(z, axis=-1)
 
 
 @keras.saving.register_keras_serializable(package="keras_snapshot")
@@ -44,8 +107,7 @@ class TemperatureScaling(keras.layers.Layer):
         self.temperature = check_positive_number("temperature", temperature)
 
     def call(self, probabilities):
-        logits = ops.log(ops.maximum(probabilities, _EPSILON))
-        return ops.softmax(logits / self.temperature, axis=-1)
+        return temperature_softmax(probabilities, self.temperature)
 
     def get_config(self):
         return {**super().get_config(), "temperature": self.temperature}

@@ -8,7 +8,7 @@ them.
 """
 
 import collections
-import numbers
+import dataclasses
 import os
 import re
 import warnings
@@ -19,6 +19,7 @@ import numpy as np
 
 from keras_snapshot import _fs
 from keras_snapshot import manifest as manifest_lib
+from keras_snapshot._checks import check_positive_int
 
 Member = collections.namedtuple(
     "Member", ["name", "model", "source"], defaults=[None]
@@ -42,17 +43,15 @@ _SNAPSHOT_FILE = re.compile(r"snapshot-(\d+)\.keras$")
 def _check_last(last, available: int) -> int:
     if last is None:
         return available
-    if isinstance(last, bool) or not isinstance(last, numbers.Integral):
-        raise ValueError(
-            "`last` must be a positive integer (the number of most recent "
-            f"snapshots to keep). Received: last={last!r}."
-        )
-    if not 1 <= last <= available:
-        raise ValueError(
-            f"`last` must be between 1 and the number of snapshots "
-            f"({available}). Received: last={last}."
-        )
-    return int(last)
+    between = f"between 1 and the number of snapshots ({available})"
+    last = check_positive_int(
+        "last",
+        last,
+        f"It is the number of most recent snapshots to keep, {between}.",
+    )
+    if last > available:
+        raise ValueError(f"`last` must be {between}. Received: last={last}.")
+    return last
 
 
 def snapshot_paths(
@@ -114,10 +113,28 @@ def _directory_sources(directory, skip_invalid: bool) -> list:
     if not sources:
         raise ValueError(
             f"The snapshot directory {directory} has no usable snapshots "
-            f"(its manifest lists {len(manifest.entries)}). Train with "
-            "SnapshotCheckpoint first."
+            f"(its manifest lists {len(manifest.entries)}). "
+            + _superseded_hint(folder)
         )
     return sources
+
+
+def _superseded_hint(folder) -> str:
+    """How to use the snapshots an earlier run in `folder` set aside."""
+    aside = folder.superseded()
+    if not aside:
+        return "Train with SnapshotCheckpoint first."
+    listed = ", ".join(
+        f"{path} ({count} snapshot{'s' if count > 1 else ''})"
+        for path, count in aside[-5:]
+    )
+    more = f" and {len(aside) - 5} older" if len(aside) > 5 else ""
+    return (
+        "A new run in this folder set the earlier run's snapshots aside "
+        f"before taking its own; they are in {listed}{more}. To use them, "
+        f"pass that folder instead of {folder.path}; to use this run's, "
+        "train it until it takes its first snapshot."
+    )
 
 
 def _sources(snapshots, skip_invalid: bool) -> list:
@@ -169,6 +186,60 @@ def _sources(snapshots, skip_invalid: bool) -> list:
     return list(zip(names, items))
 
 
+@dataclasses.dataclass(frozen=True)
+class LoadOptions:
+    """How snapshots are loaded: the keyword arguments every loader shares.
+
+    `load_snapshots`, `build_ensemble`, `select_snapshots`,
+    `average_weights` and `distill` all take these four keyword arguments,
+    with these defaults, and pass them to `load_members`, which makes one
+    `LoadOptions` of them: they are checked here, before anything is read.
+    (`snapshot_paths` reads no model: it takes `skip_invalid` only.)
+
+    Attributes:
+        safe_mode: Passed to `keras.saving.load_model`; `True` refuses
+            snapshots that would run arbitrary code (`Lambda` layers). Set
+            `False` only for files you trust.
+        skip_invalid: Skip the missing or corrupted snapshots of a
+            directory with a warning, instead of raising an error.
+        custom_objects: Custom layers or functions needed to load the
+            snapshots, `{name: class or function}`, as for
+            `keras.saving.load_model`.
+        allow_nonfinite: Accept members with NaN or infinite weights
+            (refused by default: their training diverged).
+
+    Example:
+
+    ```python
+    ensemble = keras_snapshot.build_ensemble(
+        "snapshots", custom_objects={"MyLayer": MyLayer}
+    )
+    ```
+    """
+
+    safe_mode: bool = True
+    skip_invalid: bool = False
+    custom_objects: dict | None = None
+    allow_nonfinite: bool = False
+
+    def __post_init__(self):
+        for name in ("safe_mode", "skip_invalid", "allow_nonfinite"):
+            value = getattr(self, name)
+            if not isinstance(value, bool):
+                raise ValueError(
+                    f"`{name}` must be True or False. Received: "
+                    f"{name}={value!r} (type {type(value).__name__})."
+                )
+        if self.custom_objects is not None and not isinstance(
+            self.custom_objects, dict
+        ):
+            raise TypeError(
+                "`custom_objects` must be a dict `{name: class or function}`"
+                " (as for `keras.saving.load_model`) or None. Received: "
+                f"custom_objects={self.custom_objects!r}."
+            )
+
+
 def load_members(
     snapshots,
     last: int | None = None,
@@ -180,7 +251,9 @@ def load_members(
     """Loads snapshots as `Member(name, model)` pairs, oldest first.
 
     Members are named after their snapshot index (`snapshot_3` for the
-    third snapshot of a directory or for `snapshot-03.keras`).
+    third snapshot of a directory or for `snapshot-03.keras`). Every public
+    loader comes here, and the loading keyword arguments become one
+    checked `LoadOptions` here.
 
     Args: as `load_snapshots`.
 
@@ -191,15 +264,21 @@ def load_members(
         print(name, model.count_params())
     ```
     """
-    sources = _sources(snapshots, skip_invalid)
+    options = LoadOptions(
+        safe_mode=safe_mode,
+        skip_invalid=skip_invalid,
+        custom_objects=custom_objects,
+        allow_nonfinite=allow_nonfinite,
+    )
+    sources = _sources(snapshots, options.skip_invalid)
     sources = sources[-_check_last(last, len(sources)) :]
     members = []
     for name, item in sources:
         if isinstance(item, keras.Model):
             model = item
         else:
-            model = _load_one(os.fspath(item), safe_mode, custom_objects)
-        if not allow_nonfinite and not weights_are_finite(model):
+            model = _load_one(os.fspath(item), options)
+        if not options.allow_nonfinite and not weights_are_finite(model):
             raise ValueError(
                 f"Snapshot {_describe(name, item)} has NaN or infinite "
                 "weights (its training diverged), so an ensemble with it "
@@ -226,12 +305,9 @@ def load_snapshots(
             its manifest, each file checked against its sha256), a `.keras`
             path, a list of `.keras` paths, or a list of Keras models.
         last: Keep only the last `last` snapshots.
-        safe_mode: Passed to `keras.saving.load_model`; `True` refuses
-            snapshots that would run arbitrary code (`Lambda` layers). Set
-            `False` only for files you trust.
-        skip_invalid: Skip missing or corrupted snapshots with a warning.
-        custom_objects: Custom layers or functions needed to load.
-        allow_nonfinite: Accept members with NaN or infinite weights.
+        safe_mode, skip_invalid, custom_objects, allow_nonfinite: How the
+            snapshots are loaded, the same for every loader: see
+            `keras_snapshot.loading.LoadOptions`.
 
     Returns:
         A list of Keras models, oldest snapshot first.
@@ -255,6 +331,41 @@ def load_snapshots(
     ]
 
 
+def clone_model(
+    model, safe_mode: bool = True, custom_objects: dict | None = None
+):
+    """A fresh copy of `model`'s architecture, in the mode it was loaded in.
+
+    `keras.models.clone_model(model)`, except for a snapshot loaded with
+    `safe_mode=False`: Keras re-creates a `Lambda` layer only outside safe
+    mode, and `clone_model` runs in it, so such a model is cloned through
+    `keras.saving.deserialize_keras_object(..., safe_mode=False)`, with
+    `custom_objects` and the model's own layer classes at hand.
+
+    Example:
+
+    ```python
+    (model,) = load_snapshots("trusted.keras", safe_mode=False)
+    student = clone_model(model, safe_mode=False)
+    ```
+    """
+    if safe_mode:
+        return keras.models.clone_model(model)
+    classes = {}
+
+    def visit(layer):
+        classes.setdefault(type(layer).__name__, type(layer))
+        for child in getattr(layer, "layers", None) or []:
+            visit(child)
+
+    visit(model)
+    return keras.saving.deserialize_keras_object(
+        keras.saving.serialize_keras_object(model),
+        custom_objects={**classes, **(custom_objects or {})},
+        safe_mode=False,
+    )
+
+
 def weights_are_finite(model) -> bool:
     """Whether every floating-point weight of `model` is finite."""
     return all(
@@ -270,7 +381,7 @@ def _describe(name, item) -> str:
     return f"{name} (model {item.name!r})"
 
 
-def _load_one(path: str, safe_mode: bool, custom_objects):
+def _load_one(path: str, options: LoadOptions):
     if not _fs.isfile(path):
         raise FileNotFoundError(f"Snapshot file {path} does not exist.")
     # A remote file is copied to a local temporary file once (as
@@ -286,13 +397,13 @@ def _load_one(path: str, safe_mode: bool, custom_objects):
             return keras.saving.load_model(
                 local,
                 compile=False,
-                safe_mode=safe_mode,
-                custom_objects=custom_objects,
+                safe_mode=options.safe_mode,
+                custom_objects=options.custom_objects,
             )
         except (ValueError, TypeError) as e:
             hint = (
                 " If you trust this file, pass `safe_mode=False`."
-                if safe_mode
+                if options.safe_mode
                 else ""
             )
             raise type(e)(f"Could not load snapshot {path}: {e}{hint}") from e

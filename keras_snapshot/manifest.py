@@ -27,24 +27,29 @@ for entry in directory.read().entries:
 
 import collections
 import dataclasses
-import errno
 import json
 import os
 import time
 import uuid
 
 from keras_snapshot import _fs
+from keras_snapshot._lock import LOCK_NAME  # noqa: F401 (re-exported)
+from keras_snapshot._lock import DirectoryLockedError  # noqa: F401
+from keras_snapshot._lock import FolderLock
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = "keras_snapshot.manifest"
 MANIFEST_VERSION = 1
 PARTIAL_PREFIX = _fs.PARTIAL_PREFIX
-LOCK_NAME = ".lock"
 SUPERSEDED_PREFIX = "superseded-"
 # A manifest of 10,000 snapshots is about 5 MB; anything far larger is not
 # one that SnapshotCheckpoint wrote.
 MAX_MANIFEST_BYTES = 32 * 1024 * 1024
 MAX_MANIFEST_DEPTH = 8
+# SnapshotCheckpoint numbers snapshots 1, 2, ... in cycle order, one per
+# cycle end: an index beyond this (and beyond the manifest's own cycle
+# ends) is not one it wrote.
+MAX_SNAPSHOT_INDEX = 10**6
 
 _REQUIRED = ("index", "file", "step", "size", "sha256")
 
@@ -71,6 +76,10 @@ class SnapshotEntry:
         finite: False when a weight or a logged loss was NaN or infinite.
         batchnorm_recalibrated: Whether BatchNorm statistics were recomputed.
         saved_at: Local time of the write.
+        planned_step: The cycle end this snapshot stands for when training
+            ended before it (updates skipped by mixed-precision loss
+            scaling): it was taken at the last update, `step`. None when
+            taken at its cycle end.
     """
 
     index: int
@@ -85,6 +94,7 @@ class SnapshotEntry:
     finite: bool = True
     batchnorm_recalibrated: bool = False
     saved_at: str | None = None
+    planned_step: int | None = None
 
     def to_json(self) -> dict:
         return _fs.finite_json(dataclasses.asdict(self))
@@ -150,10 +160,6 @@ def _depth(value) -> int:
     return deepest
 
 
-class DirectoryLockedError(RuntimeError):
-    """Another live process is writing into the same snapshot directory."""
-
-
 class SnapshotDirectory:
     """A folder of snapshots and its `manifest.json`.
 
@@ -174,6 +180,7 @@ class SnapshotDirectory:
 
     def __init__(self, path):
         self.path = os.fspath(path)
+        self._lock = None
 
     @property
     def manifest_path(self) -> str:
@@ -231,8 +238,28 @@ class SnapshotDirectory:
                 f'object with "format": "{MANIFEST_FORMAT}" and a "snapshots" '
                 "list."
             )
+        ends = data.get("cycle_end_steps")
+        if not isinstance(ends, list):
+            ends = []
         entries = [SnapshotEntry.from_json(e, where) for e in data["snapshots"]]
+        limit = max(MAX_SNAPSHOT_INDEX, len(ends))
         for entry in entries:
+            if not 1 <= entry.index <= limit:
+                raise ValueError(
+                    f"The snapshot manifest {where} has a snapshot index out "
+                    f"of range: indices run from 1 to {limit} (snapshot 1 is "
+                    "the first cycle's). Restore the manifest written by "
+                    f"SnapshotCheckpoint. Received: index={_short(entry.index)}"
+                    f" in the entry for {_short(entry.file)}."
+                )
+            if entry.step < 0 or entry.size < 0:
+                raise ValueError(
+                    f"The snapshot manifest {where} has an entry with a "
+                    "negative step or size: both count up from 0. Restore the "
+                    "manifest written by SnapshotCheckpoint. Received: "
+                    f"step={entry.step}, size={entry.size} in the entry for "
+                    f"{_short(entry.file)}."
+                )
             self.path_of(entry)  # Refuses paths that leave the folder.
         for key in ("index", "file"):
             counts = collections.Counter(getattr(e, key) for e in entries)
@@ -244,11 +271,28 @@ class SnapshotDirectory:
                     "only once; restore the manifest written by "
                     "SnapshotCheckpoint."
                 )
-        ends = data.get("cycle_end_steps")
-        if not isinstance(ends, list):
-            ends = []
         entries.sort(key=lambda e: e.index)
         return Manifest(cycle_end_steps=ends, entries=entries)
+
+    def superseded(self) -> list:
+        """The `superseded-*` folders here that hold snapshots, oldest first.
+
+        `set_aside` moves the snapshots a new run supersedes into such a
+        folder, a snapshot folder of its own. Returns `[(path, count)]`
+        with the number of snapshots each one's manifest lists; a folder
+        whose manifest is missing or unreadable is left out.
+        """
+        found = []
+        for path in _fs.glob(self.path, f"{SUPERSEDED_PREFIX}*"):
+            if not _fs.isdir(path):
+                continue
+            try:
+                count = len(SnapshotDirectory(path).read().entries)
+            except (OSError, ValueError):
+                continue
+            if count:
+                found.append((path, count))
+        return found
 
     def read_or_new(self, cycle_end_steps: list) -> Manifest:
         try:
@@ -270,13 +314,24 @@ class SnapshotDirectory:
             or not name
             or os.path.isabs(name)
             or os.path.basename(name) != name
+            or any(c in name for c in "/\\\0")
             or name in (".", "..")
         ):
             raise ValueError(
                 f"The snapshot manifest {self.manifest_path} names the file "
                 f"{_short(name)}, which is not a plain file name inside its "
                 "directory. Manifest entries may not point outside the "
-                "snapshot directory."
+                "snapshot directory. Received: "
+                f"file={_short(name)} for snapshot {_short(entry.index)}."
+            )
+        if name.startswith(".") or not name.endswith(".keras"):
+            raise ValueError(
+                f"The snapshot manifest {self.manifest_path} names the file "
+                f"{_short(name)}, which is not a snapshot: SnapshotCheckpoint "
+                f"lists `.keras` files such as {snapshot_filename(1)}, never "
+                "hidden or other files. Restore the manifest written by "
+                f"SnapshotCheckpoint. Received: file={_short(name)} for "
+                f"snapshot {_short(entry.index)}."
             )
         path = _fs.join(self.path, name)
         if _fs.is_remote(path):
@@ -454,15 +509,13 @@ class SnapshotDirectory:
 
     # Locking ---------------------------------------------------------------
 
-    # One lock per folder and process: a new callback in the same process
-    # (a notebook cell run again after an interrupted fit) takes it over.
-    _held = {}
-
     def lock(self) -> None:
-        """Takes an advisory lock that dies with this process.
+        """Takes the folder's lock, which dies with this process.
 
-        On local disk this is an `flock` on `.lock`, which a second process
-        cannot take. Object storage has no such lock: for a remote folder
+        A `keras_snapshot._lock.FolderLock`: on local disk a second process
+        cannot take it (`fcntl` on POSIX, `msvcrt` on Windows; a link and
+        its target are one folder), and a new lock in this same process
+        takes it over. Object storage has no such lock: for a remote folder
         only a second writer in this same process is kept out, and two
         processes writing into one remote folder are not detected (give
         each run its own folder).
@@ -470,62 +523,14 @@ class SnapshotDirectory:
         Raises:
             DirectoryLockedError: if another process holds it.
         """
-        key = _fs.realpath(self.path)
-        if key in SnapshotDirectory._held:
-            SnapshotDirectory._held[key][1] = self
-            return
-        if _fs.is_remote(self.path):
-            SnapshotDirectory._held[key] = [None, self]
-            return
-        import fcntl
-
-        path = os.path.join(self.path, LOCK_NAME)
-        while True:
-            handle = open(path, "a+")
-            try:
-                fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError as e:
-                handle.seek(0)
-                holder = handle.read().strip() or "another process"
-                handle.close()
-                if e.errno not in (errno.EAGAIN, errno.EACCES):
-                    raise
-                raise DirectoryLockedError(
-                    f"The snapshot directory {self.path} is being written by "
-                    f"{holder}. Two runs in one folder would mix their "
-                    "snapshots: wait for that run to finish, or use another "
-                    "folder."
-                ) from None
-            # The holder before us removes the file when it is done: our
-            # lock counts only if it is on the file that is there now.
-            try:
-                same = os.path.samestat(
-                    os.fstat(handle.fileno()), os.stat(path)
-                )
-            except FileNotFoundError:
-                same = False
-            if same:
-                break
-            handle.close()
-        handle.seek(0)
-        handle.truncate()
-        handle.write(f"process {os.getpid()} since {time.ctime()}\n")
-        handle.flush()
-        SnapshotDirectory._held[key] = [handle, self]
+        if self._lock is None:
+            self._lock = FolderLock(self.path, what="snapshot directory")
+        self._lock.acquire()
 
     def unlock(self) -> None:
-        key = _fs.realpath(self.path)
-        held = SnapshotDirectory._held.get(key)
-        if held is not None and held[1] is self:
-            if held[0] is not None:
-                # Removed while still held, then released: a process that
-                # opened the old file sees that it is gone and tries again.
-                try:
-                    os.remove(os.path.join(self.path, LOCK_NAME))
-                except FileNotFoundError:
-                    pass
-                held[0].close()  # Closing releases the flock.
-            del SnapshotDirectory._held[key]
+        """Releases the lock that `lock()` took, if it still holds it."""
+        if self._lock is not None:
+            self._lock.release()
 
 
 def _refuse_constant(name):

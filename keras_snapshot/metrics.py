@@ -19,12 +19,12 @@ or one-hot of shape `(num_examples, num_classes)`. Entropies use the
 natural logarithm (nats).
 """
 
-import numbers
-
 import numpy as np
 from numpy.typing import ArrayLike
 from scipy import stats
 
+from keras_snapshot._checks import check_in_range
+from keras_snapshot._checks import check_non_negative_int
 from keras_snapshot._checks import check_positive_int
 
 # Default floor on probabilities inside logarithms (NLL, log-probs).
@@ -129,12 +129,9 @@ def _check_inputs(probs: ArrayLike, y: ArrayLike):
 
 
 def _check_eps(eps: float) -> float:
-    if not (isinstance(eps, numbers.Real) and 0 < eps < 1):
-        raise ValueError(
-            f"`eps` must be a small positive number below 1, e.g. 1e-12. "
-            f"Received: eps={eps!r}."
-        )
-    return float(eps)
+    return check_in_range(
+        "eps", eps, 0.0, 1.0, "A small floor, e.g. 1e-12.", include_low=False
+    )
 
 
 # Kernels on validated arrays. They accept any leading batch axes, so
@@ -578,20 +575,19 @@ def error_interval(
     ```
     """
     num_examples = check_positive_int("num_examples", num_examples)
-    if not (
-        isinstance(num_errors, numbers.Integral)
-        and 0 <= num_errors <= num_examples
-    ):
+    between = f"between 0 and `num_examples` ({num_examples})"
+    num_errors = check_non_negative_int(
+        "num_errors", num_errors, f"It must be {between}."
+    )
+    if num_errors > num_examples:
         raise ValueError(
-            "`num_errors` must be an integer between 0 and `num_examples` "
-            f"({num_examples}). Received: num_errors={num_errors!r}."
+            f"`num_errors` must be an integer {between}. Received: "
+            f"num_errors={num_errors!r}."
         )
-    if not (isinstance(confidence, numbers.Real) and 0 < confidence < 1):
-        raise ValueError(
-            "`confidence` must be between 0 and 1, e.g. 0.95. Received: "
-            f"confidence={confidence!r}."
-        )
-    ci = stats.binomtest(int(num_errors), num_examples).proportion_ci(
-        float(confidence), method="exact"
+    confidence = check_in_range(
+        "confidence", confidence, 0.0, 1.0, "e.g. 0.95.", include_low=False
+    )
+    ci = stats.binomtest(num_errors, num_examples).proportion_ci(
+        confidence, method="exact"
     )
     return float(ci.low), float(ci.high)

@@ -5,6 +5,7 @@ import math
 import keras
 from keras import ops
 
+from keras_snapshot._checks import check_accumulation_steps
 from keras_snapshot._checks import check_positive_int
 from keras_snapshot._checks import check_positive_number
 
@@ -33,8 +34,16 @@ class SnapshotSchedule(keras.optimizers.schedules.LearningRateSchedule):
     Args:
         initial_learning_rate: Rate at the start of every cycle; a finite
             positive number.
-        total_steps: Training budget `T` in optimizer steps (batches).
+        total_steps: Training budget `T` in optimizer steps: weight updates
+            (batches, unless gradients are accumulated).
         num_snapshots: Number of cycles `M`, between 1 and `total_steps`.
+        gradient_accumulation_steps: The optimizer's
+            `gradient_accumulation_steps`, if set (an integer >= 2). Keras
+            calls schedules with the batch count; with this the schedule
+            counts weight updates (batch // k), as `optimizer.iterations`
+            and the snapshot manifest do, so a cycle ends on an update.
+            `SnapshotCheckpoint` refuses an optimizer and schedule that
+            disagree.
         name: Optional name of the schedule.
 
     Example:
@@ -53,6 +62,7 @@ class SnapshotSchedule(keras.optimizers.schedules.LearningRateSchedule):
         initial_learning_rate: float,
         total_steps: int,
         num_snapshots: int,
+        gradient_accumulation_steps: int | None = None,
         name: str | None = None,
     ):
         super().__init__()
@@ -79,6 +89,9 @@ class SnapshotSchedule(keras.optimizers.schedules.LearningRateSchedule):
                 "and num_snapshots with (num_snapshots - 1) * cycle length "
                 "< total_steps, e.g. fewer snapshots."
             )
+        self.gradient_accumulation_steps = check_accumulation_steps(
+            gradient_accumulation_steps
+        )
         self.name = name
 
     @classmethod
@@ -88,9 +101,13 @@ class SnapshotSchedule(keras.optimizers.schedules.LearningRateSchedule):
         epochs: int,
         steps_per_epoch: int,
         num_snapshots: int,
+        gradient_accumulation_steps: int | None = None,
         name: str | None = None,
     ) -> "SnapshotSchedule":
         """Builds the schedule for `epochs` epochs of `steps_per_epoch` steps.
+
+        `steps_per_epoch` counts batches; with `gradient_accumulation_steps`
+        the budget is the number of weight updates those batches make.
 
         Example:
 
@@ -101,10 +118,12 @@ class SnapshotSchedule(keras.optimizers.schedules.LearningRateSchedule):
         """
         epochs = check_positive_int("epochs", epochs)
         steps_per_epoch = check_positive_int("steps_per_epoch", steps_per_epoch)
+        accumulation = check_accumulation_steps(gradient_accumulation_steps)
         return cls(
             initial_learning_rate,
-            total_steps=epochs * steps_per_epoch,
+            total_steps=epochs * steps_per_epoch // (accumulation or 1),
             num_snapshots=num_snapshots,
+            gradient_accumulation_steps=accumulation,
             name=name,
         )
 
@@ -136,7 +155,10 @@ class SnapshotSchedule(keras.optimizers.schedules.LearningRateSchedule):
             cycle_length = self.cycle_length
             # int32, not int64: JAX without x64 has no int64 (it warns and
             # truncates every step) and TPUs emulate 64-bit integers.
-            position = ops.mod(ops.cast(step, "int32"), cycle_length)
+            step = ops.cast(step, "int32")
+            if self.gradient_accumulation_steps:
+                step = ops.floor_divide(step, self.gradient_accumulation_steps)
+            position = ops.mod(step, cycle_length)
             fraction = ops.cast(position, dtype) / float(cycle_length)
             cosine = ops.cos(ops.multiply(math.pi, fraction))
             return (
@@ -150,6 +172,7 @@ class SnapshotSchedule(keras.optimizers.schedules.LearningRateSchedule):
             "initial_learning_rate": self.initial_learning_rate,
             "total_steps": self.total_steps,
             "num_snapshots": self.num_snapshots,
+            "gradient_accumulation_steps": self.gradient_accumulation_steps,
             "name": self.name,
         }
 
@@ -157,7 +180,13 @@ class SnapshotSchedule(keras.optimizers.schedules.LearningRateSchedule):
         return (
             f"SnapshotSchedule(initial_learning_rate="
             f"{self.initial_learning_rate}, total_steps={self.total_steps}, "
-            f"num_snapshots={self.num_snapshots})"
+            f"num_snapshots={self.num_snapshots}"
+            + (
+                f", gradient_accumulation_steps="
+                f"{self.gradient_accumulation_steps})"
+                if self.gradient_accumulation_steps
+                else ")"
+            )
         )
 
 

@@ -33,6 +33,7 @@ from numpy.typing import ArrayLike
 from scipy import optimize
 from scipy import special
 
+from keras_snapshot import layers
 from keras_snapshot import metrics
 from keras_snapshot._checks import check_positive_int
 from keras_snapshot._checks import check_positive_number
@@ -212,8 +213,8 @@ def best_last_m(
     return m, normalize_weights(weights, num_members)
 
 
-def _as_logits(logits_or_probs: ArrayLike, from_logits: bool, ndim: int):
-    """Returns logits; probabilities are mapped to clipped log-probs."""
+def _check_scores(logits_or_probs: ArrayLike, from_logits: bool, ndim: int):
+    """Checked predictions, as float64: probabilities, or logits."""
     if from_logits:
         arr = np.asarray(logits_or_probs, dtype=np.float64)
         if arr.ndim != ndim or 0 in arr.shape or arr.shape[-1] < 2:
@@ -228,10 +229,9 @@ def _as_logits(logits_or_probs: ArrayLike, from_logits: bool, ndim: int):
                 "NaN or infinite logits."
             )
         return arr
-    probs = metrics._check_probs(
+    return metrics._check_probs(
         logits_or_probs, name="logits_or_probs", ndim=ndim
     )
-    return np.log(np.clip(probs, metrics._EPS, None))
 
 
 def _check_temperature(temperature: float) -> float:
@@ -242,7 +242,7 @@ def _check_temperature(temperature: float) -> float:
 
 def _scaled_nll(logits: np.ndarray, labels: np.ndarray, log_t: float):
     """Mean NLL of softmax(logits / exp(log_t))."""
-    z = logits / np.exp(log_t)
+    z = layers.temperature_logits(logits, np.exp(log_t), from_logits=True)
     log_norm = special.logsumexp(z, axis=1)
     return float(np.mean(log_norm - z[np.arange(z.shape[0]), labels]))
 
@@ -351,7 +351,10 @@ def calibrate_temperature(
     fit.temperature, fit.status  # (1.0, "no_errors")
     ```
     """
-    logits = _as_logits(logits_or_probs, from_logits, ndim=2)
+    # The logits at T = 1 (log-probabilities for probabilities).
+    logits = layers.temperature_logits(
+        _check_scores(logits_or_probs, from_logits, ndim=2), 1.0, from_logits
+    )
     labels = metrics._check_labels(y_val, *logits.shape, name="y_val")
     low, high = _check_bounds(bounds)
     min_nll_gain = check_positive_number(
@@ -479,8 +482,11 @@ def apply_temperature(
     """
     temperature = _check_temperature(temperature)
     ndim = 3 if np.ndim(logits_or_probs) == 3 else 2
-    z = _as_logits(logits_or_probs, from_logits, ndim=ndim) / temperature
-    return special.softmax(z, axis=-1)
+    return layers.temperature_softmax(
+        _check_scores(logits_or_probs, from_logits, ndim),
+        temperature,
+        from_logits,
+    )
 
 
 def predict_members(members: list, x, batch_size: int = 256) -> np.ndarray:
@@ -614,6 +620,9 @@ def select_snapshots(
     metric: str = "nll",
     batch_size: int = 256,
     safe_mode: bool = True,
+    skip_invalid: bool = False,
+    custom_objects: dict | None = None,
+    allow_nonfinite: bool = False,
 ) -> SnapshotSelection:
     """Chooses snapshots and weights on held-out validation data.
 
@@ -634,7 +643,9 @@ def select_snapshots(
         method: `"greedy"`, `"last_m"` or `"all"`.
         metric: `"nll"` or `"error"`, the validation score to optimise.
         batch_size: Batch size for the members' predictions.
-        safe_mode: Passed to `keras.saving.load_model`.
+        safe_mode, skip_invalid, custom_objects, allow_nonfinite: How the
+            snapshots are loaded, the same for every loader: see
+            `keras_snapshot.loading.LoadOptions`.
 
     Returns:
         A `SnapshotSelection` whose `snapshots` and `weights` go to
@@ -666,7 +677,13 @@ def select_snapshots(
             f"`validation_data=(x_val, y_val)`. Received: {received}."
         )
     x_val, y_val = validation_data
-    loaded = load_members(snapshots, safe_mode=safe_mode)
+    loaded = load_members(
+        snapshots,
+        safe_mode=safe_mode,
+        skip_invalid=skip_invalid,
+        custom_objects=custom_objects,
+        allow_nonfinite=allow_nonfinite,
+    )
     members = [member.model for member in loaded]
     # What the caller passes on to build_ensemble: paths, or the models.
     items = [member.source or member.model for member in loaded]

@@ -5,6 +5,9 @@ Import these from here (`from helpers import make_data`), never from
 """
 
 import os
+import subprocess
+import sys
+import textwrap
 
 import keras
 import numpy as np
@@ -71,3 +74,65 @@ def saved_steps(directory):
                 int(keras.ops.convert_to_numpy(model.optimizer.iterations))
             )
     return steps
+
+
+_LOCK_PROCESS = textwrap.dedent(
+    """
+    import sys
+    sys.argv[0] = "keras-snapshot"  # The package then imports no Keras.
+    from keras_snapshot._lock import DirectoryLockedError
+    from keras_snapshot._lock import FolderLock
+
+    locks = {}
+    for line in sys.stdin:
+        command, path, what = line.rstrip("\\n").split("\\t")
+        if command == "acquire":
+            try:
+                locks[path] = FolderLock(path, what=what).acquire()
+                reply = ["locked"]
+            except DirectoryLockedError as e:
+                reply = ["refused", e.path, e.holder, e.what, str(e)]
+        else:
+            locks.pop(path).release()
+            reply = ["released"]
+        print("\\t".join(reply), flush=True)
+    """
+)
+
+
+class LockProcess:
+    """A second Python process that takes and releases folder locks.
+
+    It imports `keras_snapshot._lock` only (no Keras), so it starts fast.
+    `acquire` returns `["locked"]` or `["refused", path, holder, what,
+    message]`, as that process saw it.
+    """
+
+    def __init__(self):
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        self.process = subprocess.Popen(
+            [sys.executable, "-c", _LOCK_PROCESS],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            env=dict(os.environ, PYTHONPATH=root),
+        )
+        self.pid = self.process.pid
+
+    def _ask(self, *words) -> list:
+        self.process.stdin.write("\t".join(map(str, words)) + "\n")
+        self.process.stdin.flush()
+        return self.process.stdout.readline().rstrip("\n").split("\t")
+
+    def acquire(self, path, what="snapshot directory") -> list:
+        return self._ask("acquire", path, what)
+
+    def release(self, path) -> list:
+        return self._ask("release", path, "")
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self.process.kill()  # Its locks die with it.
+        self.process.wait(timeout=60)

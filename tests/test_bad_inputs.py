@@ -214,7 +214,7 @@ FIT_CASES = {
         ValueError,
     ),
     "steps-per-execution-misaligned": (
-        lambda tmp_path: ({}, ["steps_per_execution=4", "[10, 30]"]),
+        lambda tmp_path: ({}, ["steps_per_execution=4", "[20]"]),
         {"steps_per_execution": 4},
         ValueError,
     ),

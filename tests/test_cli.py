@@ -8,6 +8,7 @@ import sys
 import keras
 import numpy as np
 import pytest
+from helpers import LockProcess
 
 import keras_snapshot
 from keras_snapshot import metrics
@@ -166,6 +167,30 @@ def test_unwritable_output_directory(tmp_path, capsys):
     assert "cannot write to the output directory" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # A second process.
+def test_symlinked_output_dir_shares_the_run_folder_lock(tmp_path, capsys):
+    """A link to a live run folder is that folder: a second train is refused.
+
+    The first writer holds the lock through the link, as `keras-snapshot
+    train --output-dir link` does; the second is refused under either name,
+    in one line, before it writes anything.
+    """
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    link = tmp_path / "link"
+    link.symlink_to(run_dir, target_is_directory=True)
+    with LockProcess() as other:
+        assert other.acquire(link, "run folder") == ["locked"]
+        for output in (link, run_dir):
+            argv = ["train", *SMALL, "--output-dir", str(output)]
+            assert cli.main(argv) == 2
+            err = capsys.readouterr().err.strip()
+            assert f"The run folder {output}" in err
+            assert f"is being written by process {other.pid} since" in err
+            assert len(err.splitlines()) == 1
+        assert os.listdir(run_dir) == [".lock"]  # No run.json written.
+
+
 def test_run_directory_without_snapshots(tmp_path, capsys):
     run_dir = tmp_path / "run"
     run_dir.mkdir()
@@ -174,6 +199,22 @@ def test_run_directory_without_snapshots(tmp_path, capsys):
     )
     assert cli.main(["export", str(run_dir), str(tmp_path / "out")]) == 2
     assert "snapshot directory" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "error", [TypeError("a bug"), ValueError("a bug"), FileNotFoundError()]
+)
+def test_a_bug_is_not_reported_as_bad_input(error, monkeypatch, capsys):
+    """Only `UsageError` exits 2; anything else keeps its traceback."""
+    from keras_snapshot.app import evaluate
+
+    def broken(args):
+        raise error
+
+    monkeypatch.setattr(evaluate, "evaluate_command", broken)
+    with pytest.raises(type(error)):
+        cli.main(["evaluate", "/no/such/run"])
+    assert "error:" not in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(
@@ -247,14 +288,15 @@ def test_version(capsys):
 
 
 def test_weight_decay_is_the_optimizers_and_applied_once(tmp_path):
-    from keras_snapshot.app import train
+    from keras_snapshot.app import pipeline
 
     args = cli.build_parser().parse_args(
         ["train", "--weight-decay", "0.001", "--output-dir", str(tmp_path)]
     )
-    config = train.run_config(args)
+    config = pipeline.run_config(args)
     data = load_dataset("digits")
-    model = train._compiled_model(config, data, 0.1, train._strategy("default"))
+    strategy = pipeline.get_strategy("default")
+    model = pipeline.compiled_model(config, data, 0.1, strategy)
     assert model.optimizer.weight_decay == pytest.approx(0.001)
     assert not model.losses  # no L2 penalty on top
 
@@ -359,7 +401,6 @@ def test_temperature_scaling_is_fitted_on_validation(cli_run, tmp_path):
 
 HELP_WITHOUT_TENSORFLOW = """
 import sys
-sys.argv = ["/bin/keras-snapshot"]  # As the installed program starts.
 from keras_snapshot.app import cli
 for argv in (["--help"], ["train", "--help"], ["--version"]):
     try:
@@ -384,7 +425,6 @@ def test_help_and_version_do_not_import_tensorflow():
 def test_the_program_registers_keras_objects_when_it_runs_a_command():
     code = """
 import sys
-sys.argv = ["/bin/keras-snapshot"]
 import keras_snapshot
 assert "SnapshotSchedule" not in vars(keras_snapshot)
 from keras_snapshot.app import cli

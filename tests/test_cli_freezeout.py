@@ -8,6 +8,7 @@ import pytest
 
 from keras_snapshot import metrics
 from keras_snapshot.app import cli
+from keras_snapshot.app import methods
 from keras_snapshot.app.datasets import load_dataset
 
 TINY = ["--dataset", "digits", "--epochs", "3", "--batch-size", "64"]
@@ -166,3 +167,55 @@ def test_ensemble_options_refused_before_anything_is_written(tmp_path, capsys):
         assert code == 2
         assert "--freezeout trains a single model" in capsys.readouterr().err
     assert not run_dir.exists()
+
+
+@pytest.mark.parametrize(
+    "method", [m for m in methods.METHODS if m != "snapshot"]
+)
+def test_another_method_is_refused_before_anything_is_written(
+    method, tmp_path, capsys
+):
+    run_dir = tmp_path / "run"
+    argv = ["train", *TINY, "--freezeout", "--method", method]
+    assert cli.main([*argv, "--output-dir", str(run_dir)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert f"Received: --method {method}" in err
+    assert "Drop --method or --freezeout" in err
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    assert not run_dir.exists()
+
+
+@pytest.mark.parametrize(
+    "command, verb",
+    [
+        (["evaluate", "RUN"], "evaluate"),
+        (["evaluate", "RUN", "--split", "val"], "evaluate"),
+        (["export", "RUN", "OUT"], "export"),
+        (["distill", "RUN"], "distil"),
+    ],
+)
+def test_ensemble_commands_say_what_a_freezeout_run_is(
+    fo_run, fo_output, tmp_path, capsys, command, verb
+):
+    run_dir, _ = fo_run
+    before = sorted(os.listdir(run_dir))
+    out = tmp_path / "exported"
+    argv = [{"RUN": run_dir, "OUT": str(out)}.get(a, a) for a in command]
+    capsys.readouterr()
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert f"{run_dir} is a FreezeOut run" in err
+    assert f"no snapshot ensemble to {verb}" in err
+    assert "freezeout.keras" in err and "report.json" in err
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    assert sorted(os.listdir(run_dir)) == before
+    assert not out.exists()
+
+
+def test_run_json_records_both_training_times(fo_run, fo_output):
+    run_dir, _ = fo_run
+    with open(os.path.join(run_dir, "run.json")) as f:
+        run = json.load(f)
+    assert run["baseline_train_seconds"] > 0
+    assert run["train_seconds"] > 0
+    assert not [n for n in os.listdir(run_dir) if n.startswith(".partial-")]

@@ -9,6 +9,7 @@ import pytest
 from helpers import make_data
 from helpers import make_model
 
+from keras_snapshot.distill import MAX_TEMPERATURE
 from keras_snapshot.distill import distill
 from keras_snapshot.ensemble import build_ensemble
 
@@ -97,6 +98,32 @@ def test_loss_is_the_formula_with_the_ensembles_probabilities(
             np.tile(p1, (len(x), 1)), student_p, y, temperature, alpha
         )
         assert abs(alone - expected) > 1e-3
+
+
+def test_student_still_learns_at_the_highest_temperature():
+    """At MAX_TEMPERATURE the float32 gradient still matches the logits.
+
+    There the loss is the high-temperature limit (matching logits, Hinton
+    et al. 2015), so the student learns the teacher's probabilities.
+    """
+    keras.utils.set_random_seed(0)
+    x, y = make_data(n=48)
+    p = np.array([0.7, 0.2, 0.1])
+    student = make_model(batchnorm=False)
+    distill(
+        [fixed_teacher(p)],
+        student,
+        x,
+        temperature=MAX_TEMPERATURE,
+        alpha=0.0,
+        epochs=30,
+        batch_size=16,
+        optimizer=keras.optimizers.Adam(learning_rate=0.02),
+        verbose=0,
+    )
+    assert all(np.all(np.isfinite(w)) for w in student.get_weights())
+    student_p = keras.ops.convert_to_numpy(student(x))
+    np.testing.assert_allclose(student_p.mean(axis=0), p, atol=0.05)
 
 
 def test_student_learns_the_teacher_and_saves_without_keras_snapshot(
@@ -224,6 +251,13 @@ def subclassed_student():
     [
         ({"data": None}, ValueError, "Received: data=None"),
         ({"temperature": 0}, ValueError, "temperature=0"),
+        # Above 1000 the float32 soft loss is rounding noise: 1e20 gave NaN
+        # weights in silence, 1e200 a bare OverflowError.
+        ({"temperature": 1000.5}, ValueError, r"\(0.0, 1000.0\]"),
+        ({"temperature": 1e20}, ValueError, r"temperature=1e\+20"),
+        ({"temperature": 1e200}, ValueError, r"temperature=1e\+200"),
+        ({"temperature": float("inf")}, ValueError, "temperature=inf"),
+        ({"temperature": True}, ValueError, "temperature=True"),
         ({"alpha": 1.5}, ValueError, "alpha=1.5"),
         ({"alpha": "high"}, ValueError, "alpha='high'"),
         ({"epochs": 0}, ValueError, "epochs=0"),
@@ -261,11 +295,13 @@ def test_bad_inputs(kwargs, error, match):
     teachers = {
         "logits": keras.Sequential([keras.Input((8,)), keras.layers.Dense(3)])
     }
+    trained = EpochLogs()
     arguments = {
         "teacher": fixed_teacher(np.array([0.5, 0.3, 0.2])),
         "data": (x, y),
         "epochs": 1,
         "verbose": 0,
+        "callbacks": [trained],
         **kwargs,
     }
     if isinstance(arguments["data"], str) and arguments["data"] in data:
@@ -280,3 +316,4 @@ def test_bad_inputs(kwargs, error, match):
         arguments["teacher"] = teachers[arguments["teacher"]]
     with pytest.raises(error, match=match):
         distill(**arguments)
+    assert trained.logs == []  # Refused before any training.

@@ -22,7 +22,7 @@ import tensorflow as tf
 import keras_snapshot
 from keras_snapshot.app import cli
 from keras_snapshot.ensemble import combine_members
-from keras_snapshot.ensemble import export_ensemble
+from keras_snapshot.export import export_ensemble
 
 FEATURES = 32
 CLASSES = 4

@@ -9,11 +9,11 @@ import json
 import os
 
 import pytest
-
-from keras_snapshot import _fs
 from test_layering import ANALYSIS
 from test_layering import CORE
 from test_layering import PACKAGE
+
+from keras_snapshot import _fs
 
 # The modules allowed to touch the file system directly: storage itself,
 # and the folder lock (an `fcntl`/`msvcrt` lock needs a real file handle).

@@ -15,11 +15,14 @@ CORE = {
     "_distribution",
     "_io",
     "_fs",
+    "_steps",
+    "_lock",
     "schedule",
     "checkpoint",
     "manifest",
     "loading",
     "ensemble",
+    "export",
     "batchnorm",
     "layers",
     "averaging",
@@ -90,24 +93,166 @@ def test_imports_only_go_down():
                 )
 
 
-def test_no_import_cycle_between_modules():
+def imported_names(path):
+    """Dotted names under `keras_snapshot.` the file imports, anywhere.
+
+    `from keras_snapshot.app import run` gives `app` and `app.run`; the
+    caller keeps the names that are modules.
+    """
+    with open(path) as f:
+        tree = ast.parse(f.read(), filename=path)
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names = [node.module] + [
+                f"{node.module}.{a.name}" for a in node.names
+            ]
+        else:
+            continue
+        for name in names:
+            if name.startswith("keras_snapshot."):
+                found.add(name[len("keras_snapshot.") :])
+    return found
+
+
+def import_graph():
+    """`{module: modules it imports}`, `app` split into its submodules.
+
+    A node is a core or analysis module (`schedule`, `metrics`, ...) or
+    one module of the application (`app.train`, `app.freezeout_job`, ...),
+    so that a cycle inside `app/` is a cycle here. An imported name counts
+    as the longest module it starts with (`app.train.run_config` is
+    `app.train`). The package root and `__main__` are left out: the root
+    imports lazily and may import anything.
+    """
+    paths = {
+        name: path
+        for name, path in package_modules()
+        if top(name) in LEVEL and name
+    }
+
+    def module_of(name):
+        parts = name.split(".")
+        for end in range(len(parts), 0, -1):
+            if ".".join(parts[:end]) in paths:
+                return ".".join(parts[:end])
+        return None
+
     graph = {}
-    for name, path in package_modules():
-        if top(name) in LEVEL and "." not in name:
-            graph[name] = {
-                t for t in imported_modules(path) if t in LEVEL and t != name
-            }
-    visiting, done = set(), set()
+    for name, path in paths.items():
+        targets = {module_of(n) for n in imported_names(path)}
+        graph[name] = targets - {None, name}
+    return graph
 
-    def visit(node, trail):
+
+def find_cycle(graph):
+    """An import cycle of `graph` as `[a, b, ..., a]`, or None."""
+    visiting, done = [], set()
+
+    def visit(node):
         if node in done:
-            return
-        assert node not in visiting, f"import cycle: {trail + [node]}"
-        visiting.add(node)
-        for child in graph.get(node, ()):
-            visit(child, trail + [node])
-        visiting.discard(node)
+            return None
+        if node in visiting:
+            return visiting[visiting.index(node) :] + [node]
+        visiting.append(node)
+        for child in sorted(graph.get(node, ())):
+            cycle = visit(child)
+            if cycle:
+                return cycle
+        visiting.pop()
         done.add(node)
+        return None
 
-    for node in graph:
-        visit(node, [])
+    for node in sorted(graph):
+        cycle = visit(node)
+        if cycle:
+            return cycle
+    return None
+
+
+def test_no_import_cycle_between_modules():
+    graph = import_graph()
+    assert find_cycle(graph) is None, f"import cycle: {find_cycle(graph)}"
+
+
+def test_the_graph_splits_app_and_sees_imports_in_functions():
+    graph = import_graph()
+    assert {"app.train", "app.freezeout_job", "app.pipeline"} <= set(graph)
+    assert "app.pipeline" in graph["app.train"]
+    assert "app.pipeline" in graph["app.freezeout_job"]
+    # `methods.make_schedule` imports `run` inside the function only.
+    assert "app.run" in graph["app.methods"]
+
+
+def test_find_cycle_finds_a_cycle_inside_app():
+    graph = {
+        "schedule": set(),
+        "app.run": {"schedule"},
+        "app.train": {"app.run", "app.freezeout_job"},
+        "app.freezeout_job": {"app.run", "app.train"},
+    }
+    cycle = find_cycle(graph)
+    assert cycle is not None
+    assert cycle[0] == cycle[-1]
+    assert set(cycle) == {"app.train", "app.freezeout_job"}
+    graph["app.freezeout_job"] = {"app.run"}
+    assert find_cycle(graph) is None
+    assert find_cycle({"a": {"a"}}) == ["a", "a"]
+
+
+def test_imports_inside_functions_are_read(tmp_path):
+    path = tmp_path / "module.py"
+    path.write_text(
+        "def later():\n    from keras_snapshot.app.train import run_config\n"
+    )
+    assert imported_names(str(path)) == {"app.train", "app.train.run_config"}
+
+
+def _app_module_aliases(tree):
+    """`{alias: app module}` bound by the file's imports of app modules."""
+    aliases = {}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module == (
+            "keras_snapshot.app"
+        ):
+            for a in node.names:
+                aliases[a.asname or a.name] = f"app.{a.name}"
+        elif isinstance(node, ast.Import):
+            for a in node.names:
+                if a.name.startswith("keras_snapshot.app.") and a.asname:
+                    aliases[a.asname] = a.name[len("keras_snapshot.") :]
+    return aliases
+
+
+def test_no_app_module_uses_another_app_modules_private_names():
+    problems = []
+    for name, path in package_modules():
+        if top(name) != "app":
+            continue
+        with open(path) as f:
+            tree = ast.parse(f.read(), filename=path)
+        aliases = _app_module_aliases(tree)
+        for node in ast.walk(tree):
+            if (
+                isinstance(node, ast.ImportFrom)
+                and (node.module or "").startswith("keras_snapshot.app.")
+                and node.module != f"keras_snapshot.{name}"
+            ):
+                problems += [
+                    f"{name} imports {node.module}.{a.name}"
+                    for a in node.names
+                    if a.name.startswith("_")
+                ]
+            elif (
+                isinstance(node, ast.Attribute)
+                and isinstance(node.value, ast.Name)
+                and node.value.id in aliases
+                and aliases[node.value.id] != name
+                and node.attr.startswith("_")
+            ):
+                problems.append(
+                    f"{name} uses {aliases[node.value.id]}.{node.attr}"
+                )
+    assert not problems, problems

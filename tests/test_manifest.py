@@ -252,6 +252,135 @@ def test_malformed_manifest_gives_a_clear_error(snapshots, case):
         assert path in str(info.value)
 
 
+# Entries that SnapshotCheckpoint never writes: refused by the manifest's
+# path, with the value received. Indices run from 1 and are unique; a
+# -5 or 10**30 would reorder `last=`.
+BAD_ENTRIES = {
+    "index-zero": ("index", 0, "index out of range", "Received: index=0"),
+    "negative-index": (
+        "index",
+        -5,
+        "index out of range",
+        "Received: index=-5",
+    ),
+    "huge-index": (
+        "index",
+        10**30,
+        "index out of range",
+        f"Received: index={10**30}",
+    ),
+    "negative-step": ("step", -1, "negative step", "Received: step=-1"),
+    "backslash-in-file": (
+        "file",
+        "sub\\snapshot-01.keras",
+        "not a plain file name",
+        "Received: file='sub\\\\snapshot-01.keras'",
+    ),
+    "nul-in-file": (
+        "file",
+        "snapshot-01.keras\0",
+        "not a plain file name",
+        "Received: file='snapshot-01.keras\\x00'",
+    ),
+    "hidden-file": (
+        "file",
+        ".partial-snapshot-01.keras",
+        "which is not a snapshot",
+        "Received: file='.partial-snapshot-01.keras'",
+    ),
+    "not-a-keras-file": (
+        "file",
+        "manifest.json",
+        "which is not a snapshot",
+        "Received: file='manifest.json'",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_ENTRIES))
+def test_bad_entry_is_refused_with_the_manifest_path(snapshots, case):
+    key, value, message, received = BAD_ENTRIES[case]
+    edit_manifest(snapshots, lambda m: m["snapshots"][0].update({key: value}))
+    path = manifest_lib.SnapshotDirectory(snapshots).manifest_path
+    for entry_point in (read_manifest, build_ensemble, snapshot_paths):
+        with pytest.raises(ValueError, match=re.escape(message)) as info:
+            entry_point(snapshots)
+        assert path in str(info.value)
+        assert received in str(info.value)
+
+
+def test_indices_of_long_plans_are_accepted(snapshots):
+    """The bound never refuses an index within the manifest's cycle ends."""
+    limit = manifest_lib.MAX_SNAPSHOT_INDEX
+
+    def renumber(manifest, last_index):
+        manifest["snapshots"][-1]["index"] = last_index
+
+    edit_manifest(snapshots, lambda m: renumber(m, limit))
+    assert [e["index"] for e in read_manifest(snapshots)["snapshots"]] == [
+        1,
+        2,
+        limit,
+    ]
+    edit_manifest(snapshots, lambda m: renumber(m, limit + 1))
+    with pytest.raises(ValueError, match=f"from 1 to {limit}"):
+        read_manifest(snapshots)
+    # A plan longer than the bound (cycle_end_steps) raises it.
+    edit_manifest(
+        snapshots,
+        lambda m: m.update(cycle_end_steps=list(range(1, limit + 3))),
+    )
+    assert read_manifest(snapshots)["snapshots"][-1]["index"] == limit + 1
+
+
+def test_snapshots_set_aside_by_a_crashed_rerun_are_named(snapshots):
+    """A rerun that died before its first snapshot set the old ones aside."""
+
+    class Crash(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            raise RuntimeError("killed before the first snapshot")
+
+    keras.utils.set_random_seed(0)
+    x, y = make_data()
+    model = make_model()
+    compile_with_schedule(model, total_steps=30, num_snapshots=3)
+    callbacks = [keras_snapshot.SnapshotCheckpoint(snapshots, verbose=0)]
+    with (
+        pytest.warns(UserWarning, match="were moved to"),
+        pytest.raises(RuntimeError, match="killed"),
+    ):
+        model.fit(
+            x,
+            y,
+            batch_size=16,
+            epochs=5,
+            verbose=0,
+            callbacks=[*callbacks, Crash()],
+        )
+    assert read_manifest(snapshots)["snapshots"] == []
+    (aside,) = glob.glob(
+        os.path.join(snapshots, manifest_lib.SUPERSEDED_PREFIX + "*")
+    )
+    x_val = make_data(n=8)
+    entry_points = {
+        "build_ensemble": lambda: build_ensemble(snapshots),
+        "load_snapshots": lambda: load_snapshots(snapshots),
+        "snapshot_paths": lambda: snapshot_paths(snapshots),
+        "select_snapshots": lambda: keras_snapshot.select_snapshots(
+            snapshots, validation_data=x_val
+        ),
+        "average_weights": lambda: keras_snapshot.average_weights(snapshots),
+    }
+    for name, call in entry_points.items():
+        with pytest.raises(ValueError, match="no usable snapshots") as info:
+            call()
+        message = str(info.value)
+        assert f"{aside} (3 snapshots)" in message, name
+        assert f"pass that folder instead of {snapshots}" in message, name
+    assert len(snapshot_paths(aside)) == 3
+    assert len(build_ensemble(aside).inputs) == 1
+
+
 def lambda_snapshot_directory(directory):
     """Trains a model with a `Lambda` layer and takes one snapshot of it."""
     keras.utils.set_random_seed(0)

@@ -62,6 +62,7 @@ def test_config_round_trip():
         "initial_learning_rate": 0.05,
         "total_steps": 300,
         "num_snapshots": 6,
+        "gradient_accumulation_steps": None,
         "name": "snap",
     }
     again = SnapshotSchedule.from_config(config)

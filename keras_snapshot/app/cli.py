@@ -400,21 +400,16 @@ def main(argv=None) -> int:
     # several snapshots) are noise on the command line.
     logging.getLogger("tensorflow").setLevel(logging.ERROR)
     try:
-        import keras_snapshot
-
-        keras_snapshot.import_all()  # Registers the Keras objects.
+        # Importing the command imports Keras, and with it the package's
+        # Keras objects (see `keras_snapshot/__init__.py`).
         module, function = _COMMANDS[args.command]
         run = getattr(
             importlib.import_module(f"keras_snapshot.app.{module}"), function
         )
         return run(args)
-    except (
-        UsageError,
-        ValueError,
-        TypeError,
-        FileNotFoundError,
-        PermissionError,
-    ) as e:
+    except UsageError as e:
+        # Bad input, in one line. Any other exception is a bug: it keeps
+        # its traceback and exit code 1.
         if args.debug:
             raise
         message = str(e).strip().splitlines()[0] if str(e).strip() else ""

@@ -20,6 +20,7 @@ STUDENT_FILE = "student.keras"
 def distill_command(args) -> int:
     """Distils, evaluates on the test split and updates the report."""
     run = run_lib.read_run(args.run_dir)
+    run_lib.check_has_ensemble(run, args.run_dir, "distil")
     config = run["config"]
     ensemble_path = os.path.join(args.run_dir, "ensemble.keras")
     report_path = os.path.join(args.run_dir, "report.json")

@@ -8,12 +8,12 @@ temperatures) on the validation split. `keras-snapshot train` and
 `keras-snapshot evaluate` both run it.
 """
 
-import json
 import os
 
 import keras
 import numpy as np
 
+from keras_snapshot import _fs
 from keras_snapshot import load_snapshots
 from keras_snapshot import metrics
 from keras_snapshot import selection
@@ -137,6 +137,39 @@ def choose_ensembles(val_probs, y_val, test_probs, y_test) -> dict:
     return result
 
 
+def _splits(data, splits):
+    """The names of `splits` to evaluate: an empty validation split is not."""
+    return [s for s in splits if not (s == "val" and len(data.x_val) == 0)]
+
+
+def predict_models(run_dir: str, data, files: dict, splits=("val", "test")):
+    """Predictions of the run's single models on each of `splits`.
+
+    Args:
+        run_dir: The run directory.
+        data: The run's `Dataset`.
+        files: `{name: file name in run_dir}` of `.keras` models; the
+            files that do not exist are left out.
+        splits: Names of the splits; an empty validation split is left out.
+
+    Returns:
+        `{split: {name: (n, k) predictions}}`.
+    """
+    models = {}
+    for name, file in files.items():
+        path = os.path.join(run_dir, file)
+        if os.path.isfile(path):
+            models[name] = keras.saving.load_model(path, compile=False)
+    probs = {}
+    for split in _splits(data, splits):
+        x, _ = run_lib.split(data, split)
+        probs[split] = {
+            name: selection.predict_members([model], x)[0]
+            for name, model in models.items()
+        }
+    return probs
+
+
 def evaluate_run(run_dir: str, data, splits=("val", "test")):
     """Scores and member predictions of a run on each of `splits`.
 
@@ -145,21 +178,21 @@ def evaluate_run(run_dir: str, data, splits=("val", "test")):
         `probs[split]` the `(M, n, k)` snapshot predictions; when the run
         has a baseline, `probs["baseline"][split]` its `(n, k)`
         predictions. An empty validation split is left out.
+
+    Raises:
+        UsageError: when the run's snapshot folder is missing or unusable.
     """
-    members = load_snapshots(os.path.join(run_dir, run_lib.SNAPSHOT_DIR))
-    baseline_path = os.path.join(run_dir, run_lib.BASELINE_FILE)
-    baseline = None
-    if os.path.isfile(baseline_path):
-        baseline = keras.saving.load_model(baseline_path, compile=False)
+    with run_lib.as_usage_error():
+        members = load_snapshots(os.path.join(run_dir, run_lib.SNAPSHOT_DIR))
+    singles = predict_models(
+        run_dir, data, {"baseline": run_lib.BASELINE_FILE}, splits
+    )
     scores, probs = {}, {}
-    for name in splits:
-        if name == "val" and len(data.x_val) == 0:
-            continue
+    for name in _splits(data, splits):
         x, y = run_lib.split(data, name)
         probs[name] = selection.predict_members(members, x)
-        single = None
-        if baseline is not None:
-            single = selection.predict_members([baseline], x)[0]
+        single = singles[name].get("baseline")
+        if single is not None:
             probs.setdefault("baseline", {})[name] = single
         scores[name] = evaluate_members(probs[name], y, single)
     return scores, probs
@@ -168,12 +201,12 @@ def evaluate_run(run_dir: str, data, splits=("val", "test")):
 def evaluate_command(args) -> int:
     """`keras-snapshot evaluate RUN_DIR`: score the run on one split."""
     run = run_lib.read_run(args.run_dir)
+    run_lib.check_has_ensemble(run, args.run_dir, "evaluate")
     data = run_lib.load_data(run["config"], args.data_dir)
     scores, _ = evaluate_run(args.run_dir, data, splits=(args.split,))
     result = scores[args.split]
     path = os.path.join(args.run_dir, f"evaluation_{args.split}.json")
-    with open(path, "w") as f:
-        json.dump(result, f, indent=2)
+    _fs.write_json(path, result)
     print(
         report_lib.summary_table({"test": result}).replace(
             "test error", f"{args.split} error"

@@ -37,8 +37,12 @@ def chosen_snapshots(run_dir: str, weights=None):
 
     `weights` (one per snapshot, from `selection.choose_members`) may leave
     members out with a zero; `None` keeps all snapshots, unweighted.
+
+    Raises:
+        UsageError: when the run's snapshot folder is missing or unusable.
     """
-    paths = snapshot_paths(os.path.join(run_dir, run_lib.SNAPSHOT_DIR))
+    with run_lib.as_usage_error():
+        paths = snapshot_paths(os.path.join(run_dir, run_lib.SNAPSHOT_DIR))
     if weights is None:
         return paths, None
     paths, weights = selection.members_and_weights(paths, weights)
@@ -133,6 +137,7 @@ def export_files(
 def export_command(args) -> int:
     """`keras-snapshot export RUN_DIR OUTPUT`: export a run's ensemble."""
     run = run_lib.read_run(args.run_dir)
+    run_lib.check_has_ensemble(run, args.run_dir, "export")
     check_format(args.format, args.quantization, args.serving_version)
     check_output(args.output, args.overwrite)
     weights = None

@@ -14,19 +14,32 @@ measured saving of wall time after, and writes `report.json` and
     estimated_saving, measured_saving (with --baseline),
     test: {final_single: {error, nll, ...}, baseline: {...}}
 
-Resuming works as for snapshot runs: `run.json` records the status, and
+Training is the pipeline of snapshot runs (`pipeline.train_model`, with
+`FreezeOut` as the method's callback, and `pipeline.train_baseline`), so
+resuming works as for them: `run.json` records the status, and
 `keras.callbacks.BackupAndRestore` the training state, from which FreezeOut
-derives which groups are frozen.
+derives which groups are frozen. The run has no snapshots: `evaluate`,
+`export` and `distill` refuse it (`run.check_has_ensemble`).
 """
 
 import os
-import time
 
+from keras_snapshot import metrics
+from keras_snapshot.app import pipeline
+from keras_snapshot.app import report as report_lib
 from keras_snapshot.app import run as run_lib
-from keras_snapshot.app.train import run_config
+from keras_snapshot.app.evaluate import predict_models
+from keras_snapshot.freezeout import FreezeOut
+from keras_snapshot.freezeout import estimate_speedup
 
 
 def _check_options(args) -> None:
+    if args.method != "snapshot":
+        raise run_lib.UsageError(
+            "--freezeout trains one model with FreezeOut's own per-group "
+            f"cosine anneal, not a --method schedule; Received: --method "
+            f"{args.method}. Drop --method or --freezeout."
+        )
     if args.temperature_scaling:
         raise run_lib.UsageError(
             "--temperature-scaling calibrates a snapshot ensemble; "
@@ -54,102 +67,19 @@ def _plan_text(run_dir, data, config, steps, saving) -> str:
     )
 
 
-def _train_freezeout(run, config, data, steps, strategy, verbose) -> float:
-    """Trains the FreezeOut model, or resumes it; returns its train time."""
-    import keras
-
-    from keras_snapshot.app.train import _check_backup
-    from keras_snapshot.app.train import _compiled_model
-    from keras_snapshot.app.train import _Diverged
-    from keras_snapshot.app.train import _fit
-    from keras_snapshot.freezeout import FreezeOut
-
-    run_dir = config["output_dir"]
-    if not run_lib.start_training(run, run_dir):
-        return run.get("train_seconds", 0.0)
-
-    keras.utils.set_random_seed(config["seed"])
-    # A constant optimizer rate: FreezeOut anneals it per group.
-    model = _compiled_model(config, data, config["learning_rate"], strategy)
-    _check_backup(model, os.path.join(run_dir, run_lib.BACKUP_DIR))
-    callbacks = [
-        keras.callbacks.BackupAndRestore(
-            os.path.join(run_dir, run_lib.BACKUP_DIR), double_checkpoint=True
-        ),
-        FreezeOut(
-            t0=config["t0"],
-            scaling=config["freezeout_scaling"],
-            scale_lr=config["scale_lr"],
-            total_steps=steps,
-            verbose=1 if verbose else 0,
-        ),
-        _Diverged(),
-    ]
-    started = time.perf_counter()
-    _fit(model, data, config, callbacks, verbose)
-    seconds = run.get("train_seconds", 0.0) + time.perf_counter() - started
-    model.save(os.path.join(run_dir, run_lib.FREEZEOUT_FILE))
-    run.update(status="trained", train_seconds=seconds)
-    run_lib.write_run(run_dir, run)
-    return seconds
-
-
-def _train_baseline(run, config, data, steps, strategy, verbose) -> float:
-    """The same model with one cosine decay over the budget; its time."""
-    import keras
-
-    from keras_snapshot.app.train import _compiled_model
-    from keras_snapshot.app.train import _fit
-
-    run_dir = config["output_dir"]
-    path = os.path.join(run_dir, run_lib.BASELINE_FILE)
-    if os.path.isfile(path) and "baseline_train_seconds" in run:
-        return run["baseline_train_seconds"]
-    keras.utils.set_random_seed(config["seed"])
-    decay = keras.optimizers.schedules.CosineDecay(
-        config["learning_rate"], steps
-    )
-    model = _compiled_model(config, data, decay, strategy)
-    print("Training the baseline single model (one cosine decay) ...")
-    started = time.perf_counter()
-    _fit(model, data, config, [], verbose)
-    seconds = time.perf_counter() - started
-    model.save(path)
-    run["baseline_train_seconds"] = seconds
-    run_lib.write_run(run_dir, run)
-    return seconds
-
-
 def _scores(run_dir: str, data, with_baseline: bool) -> dict:
     """`{split: {"final_single": scores, "baseline": scores}}`."""
-    import keras
-
-    from keras_snapshot import metrics
-
-    names = {"final_single": run_lib.FREEZEOUT_FILE}
+    files = {"final_single": run_lib.FREEZEOUT_FILE}
     if with_baseline:
-        names["baseline"] = run_lib.BASELINE_FILE
-    models = {
-        name: keras.saving.load_model(
-            os.path.join(run_dir, file), compile=False
-        )
-        for name, file in names.items()
-    }
-    scores = {}
-    for split in ("val", "test"):
-        x, y = {
-            "val": (data.x_val, data.y_val),
-            "test": (data.x_test, data.y_test),
-        }[split]
-        if len(x) == 0:
-            continue
-        scores[split] = {
-            name: metrics.evaluate_predictions(
-                model.predict(x, batch_size=256, verbose=0), y
-            )
-            for name, model in models.items()
+        files["baseline"] = run_lib.BASELINE_FILE
+    labels = {"val": data.y_val, "test": data.y_test}
+    return {
+        split: {
+            name: metrics.evaluate_predictions(p, labels[split])
+            for name, p in models.items()
         }
-    return scores
+        for split, models in predict_models(run_dir, data, files).items()
+    }
 
 
 def markdown_report(report: dict) -> str:
@@ -163,7 +93,7 @@ def markdown_report(report: dict) -> str:
             (
                 "normal (one cosine decay)",
                 test["baseline"],
-                report["baseline_train_seconds"],
+                report.get("baseline_train_seconds"),
             )
         )
     lines = [
@@ -179,9 +109,10 @@ def markdown_report(report: dict) -> str:
         "|---|---|---|---|",
     ]
     for name, scores, seconds in rows:
+        seconds = "not recorded" if seconds is None else f"{seconds:.1f}"
         lines.append(
             f"| {name} | {100 * scores['error']:.2f} | "
-            f"{scores['nll']:.4f} | {seconds:.1f} |"
+            f"{scores['nll']:.4f} | {seconds} |"
         )
     lines += ["", saving_text(report), ""]
     return "\n".join(lines)
@@ -205,43 +136,44 @@ def saving_text(report: dict) -> str:
 
 def freezeout_command(args) -> int:
     """`keras-snapshot train --freezeout`: train, evaluate, report."""
-    import json
-
-    import keras
-
-    from keras_snapshot.app.models import get_model
-    from keras_snapshot.app.train import _strategy
-    from keras_snapshot.freezeout import estimate_speedup
-
     _check_options(args)
-    config = run_config(args)
-    if args.output_dir is None:
-        config["output_dir"] = os.path.join(
-            "runs",
-            f"{args.dataset}_{os.path.basename(args.model)}_freezeout"
-            f"_seed{args.seed}",
-        )
+    config = pipeline.run_config(args)
     data = run_lib.load_data(config, args.data_dir)
     steps = config["epochs"] * run_lib.steps_per_epoch(config, data)
     # The model must fit the data and have FreezeOut groups before a run
     # is recorded.
-    model = get_model(config["model"], data.input_shape, data.num_classes)
-    saving = estimate_speedup(
-        model, t0=config["t0"], scaling=config["freezeout_scaling"]
-    )
+    model = pipeline.check_model(config, data)
+    with run_lib.as_usage_error():
+        saving = estimate_speedup(
+            model, t0=config["t0"], scaling=config["freezeout_scaling"]
+        )
     del model
-    run_lib.lock_run_dir(config["output_dir"])  # Until the command ends.
-    run = run_lib.start_or_resume(config, overwrite=args.overwrite)
+    run = pipeline.start_run(config, overwrite=args.overwrite)
     run_dir = config["output_dir"]
-    strategy = _strategy(args.strategy)
+    strategy = pipeline.get_strategy(args.strategy)
     print(_plan_text(run_dir, data, config, steps, saving))
 
-    train_seconds = _train_freezeout(
-        run, config, data, steps, strategy, args.verbose
+    freezeout = FreezeOut(
+        t0=config["t0"],
+        scaling=config["freezeout_scaling"],
+        scale_lr=config["scale_lr"],
+        total_steps=steps,
+        verbose=1 if args.verbose else 0,
+    )
+    # A constant optimizer rate: FreezeOut anneals it per group.
+    train_seconds = pipeline.train_model(
+        run,
+        config,
+        data,
+        config["learning_rate"],
+        [freezeout],
+        strategy,
+        args.verbose,
+        model_file=run_lib.FREEZEOUT_FILE,
     )
     baseline_seconds = None
     if args.baseline:
-        baseline_seconds = _train_baseline(
+        baseline_seconds = pipeline.train_baseline(
             run, config, data, steps, strategy, args.verbose
         )
     scores = _scores(run_dir, data, args.baseline)
@@ -253,19 +185,12 @@ def freezeout_command(args) -> int:
         "estimated_saving": saving,
         "test": scores["test"],
         "validation": scores.get("val"),
-        "versions": {
-            "keras": keras.__version__,
-            "backend": keras.backend.backend(),
-        },
+        "versions": pipeline.versions(),
     }
     if baseline_seconds is not None:
         report["baseline_train_seconds"] = round(baseline_seconds, 2)
         report["measured_saving"] = 1.0 - train_seconds / baseline_seconds
-    with open(os.path.join(run_dir, "report.json"), "w") as f:
-        json.dump(report, f, indent=2)
-        f.write("\n")
-    with open(os.path.join(run_dir, "report.md"), "w") as f:
-        f.write(markdown_report(report))
+    report_lib.write_report(run_dir, report, markdown_report(report))
     test = report["test"]
     print(
         f"\nFreezeOut model: {100 * test['final_single']['error']:.2f}% test "
@@ -273,10 +198,12 @@ def freezeout_command(args) -> int:
         f"{train_seconds:.1f} s of training."
     )
     if "baseline" in test:
+        seconds = ""
+        if baseline_seconds is not None:
+            seconds = f", {baseline_seconds:.1f} s of training"
         print(
             f"Normal training: {100 * test['baseline']['error']:.2f}% test "
-            f"error, NLL {test['baseline']['nll']:.4f}, "
-            f"{baseline_seconds:.1f} s of training."
+            f"error, NLL {test['baseline']['nll']:.4f}{seconds}."
         )
     print(saving_text(report))
     print(

@@ -169,16 +169,22 @@ def plan(method, learning_rate, epochs, steps_per_epoch, num_snapshots):
 
 
 def make_schedule(config: dict, data):
-    """The run's plan from its settings (checked before anything is written)."""
+    """The run's plan from its settings (checked before anything is written).
+
+    Raises:
+        UsageError: when the settings do not make a schedule (e.g. more
+            snapshots than steps).
+    """
     from keras_snapshot.app import run as run_lib
 
-    return plan(
-        config.get("method", "snapshot"),
-        config["learning_rate"],
-        config["epochs"],
-        run_lib.steps_per_epoch(config, data),
-        config["num_snapshots"],
-    )
+    with run_lib.as_usage_error():
+        return plan(
+            config.get("method", "snapshot"),
+            config["learning_rate"],
+            config["epochs"],
+            run_lib.steps_per_epoch(config, data),
+            config["num_snapshots"],
+        )
 
 
 def optimizer_schedule(schedule):

@@ -6,13 +6,13 @@ plots. The plots use matplotlib's object-oriented API (`Figure` and
 `savefig`), which needs no backend and sets no global state.
 """
 
-import json
 import os
 
 import keras
 import numpy as np
 from matplotlib.figure import Figure
 
+from keras_snapshot import _fs
 from keras_snapshot import metrics
 
 # Significance level of the verdict's exact McNemar tests.
@@ -357,12 +357,22 @@ def summary_table(report: dict) -> str:
     return "\n".join(lines)
 
 
-def write_report(run_dir: str, report: dict) -> None:
-    with open(os.path.join(run_dir, "report.json"), "w") as f:
-        json.dump(report, f, indent=2)
-        f.write("\n")
-    with open(os.path.join(run_dir, "report.md"), "w") as f:
-        f.write(markdown_report(report))
+def write_report(run_dir: str, report: dict, markdown: str | None = None):
+    """Writes `report.json` and `report.md` into `run_dir`, atomically.
+
+    Each file appears whole or not at all (`_fs.write_json`, which also
+    writes NaN and infinities as strings, so that the JSON is strict).
+
+    Args:
+        run_dir: The run directory.
+        report: The report dict.
+        markdown: The text of `report.md`; by default `markdown_report`
+            of a snapshot run's report.
+    """
+    _fs.write_json(os.path.join(run_dir, "report.json"), report)
+    if markdown is None:
+        markdown = markdown_report(report)
+    _fs.write_text(os.path.join(run_dir, "report.md"), markdown)
 
 
 def plan(run_dir: str, data, schedule, config: dict) -> str:
@@ -422,7 +432,8 @@ def _figure(figsize):
 
 def _save(figure, path: str) -> None:
     figure.tight_layout()
-    figure.savefig(path, dpi=110)
+    with _fs.atomic_write(path) as local_path:
+        figure.savefig(local_path, dpi=110)
 
 
 def plot_learning_rate(schedule, path: str) -> None:

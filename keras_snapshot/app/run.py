@@ -10,6 +10,7 @@ Nothing here imports TensorFlow or Keras at module level, so that
 `keras-snapshot --help` stays fast.
 """
 
+import contextlib
 import json
 import math
 import os
@@ -69,7 +70,52 @@ RUN_KEY_DEFAULTS = {
 
 
 class UsageError(Exception):
-    """A mistake in the command line: reported in one line, exit code 2."""
+    """A mistake in the command line: reported in one line, exit code 2.
+
+    Only this error (and argparse's) gives exit code 2; any other exception
+    is a bug and reaches the user with its traceback.
+    """
+
+
+@contextlib.contextmanager
+def as_usage_error():
+    """Reports the input errors of the block as a `UsageError`.
+
+    For calls of the public API on what the user typed (a dataset name, a
+    model file, a snapshot folder): their `ValueError`,
+    `FileNotFoundError` and `PermissionError` say what was wrong with the
+    input, so the command line shows them in one line, with exit code 2.
+    Wrap only such calls: elsewhere these errors are bugs.
+
+    Example:
+
+    ```python
+    with as_usage_error():
+        data = load_dataset(name)
+    ```
+    """
+    try:
+        yield
+    except (ValueError, FileNotFoundError, PermissionError) as e:
+        raise UsageError(str(e)) from e
+
+
+def check_has_ensemble(run: dict, run_dir: str, command: str) -> None:
+    """Refuses a FreezeOut run for `command` ("evaluate", "export", ...).
+
+    A FreezeOut run (`keras-snapshot train --freezeout`) trains one model
+    (`FREEZEOUT_FILE`, and `BASELINE_FILE` with `--baseline`) and scores it
+    in `report.json`: it has no snapshots and no ensemble.
+    """
+    if not run["config"].get("freezeout", False):
+        return
+    raise UsageError(
+        f"{run_dir} is a FreezeOut run (keras-snapshot train --freezeout): "
+        f"it holds one model, {FREEZEOUT_FILE}, and no snapshot ensemble "
+        f"to {command}. Its test scores are in report.json; load the model "
+        "with keras.saving.load_model, or train a snapshot run (without "
+        "--freezeout) in another --output-dir."
+    )
 
 
 def read_run(run_dir: str) -> dict:
@@ -113,7 +159,7 @@ def _ensure_writable(directory: str) -> None:
 
 def _contents(run_dir: str) -> list:
     """The folder's entries, less the lock this process holds on it."""
-    from keras_snapshot.manifest import LOCK_NAME
+    from keras_snapshot._lock import LOCK_NAME
 
     return [name for name in os.listdir(run_dir) if name != LOCK_NAME]
 
@@ -122,29 +168,29 @@ def lock_run_dir(run_dir: str):
     """Locks the run folder for this command, creating it if needed.
 
     A second `keras-snapshot train` on the same `--output-dir` is refused
-    with one line before it reads or writes anything. `cli.main` releases
-    the lock when the command ends; a killed process loses it. Returns the
-    locked `SnapshotDirectory`, or None for a path that is not a run folder
-    (then `start_or_resume` says why).
+    with one line before it reads or writes anything. A symbolic link to
+    a folder is used like that folder, and locked as it: a second command
+    is refused whether it names the link or the folder. `cli.main`
+    releases the lock when the command ends; a killed process loses it.
+    Returns the held `FolderLock`, or None for a path that is not a run
+    folder (then `start_or_resume` says why).
     """
-    from keras_snapshot.manifest import DirectoryLockedError
-    from keras_snapshot.manifest import SnapshotDirectory
+    from keras_snapshot._lock import DirectoryLockedError
+    from keras_snapshot._lock import FolderLock
 
-    if os.path.islink(run_dir) or (
-        os.path.lexists(run_dir) and not os.path.isdir(run_dir)
-    ):
-        return None
+    if os.path.lexists(run_dir) and not os.path.isdir(run_dir):
+        return None  # A file, or a link to nothing.
     is_run = os.path.isfile(os.path.join(run_dir, RUN_FILE))
     if os.path.isdir(run_dir) and _contents(run_dir) and not is_run:
         return None  # Someone else's folder: touched by nobody.
     _ensure_writable(run_dir)
-    folder = SnapshotDirectory(run_dir)
+    lock = FolderLock(run_dir, what="run folder")
     try:
-        folder.lock()
+        lock.acquire()
     except DirectoryLockedError as e:
-        raise UsageError(str(e).replace("snapshot directory", "run")) from None
-    _LOCKED.append(folder)
-    return folder
+        raise UsageError(str(e)) from None
+    _LOCKED.append(lock)
+    return lock
 
 
 _LOCKED = []
@@ -153,7 +199,7 @@ _LOCKED = []
 def release_run_dirs() -> None:
     """Unlocks the run folders this process locked (the command is over)."""
     while _LOCKED:
-        _LOCKED.pop().unlock()
+        _LOCKED.pop().release()
 
 
 def start_or_resume(config: dict, overwrite: bool) -> dict:
@@ -193,13 +239,15 @@ def start_or_resume(config: dict, overwrite: bool) -> dict:
 def remove_run(run_dir: str) -> None:
     """Deletes a run's own files (`RUN_OUTPUTS`) and nothing else.
 
-    Refuses (`UsageError`) a folder that holds no keras-snapshot run or is a
-    symbolic link, so that `--overwrite` never deletes someone's data.
+    Refuses (`UsageError`) a path that is not a folder or holds no
+    keras-snapshot run, so that `--overwrite` never deletes someone's data.
+    A symbolic link to a run folder is that folder: the run's files in it
+    are removed, the link is kept.
     """
-    if os.path.islink(run_dir) or not os.path.isdir(run_dir):
+    if not os.path.isdir(run_dir):
         raise UsageError(
             f"--overwrite replaces a keras-snapshot run folder, and {run_dir} "
-            "is a link or not a folder; choose another --output-dir."
+            "is not a folder; choose another --output-dir."
         )
     if not os.path.isfile(os.path.join(run_dir, RUN_FILE)):
         if not _contents(run_dir):
@@ -234,15 +282,21 @@ def start_training(run: dict, run_dir: str) -> bool:
 
 
 def load_data(config: dict, data_dir=None):
-    """The run's dataset, split as it was for training."""
+    """The run's dataset, split as it was for training.
+
+    Raises:
+        UsageError: for a dataset that is unknown or cannot be loaded
+            (`load_dataset`'s errors, in one line).
+    """
     from keras_snapshot.app.datasets import load_dataset
 
-    return load_dataset(
-        config["dataset"],
-        data_dir=data_dir,
-        validation_fraction=config["validation_fraction"],
-        seed=config["seed"],
-    )
+    with as_usage_error():
+        return load_dataset(
+            config["dataset"],
+            data_dir=data_dir,
+            validation_fraction=config["validation_fraction"],
+            seed=config["seed"],
+        )
 
 
 def split(data, name: str):
@@ -267,15 +321,3 @@ def steps_per_epoch(config: dict, data) -> int:
     decay and the printed plan all use it.
     """
     return math.ceil(len(data.x_train) / config["batch_size"])
-
-
-def make_schedule(config: dict, data):
-    """The run's `SnapshotSchedule` (it checks M against the budget)."""
-    from keras_snapshot import SnapshotSchedule
-
-    return SnapshotSchedule.from_epochs(
-        config["learning_rate"],
-        config["epochs"],
-        steps_per_epoch(config, data),
-        config["num_snapshots"],
-    )

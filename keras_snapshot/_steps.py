@@ -1,0 +1,215 @@
+"""The optimizer's real update count, for every step-driven callback.
+
+`SnapshotCheckpoint`, `StochasticWeightAveraging` and `FreezeOut` act at
+given optimizer steps. A batch is not an optimizer update:
+
+- with `gradient_accumulation_steps=k`, the optimizer updates the weights
+  every k batches, and `optimizer.iterations` counts updates (Keras calls
+  learning-rate schedules with the batch count, though: see
+  `check_schedule_counts_updates`);
+- with mixed precision, `LossScaleOptimizer` skips an update whose
+  gradients overflowed, and `optimizer.iterations` (the inner optimizer's)
+  does not count it;
+- with `steps_per_execution=N`, Keras calls the batch hooks once per N
+  batches, at offsets counted from the start of each epoch.
+
+So a step is what `optimizer.iterations` says, never "epoch start + batch
+index". `StepTracker` reads it cheaply: once per epoch, and again in a
+batch hook only when the count may have reached the next step that is due
+(the count grows by at most one update per batch), so Keras's asynchronous
+dispatch stays on through a long cycle.
+
+The private Keras attribute that holds a learning-rate schedule is read
+here only (`learning_rate_schedule`).
+
+Example:
+
+```python
+tracker = StepTracker(callback)         # in the callback's __init__
+tracker.attach()                         # in on_train_begin
+step = tracker.epoch_begin()             # in on_epoch_begin
+step = tracker.poll(batch, due=400)      # in on_train_batch_begin
+if step == 400:
+    ...                                  # the 400th update has just run
+```
+"""
+
+import keras
+from keras import ops
+
+
+def innermost_optimizer(optimizer):
+    """The optimizer that holds the learning rate (unwraps loss scaling)."""
+    while getattr(optimizer, "inner_optimizer", None) is not None:
+        optimizer = optimizer.inner_optimizer
+    return optimizer
+
+
+def learning_rate_schedule(optimizer):
+    """The `LearningRateSchedule` that drives `optimizer`, or None.
+
+    Keras keeps the schedule object only in a private attribute: this is
+    the one place that reads it.
+    """
+    rate = getattr(innermost_optimizer(optimizer), "_learning_rate", None)
+    if isinstance(rate, keras.optimizers.schedules.LearningRateSchedule):
+        return rate
+    return None
+
+
+def accumulation_steps(optimizer) -> int:
+    """Batches per weight update: `gradient_accumulation_steps`, or 1."""
+    return int(
+        getattr(
+            innermost_optimizer(optimizer), "gradient_accumulation_steps", None
+        )
+        or 1
+    )
+
+
+def optimizer_updates(model) -> int:
+    """The weight updates the optimizer has applied (a device read).
+
+    `optimizer.iterations`: batches // `gradient_accumulation_steps`, and
+    under `LossScaleOptimizer` the inner optimizer's count, which skipped
+    updates do not raise.
+    """
+    return int(ops.convert_to_numpy(model.optimizer.iterations))
+
+
+def check_schedule_counts_updates(owner: str, optimizer) -> None:
+    """Refuses gradient accumulation with a schedule that counts batches.
+
+    Keras calls the schedule with the batch count (`_iterations`), while
+    the weights change once per `gradient_accumulation_steps` batches.
+    `SnapshotSchedule` and `FGESchedule` take the same
+    `gradient_accumulation_steps` and then count updates, so that
+    `total_steps`, the cycle ends, the rates and `optimizer.iterations` all
+    count the same thing.
+
+    Raises:
+        ValueError: if the optimizer accumulates gradients and its schedule
+            does not count updates the same way.
+    """
+    steps = accumulation_steps(optimizer)
+    schedule = learning_rate_schedule(optimizer)
+    if schedule is None:
+        return  # A constant rate: nothing to count.
+    if not hasattr(schedule, "gradient_accumulation_steps"):
+        if steps > 1:
+            raise ValueError(
+                f"{owner} counts optimizer updates, but with "
+                f"gradient_accumulation_steps={steps} Keras calls the "
+                f"{type(schedule).__name__} schedule with the batch count, "
+                "so its cycles would end between updates. Use "
+                "keras_snapshot.SnapshotSchedule (or FGESchedule) with "
+                f"gradient_accumulation_steps={steps}, whose steps are "
+                "updates."
+            )
+        return
+    counted = schedule.gradient_accumulation_steps or 1
+    if counted != steps:
+        raise ValueError(
+            f"The optimizer updates the weights every {steps} batch(es) "
+            f"(gradient_accumulation_steps={steps if steps > 1 else None}), "
+            f"but its {type(schedule).__name__} counts one update per "
+            f"{counted} batch(es). Build the schedule with the optimizer's "
+            f"value, gradient_accumulation_steps="
+            f"{steps if steps > 1 else None}. Received: schedule "
+            f"gradient_accumulation_steps={schedule.gradient_accumulation_steps}."
+        )
+
+
+class StepTracker:
+    """Tells a callback the real optimizer step when a due step may be near.
+
+    One per callback. `attach` in `on_train_begin`; `epoch_begin` in
+    `on_epoch_begin` (one device read per epoch); `poll(batch, due)` in
+    `on_train_batch_begin` returns the real step once it may have reached
+    `due`, and None (without reading the device) before.
+
+    Args:
+        callback: The callback it serves. Its `model` is read through the
+            callback: on JAX, `Callback.model` first writes the running
+            training state back into the variables.
+    """
+
+    def __init__(self, callback):
+        self.callback = callback
+        self.steps_per_execution = 1
+        self.accumulation = 1
+        self.epoch_steps = None
+        self._step = 0  # The last real step read ...
+        self._batch = 0  # ... at this batch offset of the epoch.
+
+    def attach(self) -> None:
+        """Reads the training mode of the `fit` that begins."""
+        model, params = self.callback.model, self.callback.params
+        self.steps_per_execution = int(
+            getattr(model, "steps_per_execution", 1) or 1
+        )
+        self.accumulation = accumulation_steps(model.optimizer)
+        self.epoch_steps = (params or {}).get("steps")
+        self._step, self._batch = 0, 0
+
+    def read(self) -> int:
+        """The real step now (a device read)."""
+        return optimizer_updates(self.callback.model)
+
+    def epoch_begin(self) -> int:
+        """The real step at the start of an epoch."""
+        self._step, self._batch = self.read(), 0
+        return self._step
+
+    def poll(self, batch: int, due) -> int | None:
+        """The real step at `on_train_batch_begin(batch)`, if it may be `due`.
+
+        Each batch applies at most one update (one per
+        `gradient_accumulation_steps` batches), so until the bound reaches
+        `due` no read is needed. Once read, the bound starts again from the
+        real step: skipped updates (loss scaling) only delay the next read.
+        """
+        if due is None:
+            return None
+        batches = batch - self._batch
+        bound = self._step + -(-batches // self.accumulation)
+        if bound < due:
+            return None
+        self._step, self._batch = self.read(), batch
+        return self._step
+
+    def unreachable(self, start_step: int, due_steps, epochs_left) -> list:
+        """The due steps no batch hook of this `fit` can see exactly.
+
+        Keras calls `on_train_batch_begin` at batch offsets 0, N, 2N, ...
+        of each epoch (N = `steps_per_execution`), and `on_epoch_end` after
+        the epoch's last batch. A step `s` is seen only if one of those
+        calls falls while the update count is `s`: a call at a batch in
+        `[s*k, s*k + k - 1]`, counted from the step `start_step` of this
+        fit (k = `gradient_accumulation_steps`). Assumes no update is
+        skipped. Empty when every batch has a hook (N = 1) or when the
+        epoch length is unknown (then `poll` reports a miss when it
+        happens).
+        """
+        n, k = self.steps_per_execution, self.accumulation
+        length = self.epoch_steps
+        if n == 1 or not length:
+            return []
+        first = start_step * k  # The batch count at this fit's start.
+        end = first + epochs_left * length
+        missed = []
+        for step in due_steps:
+            if step * k > end:
+                continue  # Past this fit: not a question of hooks.
+            batches = range(
+                max(step * k, first), min(step * k + k - 1, end) + 1
+            )
+            if not any(_has_hook(b - first, n, length) for b in batches):
+                missed.append(step)
+        return missed
+
+
+def _has_hook(offset: int, n: int, length: int) -> bool:
+    """Whether a batch hook runs `offset` batches into the fit: at offsets
+    0, n, 2n, ... of each epoch of `length` batches, and at its end."""
+    return (offset % length) % n == 0

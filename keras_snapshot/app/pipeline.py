@@ -1,0 +1,347 @@
+"""The training steps of `keras-snapshot train`, with or without FreezeOut.
+
+A snapshot run (`train.py`) and a FreezeOut run (`freezeout_job.py`) train
+the same way; only the callbacks of the method differ (`SnapshotCheckpoint`
+and its kin, or `keras_snapshot.FreezeOut`). The steps, in the order a job
+calls them:
+
+1. `run_config`: the settings, checked before any work.
+2. `check_model`: the model fits the data, before a run is recorded.
+3. `start_run`: lock the run folder, then record a new run or resume one.
+4. `get_strategy`: the `--strategy` distribution.
+5. `train_model`: the model compiled with SGD (`compiled_model`), the
+   backup checked (`check_backup`), `fit` (`fit`) with
+   `keras.callbacks.BackupAndRestore`, the method's callbacks and
+   `StopOnDivergence`; the status and the training time go to `run.json`.
+6. `train_baseline`: with `--baseline`, the same model trained with one
+   cosine decay over the same budget.
+
+The job then scores its models (`evaluate.py`) and writes `report.json`
+and `report.md` with `report.write_report`, atomically.
+"""
+
+import math
+import os
+import shutil
+import time
+
+import keras
+
+from keras_snapshot import _fs
+from keras_snapshot.app import distribute
+from keras_snapshot.app import run as run_lib
+from keras_snapshot.app.datasets import make_dataset
+from keras_snapshot.app.models import MODELS
+from keras_snapshot.app.models import get_model
+
+
+def run_config(args) -> dict:
+    """The run's settings from the command line, checked before any work.
+
+    Args:
+        args: The parsed `keras-snapshot train` arguments.
+
+    Returns:
+        The settings recorded in `run.json` (`run.RUN_KEYS` and a few
+        more), with the run folder: `--output-dir`, by default
+        `runs/<dataset>_<model>_seed<seed>` (`..._freezeout_seed<seed>`
+        with `--freezeout`).
+
+    Raises:
+        UsageError: for a model that is neither a name nor a file, an empty
+            `--output-dir`, or temperature scaling without validation.
+    """
+    looks_like_a_path = args.model.endswith(".keras") or os.sep in args.model
+    if args.model not in MODELS and looks_like_a_path:
+        if not os.path.isfile(args.model):
+            raise run_lib.UsageError(
+                f"the model file {args.model} does not exist; give the path "
+                "of a saved .keras model, or a model name: "
+                f"{', '.join(MODELS)}."
+            )
+    elif args.model not in MODELS:
+        raise run_lib.UsageError(
+            f"unknown model {args.model!r}: choose one of "
+            f"{', '.join(MODELS)}, or give the path of a .keras file."
+        )
+    if args.output_dir is not None and not args.output_dir.strip():
+        raise run_lib.UsageError(
+            "--output-dir is empty; give a folder, or leave the option out "
+            "for runs/<dataset>_<model>_seed<seed>."
+        )
+    if args.temperature_scaling and args.validation_fraction == 0:
+        raise run_lib.UsageError(
+            "--temperature-scaling is fitted on the validation split; use a "
+            "--validation-fraction above 0."
+        )
+    config = {
+        key: getattr(args, key)
+        for key in run_lib.RUN_KEYS
+        + ("data_dir", "select", "baseline", "strategy", "output_dir")
+    }
+    config["method"] = args.method
+    kind = "_freezeout" if args.freezeout else ""
+    config["output_dir"] = args.output_dir or os.path.join(
+        "runs",
+        f"{args.dataset}_{os.path.basename(args.model)}{kind}_seed{args.seed}",
+    )
+    return config
+
+
+def check_model(config: dict, data):
+    """The run's model, built to check that it fits the data.
+
+    A job calls this before anything is recorded, so that a model of the
+    wrong shape (or a `.keras` file that does not load) is refused in one
+    line, with no run folder left behind.
+
+    Returns:
+        The uncompiled model.
+
+    Raises:
+        UsageError: if the model cannot be built for `data`.
+    """
+    with run_lib.as_usage_error():
+        return get_model(config["model"], data.input_shape, data.num_classes)
+
+
+def start_run(config: dict, overwrite: bool) -> dict:
+    """Locks `config["output_dir"]` and returns its run, new or resumed.
+
+    The lock is held until the command ends (`cli.main` releases it); see
+    `run.start_or_resume` for what resuming accepts.
+    """
+    run_lib.lock_run_dir(config["output_dir"])
+    return run_lib.start_or_resume(config, overwrite=overwrite)
+
+
+def get_strategy(name: str):
+    """The distribution called `name` (`distribute.get_strategy`).
+
+    Raises:
+        UsageError: for a strategy this backend or machine cannot run.
+    """
+    with run_lib.as_usage_error():
+        return distribute.get_strategy(name)
+
+
+def compiled_model(config: dict, data, learning_rate, strategy):
+    """The model, compiled with SGD; weight decay is applied here only.
+
+    `--weight-decay` is the optimizer's decoupled weight decay: each step
+    multiplies the weights by `1 - learning_rate * weight_decay`. The
+    models add no kernel regularizer, so the decay is applied once.
+
+    Args:
+        config: The run's settings (`train.run_config`).
+        data: The run's `Dataset`.
+        learning_rate: A float or a Keras learning-rate schedule.
+        strategy: The distribution whose scope builds the model.
+
+    Returns:
+        The compiled `keras.Model`.
+    """
+    with strategy.scope():
+        model = get_model(config["model"], data.input_shape, data.num_classes)
+        model.compile(
+            optimizer=keras.optimizers.SGD(
+                learning_rate=learning_rate,
+                momentum=config["momentum"],
+                weight_decay=config["weight_decay"] or None,
+            ),
+            loss="sparse_categorical_crossentropy",
+            metrics=["accuracy"],
+        )
+    return model
+
+
+def fit(model, data, config: dict, callbacks: list, verbose: int) -> None:
+    """`model.fit` over the run's epochs, shuffled and augmented as set."""
+    train = make_dataset(
+        data.x_train,
+        data.y_train,
+        config["batch_size"],
+        shuffle=True,
+        augment=config["augment"],
+        seed=config["seed"],
+    )
+    validation = None
+    if len(data.x_val):
+        validation = make_dataset(
+            data.x_val, data.y_val, max(256, config["batch_size"])
+        )
+    model.fit(
+        train,
+        epochs=config["epochs"],
+        validation_data=validation,
+        callbacks=callbacks,
+        verbose=verbose,
+        shuffle=False,  # The tf.data pipeline shuffles every epoch.
+    )
+
+
+class StopOnDivergence(keras.callbacks.Callback):
+    """Stops after the first epoch whose loss is NaN or infinite.
+
+    An epoch hook, so that Keras's asynchronous batch dispatch stays on.
+    The `UsageError` it raises says how to start again; the snapshots
+    taken so far stay on disk.
+    """
+
+    def on_epoch_end(self, epoch, logs=None):
+        loss = (logs or {}).get("loss")
+        if loss is not None and not math.isfinite(float(loss)):
+            step = int(
+                keras.ops.convert_to_numpy(self.model.optimizer.iterations)
+            )
+            raise run_lib.UsageError(
+                f"training diverged: the loss is {float(loss)} at step {step}."
+                " Lower --lr (or --weight-decay) and start again with "
+                "--overwrite; the snapshots taken so far are kept in "
+                "snapshots/ until then."
+            )
+
+
+def _loads(model, path: str) -> bool:
+    try:
+        model.load_weights(path)
+    except (OSError, ValueError):
+        return False
+    return True
+
+
+def check_backup(model, backup_dir: str) -> None:
+    """Makes an unreadable backup harmless before `fit` reads it.
+
+    A kill while `BackupAndRestore` writes can leave a backup that does not
+    load. Keras falls back to its older copy (`double_checkpoint`) only for
+    some errors; here both copies are tried, and when neither loads the
+    backup is moved aside and training starts again from step 0. The
+    snapshots are never deleted: `SnapshotCheckpoint` sets those from later
+    steps aside in `snapshots/superseded-*`.
+    """
+    latest = os.path.join(backup_dir, "latest.weights.h5")
+    if not os.path.exists(latest):
+        return
+    if not model.optimizer.built:
+        model.optimizer.build(model.trainable_variables)
+    if _loads(model, latest):
+        return
+    if os.path.exists(latest + ".bkp"):
+        # Keras reads weights only from a `.weights.h5` name: put the older
+        # copy (and its epoch) in place of the newer one, then try it.
+        for name in ("latest.weights.h5", "training_metadata.json"):
+            older = os.path.join(backup_dir, name + ".bkp")
+            if os.path.exists(older):
+                shutil.copyfile(older, os.path.join(backup_dir, name))
+        if _loads(model, latest):
+            print("The last backup was cut short; resuming from the one before")
+            return
+    aside = f"{backup_dir}-unreadable-{time.strftime('%Y%m%d-%H%M%S')}"
+    os.replace(backup_dir, aside)
+    print(
+        f"The training backup does not load (moved to {aside}); training "
+        "starts again from step 0, and earlier snapshots are set aside, "
+        "not deleted."
+    )
+
+
+def _save_model(model, path: str) -> None:
+    """Saves `model` to `path` whole or not at all (`_fs.atomic_write`)."""
+    with _fs.atomic_write(path) as local_path:
+        model.save(local_path)
+
+
+def train_model(
+    run: dict,
+    config: dict,
+    data,
+    learning_rate,
+    callbacks: list,
+    strategy,
+    verbose: int,
+    model_file: str | None = None,
+) -> float:
+    """Trains the run's model, or resumes it; returns the training time.
+
+    `run.json` records the status, so that a run killed during training
+    resumes from its last backup (`keras.callbacks.BackupAndRestore`, two
+    copies) and a finished one is not trained again. The callbacks run
+    between the backup and `StopOnDivergence`.
+
+    Args:
+        run: The run (`start_run`); its status and `train_seconds` are
+            updated and written.
+        config: The run's settings.
+        data: The run's `Dataset`.
+        learning_rate: The optimizer's rate: a float or a Keras schedule.
+        callbacks: The method's callbacks (`SnapshotCheckpoint`,
+            `FreezeOut`, ...).
+        strategy: The distribution (`get_strategy`).
+        verbose: Keras `fit` verbosity.
+        model_file: A file name in the run folder to save the trained
+            model to, or None (the callbacks save what the method keeps).
+
+    Returns:
+        The seconds spent in `fit`, over all the sessions of the run.
+    """
+    run_dir = config["output_dir"]
+    if not run_lib.start_training(run, run_dir):
+        return run.get("train_seconds", 0.0)
+    keras.utils.set_random_seed(config["seed"])
+    model = compiled_model(config, data, learning_rate, strategy)
+    backup_dir = os.path.join(run_dir, run_lib.BACKUP_DIR)
+    check_backup(model, backup_dir)
+    callbacks = [
+        # Two backups: Keras falls back to the older one if the newer one
+        # was cut short by a kill.
+        keras.callbacks.BackupAndRestore(backup_dir, double_checkpoint=True),
+        *callbacks,
+        StopOnDivergence(),
+    ]
+    started = time.perf_counter()
+    fit(model, data, config, callbacks, verbose)
+    seconds = run.get("train_seconds", 0.0) + time.perf_counter() - started
+    if model_file is not None:
+        _save_model(model, os.path.join(run_dir, model_file))
+    run.update(status="trained", train_seconds=seconds)
+    run_lib.write_run(run_dir, run)
+    return seconds
+
+
+def train_baseline(
+    run: dict, config: dict, data, total_steps: int, strategy, verbose: int
+):
+    """A single model with one cosine decay of `--lr` over the same budget.
+
+    Saved as `run.BASELINE_FILE`, once: a run that has it is not trained
+    again. Its training time goes to `run.json` first, then the model is
+    saved atomically, so that a saved baseline has its time (a baseline
+    saved by an older version may not).
+
+    Returns:
+        The baseline's training time in seconds, or None when it was
+        trained by a version that did not record it.
+    """
+    run_dir = config["output_dir"]
+    path = os.path.join(run_dir, run_lib.BASELINE_FILE)
+    if os.path.isfile(path):
+        return run.get("baseline_train_seconds")
+    keras.utils.set_random_seed(config["seed"])
+    decay = keras.optimizers.schedules.CosineDecay(
+        config["learning_rate"], total_steps
+    )
+    model = compiled_model(config, data, decay, strategy)
+    print("Training the baseline single model (one cosine decay) ...")
+    started = time.perf_counter()
+    fit(model, data, config, [], verbose)
+    seconds = time.perf_counter() - started
+    run["baseline_train_seconds"] = seconds
+    run_lib.write_run(run_dir, run)
+    _save_model(model, path)
+    return seconds
+
+
+def versions() -> dict:
+    """The Keras version and backend, for `report.json`."""
+    return {"keras": keras.__version__, "backend": keras.backend.backend()}

@@ -1,0 +1,216 @@
+"""Loading: every public loader takes the same loading keyword arguments.
+
+`load_snapshots`, `build_ensemble`, `select_snapshots`, `average_weights`
+and `distill` all read snapshots through `loading.load_members`, which
+makes one `LoadOptions` of `safe_mode`, `skip_invalid`, `custom_objects`
+and `allow_nonfinite`. The table below calls every loader with every
+keyword, on files that load only with it, so a loader that drops one fails.
+"""
+
+import dataclasses
+import inspect
+import os
+import shutil
+
+import keras
+import numpy as np
+import pytest
+from helpers import make_data
+from helpers import make_model
+
+import keras_snapshot
+from keras_snapshot.loading import LoadOptions
+from keras_snapshot.loading import load_members
+
+
+class Doubling(keras.layers.Layer):
+    """A custom layer registered nowhere: it loads only by custom_objects."""
+
+    def call(self, x):
+        return 2.0 * x
+
+
+def _model(first_layer=None, seed=0):
+    keras.utils.set_random_seed(seed)
+    model = make_model(batchnorm=True)
+    if first_layer is None:
+        return model
+    return keras.Sequential([keras.Input((8,)), first_layer, *model.layers])
+
+
+def _save_pair(directory, name, build):
+    """Two `.keras` files of one architecture (different weights)."""
+    paths = []
+    for seed in (1, 2):
+        path = os.path.join(directory, f"{name}-{seed}.keras")
+        build(seed).save(path)
+        paths.append(path)
+    return paths
+
+
+def _custom_layer_files(directory, snapshot_dir):
+    return _save_pair(directory, "custom", lambda s: _model(Doubling(), s))
+
+
+def _lambda_files(directory, snapshot_dir):
+    return _save_pair(
+        directory,
+        "lambda",
+        lambda s: _model(keras.layers.Lambda(lambda x: x * 2.0), s),
+    )
+
+
+def _nonfinite_files(directory, snapshot_dir):
+    def build(seed):
+        model = _model(seed=seed)
+        if seed == 1:
+            # An infinite moving variance: the weights are not finite, but
+            # that BatchNorm feature is just its beta, so predictions are.
+            (batchnorm,) = [
+                layer
+                for layer in model.layers
+                if isinstance(layer, keras.layers.BatchNormalization)
+            ]
+            variance = keras.ops.convert_to_numpy(batchnorm.moving_variance)
+            variance[0] = np.inf
+            batchnorm.moving_variance.assign(variance)
+        return model
+
+    return _save_pair(directory, "nonfinite", build)
+
+
+def _directory_with_a_corrupted_file(directory, snapshot_dir):
+    copy = os.path.join(directory, "snapshots")
+    shutil.copytree(snapshot_dir, copy)
+    with open(os.path.join(copy, "snapshot-01.keras"), "ab") as f:
+        f.write(b"corrupted")
+    return copy
+
+
+# keyword: (sources that load only with it, the keyword's value, and the
+# error and message without it).
+KEYWORD_CASES = {
+    "custom_objects": (
+        _custom_layer_files,
+        {"Doubling": Doubling},
+        TypeError,
+        "Doubling",
+    ),
+    "safe_mode": (_lambda_files, False, ValueError, "safe_mode=False"),
+    "allow_nonfinite": (
+        _nonfinite_files,
+        True,
+        ValueError,
+        "allow_nonfinite=True",
+    ),
+    "skip_invalid": (
+        _directory_with_a_corrupted_file,
+        True,
+        ValueError,
+        "snapshot-01.keras",
+    ),
+}
+
+
+def _distill(sources, **kwargs):
+    return keras_snapshot.distill(
+        sources, data=make_data(n=32), epochs=1, verbose=0, **kwargs
+    )
+
+
+LOADERS = {
+    "load_snapshots": keras_snapshot.load_snapshots,
+    # With recalibration, build_ensemble clones its members too.
+    "build_ensemble": lambda sources, **kwargs: keras_snapshot.build_ensemble(
+        sources, recalibration_data=make_data(n=32)[0], **kwargs
+    ),
+    "select_snapshots": lambda sources, **kwargs: (
+        keras_snapshot.select_snapshots(
+            sources, validation_data=make_data(n=32), **kwargs
+        )
+    ),
+    "average_weights": lambda sources, **kwargs: keras_snapshot.average_weights(
+        sources, recalibration_data=make_data(n=32)[0], **kwargs
+    ),
+    "distill": _distill,
+}
+
+
+@pytest.fixture(scope="module")
+def sources(tmp_path_factory, snapshot_run):
+    directory = str(tmp_path_factory.mktemp("loading"))
+    return {
+        keyword: make(directory, snapshot_run[0])
+        for keyword, (make, *_) in KEYWORD_CASES.items()
+    }
+
+
+@pytest.mark.parametrize(
+    "keyword, loader",
+    [
+        pytest.param(keyword, loader, id=f"{keyword}-{loader}")
+        for keyword in sorted(KEYWORD_CASES)
+        for loader in sorted(LOADERS)
+    ],
+)
+def test_every_loader_takes_every_loading_keyword(sources, keyword, loader):
+    _, value, error, match = KEYWORD_CASES[keyword]
+    load = LOADERS[loader]
+    with pytest.raises(error, match=match):
+        load(sources[keyword])
+    if keyword == "skip_invalid":
+        with pytest.warns(UserWarning, match="Skipping snapshot"):
+            result = load(sources[keyword], **{keyword: value})
+    else:
+        result = load(sources[keyword], **{keyword: value})
+    assert result is not None
+
+
+def test_skipped_and_custom_members_are_the_ones_loaded(sources):
+    with pytest.warns(UserWarning, match="Skipping snapshot"):
+        members = load_members(sources["skip_invalid"], skip_invalid=True)
+    assert [m.name for m in members] == ["snapshot_2", "snapshot_3"]
+    (model, _) = keras_snapshot.load_snapshots(
+        sources["custom_objects"], custom_objects={"Doubling": Doubling}
+    )
+    assert isinstance(model.layers[0], Doubling)
+
+
+PUBLIC_LOADERS = [
+    keras_snapshot.load_snapshots,
+    load_members,
+    keras_snapshot.build_ensemble,
+    keras_snapshot.select_snapshots,
+    keras_snapshot.average_weights,
+    keras_snapshot.distill,
+]
+
+
+@pytest.mark.parametrize("loader", PUBLIC_LOADERS, ids=lambda f: f.__name__)
+def test_every_loader_has_the_same_loading_keywords(loader):
+    expected = {f.name: f.default for f in dataclasses.fields(LoadOptions)}
+    parameters = inspect.signature(loader).parameters
+    assert {
+        name: parameters[name].default
+        for name in expected
+        if name in parameters
+    } == expected
+
+
+BAD_OPTIONS = [
+    ({"safe_mode": "no"}, ValueError, "safe_mode='no'"),
+    ({"skip_invalid": 1}, ValueError, "skip_invalid=1"),
+    ({"allow_nonfinite": None}, ValueError, "allow_nonfinite=None"),
+    ({"custom_objects": [Doubling]}, TypeError, "custom_objects=\\["),
+]
+
+
+@pytest.mark.parametrize("loader", sorted(LOADERS))
+@pytest.mark.parametrize(
+    "kwargs, error, match", BAD_OPTIONS, ids=[str(k) for k, *_ in BAD_OPTIONS]
+)
+def test_every_loader_refuses_bad_loading_keywords(
+    snapshot_run, loader, kwargs, error, match
+):
+    with pytest.raises(error, match=match):
+        LOADERS[loader](snapshot_run[0], **kwargs)

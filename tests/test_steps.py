@@ -1,0 +1,461 @@
+"""Step-exact under every Keras training mode (`keras_snapshot._steps`).
+
+A step is an optimizer update. Each test trains a tiny model for real in a
+mode that makes batches and updates differ (gradient accumulation, mixed
+precision loss scaling, `steps_per_execution`) and checks the property
+that matters: the manifest's step is the step the file holds, the weights
+are those of that update, the recorded rate is the rate of that update.
+"""
+
+import math
+import os
+
+import keras
+import numpy as np
+import pytest
+from helpers import make_data
+from helpers import make_model
+from helpers import saved_steps
+
+import keras_snapshot
+from keras_snapshot import _steps
+
+
+def snapshot_rate(lr0, step, cycle):
+    """The rate of the update that made `step` (numpy reference)."""
+    t = (step - 1) % cycle
+    return lr0 / 2 * (math.cos(math.pi * t / cycle) + 1)
+
+
+class UpdateRecorder(keras.callbacks.Callback):
+    """Weights and the next update's rate after every batch, by update."""
+
+    def __init__(self):
+        super().__init__()
+        self.weights, self.rates, self.batches = {}, {}, 0
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.batches += 1
+        optimizer = self.model.optimizer
+        step = int(keras.ops.convert_to_numpy(optimizer.iterations))
+        self.weights[step] = [w.copy() for w in self.model.get_weights()]
+        rate = float(keras.ops.convert_to_numpy(optimizer.learning_rate))
+        self.rates.setdefault(step, set()).add(round(rate, 7))
+
+
+def manifest(directory):
+    return keras_snapshot.read_manifest(directory)["snapshots"]
+
+
+def assert_files_hold(directory, recorder, steps):
+    """Each snapshot file holds the weights of its manifest step."""
+    for entry in manifest(directory):
+        path = os.path.join(directory, entry["file"])
+        got = keras.saving.load_model(path).get_weights()
+        for g, w in zip(got, recorder.weights[entry["step"]]):
+            np.testing.assert_allclose(g, w, rtol=1e-6, atol=1e-7)
+    assert [e["step"] for e in manifest(directory)] == steps
+    assert saved_steps(directory) == steps
+
+
+# 1. Gradient accumulation ------------------------------------------------
+
+
+def test_gradient_accumulation_counts_updates(tmp_path, recwarn):
+    """64 samples, batch 8, k=2: 8 batches and 4 updates per epoch; 4
+    epochs = 16 updates, 4 cycles of 4 updates."""
+    keras.utils.set_random_seed(0)
+    x, y = make_data(n=64)
+    model = make_model(batchnorm=False)
+    schedule = keras_snapshot.SnapshotSchedule(
+        0.05, total_steps=16, num_snapshots=4, gradient_accumulation_steps=2
+    )
+    model.compile(
+        keras.optimizers.SGD(schedule, gradient_accumulation_steps=2),
+        "sparse_categorical_crossentropy",
+    )
+    recorder = UpdateRecorder()
+    directory = str(tmp_path / "snaps")
+    model.fit(
+        x,
+        y,
+        batch_size=8,
+        epochs=4,
+        shuffle=False,
+        verbose=0,
+        callbacks=[
+            recorder,
+            keras_snapshot.SnapshotCheckpoint(directory, verbose=0),
+        ],
+    )
+    assert recorder.batches == 32
+    assert_files_hold(directory, recorder, [4, 8, 12, 16])
+    # The schedule counts updates: one rate per update, the formula's.
+    for step, rates in recorder.rates.items():
+        assert rates == {round(schedule_rate(schedule, step), 7)}
+    for entry in manifest(directory):
+        assert entry["learning_rate"] == pytest.approx(
+            snapshot_rate(0.05, entry["step"], 4), rel=1e-5
+        )
+    assert not [w for w in recwarn if "SnapshotCheckpoint" in str(w.message)]
+
+
+def schedule_rate(schedule, update):
+    """The rate the schedule gives the update after `update` (numpy)."""
+    cycle = schedule.cycle_length
+    lr0 = schedule.initial_learning_rate
+    return lr0 / 2 * (math.cos(math.pi * (update % cycle) / cycle) + 1)
+
+
+@pytest.mark.parametrize(
+    "schedule, match",
+    [
+        (
+            keras_snapshot.SnapshotSchedule(0.05, 16, 4),
+            "counts one update per 1 batch",
+        ),
+        (
+            keras.optimizers.schedules.CosineDecayRestarts(0.05, 4),
+            "calls the CosineDecayRestarts schedule with the batch count",
+        ),
+    ],
+)
+def test_accumulation_with_a_batch_counting_schedule_is_refused(
+    schedule, match, tmp_path
+):
+    keras.utils.set_random_seed(0)
+    x, y = make_data(n=64)
+    model = make_model(batchnorm=False)
+    model.compile(
+        keras.optimizers.SGD(schedule, gradient_accumulation_steps=2),
+        "sparse_categorical_crossentropy",
+    )
+    before = model.get_weights()
+    callback = keras_snapshot.SnapshotCheckpoint(
+        str(tmp_path / "s"), num_snapshots=4, verbose=0
+    )
+    with pytest.raises(ValueError, match=match):
+        model.fit(x, y, batch_size=8, epochs=4, verbose=0, callbacks=[callback])
+    for b, w in zip(before, model.get_weights()):
+        np.testing.assert_array_equal(b, w)  # Refused before the first step.
+
+
+def test_schedule_counts_updates_per_accumulation():
+    schedule = keras_snapshot.SnapshotSchedule(
+        1.0, total_steps=8, num_snapshots=2, gradient_accumulation_steps=3
+    )
+    rates = [float(schedule(b)) for b in range(24)]
+    expected = [schedule_rate(schedule, b // 3) for b in range(24)]
+    np.testing.assert_allclose(rates, expected, rtol=1e-6, atol=1e-7)
+    config = schedule.get_config()
+    assert config["gradient_accumulation_steps"] == 3
+    assert keras_snapshot.SnapshotSchedule.from_config(config).get_config() == (
+        config
+    )
+    with pytest.raises(ValueError, match="Received: gradient_accumulation"):
+        keras_snapshot.SnapshotSchedule(
+            1.0, 8, 2, gradient_accumulation_steps=1
+        )
+    from_epochs = keras_snapshot.SnapshotSchedule.from_epochs(
+        1.0,
+        epochs=4,
+        steps_per_epoch=8,
+        num_snapshots=2,
+        gradient_accumulation_steps=2,
+    )
+    assert from_epochs.total_steps == 16
+
+
+# 2. Mixed precision: skipped updates are not steps ------------------------
+
+
+def fit_mixed(directory, epochs):
+    """Loss scale 2**24 overflows float16 gradients: the first updates are
+    skipped (and the scale halved) until it fits. 8 batches an epoch."""
+    keras.utils.set_random_seed(0)
+    x, y = make_data(n=64)
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        model = make_model(batchnorm=False)
+        schedule = keras_snapshot.SnapshotSchedule(0.05, 24, 3)
+        model.compile(
+            keras.optimizers.LossScaleOptimizer(
+                keras.optimizers.SGD(schedule), initial_scale=2.0**24
+            ),
+            "sparse_categorical_crossentropy",
+        )
+        recorder = UpdateRecorder()
+        model.fit(
+            x,
+            y,
+            batch_size=8,
+            epochs=epochs,
+            shuffle=False,
+            verbose=0,
+            callbacks=[
+                recorder,
+                keras_snapshot.SnapshotCheckpoint(directory, verbose=0),
+            ],
+        )
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    return recorder
+
+
+def test_loss_scaling_skips_are_not_steps(tmp_path):
+    """Once, the files held steps 1/8/15 while the manifest said 8/16/24."""
+    directory = str(tmp_path / "snaps")
+    with pytest.warns(UserWarning, match="past the schedule's total_steps"):
+        recorder = fit_mixed(directory, epochs=5)  # 40 batches.
+    assert recorder.batches - max(recorder.weights) > 0  # Skipped updates.
+    assert_files_hold(directory, recorder, [8, 16, 24])
+    assert all(e["planned_step"] is None for e in manifest(directory))
+
+
+def test_a_run_short_by_skipped_updates_ends_with_a_marked_snapshot(tmp_path):
+    """32 batches, 9 skipped: training ends at update 23 of 24. The last
+    snapshot is taken at 23 and says it stands for the cycle end 24."""
+    directory = str(tmp_path / "snaps")
+    with pytest.warns(UserWarning) as warned:
+        recorder = fit_mixed(directory, epochs=4)
+    messages = " ".join(str(w.message) for w in warned)
+    assert "recorded with planned_step=24" in messages
+    assert "snapshots in" not in messages  # No "2 of 3 snapshots" warning.
+    last = max(recorder.weights)
+    assert last < 24 and 24 - last <= recorder.batches - last
+    assert_files_hold(directory, recorder, [8, 16, last])
+    assert [e["planned_step"] for e in manifest(directory)] == [None, None, 24]
+    assert len(keras_snapshot.snapshot_paths(directory)) == 3
+
+
+# 3. steps_per_execution ----------------------------------------------------
+
+
+def fit_spe(directory, samples, epochs, total, snapshots, spe):
+    keras.utils.set_random_seed(0)
+    x, y = make_data(n=samples)
+    model = make_model(batchnorm=False)
+    schedule = keras_snapshot.SnapshotSchedule(0.05, total, snapshots)
+    model.compile(
+        keras.optimizers.SGD(schedule, momentum=0.9),
+        "sparse_categorical_crossentropy",
+        steps_per_execution=spe,
+    )
+    recorder = UpdateRecorder()
+    model.fit(
+        x,
+        y,
+        batch_size=8,
+        epochs=epochs,
+        shuffle=False,
+        verbose=0,
+        callbacks=[
+            recorder,
+            keras_snapshot.SnapshotCheckpoint(directory, verbose=0),
+        ],
+    )
+    return model, recorder
+
+
+def test_steps_per_execution_takes_every_reachable_cycle_end(tmp_path):
+    """6 batches an epoch, N=4: hooks at batches 0, 4 and 6 of each epoch,
+    so the cycle ends 6, 12, 18, 24 (epoch ends) and 4, 10, 16, 22 are
+    seen; each snapshot holds the weights of a run without N."""
+    _, reference = fit_spe(str(tmp_path / "ref"), 48, 4, 24, 4, 1)
+    directory = str(tmp_path / "spe")
+    fit_spe(directory, 48, 4, 24, 4, 4)
+    assert_files_hold(directory, reference, [6, 12, 18, 24])
+
+
+def test_steps_per_execution_refuses_unreachable_cycle_ends(tmp_path):
+    """5 batches an epoch, N=2: hooks at batches 0, 2, 4 and 5 of each
+    epoch (steps 0, 2, 4, 5, 7, 9, 10, ...), so the cycle ends 8 and 16
+    of 4, 8, 12, 16, 20 can never be seen: refused before the first step
+    (once, snapshots 2 and 4 were lost with a warning at the end)."""
+    with pytest.raises(ValueError, match=r"steps \[8, 16\] cannot be taken"):
+        fit_spe(str(tmp_path / "spe"), 40, 4, 20, 5, 2)
+
+
+@pytest.mark.parametrize(
+    "spe, k, length, due, start, expected",
+    [
+        (1, 1, 10, [3, 7], 0, []),
+        (4, 1, 6, [4, 6, 10, 12, 14], 0, [14]),
+        (2, 1, 5, [4, 8, 12, 16, 20], 0, [8, 16]),
+        (2, 1, 5, [7, 9, 11], 5, [11]),  # Resumed at 5: hooks 5, 7, 9, 10
+        (4, 2, 8, [2, 3, 4], 0, [3]),  # Hooks at batches 0, 4, 8, ...
+        (3, 1, None, [4], 0, []),  # Unknown epoch length: checked live.
+        (2, 1, 5, [8, 40], 0, [8]),  # 40 is past this fit's 20 steps.
+    ],
+)
+def test_unreachable_steps_rule(spe, k, length, due, start, expected):
+    tracker = _steps.StepTracker(keras.callbacks.Callback())
+    tracker.steps_per_execution, tracker.accumulation = spe, k
+    tracker.epoch_steps = length
+    assert tracker.unreachable(start, due, epochs_left=4) == expected
+
+
+# StochasticWeightAveraging(every_steps=...) in the same modes -------------
+
+
+def fit_swa(swa, samples=64, epochs=4, spe=1, accumulation=None, mixed=False):
+    keras.utils.set_random_seed(0)
+    x, y = make_data(n=samples)
+    if mixed:
+        keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        model = make_model(batchnorm=False)
+        optimizer = keras.optimizers.SGD(
+            0.05, momentum=0.9, gradient_accumulation_steps=accumulation
+        )
+        if mixed:
+            optimizer = keras.optimizers.LossScaleOptimizer(
+                optimizer, initial_scale=2.0**24
+            )
+        model.compile(
+            optimizer,
+            "sparse_categorical_crossentropy",
+            steps_per_execution=spe,
+        )
+        recorder = UpdateRecorder()
+        model.fit(
+            x,
+            y,
+            batch_size=8,
+            epochs=epochs,
+            shuffle=False,
+            verbose=0,
+            callbacks=[recorder, swa],
+        )
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    return recorder
+
+
+def assert_average_of(swa, recorder, steps):
+    assert swa.num_averaged == len(steps)
+    expected = [
+        np.mean(a, axis=0) for a in zip(*(recorder.weights[s] for s in steps))
+    ]
+    for got, want in zip(swa.averaged_model().get_weights(), expected):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_swa_averages_updates_under_gradient_accumulation():
+    """8 batches an epoch, k=2: 16 updates; every 3 updates from 3."""
+    swa = keras_snapshot.StochasticWeightAveraging(
+        start_step=3, every_steps=3, verbose=0
+    )
+    recorder = fit_swa(swa, accumulation=2)
+    assert_average_of(swa, recorder, [3, 6, 9, 12, 15])
+
+
+def test_swa_counts_only_applied_updates_under_loss_scaling():
+    swa = keras_snapshot.StochasticWeightAveraging(
+        start_step=4, every_steps=4, verbose=0
+    )
+    recorder = fit_swa(swa, mixed=True)
+    last = max(recorder.weights)
+    assert last < recorder.batches  # Updates were skipped.
+    assert_average_of(swa, recorder, list(range(4, last + 1, 4)))
+
+
+def test_swa_steps_per_execution_takes_every_due_average():
+    """6 batches an epoch, N=2: hooks at every even step."""
+    reference = fit_swa(
+        keras_snapshot.StochasticWeightAveraging(
+            start_step=2, every_steps=2, verbose=0
+        ),
+        samples=48,
+    )
+    swa = keras_snapshot.StochasticWeightAveraging(
+        start_step=2, every_steps=2, verbose=0
+    )
+    fit_swa(swa, samples=48, spe=2)
+    assert_average_of(swa, reference, list(range(2, 25, 2)))
+
+
+def test_swa_steps_per_execution_refuses_unreachable_averages():
+    """5 batches an epoch, N=2: steps 6 and 8 fall between hooks (once,
+    only 6 of the 10 due averages were taken, without a word)."""
+    swa = keras_snapshot.StochasticWeightAveraging(
+        start_step=2, every_steps=2, verbose=0
+    )
+    with pytest.raises(ValueError, match=r"at steps \[6, 8, 16, 18\]"):
+        fit_swa(swa, samples=40, spe=2)
+
+
+# 8. The optimizer's EMA (`use_ema=True`) ------------------------------------
+
+
+def fit_ema(directory, ema_weights):
+    keras.utils.set_random_seed(0)
+    x, y = make_data(n=64)
+    model = make_model(batchnorm=False)
+    schedule = keras_snapshot.SnapshotSchedule(0.05, 16, 2)
+    model.compile(
+        keras.optimizers.SGD(schedule, use_ema=True, ema_momentum=0.8),
+        "sparse_categorical_crossentropy",
+    )
+    recorder = UpdateRecorder()
+    model.fit(
+        x,
+        y,
+        batch_size=8,
+        epochs=2,
+        shuffle=False,
+        verbose=0,
+        callbacks=[
+            recorder,
+            keras_snapshot.SnapshotCheckpoint(
+                directory, ema_weights=ema_weights, verbose=0
+            ),
+        ],
+    )
+    return model, recorder
+
+
+def numpy_ema(recorder, step, momentum=0.8):
+    """Keras's EMA: the first update's weights, then m * ema + (1-m) * w."""
+    average = recorder.weights[1]
+    for s in range(2, step + 1):
+        average = [
+            momentum * a + (1 - momentum) * w
+            for a, w in zip(average, recorder.weights[s])
+        ]
+    return average
+
+
+@pytest.mark.parametrize("ema_weights", [False, True])
+def test_snapshots_hold_trained_or_ema_weights(tmp_path, ema_weights):
+    directory = str(tmp_path / "snaps")
+    model, recorder = fit_ema(directory, ema_weights)
+    for entry in manifest(directory):
+        path = os.path.join(directory, entry["file"])
+        got = keras.saving.load_model(path).get_weights()
+        step = entry["step"]
+        want = (
+            numpy_ema(recorder, step)
+            if ema_weights
+            else (recorder.weights[step])
+        )
+        for g, w in zip(got, want):
+            np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6)
+    # Either way, training went on from the trained weights, and `fit`
+    # ends with the EMA in the model (Keras's own behaviour).
+    for g, w in zip(model.get_weights(), numpy_ema(recorder, 16)):
+        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6)
+
+
+def test_ema_weights_without_an_ema_is_refused(tmp_path):
+    x, y = make_data(n=16)
+    model = make_model(batchnorm=False)
+    model.compile(
+        keras.optimizers.SGD(keras_snapshot.SnapshotSchedule(0.05, 4, 2)),
+        "sparse_categorical_crossentropy",
+    )
+    callback = keras_snapshot.SnapshotCheckpoint(
+        str(tmp_path / "s"), ema_weights=True, verbose=0
+    )
+    with pytest.raises(ValueError, match="Build it with `use_ema=True`"):
+        model.fit(x, y, batch_size=8, epochs=2, verbose=0, callbacks=[callback])

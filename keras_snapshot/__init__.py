@@ -21,7 +21,11 @@ once that object's module has run. So, after `import keras_snapshot`, the
 objects are registered as soon as Keras is there: at once if `keras` is
 already imported, else right after `import keras` (a one-shot import hook,
 `_RegisterAfterKeras`, that removes itself when used). Either import may
-come first.
+come first. The hook imports only the modules whose objects `.keras` files
+hold (`KERAS_OBJECT_MODULES`, which import no other module of the package
+that imports Keras), so that a first import such as
+`from keras_snapshot.checkpoint import SnapshotCheckpoint`, whose own
+`import keras` fires the hook, never meets a half-imported module.
 """
 
 import importlib
@@ -29,7 +33,7 @@ import importlib.abc
 import importlib.util
 import sys
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 _EXPORTS = {
     "FGESchedule": "fge",
@@ -52,31 +56,18 @@ _EXPORTS = {
     "snapshot_paths": "loading",
 }
 _MODULES = ("metrics", "selection")
+# The modules that define the objects `.keras` files refer to by name.
+KERAS_OBJECT_MODULES = ("schedule", "fge", "layers")
 __all__ = sorted([*_EXPORTS, *_MODULES])
 
 
-_IMPORTING = []
-
-
 def import_all() -> None:
-    """Imports every public name (and registers the Keras objects).
-
-    Re-entrant: the first submodule it imports may import Keras, whose
-    import hook calls it again; that inner call leaves the work to the
-    outer one.
-    """
-    if _IMPORTING:
-        return
-    _IMPORTING.append(True)
-    try:
-        for name in _MODULES:
-            module = importlib.import_module(f"keras_snapshot.{name}")
-            globals()[name] = module
-        for name, module in _EXPORTS.items():
-            module = importlib.import_module(f"keras_snapshot.{module}")
-            globals()[name] = getattr(module, name)
-    finally:
-        _IMPORTING.clear()
+    """Imports every public name (and registers the Keras objects)."""
+    for name in _MODULES:
+        globals()[name] = importlib.import_module(f"keras_snapshot.{name}")
+    for name, module in _EXPORTS.items():
+        module = importlib.import_module(f"keras_snapshot.{module}")
+        globals()[name] = getattr(module, name)
 
 
 def __getattr__(name):
@@ -112,13 +103,19 @@ class _RegisterAfterKeras(importlib.abc.MetaPathFinder):
                 sys.meta_path.remove(self)
             del loader.exec_module  # The loader's own method again.
             loader.exec_module(module)
-            import_all()
+            register_keras_objects()
 
         loader.exec_module = exec_then_register
         return spec
 
 
+def register_keras_objects() -> None:
+    """Registers the objects `.keras` files use (imports their modules)."""
+    for name in KERAS_OBJECT_MODULES:
+        importlib.import_module(f"keras_snapshot.{name}")
+
+
 if "keras" in sys.modules:
-    import_all()
+    register_keras_objects()
 else:
     sys.meta_path.insert(0, _RegisterAfterKeras())

@@ -8,7 +8,10 @@ learning rate, which reaches zero at the fraction `t_i` of training:
     t_i     = s(t0 + (1 - t0) * i / L),  s(x) = x, x**2 or x**3
     lr_i(0) = lr0 / t_i   (scaled, the default)   or   lr0   (unscaled)
 
-`t` is the 0-based optimizer step and `T` the number of steps. The indexing
+`t` is the 0-based optimizer step and `T` the number of steps; a step is
+an optimizer update (`optimizer.iterations`: one per
+`gradient_accumulation_steps` batches, and no step for an update that
+loss scaling skipped), read through `keras_snapshot._steps`. The indexing
 is the reference code's (ajbrock/FreezeOut): groups are numbered `0 .. L`,
 so the first group freezes at `s(t0)` and the last group (the classifier)
 has `t_L = 1` and trains to the end. From step `ceil(t_i * T)` on, group `i`
@@ -31,7 +34,9 @@ Design (why a callback that attaches to the optimizer, and nothing else):
   callback wraps `update_step` of the optimizer *instance* (and, on JAX,
   `stateless_apply`, so that the optimizer accepts the shrinking set of
   trainable variables) and removes both wrappers at the end of `fit`. This
-  is the only place that touches optimizer internals: `_attach_rates`.
+  is the only place that touches optimizer internals: `_attach_rates`,
+  after `_check_optimizer_internals` has checked, before the first step,
+  that they are what it expects (or refused it, naming the Keras version).
   A wrapper optimizer class would do the same with more code and would
   put a custom class into every saved file. With a learning-rate schedule
   in the optimizer, group `i`'s rate is `schedule(t) * factor_i(t)`.
@@ -45,15 +50,29 @@ Design (why a callback that attaches to the optimizer, and nothing else):
   steps. At the end of `fit` the layers get their own `trainable` back.
 - Resuming: the frozen state is a function of `optimizer.iterations`,
   read at each epoch begin (after `BackupAndRestore` has restored it), so a
-  resumed run freezes what the interrupted run had frozen. Batch hooks only
-  add the batch index to that step: no device sync per batch.
+  resumed run freezes what the interrupted run had frozen. Within an epoch,
+  `StepTracker` reads the step again only once the next freeze may be due:
+  no device sync per batch.
+- Whatever ends `fit`: Keras calls `on_train_end` only when `fit` returns.
+  The changes of a `fit` ended by an exception or `KeyboardInterrupt` are
+  undone by the next use of the model or optimizer (`_FitState`): the
+  model's `make_train_function` (every `fit` and `train_on_batch`) and
+  `get_config` (`model.save`) are wrapped for that while FreezeOut trains,
+  and a `fit` has ended when its frame has left the call stack. The one
+  place that reads the stack is `_fit_frame` (and `_FitState.running`);
+  it also finds the other callbacks of the `fit`, to refuse a
+  `SnapshotCheckpoint` next to FreezeOut.
 
 Decoupled weight decay (`AdamW`, `weight_decay=`) uses the group's rate,
 `w -= w * weight_decay * lr_i(t)`, like the rest of the update; L2
 regularizers go through the gradient. Both stop when the group freezes.
 """
 
+import inspect
 import math
+import sys
+import threading
+import warnings
 from collections.abc import Sequence
 
 import keras
@@ -63,6 +82,9 @@ from keras import ops
 from keras_snapshot._checks import check_positive_int
 from keras_snapshot._checks import check_positive_number
 from keras_snapshot._io import print_msg
+from keras_snapshot._steps import StepTracker
+from keras_snapshot._steps import innermost_optimizer
+from keras_snapshot.checkpoint import SnapshotCheckpoint
 
 SCALINGS = {
     "linear": lambda x: x,
@@ -259,10 +281,14 @@ def resolve_groups(model, groups=None) -> list[list]:
             merge `layer_groups(model)` into `n` contiguous groups of about
             the same number of layers; or a list of groups, each a list of
             layers or layer names, ordered from the input to the output.
+            A layer inside a nested model or block can be given as a
+            layer object, in the same group as that model or instead of
+            it (with the other layers inside it), but not in another group
+            than the model around it.
 
     Returns:
         A list of at least 2 non-empty lists of layers. Every trainable
-        weighted layer of the model is in exactly one group.
+        weight of the model is in exactly one group.
 
     Example:
 
@@ -317,10 +343,19 @@ def resolve_groups(model, groups=None) -> list[list]:
                     f"Received: groups={groups!r}"
                 )
             seen[id(layer)] = index
+    _check_nesting(resolved, seen, groups)
+    # A layer is in a group itself, or through the layers inside it.
+    grouped = {
+        id(v)
+        for group in resolved
+        for la in group
+        for v in la.trainable_weights
+    }
     missing = [
         layer.name
         for layer in model.layers
-        if layer.trainable and layer.trainable_weights and id(layer) not in seen
+        if layer.trainable
+        and any(id(v) not in grouped for v in layer.trainable_weights)
     ]
     if missing:
         raise ValueError(
@@ -329,6 +364,35 @@ def resolve_groups(model, groups=None) -> list[list]:
             f"`trainable` to False. Received: groups={groups!r}"
         )
     return resolved
+
+
+def _layers_within(layer, include_self: bool = True) -> list:
+    """`layer` and the layers nested in it, at any depth, parents first.
+
+    Keras has no public list of a layer's nested layers: this is the one
+    place that reads it (`Layer._flatten_layers`).
+    """
+    return layer._flatten_layers(include_self=include_self, recursive=True)
+
+
+def _check_nesting(resolved, seen, groups) -> None:
+    """Refuses a layer that is in one group while a layer around it (a
+    nested model, a block) is in another."""
+    for index, group in enumerate(resolved):
+        for parent in group:
+            for inner in _layers_within(parent, include_self=False):
+                other = seen.get(id(inner))
+                if other is not None and other != index:
+                    raise ValueError(
+                        f"Layer {inner.name!r} (group {other}) is inside "
+                        f"{parent.name!r} (group {index}): freezing "
+                        f"{parent.name!r} freezes {inner.name!r} too, and "
+                        f"the weights of {inner.name!r} would follow the "
+                        "rates of two groups. Put both in one group, or "
+                        f"list the layers inside {parent.name!r} in groups "
+                        f"instead of {parent.name!r} itself. Received: "
+                        f"groups={groups!r}"
+                    )
 
 
 def _get_layer(model, layer):
@@ -342,7 +406,7 @@ def _get_layer(model, layer):
                 f"groups entry {layer!r}"
             ) from None
     if isinstance(layer, keras.layers.Layer):
-        if not any(layer is own for own in model._flatten_layers()):
+        if not any(layer is own for own in _layers_within(model)):
             raise ValueError(
                 f"Layer {layer.name!r} is not part of the model "
                 f"{model.name!r}. Received: groups entry {layer!r}"
@@ -422,14 +486,95 @@ def estimate_speedup(
     return float(1.0 - np.sum(costs * (1 + b * t)) / np.sum(costs * (1 + b)))
 
 
-def _attach_rates(optimizer, factor_of_variable, active_variables):
-    """Makes `optimizer` use a rate per variable; returns an undo function.
+_OPTIMIZER_INTERNALS = {
+    "update_step": ("gradient", "variable", "learning_rate"),
+    "_apply_weight_decay": ("variables",),
+    "stateless_apply": ("optimizer_variables", "grads", "trainable_variables"),
+    "_get_variable_index": ("variable",),
+    "_use_weight_decay": ("variable",),
+}
+"""The optimizer methods FreezeOut wraps or calls, and the arguments that
+Keras passes them (positionally)."""
 
-    The one place that touches optimizer internals. Wraps, on this instance
+
+def _check_optimizer_internals(optimizer) -> None:
+    """Refuses an optimizer whose private methods are not what FreezeOut
+    wraps: each must exist and take the arguments Keras passes it,
+    `_get_variable_index` must give each variable the optimizer was built
+    with its position, and updates must go through `update_step`.
+
+    Raises:
+        ValueError: naming what is wrong and the Keras version.
+    """
+    problems = []
+    for name, arguments in _OPTIMIZER_INTERNALS.items():
+        method = getattr(optimizer, name, None)
+        if not callable(method):
+            problems.append(f"`{name}` is not callable (found {method!r})")
+            continue
+        try:
+            signature = inspect.signature(method)
+        except (TypeError, ValueError):
+            continue  # No signature to read (a builtin): trust it.
+        try:
+            signature.bind(*arguments)
+        except TypeError:
+            problems.append(
+                f"`{name}{signature}` does not take ({', '.join(arguments)})"
+            )
+    variables = getattr(optimizer, "_trainable_variables", None)
+    if not isinstance(variables, list):
+        problems.append(
+            "`_trainable_variables` is not the list of variables it was "
+            "built with"
+        )
+    elif callable(getattr(optimizer, "_get_variable_index", None)):
+        try:
+            misplaced = any(
+                optimizer._get_variable_index(v) != i
+                for i, v in enumerate(variables)
+            )
+        except Exception:  # Any failure is a mismatch to report.
+            misplaced = True
+        if misplaced:
+            problems.append(
+                "`_get_variable_index` does not give each variable its "
+                "position in `_trainable_variables`"
+            )
+    if hasattr(type(optimizer), "_parallel_update_step"):
+        problems.append(
+            "it updates all variables at once in `_parallel_update_step`, "
+            "without calling `update_step`"
+        )
+    if problems:
+        name = type(optimizer).__name__
+        raise ValueError(
+            f"FreezeOut cannot set each layer group's learning rate in "
+            f"{name}: {'; '.join(problems)}. FreezeOut wraps these private "
+            "methods of the optimizer, and they are not as it expects in "
+            f"Keras {keras.version()} ({keras.backend.backend()} backend). "
+            "Use a stock Keras optimizer (SGD, Adam, AdamW, ...) on the "
+            f"TensorFlow or JAX backend. Received: optimizer={name}."
+        )
+
+
+_WRAPPED = ("update_step", "_apply_weight_decay", "stateless_apply")
+"""The optimizer methods that `_attach_rates` wraps on the instance."""
+
+
+def _attach_rates(
+    optimizer, group_of, num_groups, factor, active_variables, state
+):
+    """Makes `optimizer` use a rate per group; returns an undo function.
+
+    The one place that touches optimizer internals, once
+    `_check_optimizer_internals` has checked them. Wraps, on this instance
     only, `update_step` so that each variable is updated with
-    `learning_rate * factor_of_variable(index)`, where `index` is the
-    variable's position in the optimizer (`_get_variable_index`, the
-    lookup every Keras optimizer's `update_step` uses for its slots).
+    `learning_rate * factor(group)`, where `group = group_of[id(variable)]`
+    (variables of no group take the last group's, `num_groups - 1`) and
+    the variable is found by its position in the optimizer
+    (`_get_variable_index`, the lookup every Keras optimizer's
+    `update_step` uses for its slots).
     Decoupled weight decay (`weight_decay=`, AdamW) moves into that step
     too, with the same rate: Keras's own `_apply_weight_decay` pass, which
     would use the optimizer's rate for every variable, is switched off. On
@@ -437,26 +582,34 @@ def _attach_rates(optimizer, factor_of_variable, active_variables):
     the model's current trainable variables: after a freeze those are fewer
     than the optimizer was built with, and the wrapper applies the
     gradients to them only (`active_variables()` names them).
+
+    Every wrapper first asks `state.ended()`: once the `fit` that attached
+    them no longer runs (it ended by an exception), that undoes them and
+    the optimizer's own method runs.
     """
-    while hasattr(optimizer, "inner_optimizer"):  # LossScaleOptimizer
-        optimizer = optimizer.inner_optimizer
-
-    def detach():
-        for name in ("update_step", "stateless_apply", "_apply_weight_decay"):
-            if getattr(vars(optimizer).get(name), "freezeout", False):
-                delattr(optimizer, name)
-
-    # A `fit` that raised never reached `on_train_end`: undo its wrappers.
-    detach()
+    variable_groups = [
+        group_of.get(id(v), num_groups - 1)
+        for v in optimizer._trainable_variables
+    ]
+    before = {name: vars(optimizer).get(name) for name in _WRAPPED}
     update_step = optimizer.update_step
     stateless_apply = optimizer.stateless_apply
 
+    def detach():
+        for name in _WRAPPED:
+            if getattr(vars(optimizer).get(name), "freezeout", False):
+                if before[name] is None:
+                    delattr(optimizer, name)
+                else:
+                    setattr(optimizer, name, before[name])
+
     def group_update_step(gradient, variable, learning_rate):
-        factor = factor_of_variable(optimizer._get_variable_index(variable))
-        if factor is not None:
-            learning_rate = ops.multiply(
-                ops.cast(learning_rate, "float32"), factor
-            )
+        if state.ended():
+            return optimizer.update_step(gradient, variable, learning_rate)
+        index = optimizer._get_variable_index(variable)
+        learning_rate = ops.multiply(
+            ops.cast(learning_rate, "float32"), factor(variable_groups[index])
+        )
         if optimizer.weight_decay is not None and optimizer._use_weight_decay(
             variable
         ):
@@ -471,8 +624,14 @@ def _attach_rates(optimizer, factor_of_variable, active_variables):
 
     def no_weight_decay_pass(variables):
         """Decay is applied per variable in `group_update_step`."""
+        if state.ended():
+            optimizer._apply_weight_decay(variables)
 
     def subset_stateless_apply(optimizer_variables, grads, trainable_values):
+        if state.ended():
+            return optimizer.stateless_apply(
+                optimizer_variables, grads, trainable_values
+            )
         if len(trainable_values) == len(optimizer._trainable_variables):
             return stateless_apply(optimizer_variables, grads, trainable_values)
         variables = list(active_variables())
@@ -486,14 +645,146 @@ def _attach_rates(optimizer, factor_of_variable, active_variables):
             [scope.get_current_value(v) for v in optimizer.variables],
         )
 
-    group_update_step.freezeout = True
-    subset_stateless_apply.freezeout = True
-    no_weight_decay_pass.freezeout = True
-    optimizer.update_step = group_update_step
-    optimizer._apply_weight_decay = no_weight_decay_pass
-    if keras.backend.backend() == "jax":
-        optimizer.stateless_apply = subset_stateless_apply
+    wrappers = [group_update_step, no_weight_decay_pass]
+    if keras.backend.backend() == "jax":  # Keras calls it on JAX only.
+        wrappers.append(subset_stateless_apply)
+    for name, wrapper in zip(_WRAPPED, wrappers):
+        wrapper.freezeout = True
+        wrapper.freezeout_state = state
+        setattr(optimizer, name, wrapper)
     return detach
+
+
+def _fit_frame(callback):
+    """The frame of the `fit` calling `callback` now, and its callbacks.
+
+    Keras tells a callback neither which other callbacks its `fit` runs
+    nor that `fit` ended by an exception. Both are read here, and only
+    here, from the call stack: Keras calls each hook through a
+    `keras.callbacks.CallbackList` that holds the callback, and the frame
+    that calls the list is `fit`'s (or a custom training loop's).
+
+    Returns:
+        `(frame, callbacks)`; when no `CallbackList` called the hook (a
+        hook called directly), the frame that called it and None.
+    """
+    hook = inspect.currentframe().f_back
+    frame, found = hook.f_back, None
+    try:
+        for _ in range(8):
+            if frame is None:
+                break
+            owner = frame.f_locals.get("self")
+            if isinstance(owner, keras.callbacks.CallbackList) and any(
+                c is callback for c in owner.callbacks
+            ):
+                found = owner
+            elif found is not None:
+                return frame, list(found.callbacks)
+            frame = frame.f_back
+        return hook.f_back, None
+    finally:
+        del hook, frame
+
+
+class _FitState:
+    """What one FreezeOut `fit` changed on a model, and how to undo it.
+
+    The changes: the frozen layers' `trainable` flags, the wrapped
+    optimizer methods, the train function traced for them. Keras calls
+    `on_train_end` only when `fit` returns; after an exception or a
+    `KeyboardInterrupt` nothing is called. So the changes are undone by
+    `on_train_end`, or else by the first of these that runs once the `fit`
+    that made them no longer runs: the model's `make_train_function`
+    (which every `fit` and `train_on_batch` calls first) or `get_config`
+    (`model.save`, `to_json`), the optimizer's `update_step`, or a new
+    FreezeOut's `on_train_begin`. While that `fit` runs they are left
+    as they are (a checkpoint saved during training keeps the frozen
+    layers' flags).
+
+    Args:
+        model: The model being trained.
+        fit_frame: The frame of the `fit` that made the changes
+            (`_fit_frame`): it runs while it is on the call stack.
+    """
+
+    def __init__(self, model, fit_frame):
+        self.model = model
+        self.fit_frame = fit_frame
+        self.thread = threading.get_ident()
+        self.flags = []  # (layer or variable, trainable) before the fit.
+        self.detach = None  # Undoes the optimizer's wrappers.
+        self.guarded = {}  # Model attribute -> its instance value before.
+        self.restored = False
+
+    def running(self) -> bool:
+        """Whether the `fit` is still running: its frame is on the stack of
+        the thread that runs it (a thread that ended runs nothing)."""
+        if threading.get_ident() == self.thread:
+            frame = inspect.currentframe()
+        else:  # Another thread (a replica of a distribution strategy ...).
+            frame = sys._current_frames().get(self.thread)
+        try:
+            while frame is not None:
+                if frame is self.fit_frame:
+                    return True
+                frame = frame.f_back
+            return False
+        finally:
+            del frame
+
+    def ended(self) -> bool:
+        """Whether the `fit` has ended; if so, its changes are undone."""
+        if not self.restored and not self.running():
+            self.restore()
+        return self.restored
+
+    def guard_model(self) -> None:
+        """Wraps the model's `make_train_function` and `get_config` so that
+        they undo the changes first once the `fit` has ended."""
+        model = self.model
+        for name in ("make_train_function", "get_config"):
+            self.guarded[name] = vars(model).get(name)
+            method = getattr(model, name)
+
+            def guarded(*args, _method=method, **kwargs):
+                self.ended()
+                return _method(*args, **kwargs)
+
+            guarded.freezeout = True
+            guarded.freezeout_state = self
+            setattr(model, name, guarded)
+
+    def restore(self) -> None:
+        """Puts the model and the optimizer back as they were."""
+        if self.restored:
+            return
+        self.restored = True
+        model = self.model
+        for name, before in self.guarded.items():
+            if getattr(vars(model).get(name), "freezeout", False):
+                if before is None:
+                    delattr(model, name)
+                else:
+                    setattr(model, name, before)
+        if self.detach is not None:
+            self.detach()
+        sync = getattr(model, "jax_state_sync", None)
+        if sync is not None:
+            sync()  # JAX: the running state into the variables, first.
+        for owner, flag in self.flags:  # Layers, parents first; variables.
+            owner.trainable = flag
+        model.make_train_function(force=True)
+        self.fit_frame = None
+
+
+def _state_of(owner):
+    """The `_FitState` whose wrappers `owner` (model or optimizer) holds."""
+    for name in ("make_train_function", "update_step"):
+        state = getattr(vars(owner).get(name), "freezeout_state", None)
+        if state is not None:
+            return state
+    return None
 
 
 @keras.saving.register_keras_serializable(package="keras_snapshot")
@@ -512,11 +803,38 @@ class FreezeOut(keras.callbacks.Callback):
     function is rebuilt, so no gradient is computed for the group or
     anything below it. The last group trains to the end.
 
+    A step is an optimizer update, `optimizer.iterations`: with
+    `gradient_accumulation_steps=k` one per `k` batches (`T` is then
+    `epochs * steps_per_epoch // k`), and with mixed-precision loss
+    scaling an update skipped for overflowing gradients is no step. A group
+    freezes at the first Keras callback at or after its step: with
+    `steps_per_execution=N` Keras calls back every `N` batches, so a group
+    can freeze up to `N - 1` updates late. Its rate is already zero then
+    (plain SGD and Adam leave its weights as they are, momentum carries
+    them on for those updates, BatchNorm statistics still move), and its
+    backward pass is dropped that much later.
+
     The frozen state follows from `optimizer.iterations`, so training
     resumed by `keras.callbacks.BackupAndRestore` freezes the same groups.
     At the end of `fit`, the layers' `trainable` flags are restored and
     the optimizer is left as it was. Nothing of keras_snapshot is saved
     into the model or the optimizer.
+
+    Whatever ends `fit`: Keras calls `on_train_end` only when `fit`
+    returns, and has no hook for a `fit` ended by an exception or
+    `KeyboardInterrupt`. Then the model keeps its frozen flags and the
+    optimizer its wrapped methods only until the model is next used:
+    the next `fit` or `train_on_batch` (with or without FreezeOut),
+    `model.save`, `get_config` or `to_json` first put the flags, the
+    optimizer and the train function back as they were before the
+    interrupted `fit`. (FreezeOut wraps the model's `make_train_function`
+    and `get_config` for this while it trains, and finds the end of `fit`
+    by its frame leaving the call stack.) Until then `layer.trainable`
+    still shows the frozen groups.
+
+    FreezeOut refuses to share a `fit` with `SnapshotCheckpoint` (a
+    group frozen for good cannot follow the restarts of a snapshot
+    ensemble) or with a second FreezeOut, before the first step.
 
     Args:
         t0: Fraction of training after which the first group freezes,
@@ -535,11 +853,15 @@ class FreezeOut(keras.callbacks.Callback):
             int `n` to merge the weighted layers into `n` contiguous
             groups; or a list of groups from input to output, each a list
             of layers or layer names (e.g. one group per ResNet stage).
-        total_steps: Optimizer steps `T` of the whole training run. By
-            default `epochs * steps_per_epoch` of the `fit` call, which is
-            right when one `fit` call does the whole run (also when it is
-            resumed). Pass it when training is split over several `fit`
-            calls or the dataset has no known length.
+            A layer nested in a model or block must not be in another
+            group than the model or block around it.
+        total_steps: Optimizer updates `T` of the whole training run. By
+            default `epochs * steps_per_epoch // gradient_accumulation_steps`
+            of the `fit` call, which is right when one `fit` call does the
+            whole run (also when it is resumed). Pass it when training is
+            split over several `fit` calls or the dataset has no known
+            length. A `fit` that runs past `T` gets a warning: from `T` on
+            every group's rate is zero.
         verbose: 1 prints the plan before training and the freezes at the
             end of each epoch; 0 is silent.
 
@@ -580,6 +902,8 @@ class FreezeOut(keras.callbacks.Callback):
         self.verbose = verbose
         self.freeze_events = []
         """`(step, [group indices])` of every freeze, in this `fit` call."""
+        self._steps = StepTracker(self)
+        self._state = None
 
     def get_config(self) -> dict:
         groups = self.groups
@@ -619,55 +943,132 @@ class FreezeOut(keras.callbacks.Callback):
             return self.total_steps
         epochs = self.params.get("epochs")
         steps = self.params.get("steps")
-        if not epochs or not steps:
+        k = self._steps.accumulation
+        if not epochs or not steps or int(epochs) * int(steps) < k:
             raise ValueError(
-                "FreezeOut needs the number of training steps, but this "
-                "`fit` call does not say how many steps an epoch has. Pass "
-                "`FreezeOut(total_steps=...)` or `steps_per_epoch` to "
-                f"`fit`. Received: epochs={epochs}, steps={steps}"
+                "FreezeOut needs the number of optimizer updates, but this "
+                "`fit` call does not say how many steps an epoch has (or "
+                "runs no update). Pass `FreezeOut(total_steps=...)` or "
+                f"`steps_per_epoch` to `fit`. Received: epochs={epochs}, "
+                f"steps={steps}, gradient_accumulation_steps={k}"
             )
-        return int(epochs) * int(steps)
+        return int(epochs) * int(steps) // k
+
+    def _refuse_companions(self, callbacks) -> None:
+        """Refuses a `SnapshotCheckpoint` or a second FreezeOut in the fit."""
+        if not callbacks:
+            return
+        names = [type(c).__name__ for c in callbacks]
+        if any(isinstance(c, SnapshotCheckpoint) for c in callbacks):
+            raise ValueError(
+                "FreezeOut and SnapshotCheckpoint cannot share a fit: "
+                "FreezeOut anneals each layer group's rate to zero once and "
+                "freezes the group for good, while a snapshot ensemble "
+                "restarts the rate every cycle, so every snapshot after the "
+                "first freeze would share the frozen groups. Train a "
+                "FreezeOut model and a snapshot ensemble in separate fits. "
+                f"Received: callbacks={names}"
+            )
+        if any(isinstance(c, FreezeOut) and c is not self for c in callbacks):
+            raise ValueError(
+                "A fit can run one FreezeOut only: each would set the "
+                "layer groups' rates and freeze them. Pass one FreezeOut. "
+                f"Received: callbacks={names}"
+            )
+
+    def _warn_if_fit_passes_total_steps(self, step: int, epoch: int) -> None:
+        epochs, steps = self.params.get("epochs"), self.params.get("steps")
+        if not epochs or not steps:
+            return
+        run = (epochs - epoch) * steps // self._steps.accumulation
+        last, total = step + run, self.total_steps_
+        if last <= total:
+            return
+        source = "" if self.total_steps is not None else " (this fit's)"
+        if step >= total:
+            what = (
+                f"starts at step {step}, at or past total_steps={total}"
+                f"{source}: every group's learning rate is 0, so its {run} "
+                "steps train nothing"
+            )
+        else:
+            what = (
+                f"runs to step {last}, past total_steps={total}{source}: "
+                f"from step {total} on every group's learning rate is 0, so "
+                f"{last - total} of its {run} steps train nothing"
+            )
+        warnings.warn(
+            f"FreezeOut: this fit {what}. Pass `total_steps` for the whole "
+            "run, counted in optimizer updates over all the fit calls that "
+            "make it.",
+            stacklevel=2,
+        )
 
     # Keras hooks ----------------------------------------------------------
 
+    def set_model(self, model):
+        super().set_model(model)
+        # Refused here, when `fit` makes its CallbackList: before any
+        # callback's `on_train_begin` (and SnapshotCheckpoint's folder).
+        self._refuse_companions(_fit_frame(self)[1])
+
     def on_train_begin(self, logs=None):
         model = self.model
+        fit_frame, callbacks = _fit_frame(self)
+        self._refuse_companions(callbacks)
+        for owner in (model, innermost_optimizer(model.optimizer)):
+            left = _state_of(owner)  # Left by a fit that raised.
+            if left is not None and not left.ended():
+                raise ValueError(
+                    "Another FreezeOut is training this model or optimizer "
+                    "in a fit that is still running. Pass one FreezeOut. "
+                    f"Received: optimizer={type(model.optimizer).__name__}"
+                )
         self.groups_ = resolve_groups(model, self.groups)
+        self._steps.attach()
         self.total_steps_ = self._resolve_total_steps()
         self.fractions_ = freeze_fractions(
             len(self.groups_), self.t0, self.scaling
         )
         self.freeze_steps_ = freeze_steps(self.fractions_, self.total_steps_)
-        self._trainable = [[la.trainable for la in g] for g in self.groups_]
+        if not model.optimizer.built:
+            model.optimizer.build(model.trainable_variables)
+        optimizer = innermost_optimizer(model.optimizer)
+        _check_optimizer_internals(optimizer)
+        state = _FitState(model, fit_frame)
+        # Layers, parents before the layers inside them, then variables:
+        # setting a layer's flag sets those of all it holds.
+        layers = [
+            nested
+            for group in self.groups_
+            for layer in group
+            for nested in _layers_within(layer)
+        ]
+        state.flags = [(la, la.trainable) for la in layers] + [
+            (v, v.trainable) for la in layers for v in la.weights
+        ]
+        group_of = {
+            id(variable): index
+            for index, group in enumerate(self.groups_)
+            for layer in group
+            for variable in layer.trainable_variables
+        }
+        state.detach = _attach_rates(
+            optimizer,
+            group_of,
+            len(self.groups_),
+            lambda group: self.learning_rate_factor(
+                group, optimizer.iterations
+            ),
+            lambda: model.trainable_variables,
+            state,
+        )
+        state.guard_model()
+        self._state = state
         self._frozen = [False] * len(self.groups_)
         self.freeze_events = []
         self._printed_events = 0
-        group_of = {}
-        for index, group in enumerate(self.groups_):
-            for layer in group:
-                for variable in layer.trainable_variables:
-                    group_of[id(variable)] = index
-        if not model.optimizer.built:
-            model.optimizer.build(model.trainable_variables)
-        optimizer = model.optimizer
-        while hasattr(optimizer, "inner_optimizer"):
-            optimizer = optimizer.inner_optimizer
-        variable_groups = [
-            group_of.get(id(v)) for v in optimizer._trainable_variables
-        ]
-
-        def factor_of_variable(index):
-            group = variable_groups[index]
-            if group is None:
-                group = len(self.groups_) - 1
-            return self.learning_rate_factor(group, optimizer.iterations)
-
-        self._detach = _attach_rates(
-            model.optimizer,
-            factor_of_variable,
-            lambda: model.trainable_variables,
-        )
-        self._epoch_start_step = 0
+        self._fit_start_step = None
         if self.verbose:
             saving = estimate_speedup(
                 model, self.groups_, self.t0, self.scaling
@@ -681,13 +1082,16 @@ class FreezeOut(keras.callbacks.Callback):
             )
 
     def on_epoch_begin(self, epoch, logs=None):
-        step = int(ops.convert_to_numpy(self.model.optimizer.iterations))
-        self._epoch_start_step = step
+        step = self._steps.epoch_begin()
+        if self._fit_start_step is None:
+            # After BackupAndRestore has restored the step, once per fit.
+            self._fit_start_step = step
+            self._warn_if_fit_passes_total_steps(step, epoch)
         self._freeze_through(step)
 
     def on_train_batch_begin(self, batch, logs=None):
-        step = self._epoch_start_step + batch
-        if step >= self._next_freeze_step():
+        step = self._steps.poll(batch, self._next_freeze_step())
+        if step is not None:
             self._freeze_through(step)
 
     def on_epoch_end(self, epoch, logs=None):
@@ -701,20 +1105,17 @@ class FreezeOut(keras.callbacks.Callback):
             self._printed_events = len(self.freeze_events)
 
     def on_train_end(self, logs=None):
-        model = self.model  # On JAX, reading it syncs the training state.
-        self._detach()
-        for group, flags in zip(self.groups_, self._trainable):
-            for layer, flag in zip(group, flags):
-                layer.trainable = flag
-        model.make_train_function(force=True)
+        if self._state is not None:
+            self._state.restore()
 
     # Freezing -------------------------------------------------------------
 
-    def _next_freeze_step(self) -> int:
+    def _next_freeze_step(self):
+        """The step of the next group to freeze, or None."""
         for frozen, step in zip(self._frozen[:-1], self.freeze_steps_[:-1]):
             if not frozen:
                 return step
-        return self.total_steps_ + 1
+        return None
 
     def _freeze_through(self, step: int) -> None:
         """Freezes every group due at `step`; one new train function."""

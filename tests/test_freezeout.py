@@ -14,6 +14,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 if __name__ == "__main__":  # run as a script: import this checkout
@@ -251,12 +252,20 @@ def train(
     gradients=True,
     callbacks=(),
     probe=True,
+    steps_per_execution=1,
     **freezeout,
 ):
+    """Trains with FreezeOut; `optimizer` is a key of OPTIMIZERS or a
+    function that makes one."""
     keras.utils.set_random_seed(0)
     x, y = make_data()
     model = make_model(depth, batchnorm, probe=probe)
-    model.compile(OPTIMIZERS[optimizer](), "sparse_categorical_crossentropy")
+    make = OPTIMIZERS.get(optimizer) if isinstance(optimizer, str) else None
+    model.compile(
+        (make or optimizer)(),
+        "sparse_categorical_crossentropy",
+        steps_per_execution=steps_per_execution,
+    )
     freeze = FreezeOut(verbose=0, **freezeout)
     recorder = Recorder(x, y, gradients)
     model.fit(
@@ -564,6 +573,9 @@ def test_optimizer_is_left_as_it_was():
     model, _, _ = train("adam", 1, gradients=False)
     assert "update_step" not in vars(model.optimizer)
     assert "stateless_apply" not in vars(model.optimizer)
+    assert "_apply_weight_decay" not in vars(model.optimizer)
+    assert "make_train_function" not in vars(model)
+    assert "get_config" not in vars(model)
     assert type(model.optimizer) is keras.optimizers.Adam
 
 
@@ -587,8 +599,9 @@ def test_a_failed_fit_does_not_stack_rate_wrappers():
             verbose=0,
             callbacks=[FreezeOut(verbose=0), Fail()],
         )
-    # Keras skipped `on_train_end`; the next `fit` replaces the wrapper.
-    assert "update_step" in vars(model.optimizer)
+    # Keras skipped `on_train_end`: the wrappers stay until the model is
+    # used again. The next `fit` undoes them before it attaches its own.
+    assert freezeout_markers(model.optimizer)
     recorder = Recorder(x, y)
     model.fit(
         x,
@@ -597,17 +610,382 @@ def test_a_failed_fit_does_not_stack_rate_wrappers():
         epochs=4,
         verbose=0,
         shuffle=False,
-        callbacks=[FreezeOut(total_steps=24, verbose=0), recorder],
+        callbacks=[FreezeOut(total_steps=26, verbose=0), recorder],
     )
-    assert "update_step" not in vars(model.optimizer)
+    assert_as_it_was(model)
     t = 2  # the optimizer had done 2 steps: the rates continue from there
-    rate = np_rate(t + 1, np_fractions(3, 0.8, "cubic")[2], 24, LR, True)
+    rate = np_rate(t + 1, np_fractions(3, 0.8, "cubic")[2], 26, LR, True)
     k = [id(w) for w in model.weights].index(id(model.layers[-1].kernel))
     g = recorder.grads[1][
         [id(v) for v in recorder.variables].index(id(model.layers[-1].kernel))
     ]
     change = recorder.weights[2][k] - recorder.weights[1][k]
     assert_change(change, -rate * g, recorder.weights[1][k], 1e-4)
+
+
+# every training mode: a step is an optimizer update ----------------------
+
+
+def test_gradient_accumulation_counts_updates():
+    """k=2: 24 batches are 12 updates. T, the freeze steps and the rate of
+    every update count updates (once, T was 24 batches, so the anneal was
+    half done and no group had frozen when training ended)."""
+    t0, k = 0.5, 2
+    model, freeze, rec = train(
+        lambda: keras.optimizers.SGD(LR, gradient_accumulation_steps=k),
+        4,
+        t0=t0,
+        scaling="linear",
+    )
+    total = 4 * (N // BATCH) // k
+    assert freeze.total_steps_ == total == 12
+    fractions = np_fractions(3, t0, "linear")
+    steps = [math.ceil(f * total - 1e-9) for f in fractions]
+    assert freeze.freeze_steps_ == steps == [6, 9, 12]
+    assert freeze.freeze_events == [(6, [0]), (9, [1])]
+    position = {id(w): i for i, w in enumerate(model.weights)}
+    variable_of = {id(v): i for i, v in enumerate(rec.variables)}
+    for u in range(total):  # Update u runs at batches k*u .. k*u + k - 1.
+        before, after = rec.weights[k * u], rec.weights[k * u + k]
+        for i, group in enumerate(freeze.groups_):
+            rate = np_rate(u, fractions[i], total, LR, True)
+            for w in (w for layer in group for w in layer.weights):
+                p = position[id(w)]
+                change = after[p] - before[p]
+                if u >= steps[i]:
+                    assert not np.any(change), (u, i, w.path)
+                    continue
+                g = np.mean(
+                    [
+                        rec.grads[k * u + j][variable_of[id(w)]]
+                        for j in range(k)
+                    ],
+                    axis=0,
+                )
+                assert_change(
+                    change, -rate * g, before[p], 2e-3, f"update {u}, {w.path}"
+                )
+    # Every group but the last froze, each at the batch that made its step.
+    assert rec.frozen[k * 6 - 1][:2] == [False, False]
+    assert rec.frozen[k * 6][:2] == [True, False]
+    assert rec.frozen[k * 9][:2] == [True, True]
+    assert all(la.trainable for la in model.layers)
+
+
+def test_steps_per_execution_freezes_at_the_first_callback_after_its_step():
+    """N=4, 6 batches an epoch, T=18: Keras calls back at steps 0, 4, 6,
+    10, 12, 16, so the groups due at steps 9 and 14 freeze at 10 and 16.
+    Their rate is 0 from the step due: plain SGD ends where it ends
+    without N."""
+    kwargs = dict(gradients=False, t0=0.5, scaling="linear")
+    reference, exact, _ = train("sgd", 3, **kwargs)
+    model, late, _ = train("sgd", 3, steps_per_execution=4, **kwargs)
+    assert exact.freeze_events == [(9, [0]), (14, [1])]
+    assert late.freeze_events == [(10, [0]), (16, [1])]
+    for a, b in zip(model.get_weights(), reference.get_weights()):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    assert all(la.trainable for la in model.layers)
+
+
+class StepRecorder(keras.callbacks.Callback):
+    """The optimizer step and the frozen flags at each batch."""
+
+    def __init__(self):
+        super().__init__()
+        self.steps, self.frozen = [], []
+
+    def on_train_batch_begin(self, batch, logs=None):
+        iterations = self.model.optimizer.iterations
+        self.steps.append(int(keras.ops.convert_to_numpy(iterations)))
+        self.frozen.append(
+            [not la.trainable for la in self.model.layers if la.weights]
+        )
+
+
+def test_skipped_updates_are_not_steps():
+    """Loss scale 2**24 overflows float16 gradients: the first 8 updates
+    are skipped (epoch 0 and 2 batches of epoch 1). Group 0, due at step 3,
+    freezes when `optimizer.iterations` reaches 3, at batch 5 of epoch 1
+    (once, at batch 3: "epoch start + batch index" counted skipped updates
+    as steps)."""
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    recorder = StepRecorder()
+    try:
+        _, freeze, _ = train(
+            lambda: keras.optimizers.LossScaleOptimizer(
+                keras.optimizers.SGD(LR), initial_scale=2.0**24
+            ),
+            6,
+            gradients=False,
+            callbacks=[recorder],
+            t0=0.08,
+            scaling="linear",
+        )
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    assert len(recorder.steps) - recorder.steps[-1] > 1  # Skipped updates.
+    steps = freeze.freeze_steps_[:-1]
+    assert steps == [3, 20]
+    assert freeze.freeze_events == [(s, [i]) for i, s in enumerate(steps)]
+    for step, frozen in zip(recorder.steps, recorder.frozen):
+        assert frozen[:2] == [step >= s for s in steps], step
+
+
+# whatever ends `fit`, the model and optimizer are left as they were -------
+
+
+class Interrupt(keras.callbacks.Callback):
+    """Raises `error` before the batch that would run update `step`."""
+
+    def __init__(self, error, step):
+        super().__init__()
+        self.error, self.step = error, step
+
+    def on_train_batch_begin(self, batch, logs=None):
+        iterations = self.model.optimizer.iterations
+        if int(keras.ops.convert_to_numpy(iterations)) == self.step:
+            raise self.error
+
+
+def freezeout_markers(obj):
+    """Attributes of `obj` that FreezeOut put there."""
+    return [
+        name
+        for name, value in vars(obj).items()
+        if getattr(value, "freezeout", False)
+    ]
+
+
+def interrupted_fit(error, step=14):
+    """A FreezeOut fit (group 0 due at step 12) that `error` ends at `step`."""
+    keras.utils.set_random_seed(0)
+    x, y = make_data()
+    model = make_model(3, batchnorm=True, probe=False)
+    model.compile(OPTIMIZERS["sgd"](), "sparse_categorical_crossentropy")
+    freeze = FreezeOut(t0=0.5, scaling="linear", verbose=0)
+    with pytest.raises(type(error)):
+        model.fit(
+            x,
+            y,
+            batch_size=BATCH,
+            epochs=4,
+            shuffle=False,
+            verbose=0,
+            callbacks=[freeze, Interrupt(error, step)],
+        )
+    # Keras did not call `on_train_end`: the fit ended with group 0 frozen.
+    assert freeze.freeze_events == [(12, [0])]
+    return model, x, y
+
+
+def assert_plain_sgd_steps(model, x, y):
+    """A plain `fit`: every trainable variable moves by -LR * gradient."""
+    recorder = Recorder(x, y)
+    model.fit(
+        x,
+        y,
+        batch_size=BATCH,
+        epochs=1,
+        shuffle=False,
+        verbose=0,
+        callbacks=[recorder],
+    )
+    position = {id(w): i for i, w in enumerate(model.weights)}
+    assert len(recorder.variables) == 8  # 3 kernels, 3 biases, gamma, beta
+    for t in range(N // BATCH):
+        for v, w in enumerate(recorder.variables):
+            p = position[id(w)]
+            # The first bias, under BatchNorm, has a gradient near 0.
+            np.testing.assert_allclose(
+                recorder.weights[t + 1][p] - recorder.weights[t][p],
+                -LR * recorder.grads[t][v],
+                rtol=2e-3,
+                atol=1e-6,
+                err_msg=f"step {t}, {w.path}",
+            )
+
+
+def assert_as_it_was(model):
+    assert all(la.trainable for la in model.layers)
+    assert freezeout_markers(model) == []
+    assert freezeout_markers(model.optimizer) == []
+
+
+@pytest.mark.parametrize(
+    "error", [RuntimeError("a callback failed"), KeyboardInterrupt()]
+)
+def test_a_fit_ended_by_an_exception_saves_and_trains_as_before(
+    tmp_path, error
+):
+    model, x, y = interrupted_fit(error)
+    # The first thing done with the model: save it.
+    model.save(tmp_path / "after.keras")
+    loaded = keras.saving.load_model(tmp_path / "after.keras")
+    assert all(la.trainable for la in loaded.layers)
+    config = json.dumps(model.get_config())
+    assert '"trainable": false' not in config
+    assert_as_it_was(model)
+    assert_plain_sgd_steps(model, x, y)
+    assert_as_it_was(model)
+
+
+@pytest.mark.parametrize("thread", [False, True])
+def test_a_plain_fit_after_an_interrupted_one_trains_every_layer(thread):
+    model, x, y = interrupted_fit(KeyboardInterrupt())
+    # The first thing done with the model: a plain fit, without FreezeOut,
+    # here or in another thread (which cannot see this thread's stack).
+    if thread:
+        failures = []
+
+        def fit():
+            try:
+                assert_plain_sgd_steps(model, x, y)
+            except BaseException as e:  # Reported in the test's thread.
+                failures.append(e)
+
+        worker = threading.Thread(target=fit)
+        worker.start()
+        worker.join()
+        if failures:
+            raise failures[0]
+    else:
+        assert_plain_sgd_steps(model, x, y)
+    assert_as_it_was(model)
+
+
+# refusals -----------------------------------------------------------------
+
+
+def small_compiled_model(optimizer=None):
+    keras.utils.set_random_seed(0)
+    model = make_model(3, probe=False)
+    model.compile(
+        optimizer or OPTIMIZERS["sgd"](), "sparse_categorical_crossentropy"
+    )
+    return model
+
+
+def fit_refused(model, callbacks, match, error=ValueError):
+    """`fit` raises `error` before the first update; nothing is changed."""
+    x, y = make_data()
+    before = model.get_weights()
+    with pytest.raises(error, match=match):
+        model.fit(
+            x, y, batch_size=BATCH, epochs=2, verbose=0, callbacks=callbacks
+        )
+    for a, b in zip(before, model.get_weights()):
+        np.testing.assert_array_equal(a, b)
+    assert int(keras.ops.convert_to_numpy(model.optimizer.iterations)) == 0
+    assert_as_it_was(model)
+
+
+@pytest.mark.parametrize("freezeout_first", [True, False])
+def test_snapshot_checkpoint_in_the_same_fit_is_refused(
+    tmp_path, freezeout_first
+):
+    from keras_snapshot import SnapshotCheckpoint
+
+    folder = tmp_path / "snapshots"
+    callbacks = [
+        FreezeOut(verbose=0),
+        SnapshotCheckpoint(str(folder), cycle_length=6, verbose=0),
+    ]
+    fit_refused(
+        small_compiled_model(),
+        callbacks if freezeout_first else callbacks[::-1],
+        "FreezeOut and SnapshotCheckpoint cannot share a fit",
+    )
+    assert not folder.exists()  # Refused before any callback began.
+
+
+def test_a_fit_past_total_steps_warns():
+    """24 steps with T=12: the last 12 would train silently at rate 0."""
+    keras.utils.set_random_seed(0)
+    x, y = make_data()
+    model = small_compiled_model()
+    with pytest.warns(UserWarning, match=r"runs to step 24, past total_st"):
+        model.fit(
+            x,
+            y,
+            batch_size=BATCH,
+            epochs=4,
+            verbose=0,
+            callbacks=[FreezeOut(total_steps=12, verbose=0)],
+        )
+
+
+def test_reusing_freezeout_for_a_second_fit_warns(recwarn):
+    keras.utils.set_random_seed(0)
+    x, y = make_data()
+    model = small_compiled_model()
+    freeze = FreezeOut(verbose=0)
+    kwargs = dict(batch_size=BATCH, epochs=2, verbose=0, callbacks=[freeze])
+    model.fit(x, y, **kwargs)
+    assert not [w for w in recwarn if "FreezeOut" in str(w.message)]
+    with pytest.warns(UserWarning, match=r"starts at step 12, at or past"):
+        model.fit(x, y, **kwargs)
+
+
+def nested_model():
+    """A functional model with a Sequential block inside."""
+    block = keras.Sequential(
+        [
+            keras.Input((16,)),
+            keras.layers.Dense(16, name="inner_a"),
+            keras.layers.Dense(16, name="inner_b"),
+        ],
+        name="block",
+    )
+    inputs = keras.Input((8,))
+    x = keras.layers.Dense(16, name="stem")(inputs)
+    outputs = keras.layers.Dense(3, name="head")(block(x))
+    return keras.Model(inputs, outputs), block
+
+
+def test_a_nested_layer_and_its_parent_in_two_groups_are_refused():
+    model, block = nested_model()
+    inner = block.get_layer("inner_b")
+    assert len(resolve_groups(model, [["stem", "block"], ["head"]])) == 2
+    with pytest.raises(
+        ValueError, match=r"'inner_b' \(group 1\) is inside 'block' \(group 0"
+    ):
+        resolve_groups(model, [["stem", "block"], [inner, "head"]])
+    model.compile(OPTIMIZERS["sgd"](), "sparse_categorical_crossentropy")
+    fit_refused(
+        model,
+        [FreezeOut(groups=[[inner], ["stem", "block", "head"]], verbose=0)],
+        r"'inner_b' \(group 0\) is inside 'block' \(group 1\)",
+    )
+
+
+class SGDWithoutDecayPass(keras.optimizers.SGD):
+    """An optimizer whose decoupled decay is not a separate pass."""
+
+    _apply_weight_decay = None
+
+
+class SGDWithOwnRate(keras.optimizers.SGD):
+    """An optimizer whose `update_step` takes no learning rate."""
+
+    def update_step(self, gradient, variable):
+        return super().update_step(gradient, variable, self.learning_rate)
+
+
+@pytest.mark.parametrize(
+    "optimizer, match",
+    [
+        (SGDWithoutDecayPass, r"`_apply_weight_decay` is not callable"),
+        (SGDWithOwnRate, r"`update_step\(gradient, variable\)` does not take"),
+    ],
+)
+def test_an_optimizer_without_the_expected_internals_is_refused(
+    optimizer, match
+):
+    fit_refused(
+        small_compiled_model(optimizer(LR)),
+        [FreezeOut(verbose=0)],
+        rf"{match}.*Keras {keras.version()}",
+    )
 
 
 # processes of their own ------------------------------------------------------

@@ -13,6 +13,7 @@ import sys
 import keras
 import pytest
 
+import keras_snapshot
 from keras_snapshot import SnapshotSchedule
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -137,3 +138,39 @@ def test_a_public_name_is_the_first_use_of_keras():
         "'keras_snapshot>SnapshotSchedule').__name__)\n",
     )
     assert result.stdout.split() == ["select_snapshots", "SnapshotSchedule"]
+
+
+@pytest.mark.parametrize(
+    "statement",
+    [
+        "from keras_snapshot.checkpoint import SnapshotCheckpoint",
+        "from keras_snapshot.averaging import StochasticWeightAveraging",
+        "from keras_snapshot.freezeout import FreezeOut",
+        "from keras_snapshot.schedule import SnapshotSchedule",
+        "from keras_snapshot import FreezeOut",
+    ],
+)
+def test_a_submodule_can_be_the_first_import(statement):
+    """Its own `import keras` fires the hook, which must not import a
+    module of the package that needs the half-imported one."""
+    result = run_python(
+        "-c",
+        f"import sys\n{statement}\nimport keras\n"
+        "assert 'keras' in sys.modules\n"
+        "for name in ('SnapshotSchedule', 'FGESchedule', "
+        "'TemperatureScaling'):\n"
+        "    assert keras.saving.get_registered_object("
+        "f'keras_snapshot>{name}') is not None, name\n"
+        "print('ok')\n",
+    )
+    assert result.stdout.split() == ["ok"]
+
+
+def test_the_hook_imports_only_modules_that_import_no_keras_module():
+    """`KERAS_OBJECT_MODULES` may use only `_checks` of the package."""
+    from test_layering import PACKAGE
+    from test_layering import imported_modules
+
+    for name in keras_snapshot.KERAS_OBJECT_MODULES:
+        path = os.path.join(PACKAGE, f"{name}.py")
+        assert imported_modules(path) <= {"_checks"}, name

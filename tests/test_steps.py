@@ -459,3 +459,68 @@ def test_ema_weights_without_an_ema_is_refused(tmp_path):
     )
     with pytest.raises(ValueError, match="Build it with `use_ema=True`"):
         model.fit(x, y, batch_size=8, epochs=2, verbose=0, callbacks=[callback])
+
+
+# jit_compile and EarlyStopping ---------------------------------------------
+
+
+def test_jit_compiled_training_snapshots_at_exact_steps(tmp_path):
+    """XLA-compiled train step: cycle ends mid-epoch (6 batches an epoch,
+    cycles of 8 updates) are taken at their update."""
+    keras.utils.set_random_seed(0)
+    x, y = make_data(n=48)
+    model = make_model(batchnorm=False)
+    model.compile(
+        keras.optimizers.SGD(keras_snapshot.SnapshotSchedule(0.05, 24, 3)),
+        "sparse_categorical_crossentropy",
+        jit_compile=True,
+    )
+    recorder = UpdateRecorder()
+    directory = str(tmp_path / "snaps")
+    model.fit(
+        x,
+        y,
+        batch_size=8,
+        epochs=4,
+        shuffle=False,
+        verbose=0,
+        callbacks=[
+            recorder,
+            keras_snapshot.SnapshotCheckpoint(directory, verbose=0),
+        ],
+    )
+    assert_files_hold(directory, recorder, [8, 16, 24])
+
+
+def test_early_stopping_keeps_what_was_taken_and_says_so(tmp_path):
+    """A fit stopped by EarlyStopping ends with the snapshots it reached
+    and a warning; no last snapshot stands in for a cycle end it never
+    reached (that is only for updates skipped by loss scaling)."""
+    keras.utils.set_random_seed(0)
+    x, y = make_data(n=48)
+    model = make_model(batchnorm=False)
+    model.compile(
+        keras.optimizers.SGD(keras_snapshot.SnapshotSchedule(0.05, 24, 4)),
+        "sparse_categorical_crossentropy",
+    )
+    directory = str(tmp_path / "snaps")
+    stop = keras.callbacks.EarlyStopping(
+        monitor="loss",
+        patience=0,
+        min_delta=10.0,  # Stops after epoch 2.
+    )
+    with pytest.warns(UserWarning, match="ended at step 12 with 2 of 4"):
+        model.fit(
+            x,
+            y,
+            batch_size=8,
+            epochs=4,
+            shuffle=False,
+            verbose=0,
+            callbacks=[
+                stop,
+                keras_snapshot.SnapshotCheckpoint(directory, verbose=0),
+            ],
+        )
+    assert [e["step"] for e in manifest(directory)] == [6, 12]
+    assert [e["planned_step"] for e in manifest(directory)] == [None, None]

@@ -42,23 +42,7 @@ def module_name(path):
 
 def imported_modules(path):
     """`keras_snapshot` submodules imported anywhere in the file."""
-    with open(path) as f:
-        tree = ast.parse(f.read(), filename=path)
-    found = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
-            names = [a.name for a in node.names]
-        elif isinstance(node, ast.ImportFrom) and node.module:
-            names = [node.module] + [
-                f"{node.module}.{a.name}" for a in node.names
-            ]
-        else:
-            continue
-        for name in names:
-            parts = name.split(".")
-            if parts[0] == "keras_snapshot" and len(parts) > 1:
-                found.add(parts[1])
-    return found
+    return {name.split(".")[0] for name in imported_names(path)}
 
 
 def package_modules():

@@ -43,8 +43,54 @@ class UpdateRecorder(keras.callbacks.Callback):
         self.rates.setdefault(step, set()).add(round(rate, 7))
 
 
+class WeightsAtTrainBegin(keras.callbacks.Callback):
+    """Checks that a refused `fit` changed no weight."""
+
+    def on_train_begin(self, logs=None):
+        self.before = self.model.get_weights()
+
+    def assert_unchanged(self):
+        for b, w in zip(self.before, self.model.get_weights()):
+            np.testing.assert_array_equal(b, w)
+
+
 def manifest(directory):
     return keras_snapshot.read_manifest(directory)["snapshots"]
+
+
+def train(optimizer, callbacks, samples=64, epochs=4, mixed=False, **compile):
+    """Fits the tiny model (no BatchNorm) on `samples` examples, batch 8,
+    unshuffled. `mixed`: `mixed_float16` with a loss scale of 2**24, which
+    overflows float16 gradients, so the first updates are skipped (and the
+    scale halved) until it fits. Returns the model and an `UpdateRecorder`
+    (which runs first)."""
+    keras.utils.set_random_seed(0)
+    x, y = make_data(n=samples)
+    if mixed:
+        keras.mixed_precision.set_global_policy("mixed_float16")
+        optimizer = keras.optimizers.LossScaleOptimizer(
+            optimizer, initial_scale=2.0**24
+        )
+    try:
+        model = make_model(batchnorm=False)
+        model.compile(optimizer, "sparse_categorical_crossentropy", **compile)
+        recorder = UpdateRecorder()
+        model.fit(
+            x,
+            y,
+            batch_size=8,
+            epochs=epochs,
+            shuffle=False,
+            verbose=0,
+            callbacks=[recorder, *callbacks],
+        )
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    return model, recorder
+
+
+def snapshots_into(directory, **kwargs):
+    return keras_snapshot.SnapshotCheckpoint(directory, verbose=0, **kwargs)
 
 
 def assert_files_hold(directory, recorder, steps):
@@ -64,29 +110,13 @@ def assert_files_hold(directory, recorder, steps):
 def test_gradient_accumulation_counts_updates(tmp_path, recwarn):
     """64 samples, batch 8, k=2: 8 batches and 4 updates per epoch; 4
     epochs = 16 updates, 4 cycles of 4 updates."""
-    keras.utils.set_random_seed(0)
-    x, y = make_data(n=64)
-    model = make_model(batchnorm=False)
     schedule = keras_snapshot.SnapshotSchedule(
         0.05, total_steps=16, num_snapshots=4, gradient_accumulation_steps=2
     )
-    model.compile(
-        keras.optimizers.SGD(schedule, gradient_accumulation_steps=2),
-        "sparse_categorical_crossentropy",
-    )
-    recorder = UpdateRecorder()
     directory = str(tmp_path / "snaps")
-    model.fit(
-        x,
-        y,
-        batch_size=8,
-        epochs=4,
-        shuffle=False,
-        verbose=0,
-        callbacks=[
-            recorder,
-            keras_snapshot.SnapshotCheckpoint(directory, verbose=0),
-        ],
+    _, recorder = train(
+        keras.optimizers.SGD(schedule, gradient_accumulation_steps=2),
+        [snapshots_into(directory)],
     )
     assert recorder.batches == 32
     assert_files_hold(directory, recorder, [4, 8, 12, 16])
@@ -123,21 +153,14 @@ def schedule_rate(schedule, update):
 def test_accumulation_with_a_batch_counting_schedule_is_refused(
     schedule, match, tmp_path
 ):
-    keras.utils.set_random_seed(0)
-    x, y = make_data(n=64)
-    model = make_model(batchnorm=False)
-    model.compile(
-        keras.optimizers.SGD(schedule, gradient_accumulation_steps=2),
-        "sparse_categorical_crossentropy",
-    )
-    before = model.get_weights()
-    callback = keras_snapshot.SnapshotCheckpoint(
-        str(tmp_path / "s"), num_snapshots=4, verbose=0
-    )
+    weights = WeightsAtTrainBegin()
+    callback = snapshots_into(str(tmp_path / "s"), num_snapshots=4)
     with pytest.raises(ValueError, match=match):
-        model.fit(x, y, batch_size=8, epochs=4, verbose=0, callbacks=[callback])
-    for b, w in zip(before, model.get_weights()):
-        np.testing.assert_array_equal(b, w)  # Refused before the first step.
+        train(
+            keras.optimizers.SGD(schedule, gradient_accumulation_steps=2),
+            [weights, callback],
+        )
+    weights.assert_unchanged()  # Refused before the first step.
 
 
 def test_schedule_counts_updates_per_accumulation():
@@ -170,35 +193,14 @@ def test_schedule_counts_updates_per_accumulation():
 
 
 def fit_mixed(directory, epochs):
-    """Loss scale 2**24 overflows float16 gradients: the first updates are
-    skipped (and the scale halved) until it fits. 8 batches an epoch."""
-    keras.utils.set_random_seed(0)
-    x, y = make_data(n=64)
-    keras.mixed_precision.set_global_policy("mixed_float16")
-    try:
-        model = make_model(batchnorm=False)
-        schedule = keras_snapshot.SnapshotSchedule(0.05, 24, 3)
-        model.compile(
-            keras.optimizers.LossScaleOptimizer(
-                keras.optimizers.SGD(schedule), initial_scale=2.0**24
-            ),
-            "sparse_categorical_crossentropy",
-        )
-        recorder = UpdateRecorder()
-        model.fit(
-            x,
-            y,
-            batch_size=8,
-            epochs=epochs,
-            shuffle=False,
-            verbose=0,
-            callbacks=[
-                recorder,
-                keras_snapshot.SnapshotCheckpoint(directory, verbose=0),
-            ],
-        )
-    finally:
-        keras.mixed_precision.set_global_policy("float32")
+    """8 batches an epoch; cycle ends at updates 8, 16 and 24."""
+    schedule = keras_snapshot.SnapshotSchedule(0.05, 24, 3)
+    _, recorder = train(
+        keras.optimizers.SGD(schedule),
+        [snapshots_into(directory)],
+        epochs=epochs,
+        mixed=True,
+    )
     return recorder
 
 
@@ -232,29 +234,14 @@ def test_a_run_short_by_skipped_updates_ends_with_a_marked_snapshot(tmp_path):
 
 
 def fit_spe(directory, samples, epochs, total, snapshots, spe):
-    keras.utils.set_random_seed(0)
-    x, y = make_data(n=samples)
-    model = make_model(batchnorm=False)
     schedule = keras_snapshot.SnapshotSchedule(0.05, total, snapshots)
-    model.compile(
+    return train(
         keras.optimizers.SGD(schedule, momentum=0.9),
-        "sparse_categorical_crossentropy",
+        [snapshots_into(directory)],
+        samples=samples,
+        epochs=epochs,
         steps_per_execution=spe,
     )
-    recorder = UpdateRecorder()
-    model.fit(
-        x,
-        y,
-        batch_size=8,
-        epochs=epochs,
-        shuffle=False,
-        verbose=0,
-        callbacks=[
-            recorder,
-            keras_snapshot.SnapshotCheckpoint(directory, verbose=0),
-        ],
-    )
-    return model, recorder
 
 
 def test_steps_per_execution_takes_every_reachable_cycle_end(tmp_path):
@@ -298,37 +285,13 @@ def test_unreachable_steps_rule(spe, k, length, due, start, expected):
 # StochasticWeightAveraging(every_steps=...) in the same modes -------------
 
 
-def fit_swa(swa, samples=64, epochs=4, spe=1, accumulation=None, mixed=False):
-    keras.utils.set_random_seed(0)
-    x, y = make_data(n=samples)
-    if mixed:
-        keras.mixed_precision.set_global_policy("mixed_float16")
-    try:
-        model = make_model(batchnorm=False)
-        optimizer = keras.optimizers.SGD(
-            0.05, momentum=0.9, gradient_accumulation_steps=accumulation
-        )
-        if mixed:
-            optimizer = keras.optimizers.LossScaleOptimizer(
-                optimizer, initial_scale=2.0**24
-            )
-        model.compile(
-            optimizer,
-            "sparse_categorical_crossentropy",
-            steps_per_execution=spe,
-        )
-        recorder = UpdateRecorder()
-        model.fit(
-            x,
-            y,
-            batch_size=8,
-            epochs=epochs,
-            shuffle=False,
-            verbose=0,
-            callbacks=[recorder, swa],
-        )
-    finally:
-        keras.mixed_precision.set_global_policy("float32")
+def fit_swa(swa, samples=64, spe=1, accumulation=None, mixed=False):
+    optimizer = keras.optimizers.SGD(
+        0.05, momentum=0.9, gradient_accumulation_steps=accumulation
+    )
+    _, recorder = train(
+        optimizer, [swa], samples, mixed=mixed, steps_per_execution=spe
+    )
     return recorder
 
 
@@ -389,30 +352,12 @@ def test_swa_steps_per_execution_refuses_unreachable_averages():
 
 
 def fit_ema(directory, ema_weights):
-    keras.utils.set_random_seed(0)
-    x, y = make_data(n=64)
-    model = make_model(batchnorm=False)
     schedule = keras_snapshot.SnapshotSchedule(0.05, 16, 2)
-    model.compile(
+    return train(
         keras.optimizers.SGD(schedule, use_ema=True, ema_momentum=0.8),
-        "sparse_categorical_crossentropy",
-    )
-    recorder = UpdateRecorder()
-    model.fit(
-        x,
-        y,
-        batch_size=8,
+        [snapshots_into(directory, ema_weights=ema_weights)],
         epochs=2,
-        shuffle=False,
-        verbose=0,
-        callbacks=[
-            recorder,
-            keras_snapshot.SnapshotCheckpoint(
-                directory, ema_weights=ema_weights, verbose=0
-            ),
-        ],
     )
-    return model, recorder
 
 
 def numpy_ema(recorder, step, momentum=0.8):
@@ -448,17 +393,10 @@ def test_snapshots_hold_trained_or_ema_weights(tmp_path, ema_weights):
 
 
 def test_ema_weights_without_an_ema_is_refused(tmp_path):
-    x, y = make_data(n=16)
-    model = make_model(batchnorm=False)
-    model.compile(
-        keras.optimizers.SGD(keras_snapshot.SnapshotSchedule(0.05, 4, 2)),
-        "sparse_categorical_crossentropy",
-    )
-    callback = keras_snapshot.SnapshotCheckpoint(
-        str(tmp_path / "s"), ema_weights=True, verbose=0
-    )
+    schedule = keras_snapshot.SnapshotSchedule(0.05, 16, 2)
+    callback = snapshots_into(str(tmp_path / "s"), ema_weights=True)
     with pytest.raises(ValueError, match="Build it with `use_ema=True`"):
-        model.fit(x, y, batch_size=8, epochs=2, verbose=0, callbacks=[callback])
+        train(keras.optimizers.SGD(schedule), [callback], epochs=2)
 
 
 # jit_compile and EarlyStopping ---------------------------------------------
@@ -467,27 +405,12 @@ def test_ema_weights_without_an_ema_is_refused(tmp_path):
 def test_jit_compiled_training_snapshots_at_exact_steps(tmp_path):
     """XLA-compiled train step: cycle ends mid-epoch (6 batches an epoch,
     cycles of 8 updates) are taken at their update."""
-    keras.utils.set_random_seed(0)
-    x, y = make_data(n=48)
-    model = make_model(batchnorm=False)
-    model.compile(
-        keras.optimizers.SGD(keras_snapshot.SnapshotSchedule(0.05, 24, 3)),
-        "sparse_categorical_crossentropy",
-        jit_compile=True,
-    )
-    recorder = UpdateRecorder()
     directory = str(tmp_path / "snaps")
-    model.fit(
-        x,
-        y,
-        batch_size=8,
-        epochs=4,
-        shuffle=False,
-        verbose=0,
-        callbacks=[
-            recorder,
-            keras_snapshot.SnapshotCheckpoint(directory, verbose=0),
-        ],
+    _, recorder = train(
+        keras.optimizers.SGD(keras_snapshot.SnapshotSchedule(0.05, 24, 3)),
+        [snapshots_into(directory)],
+        samples=48,
+        jit_compile=True,
     )
     assert_files_hold(directory, recorder, [8, 16, 24])
 
@@ -496,13 +419,6 @@ def test_early_stopping_keeps_what_was_taken_and_says_so(tmp_path):
     """A fit stopped by EarlyStopping ends with the snapshots it reached
     and a warning; no last snapshot stands in for a cycle end it never
     reached (that is only for updates skipped by loss scaling)."""
-    keras.utils.set_random_seed(0)
-    x, y = make_data(n=48)
-    model = make_model(batchnorm=False)
-    model.compile(
-        keras.optimizers.SGD(keras_snapshot.SnapshotSchedule(0.05, 24, 4)),
-        "sparse_categorical_crossentropy",
-    )
     directory = str(tmp_path / "snaps")
     stop = keras.callbacks.EarlyStopping(
         monitor="loss",
@@ -510,17 +426,34 @@ def test_early_stopping_keeps_what_was_taken_and_says_so(tmp_path):
         min_delta=10.0,  # Stops after epoch 2.
     )
     with pytest.warns(UserWarning, match="ended at step 12 with 2 of 4"):
-        model.fit(
-            x,
-            y,
-            batch_size=8,
-            epochs=4,
-            shuffle=False,
-            verbose=0,
-            callbacks=[
-                stop,
-                keras_snapshot.SnapshotCheckpoint(directory, verbose=0),
-            ],
+        train(
+            keras.optimizers.SGD(keras_snapshot.SnapshotSchedule(0.05, 24, 4)),
+            [stop, snapshots_into(directory)],
+            samples=48,
         )
     assert [e["step"] for e in manifest(directory)] == [6, 12]
     assert [e["planned_step"] for e in manifest(directory)] == [None, None]
+
+
+def test_the_device_is_read_near_due_steps_only(tmp_path, monkeypatch):
+    """20 epochs of 8 batches, cycle ends at 54, 108 (mid-epoch) and 160:
+    the step is read at each epoch's begin and end and at the two batch
+    hooks that reach a mid-epoch cycle end, not at each of the 160 batches
+    (Keras keeps dispatching asynchronously)."""
+    reads = []
+    original = _steps.optimizer_updates
+
+    def counting(model):
+        reads.append(1)
+        return original(model)
+
+    monkeypatch.setattr(_steps, "optimizer_updates", counting)
+    directory = str(tmp_path / "snaps")
+    schedule = keras_snapshot.SnapshotSchedule(0.05, 160, 3)
+    train(
+        keras.optimizers.SGD(schedule), [snapshots_into(directory)], epochs=20
+    )
+    assert [e["step"] for e in manifest(directory)] == [54, 108, 160]
+    assert [e["batch"] for e in manifest(directory)] == [6, 4, None]
+    # Epoch begins and ends, train end, and one read per mid-epoch end.
+    assert len(reads) == 2 * 20 + 1 + 2

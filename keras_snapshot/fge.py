@@ -5,6 +5,7 @@ import math
 import keras
 from keras import ops
 
+from keras_snapshot._checks import check_accumulation_steps
 from keras_snapshot._checks import check_in_range
 from keras_snapshot._checks import check_non_negative_int
 from keras_snapshot._checks import check_positive_int
@@ -69,6 +70,10 @@ class FGESchedule(keras.optimizers.schedules.LearningRateSchedule):
         start_step: Steps of the normal training phase before the cycles.
         initial_learning_rate: The rate of the first phase (see above);
             only with `start_step > 0`.
+        gradient_accumulation_steps: The optimizer's
+            `gradient_accumulation_steps`, if set: the schedule then counts
+            weight updates (Keras calls it with the batch count), as
+            `SnapshotSchedule` does.
         name: Optional name of the schedule.
 
     Example:
@@ -93,6 +98,7 @@ class FGESchedule(keras.optimizers.schedules.LearningRateSchedule):
         num_snapshots: int,
         start_step: int = 0,
         initial_learning_rate=None,
+        gradient_accumulation_steps: int | None = None,
         name: str | None = None,
     ):
         super().__init__()
@@ -135,6 +141,9 @@ class FGESchedule(keras.optimizers.schedules.LearningRateSchedule):
                     hint="Pass a number, a LearningRateSchedule or None.",
                 )
         self.initial_learning_rate = initial_learning_rate
+        self.gradient_accumulation_steps = check_accumulation_steps(
+            gradient_accumulation_steps
+        )
         self.name = name
 
     @classmethod
@@ -229,6 +238,8 @@ class FGESchedule(keras.optimizers.schedules.LearningRateSchedule):
             dtype = "float32"
             # int32 as in SnapshotSchedule: JAX without x64 has no int64.
             step = ops.cast(step, "int32")
+            if self.gradient_accumulation_steps:
+                step = ops.floor_divide(step, self.gradient_accumulation_steps)
             c = self.cycle_steps
             since_start = ops.maximum(step - self.start_step, 0)
             position = ops.mod(since_start, c) + 1
@@ -255,6 +266,7 @@ class FGESchedule(keras.optimizers.schedules.LearningRateSchedule):
             "num_snapshots": self.num_snapshots,
             "start_step": self.start_step,
             "initial_learning_rate": base,
+            "gradient_accumulation_steps": self.gradient_accumulation_steps,
             "name": self.name,
         }
 

@@ -66,6 +66,28 @@ def test_snapshots_follow_the_alpha2_minima():
     ]
 
 
+def test_schedule_counts_updates_under_gradient_accumulation():
+    """With k=3 the rate of batch b is the rate of update b // 3."""
+    plain = FGESchedule(
+        0.05, 0.01, 4, 2, start_step=8, initial_learning_rate=0.1
+    )
+    counted = FGESchedule(
+        0.05,
+        0.01,
+        4,
+        2,
+        start_step=8,
+        initial_learning_rate=0.1,
+        gradient_accumulation_steps=3,
+    )
+    rates = [float(keras.ops.convert_to_numpy(counted(b))) for b in range(48)]
+    expected = [
+        float(keras.ops.convert_to_numpy(plain(b // 3))) for b in range(48)
+    ]
+    np.testing.assert_allclose(rates, expected, rtol=1e-6)
+    assert counted.cycle_end_steps == plain.cycle_end_steps  # In updates.
+
+
 def test_schedule_base_and_serialization_round_trip():
     base = keras.optimizers.schedules.CosineDecay(0.2, decay_steps=8)
     schedule = FGESchedule(
@@ -79,6 +101,7 @@ def test_schedule_base_and_serialization_round_trip():
         "num_snapshots",
         "start_step",
         "initial_learning_rate",
+        "gradient_accumulation_steps",
         "name",
     }
     for restored in (

@@ -13,6 +13,7 @@
 Usage:
     python benchmarks/cost.py           # the committed result, ~10 min
     python benchmarks/cost.py --quick   # smoke test, ~1 min
+    python benchmarks/cost.py --training-only   # overhead ratios only, ~7 min
 """
 
 import argparse
@@ -700,6 +701,11 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true")
     p.add_argument(
+        "--training-only",
+        action="store_true",
+        help="measure and print only the training overhead (no files)",
+    )
+    p.add_argument(
         "--report-only",
         action="store_true",
         help="rewrite the table, plots and README block from cost.json",
@@ -752,6 +758,15 @@ def report(res, args):
     print(md)
 
 
+def print_training(training) -> None:
+    """The overhead figures of `training_overhead`, one per line."""
+    main = training["main"]
+    for key in ("ratio", "ratio_paired_median", "ratio_vs_schedule_only"):
+        print(f"{key}: {main[key]:.3f}")
+    for variant, seconds in main["seconds"].items():
+        print(f"{variant}: median {median(seconds):.2f} s per fit {seconds}")
+
+
 def main(argv=None):
     args = parse_args(argv)
     if args.report_only:
@@ -765,6 +780,9 @@ def main(argv=None):
     try:
         print("Training overhead", flush=True)
         training = training_overhead(args, x, y, workdir)
+        if args.training_only:
+            print_training(training)
+            return
         keras.backend.clear_session()
         print("Inference", flush=True)
         inf = inference(args, data["x_test"], workdir)

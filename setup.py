@@ -25,7 +25,7 @@ setup(
     # The bundled Fashion-MNIST subset of `--dataset fashion_mnist_small`,
     # with its licence (MIT, Zalando SE) and README.
     package_data={
-        "keras_snapshot.app": [
+        "keras_snapshot": [
             "data/fashion_mnist_small.npz",
             "data/LICENSE-fashion-mnist",
             "data/README.md",

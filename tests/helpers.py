@@ -136,3 +136,32 @@ class LockProcess:
     def __exit__(self, *exc_info):
         self.process.kill()  # Its locks die with it.
         self.process.wait(timeout=60)
+
+
+def write_image_folder(
+    root,
+    classes=("cat", "dog", "eel"),
+    count=10,
+    size=(8, 6),
+    channels=3,
+    seed=0,
+):
+    """Writes `count` random PNG images per class into `root/<class>/`.
+
+    Each class's images are bright in a different row band, so that a
+    model can learn them. Returns `{path: (image uint8 array, label)}`.
+    """
+    import tensorflow as tf
+
+    rng = np.random.default_rng(seed)
+    written = {}
+    for label, name in enumerate(classes):
+        os.makedirs(os.path.join(root, name), exist_ok=True)
+        for i in range(count):
+            image = rng.integers(0, 100, (*size, channels), dtype=np.uint8)
+            band = label % size[0]
+            image[band] = 255
+            path = os.path.join(root, name, f"{i:03d}.png")
+            tf.io.write_file(path, tf.io.encode_png(image))
+            written[path] = (image, label)
+    return written

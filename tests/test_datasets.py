@@ -329,3 +329,142 @@ def test_make_dataset_bad_arguments():
         make_dataset(x, y[:3], 2)
     with pytest.raises(ValueError, match="augment=True"):
         make_dataset(x.reshape(4, -1), y, 2, augment=True)
+
+
+# A user's .npz file (`keras-snapshot train --data file.npz`) --------------
+
+
+def _npz(tmp_path, **arrays):
+    path = str(tmp_path / "data.npz")
+    np.savez(path, **arrays)
+    return path
+
+
+def test_npz_with_x_and_y_holds_out_a_fixed_test_split(tmp_path):
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (50, 5, 4), dtype=np.uint8)
+    y = np.arange(50) % 5
+    path = _npz(tmp_path, x=x, y=y)
+    data = datasets.open_dataset(path, validation_fraction=0.2, seed=3)
+    assert data.name == path and data.num_classes == 5
+    assert data.input_shape == (5, 4, 1)
+    assert (len(data.y_train), len(data.y_val), len(data.y_test)) == (32, 8, 10)
+    assert _rows(data.x_train, data.x_val, data.x_test) == _rows(
+        x[..., None] / np.float32(255)
+    )
+    other = datasets.open_dataset(path, validation_fraction=0.2, seed=4)
+    np.testing.assert_array_equal(other.x_test, data.x_test)
+    assert not np.array_equal(other.x_val, data.x_val)
+
+
+def test_npz_with_four_arrays_keeps_its_test_split(tmp_path):
+    x = np.random.default_rng(0).random((20, 3, 3, 2)).astype(np.float64)
+    y = np.arange(20) % 2
+    path = _npz(
+        tmp_path, x_train=x, y_train=y[:, None], x_test=x[:6], y_test=y[:6]
+    )
+    data = datasets.open_dataset(path, validation_fraction=0)
+    np.testing.assert_allclose(data.x_test, x[:6])
+    np.testing.assert_array_equal(data.y_train, y)
+    assert data.input_shape == (3, 3, 2) and data.x_train.dtype == np.float32
+
+
+@pytest.mark.parametrize(
+    "arrays, message",
+    [
+        (
+            {"images": np.zeros((4, 2, 2))},
+            r"must hold arrays `x` and `y`.*\['images'\]",
+        ),
+        (
+            {"x": np.zeros((4, 2, 2)), "y": np.zeros(3)},
+            r"one class index per image, shape \(4,\)",
+        ),
+        ({"x": np.zeros((4, 2, 2)), "y": np.eye(4)}, "one-hot"),
+        (
+            {"x": np.zeros((4, 2, 2)), "y": [0, 1, -1, 1]},
+            "class indices 0, 1, 2",
+        ),
+        ({"x": np.zeros((4, 2, 2)), "y": [0.5, 1, 0, 1]}, "class indices"),
+        (
+            {"x": np.zeros((4, 2, 2), np.int32), "y": [0, 1, 0, 1]},
+            "uint8 .0-255. or float",
+        ),
+        ({"x": np.zeros((10, 2, 2)), "y": np.zeros(10, int)}, "hold one class"),
+        (
+            {
+                "x_train": np.zeros((4, 2, 2)),
+                "y_train": [0, 1, 0, 1],
+                "x_test": np.zeros((2, 2, 2)),
+                "y_test": [0, 2],
+            },
+            "test labels .* go up to 2, but the training labels only to 1",
+        ),
+        (
+            {
+                "x_train": np.zeros((4, 2, 2)),
+                "y_train": [0, 1, 0, 1],
+                "x_test": np.zeros((2, 3, 2)),
+                "y_test": [0, 1],
+            },
+            "must be the same shape",
+        ),
+    ],
+    ids=[
+        "keys",
+        "length",
+        "one-hot",
+        "negative",
+        "fraction",
+        "int-images",
+        "one-class",
+        "test-label-out-of-range",
+        "test-shape",
+    ],
+)
+def test_bad_npz_is_refused_in_one_line(tmp_path, arrays, message):
+    path = _npz(tmp_path, **arrays)
+    with pytest.raises(ValueError, match=message) as error:
+        datasets.open_dataset(path)
+    assert "\n" not in str(error.value) and path in str(error.value)
+
+
+def test_paths_that_are_not_data_are_refused(tmp_path):
+    (tmp_path / "notes.txt").write_text("hello")
+    with pytest.raises(ValueError, match="is a file, .* an .npz"):
+        datasets.open_dataset(str(tmp_path / "notes.txt"))
+    with pytest.raises(FileNotFoundError, match="No file or folder at"):
+        datasets.open_dataset(str(tmp_path / "missing.npz"))
+    (tmp_path / "broken.npz").write_bytes(b"not a zip")
+    with pytest.raises(ValueError, match="not a readable .npz"):
+        datasets.open_dataset(str(tmp_path / "broken.npz"))
+    with pytest.raises(ValueError, match="apply to a folder of images"):
+        datasets.open_dataset("digits", image_size=(8, 8))
+
+
+# tensorflow-datasets, streamed ----------------------------------------------
+
+
+def test_tfds_streams_the_same_splits_as_the_records(tmp_path):
+    TinyRgb(data_dir=tmp_path).download_and_prepare()
+    data = datasets.open_dataset(
+        "tiny_rgb", data_dir=tmp_path, validation_fraction=0.2
+    )
+    assert isinstance(data, datasets.StreamedDataset)
+    builder = tfds.builder("tiny_rgb", data_dir=tmp_path)
+    records = list(
+        tfds.as_numpy(builder.as_dataset(split="train", shuffle_files=False))
+    )
+    images = np.stack([r["image"] for r in records]) / np.float32(255)
+    labels = np.array([r["label"] for r in records])
+    keep, held = datasets._split(labels, 0.2, 0)
+    for split, indices in (("train", keep), ("val", held)):
+        x, y = data.arrays(split)
+        np.testing.assert_array_equal(y, labels[indices])
+        np.testing.assert_allclose(x, images[indices])
+    assert data.count("test") == 9
+    # A shuffled epoch holds each training record once, in a seeded order.
+    batches = data.batches("train", 5, shuffle=True, seed=0)
+    assert int(batches.cardinality()) == 5  # 24 records, known to Keras
+    order = np.concatenate([y for _, y in batches.as_numpy_iterator()])
+    assert sorted(order) == sorted(labels[keep])

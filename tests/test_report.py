@@ -22,6 +22,7 @@ from keras_snapshot import metrics
 from keras_snapshot import selection
 from keras_snapshot.app import cli
 from keras_snapshot.app import evaluate
+from keras_snapshot.app import pipeline
 from keras_snapshot.app import report as report_lib
 from keras_snapshot.app.datasets import load_dataset
 
@@ -405,7 +406,7 @@ def test_committed_main_job_report_is_what_report_py_writes():
 def test_committed_main_job_ran_with_the_cli_defaults():
     with open(os.path.join(MAIN_JOB, "report.json")) as f:
         config = json.load(f)["config"]
-    defaults = vars(cli.build_parser().parse_args(["train"]))
+    defaults = pipeline.run_config(cli.build_parser().parse_args(["train"]))
     stale = {
         key: (value, defaults[key])
         for key, value in config.items()

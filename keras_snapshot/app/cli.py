@@ -15,6 +15,7 @@ Keras.
 import argparse
 import importlib
 import logging
+import os
 import sys
 
 from keras_snapshot._checks import check_in_range
@@ -72,6 +73,32 @@ def _in_range(name, low, high):
     return _checked(lambda n, v: check_in_range(n, v, low, high), float, name)
 
 
+def _test_fraction(name, value):
+    if not 0.0 < value < 1.0:
+        raise ValueError(
+            f"`{name}` must be between 0 and 1 (both excluded), e.g. 0.2. "
+            f"Received: {name}={value}."
+        )
+    return value
+
+
+def _image_size(text):
+    """`--image-size`: "64" (square) or "HEIGHTxWIDTH", e.g. "64x48"."""
+    parts = text.lower().split("x")
+    try:
+        size = [int(p) for p in parts]
+    except ValueError:
+        size = []
+    if len(parts) == 1 and size:
+        size = size * 2
+    if len(size) != 2 or min(size) < 1:
+        raise argparse.ArgumentTypeError(
+            "`image_size` must be HEIGHTxWIDTH in pixels, e.g. 64x48, or "
+            f"one number for a square. Received: image_size={text!r}."
+        )
+    return size
+
+
 def _check_t0(name, value):
     value = check_positive_number(name, value)
     if value > 1:
@@ -125,14 +152,49 @@ def build_parser() -> argparse.ArgumentParser:
         "same command again on the same --output-dir resumes an "
         "interrupted run.",
     )
-    train.add_argument(
+    data = train.add_argument_group(
+        "data",
+        "your own data with --data, or a named dataset with --dataset "
+        "(default: fashion_mnist_small)",
+    )
+    data.add_argument(
+        "--data",
+        metavar="PATH",
+        help="a folder of images in class subfolders (PATH/cat/1.png, ...; "
+        "or PATH/train/<class>/ and PATH/test/<class>/), streamed from disk; "
+        "or an .npz file with arrays x and y (or x_train, y_train, x_test, "
+        "y_test) of uint8 or float images and integer labels (default: "
+        "none, --dataset is used)",
+    )
+    data.add_argument(
         "--dataset",
-        default="fashion_mnist_small",
         help="'fashion_mnist_small' (1,000 train / 5,000 test Fashion-MNIST "
         "images bundled with the package), 'digits' (scikit-learn's bundled "
         "8x8 digits, the quick option), "
         "'fashion_mnist_local' (Debian's dataset-fashion-mnist files) or "
-        "any tensorflow-datasets image classification name (cifar10, ...)",
+        "any tensorflow-datasets image classification name (cifar10, ...), "
+        "streamed (default: fashion_mnist_small, without --data)",
+    )
+    data.add_argument(
+        "--image-size",
+        type=_image_size,
+        metavar="HxW",
+        help="--data folder only: resize every image to HEIGHTxWIDTH "
+        "(needed when the images differ in size; default: their own size)",
+    )
+    data.add_argument(
+        "--channels",
+        type=int,
+        choices=(1, 3),
+        help="--data folder only: 1 (grayscale) or 3 (RGB) (default: 1 "
+        "when every image is grayscale, else 3)",
+    )
+    data.add_argument(
+        "--test-fraction",
+        type=_checked(_test_fraction, float, "test_fraction"),
+        default=0.2,
+        help="--data without a test split of its own: the fraction held out "
+        "for test, stratified by class, the same images whatever --seed",
     )
     train.add_argument(
         "--data-dir",
@@ -272,7 +334,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.add_argument(
         "--output-dir",
-        help="run directory (default: runs/<dataset>_<model>_seed<seed>)",
+        help="run directory (default: runs/<data>_<model>_seed<seed>, with "
+        "_<method> or _freezeout before _seed for other methods; <data> and "
+        "<model> are the stems of --data and of a .keras --model)",
     )
     train.add_argument(
         "--overwrite",
@@ -384,6 +448,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--data-dir",
         help="tensorflow-datasets data directory (default: tfds's own)",
     )
+    for sub in (evaluate, export):
+        sub.add_argument(
+            "--allow-unfinished",
+            action="store_true",
+            help="use the snapshots of a run whose training has not finished",
+        )
     for sub in (train, evaluate, export, distill):
         sub.add_argument(
             "--debug",
@@ -393,9 +463,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def quiet_tensorflow() -> None:
+    """Sets TensorFlow's C++ log level, unless the user has set one.
+
+    Before TensorFlow is imported: its C++ INFO and WARNING lines are
+    noise on the command line. On a machine without an NVIDIA driver the
+    level also hides ERROR lines, of which the only one is "failed call to
+    cuInit". Set `TF_CPP_MIN_LOG_LEVEL` yourself to see them.
+    """
+    gpu_driver = os.path.exists("/dev/nvidiactl")
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2" if gpu_driver else "3")
+
+
 def main(argv=None) -> int:
     """Entry point of `keras-snapshot` and `python -m keras_snapshot`."""
     args = build_parser().parse_args(argv)
+    quiet_tensorflow()
     # TensorFlow's Python warnings (e.g. retracing while predicting with
     # several snapshots) are noise on the command line.
     logging.getLogger("tensorflow").setLevel(logging.ERROR)

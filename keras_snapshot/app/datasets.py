@@ -1,11 +1,20 @@
 """Image-classification data for snapshot-ensemble experiments.
 
-A front end: it loads images as numpy arrays split into train, validation
-and test, and turns arrays into `tf.data` pipelines with the standard
-augmentation of Huang et al. 2017, "Snapshot Ensembles: Train 1, get M for
-free" (arXiv:1704.00109). The validation split is always carved from the
-training data, never from the test data, so snapshots can be selected on
-validation without touching the test set.
+A front end: it opens a user's data (a folder of images in class
+subfolders, an `.npz` of arrays), the bundled datasets and any
+tensorflow-datasets image-classification dataset, split into train,
+validation and test, and turns them into `tf.data` pipelines with the
+standard augmentation of Huang et al. 2017, "Snapshot Ensembles: Train 1,
+get M for free" (arXiv:1704.00109). The validation split is always carved
+from the training data, never from the test data, so snapshots can be
+selected on validation without touching the test set.
+
+Two kinds of data answer the same questions (`count`, `labels`,
+`batches`, `inputs`): a `Dataset` holds numpy arrays in memory (the
+bundled datasets, `.npz` files); a `StreamedDataset` holds only file names
+or record indices and labels, and decodes images batch by batch (image
+folders, tensorflow-datasets), so that its memory does not grow with the
+number of images.
 """
 
 import dataclasses
@@ -16,14 +25,17 @@ import struct
 import numpy as np
 import tensorflow as tf
 
+from keras_snapshot import example_data
 from keras_snapshot._checks import check_positive_int
 
 __all__ = [
     "EMBEDDED_DATASETS",
     "FASHION_MNIST_DIR",
     "Dataset",
+    "StreamedDataset",
     "load_dataset",
     "make_dataset",
+    "open_dataset",
 ]
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
@@ -33,7 +45,11 @@ EMBEDDED_DATASETS = ("digits", "fashion_mnist_local", "fashion_mnist_small")
 """Names `load_dataset` serves without tensorflow-datasets."""
 
 _DIGITS_TEST_FRACTION = 0.3
-_DIGITS_TEST_SEED = 0
+_TEST_SEED = 0
+"""Seed of every held-out test split: the same test images whatever `seed`."""
+_SHUFFLE_BUFFER = 10000
+"""Most elements a streamed tensorflow-datasets split shuffles at once."""
+SPLITS = ("train", "val", "test")
 _PROBE_TIMEOUT = 10.0
 """Seconds to wait for a tensorflow-datasets download server to answer."""
 _PAD = 4
@@ -45,8 +61,81 @@ _FASHION_FILES = {
 }
 
 
+def _check_split(split: str) -> str:
+    if split not in SPLITS:
+        raise ValueError(
+            f"`split` must be one of {SPLITS}. Received: split={split!r}"
+        )
+    return split
+
+
+class _Splits:
+    """What a job asks of its data, in memory or streamed.
+
+    A subclass provides `labels(split)` and `_stream(split)`: the
+    elements of the split before decoding, the function that decodes one
+    into `(float32 image in [0, 1], int32 label)` (or None) and how many
+    elements a shuffle holds at once.
+    """
+
+    def count(self, split: str) -> int:
+        """Number of examples in `split` ("train", "val" or "test")."""
+        return len(self.labels(split))
+
+    def batches(
+        self,
+        split: str,
+        batch_size: int,
+        shuffle: bool = False,
+        augment: bool = False,
+        seed: int | None = None,
+    ) -> tf.data.Dataset:
+        """`(images, labels)` batches of `split`, as `make_dataset` makes.
+
+        Example:
+
+        ```python
+        train = data.batches("train", 64, shuffle=True, seed=0)
+        ```
+        """
+        elements, decode, buffer = self._stream(_check_split(split))
+        return _pipeline(
+            elements, batch_size, shuffle, augment, seed, decode, buffer
+        )
+
+    def inputs(
+        self, split: str, batch_size: int, limit: int | None = None
+    ) -> tf.data.Dataset:
+        """Batches of the images of `split` only, in order (for predict).
+
+        `limit` keeps the first `limit` images.
+        """
+        elements, decode, _ = self._stream(_check_split(split))
+        if limit is not None:
+            elements = elements.take(limit)
+        ds = _pipeline(elements, batch_size, decode=decode)
+        return ds.map(lambda x, y: x)
+
+    def describe(self) -> str:
+        """One line: the data's name, split sizes, image shape, classes."""
+        height, width, channels = self.input_shape
+        return (
+            f"{self.name}, {self.count('train')} train / "
+            f"{self.count('val')} validation / {self.count('test')} test "
+            f"images of {height}x{width}x{channels}, {self.num_classes} "
+            "classes"
+        )
+
+    def arrays(self, split: str) -> tuple:
+        """`(x, y)` of `split` as numpy arrays: the whole split in memory."""
+        xs = [x for x, _ in self.batches(split, 1024).as_numpy_iterator()]
+        shape = (0, *self.input_shape)
+        x = np.concatenate(xs) if xs else np.zeros(shape, np.float32)
+        return x, self.labels(split)
+
+
 @dataclasses.dataclass(frozen=True)
-class Dataset:
+class Dataset(_Splits):
     """Train, validation and test arrays of one image-classification task.
 
     Images are float32 in `[0, 1]`, shaped `(N, height, width, channels)`;
@@ -74,6 +163,45 @@ class Dataset:
     num_classes: int
     input_shape: tuple[int, int, int]
     name: str
+
+    def labels(self, split: str) -> np.ndarray:
+        """The int32 labels of `split` ("train", "val" or "test")."""
+        return getattr(self, f"y_{_check_split(split)}")
+
+    def _stream(self, split: str):
+        x = getattr(self, f"x_{split}")
+        elements = tf.data.Dataset.from_tensor_slices((x, self.labels(split)))
+        return elements, None, max(len(x), 1)
+
+
+@dataclasses.dataclass(frozen=True)
+class StreamedDataset(_Splits):
+    """Train, validation and test splits decoded batch by batch.
+
+    Holds the labels of each split and, per split, how to stream it:
+    memory does not grow with the number of images. Images are float32
+    in `[0, 1]`, labels int32, as in `Dataset`.
+
+    Attributes:
+        name: The folder's path, or the tensorflow-datasets name.
+        num_classes: Number of classes.
+        input_shape: `(height, width, channels)` of one image.
+        split_labels: `{split: int32 labels}`.
+        streams: `{split: () -> (elements, decode, shuffle_buffer)}`.
+    """
+
+    name: str
+    num_classes: int
+    input_shape: tuple[int, int, int]
+    split_labels: dict
+    streams: dict
+
+    def labels(self, split: str) -> np.ndarray:
+        """The int32 labels of `split` ("train", "val" or "test")."""
+        return self.split_labels[_check_split(split)]
+
+    def _stream(self, split: str):
+        return self.streams[split]()
 
 
 def _split(labels, fraction, seed):
@@ -131,7 +259,7 @@ def _load_digits(fraction, seed):
     digits = load_digits()
     images = (digits.images / 16.0)[..., np.newaxis]
     labels = digits.target
-    train, test = _split(labels, _DIGITS_TEST_FRACTION, _DIGITS_TEST_SEED)
+    train, test = _split(labels, _DIGITS_TEST_FRACTION, _TEST_SEED)
     return _finish(
         "digits",
         images[train],
@@ -198,13 +326,13 @@ def _load_fashion_mnist(data_dir, fraction, seed):
 def _load_fashion_mnist_small(data_dir, fraction, seed):
     """The class-balanced Fashion-MNIST subset bundled with the package.
 
-    `keras_snapshot/app/data/fashion_mnist_small.npz` (uint8, made by
+    `keras_snapshot/data/fashion_mnist_small.npz` (uint8, made by
     `benchmarks/make_fashion_subset.py`; MIT licence, see the README in that
     folder), or the file of that name in `data_dir`.
     """
     folder = data_dir
     if folder is None:
-        folder = os.path.join(os.path.dirname(__file__), "data")
+        folder = os.path.dirname(example_data.FASHION_MNIST_SMALL)
     path = os.path.join(folder, "fashion_mnist_small.npz")
     if not os.path.isfile(path):
         raise FileNotFoundError(
@@ -225,15 +353,6 @@ def _load_fashion_mnist_small(data_dir, fraction, seed):
         fraction,
         seed,
     )
-
-
-def _tfds_to_numpy(tfds, ds, keys):
-    """Concatenates the `(image, label)` features of a `tf.data.Dataset`."""
-    xs, ys = [], []
-    for batch in tfds.as_numpy(ds.batch(1024)):
-        xs.append(batch[keys[0]])
-        ys.append(batch[keys[1]])
-    return np.concatenate(xs), np.concatenate(ys)
 
 
 def _image_label_keys(tfds, info, name):
@@ -339,19 +458,34 @@ def _prepare_tfds(builder, name, download):
     builder.download_and_prepare()
 
 
-def _load_tfds(name, data_dir, fraction, seed, download):
+def _tfds_builder(name, data_dir):
     import tensorflow_datasets as tfds
 
     try:
-        builder = tfds.builder(name, data_dir=data_dir)
+        return tfds.builder(name, data_dir=data_dir)
     except tfds.core.registered.DatasetNotFoundError:
         raise ValueError(
             f"Unknown dataset {name!r}. Use one of the embedded datasets "
-            f"{list(EMBEDDED_DATASETS)}, or the name of any "
+            f"{list(EMBEDDED_DATASETS)}, the path of a folder of images in "
+            "class subfolders or of an .npz file, or the name of any "
             "tensorflow-datasets image-classification dataset (e.g. "
             '"mnist", "cifar10", "cifar100", "svhn_cropped"). '
             f"Received: name={name!r}"
         ) from None
+
+
+def _open_tfds(name, data_dir, fraction, seed, download):
+    """A tensorflow-datasets dataset, streamed from its prepared files.
+
+    Labels are read once with the images left encoded; the images of a
+    split are decoded batch by batch. Validation is carved from "train" by
+    record index (`_split`, as for arrays), so records are read in file
+    order and shuffled in a buffer of at most `_SHUFFLE_BUFFER` encoded
+    images.
+    """
+    import tensorflow_datasets as tfds
+
+    builder = _tfds_builder(name, data_dir)
     keys = _image_label_keys(tfds, builder.info, name)
     _prepare_tfds(builder, name, download)
     splits = set(builder.info.splits.keys())
@@ -364,21 +498,354 @@ def _load_tfds(name, data_dir, fraction, seed, download):
                 f"dataset. Received: name={name!r}"
             )
         test_split = "validation"
-    train, test = builder.as_dataset(
-        split=["train", test_split], shuffle_files=False
+    image_feature = builder.info.features[keys[0]]
+
+    def records(split):
+        ds = builder.as_dataset(
+            split=split,
+            shuffle_files=False,
+            decoders={keys[0]: tfds.decode.SkipDecoding()},
+        )
+        return ds.map(lambda e: (e[keys[0]], tf.cast(e[keys[1]], tf.int32)))
+
+    def labels_of(split):
+        batches = records(split).map(lambda x, y: y).batch(4096)
+        found = [b for b in batches.as_numpy_iterator()]
+        return np.concatenate(found) if found else np.zeros(0, np.int32)
+
+    def decode(encoded, label):
+        image = image_feature.decode_example(encoded)
+        return tf.cast(image, tf.float32) / 255.0, label
+
+    train_labels = labels_of("train")
+    keep, held = _split(train_labels, fraction, seed)
+
+    def stream(split, indices):
+        count = len(indices)
+        take = np.zeros(len(train_labels), dtype=bool)
+        take[indices] = True
+
+        def make():
+            chosen = tf.constant(take)
+            ds = records("train").enumerate()
+            ds = ds.filter(lambda i, xy: chosen[i]).map(lambda i, xy: xy)
+            ds = ds.apply(tf.data.experimental.assert_cardinality(count))
+            return ds, decode, max(1, min(count, _SHUFFLE_BUFFER))
+
+        return make
+
+    test_labels = labels_of(test_split)
+
+    def test_stream():
+        return (
+            records(test_split),
+            decode,
+            max(1, min(len(test_labels), _SHUFFLE_BUFFER)),
+        )
+
+    return StreamedDataset(
+        name=name,
+        num_classes=int(builder.info.features[keys[1]].num_classes),
+        input_shape=tuple(int(d) for d in image_feature.shape),
+        split_labels={
+            "train": train_labels[keep],
+            "val": train_labels[held],
+            "test": test_labels,
+        },
+        streams={
+            "train": stream("train", keep),
+            "val": stream("val", held),
+            "test": test_stream,
+        },
     )
-    x_train, y_train = _tfds_to_numpy(tfds, train, keys)
-    x_test, y_test = _tfds_to_numpy(tfds, test, keys)
-    return _finish(
-        name,
-        x_train / np.float32(255),
-        y_train,
-        x_test / np.float32(255),
-        y_test,
-        builder.info.features[keys[1]].num_classes,
-        fraction,
-        seed,
+
+
+def _in_memory(data) -> Dataset:
+    """The `Dataset` of arrays holding every split of `data`."""
+    arrays = {split: data.arrays(split) for split in SPLITS}
+    return Dataset(
+        x_train=arrays["train"][0],
+        y_train=arrays["train"][1],
+        x_val=arrays["val"][0],
+        y_val=arrays["val"][1],
+        x_test=arrays["test"][0],
+        y_test=arrays["test"][1],
+        num_classes=data.num_classes,
+        input_shape=data.input_shape,
+        name=data.name,
     )
+
+
+def _open_image_folder(
+    folder, fraction, seed, test_fraction, image_size, channels
+):
+    """A folder of images in class subfolders, streamed from its files."""
+    from keras_snapshot.app import image_folder
+
+    listed = image_folder.list_image_folder(folder)
+    all_paths = listed.paths
+    if listed.test_paths is not None:
+        all_paths = np.concatenate([listed.paths, listed.test_paths])
+    shapes = image_folder.scan_images(all_paths)
+    size, channels = image_folder.image_format(
+        all_paths, shapes, image_size, channels
+    )
+    read = image_folder.image_reader(size, channels, image_size is not None)
+    paths, labels = listed.paths, listed.labels
+    if listed.test_paths is None:
+        if not 0 < test_fraction < 1:
+            raise ValueError(
+                f"{folder} has no test/ folder, so a test split is held "
+                "out of its images: `test_fraction` must be in (0, 1). "
+                f"Received: test_fraction={test_fraction!r}"
+            )
+        pool, test = _split(labels, test_fraction, _TEST_SEED)
+        test_paths, test_labels = paths[test], labels[test]
+        paths, labels = paths[pool], labels[pool]
+    else:
+        test_paths, test_labels = listed.test_paths, listed.test_labels
+    keep, held = _split(labels, fraction, seed)
+    chosen = {
+        "train": (paths[keep], labels[keep]),
+        "val": (paths[held], labels[held]),
+        "test": (test_paths, test_labels),
+    }
+
+    def stream(split):
+        files, split_labels = chosen[split]
+
+        def make():
+            elements = tf.data.Dataset.from_tensor_slices(
+                (files.astype(str), split_labels)
+            )
+            return elements, read, max(len(files), 1)
+
+        return make
+
+    return StreamedDataset(
+        name=folder,
+        num_classes=len(listed.class_names),
+        input_shape=(*size, channels),
+        split_labels={split: y for split, (_, y) in chosen.items()},
+        streams={split: stream(split) for split in SPLITS},
+    )
+
+
+def _npz_images(x, path, key):
+    x = np.asarray(x)
+    if x.ndim == 3:
+        x = x[..., np.newaxis]
+    if x.ndim != 4 or len(x) == 0:
+        raise ValueError(
+            f"`{key}` in {path} must hold images shaped (N, height, width) "
+            f"or (N, height, width, channels), N > 0. Received shape "
+            f"{x.shape}."
+        )
+    if x.dtype == np.uint8:
+        return x.astype(np.float32) / np.float32(255)
+    if not np.issubdtype(x.dtype, np.floating):
+        raise ValueError(
+            f"`{key}` in {path} must be uint8 (0-255) or float images. "
+            f"Received dtype {x.dtype}."
+        )
+    x = x.astype(np.float32)
+    if not np.all(np.isfinite(x)):
+        raise ValueError(f"`{key}` in {path} holds NaN or infinite pixels.")
+    return x
+
+
+def _npz_labels(y, path, key, count):
+    y = np.asarray(y)
+    if y.ndim == 2 and y.shape[1] == 1:
+        y = y[:, 0]
+    if y.ndim != 1 or len(y) != count:
+        raise ValueError(
+            f"`{key}` in {path} must hold one class index per image, shape "
+            f"({count},). Received shape {y.shape} (for one-hot labels, "
+            "save y.argmax(axis=1))."
+        )
+    if y.dtype.kind == "f" and np.all(np.mod(y, 1) == 0):
+        y = y.astype(np.int64)
+    if y.dtype.kind not in "iu" or (len(y) and y.min() < 0):
+        raise ValueError(
+            f"`{key}` in {path} must hold class indices 0, 1, 2, ... "
+            f"Received dtype {y.dtype}, min {y.min() if len(y) else None}."
+        )
+    return y.astype(np.int32)
+
+
+def _load_npz(path, fraction, seed, test_fraction):
+    """An `.npz` of `x`/`y` (a test split is held out) or of the four
+    `x_train`/`y_train`/`x_test`/`y_test` arrays (as `keras.datasets`)."""
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            arrays = {k: f[k] for k in f.files}
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path} is not a readable .npz file ({e}).") from None
+    four = ("x_train", "y_train", "x_test", "y_test")
+    if all(k in arrays for k in four):
+        x = _npz_images(arrays["x_train"], path, "x_train")
+        y = _npz_labels(arrays["y_train"], path, "y_train", len(x))
+        x_test = _npz_images(arrays["x_test"], path, "x_test")
+        y_test = _npz_labels(arrays["y_test"], path, "y_test", len(x_test))
+        if x_test.shape[1:] != x.shape[1:]:
+            raise ValueError(
+                f"In {path}, x_test's images are {x_test.shape[1:]} and "
+                f"x_train's {x.shape[1:]}: they must be the same shape."
+            )
+    elif "x" in arrays and "y" in arrays:
+        if not 0 < test_fraction < 1:
+            raise ValueError(
+                f"{path} holds x and y only, so a test split is held out: "
+                "`test_fraction` must be in (0, 1). Received: "
+                f"test_fraction={test_fraction!r}"
+            )
+        images = _npz_images(arrays["x"], path, "x")
+        labels = _npz_labels(arrays["y"], path, "y", len(images))
+        train, test = _split(labels, test_fraction, _TEST_SEED)
+        x, y, x_test, y_test = (
+            images[train],
+            labels[train],
+            images[test],
+            labels[test],
+        )
+    else:
+        raise ValueError(
+            f"{path} must hold arrays `x` and `y`, or `x_train`, `y_train`, "
+            f"`x_test` and `y_test`. Received arrays {sorted(arrays)}."
+        )
+    num_classes = int(y.max()) + 1
+    if len(np.unique(y)) < 2:
+        raise ValueError(
+            f"The training labels of {path} hold one class ({int(y[0])}): a "
+            "classifier needs at least 2."
+        )
+    if len(y_test) and y_test.max() >= num_classes:
+        raise ValueError(
+            f"The test labels of {path} go up to {int(y_test.max())}, but "
+            f"the training labels only to {num_classes - 1}: every test "
+            "class must be a training class."
+        )
+    return _finish(path, x, y, x_test, y_test, num_classes, fraction, seed)
+
+
+def open_dataset(
+    source: str | os.PathLike = "fashion_mnist_small",
+    data_dir: str | os.PathLike | None = None,
+    validation_fraction: float = 0.1,
+    seed: int = 0,
+    download: bool = True,
+    test_fraction: float = 0.2,
+    image_size: tuple[int, int] | None = None,
+    channels: int | None = None,
+):
+    """Opens a user's data or a named dataset, streamed where it can be.
+
+    `source` is one of:
+
+    - the path of a folder of images in class subfolders
+      (`folder/<class>/*.png`, the layout of
+      `keras.utils.image_dataset_from_directory`), or of a folder with
+      `train/<class>/` and `test/<class>/`: a `StreamedDataset`. Every
+      image is decoded once before training (`image_folder.scan_images`)
+      so that a broken file or mixed sizes are refused first;
+    - the path of an `.npz` file with `x` and `y` (or `x_train`,
+      `y_train`, `x_test`, `y_test`): uint8 (0-255) or float images,
+      integer labels; a `Dataset` in memory;
+    - a name: the embedded datasets are a `Dataset` (`load_dataset`), a
+      tensorflow-datasets name a `StreamedDataset`.
+
+    Where the data has no test split, `test_fraction` of it (stratified by
+    class, always the same images whatever `seed`) is the test split.
+    `validation_fraction` of the rest is carved into validation with
+    `seed`.
+
+    Args:
+        source: A path or a name, see above.
+        data_dir: tensorflow-datasets' `data_dir` (or the Fashion-MNIST
+            files' folder for `"fashion_mnist_local"`).
+        validation_fraction: Fraction of training data held out for
+            validation, in `[0, 1)`.
+        seed: Seed of the validation split.
+        download: Whether a tensorflow-datasets dataset may be downloaded.
+        test_fraction: Fraction held out for test where the data has no
+            test split, in `(0, 1)`.
+        image_size: `(height, width)` to resize an image folder's images
+            to; needed when they differ in size.
+        channels: 1 or 3 for an image folder; None infers it (1 when every
+            image is grayscale).
+
+    Returns:
+        A `Dataset` or a `StreamedDataset`: both have `count(split)`,
+        `labels(split)`, `batches(split, batch_size, ...)` and
+        `inputs(split, batch_size)`.
+
+    Raises:
+        ValueError: for data that cannot be trained on, naming the file.
+        FileNotFoundError: for a path that does not exist.
+
+    Example:
+
+    ```python
+    data = open_dataset("my_images/", image_size=(64, 64))
+    train = data.batches("train", 64, shuffle=True, seed=0)
+    data.count("test"), data.num_classes
+    ```
+    """
+    _check_fraction("validation_fraction", validation_fraction, 0)
+    source = os.fspath(source) if isinstance(source, os.PathLike) else source
+    if not isinstance(source, str) or not source:
+        raise ValueError(
+            "`source` must be the path of an image folder or .npz file, or "
+            f"a dataset name. Received: source={source!r}"
+        )
+    is_folder = os.path.isdir(source)
+    if (image_size is not None or channels is not None) and not is_folder:
+        raise ValueError(
+            "`image_size` and `channels` apply to a folder of images, and "
+            f"{source!r} is not a folder. Received: image_size={image_size}"
+            f", channels={channels}"
+        )
+    if channels not in (None, 1, 3):
+        raise ValueError(f"`channels` must be 1 or 3. Received: {channels!r}")
+    if is_folder:
+        return _open_image_folder(
+            source,
+            validation_fraction,
+            seed,
+            test_fraction,
+            image_size,
+            channels,
+        )
+    if os.path.isfile(source):
+        if not source.endswith(".npz"):
+            raise ValueError(
+                f"{source} is a file, and the data file keras-snapshot reads "
+                "is an .npz of arrays (x, y or x_train, y_train, x_test, "
+                "y_test). Pass an .npz file or a folder of images in class "
+                "subfolders."
+            )
+        return _load_npz(source, validation_fraction, seed, test_fraction)
+    if source.endswith(".npz") or os.sep in source:
+        raise FileNotFoundError(
+            f"No file or folder at {source}. Pass an existing folder of "
+            "images (in class subfolders) or .npz file."
+        )
+    if source in EMBEDDED_DATASETS:
+        return load_dataset(source, data_dir, validation_fraction, seed)
+    if data_dir is not None:
+        data_dir = os.fspath(data_dir)
+    return _open_tfds(source, data_dir, validation_fraction, seed, download)
+
+
+def _check_fraction(name, value, low):
+    if isinstance(value, bool) or not (
+        isinstance(value, (int, float)) and low <= value < 1
+    ):
+        raise ValueError(
+            f"`{name}` must be a number in [{low}, 1), e.g. 0.1. "
+            f"Received: {name}={value!r}"
+        )
 
 
 def load_dataset(
@@ -417,7 +884,7 @@ def load_dataset(
           so at once (tensorflow-datasets itself would retry for
           minutes). Its `"test"` split (or `"validation"` where there is
           no test split) is the test set. The whole dataset is held in
-          memory.
+          memory: `open_dataset` streams it instead.
 
     Args:
         name: Dataset name, see above. Defaults to `"digits"`.
@@ -449,14 +916,7 @@ def load_dataset(
     data.x_val.shape, data.x_test.shape  # (126, 8, 8, 1), (539, 8, 8, 1)
     ```
     """
-    if isinstance(validation_fraction, bool) or not (
-        isinstance(validation_fraction, (int, float))
-        and 0 <= validation_fraction < 1
-    ):
-        raise ValueError(
-            "`validation_fraction` must be a number in [0, 1), e.g. 0.1. "
-            f"Received: validation_fraction={validation_fraction!r}"
-        )
+    _check_fraction("validation_fraction", validation_fraction, 0)
     if not isinstance(name, str) or not name:
         raise ValueError(
             f"`name` must be a non-empty string: one of "
@@ -471,7 +931,9 @@ def load_dataset(
         return _load_fashion_mnist(data_dir, validation_fraction, seed)
     if name == "fashion_mnist_small":
         return _load_fashion_mnist_small(data_dir, validation_fraction, seed)
-    return _load_tfds(name, data_dir, validation_fraction, seed, download)
+    return _in_memory(
+        _open_tfds(name, data_dir, validation_fraction, seed, download)
+    )
 
 
 def _augment(image, label, seeds):
@@ -537,11 +999,35 @@ def make_dataset(
             "`augment=True` needs images shaped (N, height, width, channels)."
             f" Received: x with shape {np.shape(x)}"
         )
-    ds = tf.data.Dataset.from_tensor_slices((x, y))
+    elements = tf.data.Dataset.from_tensor_slices((x, y))
+    return _pipeline(
+        elements, batch_size, shuffle, augment, seed, None, max(len(x), 1)
+    )
+
+
+def _pipeline(
+    elements,
+    batch_size,
+    shuffle=False,
+    augment=False,
+    seed=None,
+    decode=None,
+    shuffle_buffer=1,
+):
+    """Shuffles, decodes, augments, batches and prefetches `elements`.
+
+    The one pipeline of `make_dataset` and of every `Dataset` and
+    `StreamedDataset`: shuffling comes before decoding, so that a
+    streamed split shuffles file names, not images.
+    """
+    batch_size = check_positive_int("batch_size", batch_size)
+    ds = elements
     if shuffle:
         ds = ds.shuffle(
-            max(len(x), 1), seed=seed, reshuffle_each_iteration=True
+            shuffle_buffer, seed=seed, reshuffle_each_iteration=True
         )
+    if decode is not None:
+        ds = ds.map(decode, num_parallel_calls=tf.data.AUTOTUNE)
     if augment:
         # Two stateless seeds (crop, flip) per example, new each epoch.
         seeds = tf.data.Dataset.random(

@@ -37,8 +37,8 @@ def distill_command(args) -> int:
 
     from keras_snapshot import distill
     from keras_snapshot import metrics
-    from keras_snapshot import selection
     from keras_snapshot.app import report as report_lib
+    from keras_snapshot.app.evaluate import predict_split
 
     keras.utils.set_random_seed(config["seed"])
     teacher = keras.saving.load_model(ensemble_path, compile=False)
@@ -49,8 +49,8 @@ def distill_command(args) -> int:
         weight_decay=config["weight_decay"] or None,
     )
     validation = None
-    if len(data.x_val):
-        validation = (data.x_val, data.y_val)
+    if data.count("val"):
+        validation = data.arrays("val")
     print(
         f"Distilling {ensemble_path} into a fresh copy of its first member "
         f"(T={args.temperature}, alpha={args.alpha}, {epochs} epochs) ..."
@@ -58,7 +58,7 @@ def distill_command(args) -> int:
     started = time.perf_counter()
     student = distill(
         teacher,
-        data=(data.x_train, data.y_train),
+        data=data.arrays("train"),
         temperature=args.temperature,
         alpha=args.alpha,
         epochs=epochs,
@@ -69,8 +69,8 @@ def distill_command(args) -> int:
     seconds = time.perf_counter() - started
     path = os.path.join(args.run_dir, STUDENT_FILE)
     student.save(path)
-    probs = selection.predict_members([student], data.x_test)[0]
-    scores = metrics.evaluate_predictions(probs, data.y_test)
+    probs = predict_split([student], data, "test")[0]
+    scores = metrics.evaluate_predictions(probs, data.labels("test"))
     with open(report_path) as f:
         report = json.load(f)
     report["test"]["student"] = scores

@@ -137,9 +137,33 @@ def choose_ensembles(val_probs, y_val, test_probs, y_test) -> dict:
     return result
 
 
+_PREDICT_BATCH = 256
+
+
 def _splits(data, splits):
     """The names of `splits` to evaluate: an empty validation split is not."""
-    return [s for s in splits if not (s == "val" and len(data.x_val) == 0)]
+    return [s for s in splits if not (s == "val" and data.count("val") == 0)]
+
+
+def predict_split(models: list, data, split: str) -> np.ndarray:
+    """`(M, n, k)` probabilities of `models` on `split`, batch by batch.
+
+    The images are streamed (`data.inputs`), never held whole; a model
+    whose output layer is linear (logits) gets a softmax, so that every
+    prediction is a probability.
+    """
+    from keras_snapshot.ensemble import declares_probabilities
+    from keras_snapshot.layers import temperature_softmax
+
+    run_lib.check_split(data, split)
+    inputs = data.inputs(split, _PREDICT_BATCH)
+    probs = []
+    for model in models:
+        p = np.asarray(model.predict(inputs, verbose=0), dtype=np.float64)
+        if declares_probabilities(model) is False:
+            p = temperature_softmax(p, 1.0, from_logits=True)
+        probs.append(p)
+    return np.stack(probs)
 
 
 def predict_models(run_dir: str, data, files: dict, splits=("val", "test")):
@@ -162,9 +186,8 @@ def predict_models(run_dir: str, data, files: dict, splits=("val", "test")):
             models[name] = keras.saving.load_model(path, compile=False)
     probs = {}
     for split in _splits(data, splits):
-        x, _ = run_lib.split(data, split)
         probs[split] = {
-            name: selection.predict_members([model], x)[0]
+            name: predict_split([model], data, split)[0]
             for name, model in models.items()
         }
     return probs
@@ -189,12 +212,11 @@ def evaluate_run(run_dir: str, data, splits=("val", "test")):
     )
     scores, probs = {}, {}
     for name in _splits(data, splits):
-        x, y = run_lib.split(data, name)
-        probs[name] = selection.predict_members(members, x)
+        probs[name] = predict_split(members, data, name)
         single = singles[name].get("baseline")
         if single is not None:
             probs.setdefault("baseline", {})[name] = single
-        scores[name] = evaluate_members(probs[name], y, single)
+        scores[name] = evaluate_members(probs[name], data.labels(name), single)
     return scores, probs
 
 
@@ -202,6 +224,7 @@ def evaluate_command(args) -> int:
     """`keras-snapshot evaluate RUN_DIR`: score the run on one split."""
     run = run_lib.read_run(args.run_dir)
     run_lib.check_has_ensemble(run, args.run_dir, "evaluate")
+    run_lib.check_finished(run, args.run_dir, "evaluate", args.allow_unfinished)
     data = run_lib.load_data(run["config"], args.data_dir)
     scores, _ = evaluate_run(args.run_dir, data, splits=(args.split,))
     result = scores[args.split]

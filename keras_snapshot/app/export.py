@@ -12,6 +12,7 @@ into a new folder `OUT`.
 import importlib.util
 import os
 import shutil
+import tempfile
 
 import keras
 
@@ -52,8 +53,10 @@ def chosen_snapshots(run_dir: str, weights=None):
 def check_output(output: str, overwrite: bool) -> None:
     """Refuses to write over an existing file or non-empty folder.
 
-    With `overwrite`, a file at `output` is deleted and a folder keeps
-    everything but the two exported entries, which are replaced.
+    With `overwrite`, a file at `output` is replaced by the output folder
+    and a folder keeps everything but the two exported entries, which are
+    replaced; in both cases only once the new export is complete
+    (`export_files`).
     """
     exists = os.path.isfile(output) or (
         os.path.isdir(output) and os.listdir(output)
@@ -64,8 +67,23 @@ def check_output(output: str, overwrite: bool) -> None:
             f"the output {output} is an existing {kind}; choose a new path, "
             "or pass --overwrite to replace it."
         )
-    if os.path.isfile(output) or os.path.islink(output):
-        os.remove(output)
+
+
+def _move_into_place(new: str, path: str) -> None:
+    """Puts `new` at `path`, replacing what is there once `new` is moved.
+
+    A file is replaced atomically (`os.replace`); a folder is renamed
+    aside, the new one renamed in, then the old one deleted, so that a
+    failure leaves the old or the new entry, never neither.
+    """
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    if os.path.isdir(path) and not os.path.islink(path):
+        old = tempfile.mkdtemp(dir=os.path.dirname(path) or ".", prefix=".old-")
+        os.rename(path, os.path.join(old, "entry"))
+        os.rename(new, path)
+        shutil.rmtree(old)
+    else:
+        os.replace(new, path)
 
 
 def format_entry(format: str = "saved_model", serving_version=None) -> str:
@@ -116,21 +134,38 @@ def export_files(
 ):
     """Builds the ensemble; writes `ENSEMBLE_FILE` and the format's entry.
 
-    The entry (`format_entry`) is replaced if it exists; with a
-    `serving_version`, other versions in `saved_model/` are kept.
+    Both are written into a scratch folder next to `output` first, and
+    moved into `output` only once both are complete: a failed export
+    (a full disk, a converter error) leaves what was there before. The
+    entry (`format_entry`) replaces an existing one; with a
+    `serving_version`, other versions in `saved_model/` are kept. A file
+    at `output` is replaced by the folder.
     """
     ensemble = build_ensemble(
         snapshots, weights=weights, temperature=temperature
     )
-    os.makedirs(output, exist_ok=True)
-    entry = os.path.join(output, format_entry(format, serving_version))
-    if os.path.isdir(entry):
-        shutil.rmtree(entry)
-    elif os.path.lexists(entry):
-        os.remove(entry)
-    os.makedirs(os.path.dirname(entry), exist_ok=True)
-    export_ensemble(ensemble, entry, format=format, quantization=quantization)
-    ensemble.save(os.path.join(output, ENSEMBLE_FILE))
+    output = os.path.normpath(output)
+    parent = os.path.dirname(output) or "."
+    os.makedirs(parent, exist_ok=True)
+    scratch = tempfile.mkdtemp(dir=parent, prefix=".export-")
+    try:
+        entry = format_entry(format, serving_version)
+        new_entry = os.path.join(scratch, entry)
+        os.makedirs(os.path.dirname(new_entry), exist_ok=True)
+        export_ensemble(
+            ensemble, new_entry, format=format, quantization=quantization
+        )
+        ensemble.save(os.path.join(scratch, ENSEMBLE_FILE))
+        if os.path.isfile(output) or os.path.islink(output):
+            os.remove(output)
+        os.makedirs(output, exist_ok=True)
+        _move_into_place(new_entry, os.path.join(output, entry))
+        _move_into_place(
+            os.path.join(scratch, ENSEMBLE_FILE),
+            os.path.join(output, ENSEMBLE_FILE),
+        )
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
     return ensemble
 
 
@@ -138,6 +173,7 @@ def export_command(args) -> int:
     """`keras-snapshot export RUN_DIR OUTPUT`: export a run's ensemble."""
     run = run_lib.read_run(args.run_dir)
     run_lib.check_has_ensemble(run, args.run_dir, "export")
+    run_lib.check_finished(run, args.run_dir, "export", args.allow_unfinished)
     check_format(args.format, args.quantization, args.serving_version)
     check_output(args.output, args.overwrite)
     weights = None
@@ -149,7 +185,7 @@ def export_command(args) -> int:
                 "--select needs a validation split; this run has none."
             )
         weights = selection.choose_members(
-            probs["val"], data.y_val, args.select
+            probs["val"], data.labels("val"), args.select
         )
     snapshots, weights = chosen_snapshots(args.run_dir, weights)
     if args.last is not None:

@@ -55,9 +55,7 @@ def _check_options(args) -> None:
 def _plan_text(run_dir, data, config, steps, saving) -> str:
     kind = "scaled" if config["scale_lr"] else "unscaled"
     return (
-        f"Run directory: {run_dir}\nData: {data.name}, "
-        f"{len(data.x_train)} train / {len(data.x_val)} validation / "
-        f"{len(data.x_test)} test images, {data.num_classes} classes\n"
+        f"Run directory: {run_dir}\nData: {data.describe()}\n"
         f"FreezeOut: t0={config['t0']} ({config['freezeout_scaling']}, "
         f"{kind}), {steps} steps ({config['epochs']} epochs), one cosine "
         f"anneal of lr {config['learning_rate']} per layer group.\n"
@@ -72,10 +70,9 @@ def _scores(run_dir: str, data, with_baseline: bool) -> dict:
     files = {"final_single": run_lib.FREEZEOUT_FILE}
     if with_baseline:
         files["baseline"] = run_lib.BASELINE_FILE
-    labels = {"val": data.y_val, "test": data.y_test}
     return {
         split: {
-            name: metrics.evaluate_predictions(p, labels[split])
+            name: metrics.evaluate_predictions(p, data.labels(split))
             for name, p in models.items()
         }
         for split, models in predict_models(run_dir, data, files).items()
@@ -99,7 +96,7 @@ def markdown_report(report: dict) -> str:
     lines = [
         "# FreezeOut report",
         "",
-        f"Dataset `{config['dataset']}`, model `{config['model']}`, "
+        f"Data `{run_lib.data_source(config)}`, model `{config['model']}`, "
         f"{config['epochs']} epochs ({report['steps']} steps), lr "
         f"{config['learning_rate']}, batch {config['batch_size']}, seed "
         f"{config['seed']}. FreezeOut t0={config['t0']} "

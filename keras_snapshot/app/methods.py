@@ -28,7 +28,6 @@ import os
 
 METHODS = ("snapshot", "fge", "swa", "sgdr")
 SWA_FILE = "swa.keras"
-SWA_STATE_DIR = "swa_state"
 
 FGE_ALPHA1 = 0.5  # alpha1 = lr / 2 (Garipov et al.: 0.05 for lr 0.1).
 FGE_ALPHA2 = 0.005  # alpha2 = lr / 200 (0.0005 for lr 0.1).
@@ -230,7 +229,6 @@ def extra_callbacks(schedule, run_dir: str, recalibration) -> list:
         StochasticWeightAveraging(
             start_epoch=schedule.swa_start_epoch,
             filepath=os.path.join(run_dir, SWA_FILE),
-            backup_dir=os.path.join(run_dir, SWA_STATE_DIR),
             recalibration_data=recalibration,
             verbose=0,
         )
@@ -248,13 +246,9 @@ def method_scores(config: dict, run_dir: str, data) -> dict:
     """Test scores of the one-model SWA predictor (`swa` runs only)."""
     if config.get("method", "snapshot") != "swa":
         return {}
-    import keras
-
     from keras_snapshot import metrics
-    from keras_snapshot import selection
+    from keras_snapshot.app.evaluate import predict_models
 
-    model = keras.saving.load_model(
-        os.path.join(run_dir, SWA_FILE), compile=False
-    )
-    probs = selection.predict_members([model], data.x_test)[0]
-    return {"swa": metrics.evaluate_predictions(probs, data.y_test)}
+    probs = predict_models(run_dir, data, {"swa": SWA_FILE}, ("test",))
+    swa = probs["test"]["swa"]
+    return {"swa": metrics.evaluate_predictions(swa, data.labels("test"))}

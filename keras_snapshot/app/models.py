@@ -465,13 +465,20 @@ def _load_model_file(
             f"or one of the model names {sorted(MODELS)}."
         )
     model = keras.saving.load_model(path)
+    if len(model.outputs) != 1:
+        names = ", ".join(getattr(model, "output_names", None) or [])
+        raise ValueError(
+            f"The model in {path!r} has {len(model.outputs)} outputs "
+            f"({names}); a classifier here has one output of class scores. "
+            "Save a model with one softmax or linear output."
+        )
     outputs = model.output_shape
     if not isinstance(outputs, tuple) or outputs[-1] != num_classes:
         raise ValueError(
-            f"The model in {path!r} has output shape {outputs}, but "
-            f"`num_classes` is {num_classes}. Pass a model whose last layer "
-            f"has {num_classes} units, or the matching `num_classes`. "
-            f"Received: num_classes={num_classes}"
+            f"The model in {path!r} has output shape {outputs}, but the "
+            f"data has {num_classes} classes. Pass a model whose last layer "
+            f"has {num_classes} units (one per class). Received: "
+            f"num_classes={num_classes}"
         )
     inputs = model.input_shape
     if (

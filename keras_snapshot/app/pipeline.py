@@ -30,7 +30,6 @@ import keras
 from keras_snapshot import _fs
 from keras_snapshot.app import distribute
 from keras_snapshot.app import run as run_lib
-from keras_snapshot.app.datasets import make_dataset
 from keras_snapshot.app.models import MODELS
 from keras_snapshot.app.models import get_model
 
@@ -44,13 +43,25 @@ def run_config(args) -> dict:
     Returns:
         The settings recorded in `run.json` (`run.RUN_KEYS` and a few
         more), with the run folder: `--output-dir`, by default
-        `runs/<dataset>_<model>_seed<seed>` (`..._freezeout_seed<seed>`
-        with `--freezeout`).
+        `default_run_dir(args)`.
 
     Raises:
         UsageError: for a model that is neither a name nor a file, an empty
             `--output-dir`, or temperature scaling without validation.
     """
+    if args.data is not None and args.dataset is not None:
+        raise run_lib.UsageError(
+            f"--data {args.data} and --dataset {args.dataset} both name the "
+            "data; give one: --data for a folder or .npz file, --dataset "
+            "for a bundled or tensorflow-datasets name."
+        )
+    if args.data is None and args.dataset is None:
+        args.dataset = DEFAULT_DATASET
+    if args.dataset is not None and os.path.exists(args.dataset):
+        raise run_lib.UsageError(
+            f"--dataset takes a name and {args.dataset} is a path; pass it "
+            f"with --data {args.dataset}."
+        )
     looks_like_a_path = args.model.endswith(".keras") or os.sep in args.model
     if args.model not in MODELS and looks_like_a_path:
         if not os.path.isfile(args.model):
@@ -78,14 +89,40 @@ def run_config(args) -> dict:
         key: getattr(args, key)
         for key in run_lib.RUN_KEYS
         + ("data_dir", "select", "baseline", "strategy", "output_dir")
+        if key != "data"
     }
-    config["method"] = args.method
-    kind = "_freezeout" if args.freezeout else ""
-    config["output_dir"] = args.output_dir or os.path.join(
-        "runs",
-        f"{args.dataset}_{os.path.basename(args.model)}{kind}_seed{args.seed}",
-    )
+    config["data"] = None if args.data is None else os.path.abspath(args.data)
+    config["output_dir"] = args.output_dir or default_run_dir(args)
     return config
+
+
+DEFAULT_DATASET = "fashion_mnist_small"
+
+
+def _stem(path: str) -> str:
+    name = os.path.basename(os.path.normpath(path))
+    return (
+        os.path.splitext(name)[0] if name.endswith((".keras", ".npz")) else name
+    )
+
+
+def default_run_dir(args) -> str:
+    """`runs/<data>_<model>[_<method>|_freezeout]_seed<seed>`.
+
+    `<data>` is the dataset name or the stem of `--data`, `<model>` the
+    model name or the stem of its `.keras` file; each method has its own
+    folder (the default `snapshot` method none, as before), so that runs
+    of several methods on the same data and model sit side by side.
+    """
+    data = _stem(args.data) if args.data else args.dataset or DEFAULT_DATASET
+    kind = ""
+    if args.freezeout:
+        kind = "_freezeout"
+    elif args.method != "snapshot":
+        kind = f"_{args.method}"
+    return os.path.join(
+        "runs", f"{data}_{_stem(args.model)}{kind}_seed{args.seed}"
+    )
 
 
 def check_model(config: dict, data):
@@ -101,8 +138,50 @@ def check_model(config: dict, data):
     Raises:
         UsageError: if the model cannot be built for `data`.
     """
+    name = config["model"]
     with run_lib.as_usage_error():
-        return get_model(config["model"], data.input_shape, data.num_classes)
+        try:
+            model = get_model(name, data.input_shape, data.num_classes)
+        except ValueError as e:
+            if name not in MODELS:
+                raise
+            shape = "x".join(str(d) for d in data.input_shape)
+            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            raise ValueError(
+                f"The model {name} cannot be built for images of {shape} "
+                f"({first}); its pooling needs larger images: pass "
+                "--image-size HxW (e.g. 32x32) for a folder of images, or "
+                "another --model."
+            ) from e
+    output_is_probabilities(model, name)
+    return model
+
+
+def output_is_probabilities(model, name: str) -> bool:
+    """Whether the model's output is probabilities (softmax) or logits.
+
+    Decides the loss: `sparse_categorical_crossentropy` on probabilities,
+    the same `from_logits=True` on a linear output.
+
+    Raises:
+        UsageError: for a model whose output layer is neither softmax nor
+            linear (a sigmoid, say), naming the layer. (`get_model` refuses
+            a model with several outputs.)
+    """
+    from keras_snapshot.ensemble import declares_probabilities
+
+    declared = declares_probabilities(model)
+    if declared is None:
+        last = model.layers[-1]
+        activation = getattr(last, "activation", None)
+        kind = getattr(activation, "__name__", type(last).__name__)
+        raise run_lib.UsageError(
+            f"the output layer {last.name!r} of the model {name} has a "
+            f"{kind} activation; keras-snapshot trains a classifier whose "
+            "output is a softmax (probabilities) or linear (logits). "
+            "Change the output layer to one of those."
+        )
+    return declared
 
 
 def start_run(config: dict, overwrite: bool) -> dict:
@@ -143,13 +222,16 @@ def compiled_model(config: dict, data, learning_rate, strategy):
     """
     with strategy.scope():
         model = get_model(config["model"], data.input_shape, data.num_classes)
+        from_logits = not output_is_probabilities(model, config["model"])
         model.compile(
             optimizer=keras.optimizers.SGD(
                 learning_rate=learning_rate,
                 momentum=config["momentum"],
                 weight_decay=config["weight_decay"] or None,
             ),
-            loss="sparse_categorical_crossentropy",
+            loss=keras.losses.SparseCategoricalCrossentropy(
+                from_logits=from_logits
+            ),
             metrics=["accuracy"],
         )
     return model
@@ -157,19 +239,16 @@ def compiled_model(config: dict, data, learning_rate, strategy):
 
 def fit(model, data, config: dict, callbacks: list, verbose: int) -> None:
     """`model.fit` over the run's epochs, shuffled and augmented as set."""
-    train = make_dataset(
-        data.x_train,
-        data.y_train,
+    train = data.batches(
+        "train",
         config["batch_size"],
         shuffle=True,
         augment=config["augment"],
         seed=config["seed"],
     )
     validation = None
-    if len(data.x_val):
-        validation = make_dataset(
-            data.x_val, data.y_val, max(256, config["batch_size"])
-        )
+    if data.count("val"):
+        validation = data.batches("val", max(256, config["batch_size"]))
     model.fit(
         train,
         epochs=config["epochs"],

@@ -14,6 +14,7 @@ from matplotlib.figure import Figure
 
 from keras_snapshot import _fs
 from keras_snapshot import metrics
+from keras_snapshot.app import run as run_lib
 
 # Significance level of the verdict's exact McNemar tests.
 ALPHA = 0.05
@@ -157,7 +158,7 @@ def markdown_report(report: dict) -> str:
         "",
         f"Method: `{report.get('method', 'snapshot')}`.",
         "",
-        f"Dataset `{config['dataset']}`, model `{config['model']}`, "
+        f"Data `{run_lib.data_source(config)}`, model `{config['model']}`, "
         f"{config['epochs']} epochs, {config['num_snapshots']} snapshots, "
         f"initial rate {config['learning_rate']}, batch "
         f"{config['batch_size']}, seed {config['seed']}, "
@@ -377,17 +378,11 @@ def write_report(run_dir: str, report: dict, markdown: str | None = None):
 
 def plan(run_dir: str, data, schedule, config: dict) -> str:
     """The lines printed before training: directory, data and schedule."""
+    head = f"Run directory: {run_dir}\nData: {data.describe()}\n"
     if hasattr(schedule, "describe"):
-        return (
-            f"Run directory: {run_dir}\nData: {data.name}, "
-            f"{len(data.x_train)} train / {len(data.x_val)} validation / "
-            f"{len(data.x_test)} test images\nSchedule: {schedule.describe()}"
-        )
+        return f"{head}Schedule: {schedule.describe()}"
     return (
-        f"Run directory: {run_dir}\nData: {data.name}, "
-        f"{len(data.x_train)} train / {len(data.x_val)} validation / "
-        f"{len(data.x_test)} test images, {data.num_classes} classes\n"
-        f"Schedule: {schedule.num_snapshots} cycles of "
+        f"{head}Schedule: {schedule.num_snapshots} cycles of "
         f"{schedule.cycle_length} steps ({schedule.total_steps} steps, "
         f"{config['epochs']} epochs), snapshots after steps "
         f"{schedule.cycle_end_steps}"

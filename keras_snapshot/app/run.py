@@ -44,6 +44,11 @@ RUN_OUTPUTS = (
 # Settings that define a run: resuming with other values is refused.
 RUN_KEYS = (
     "dataset",
+    "data",
+    "image_size",
+    "channels",
+    "test_fraction",
+    "method",
     "model",
     "epochs",
     "num_snapshots",
@@ -62,6 +67,11 @@ RUN_KEYS = (
 )
 # Values of run keys added later, for runs written before them.
 RUN_KEY_DEFAULTS = {
+    "data": None,
+    "image_size": None,
+    "channels": None,
+    "test_fraction": 0.2,
+    "method": "snapshot",
     "freezeout": False,
     "t0": 0.8,
     "freezeout_scaling": "cubic",
@@ -116,6 +126,26 @@ def check_has_ensemble(run: dict, run_dir: str, command: str) -> None:
         "with keras.saving.load_model, or train a snapshot run (without "
         "--freezeout) in another --output-dir."
     )
+
+
+def check_finished(run: dict, run_dir: str, command: str, allow: bool):
+    """Refuses a run whose training has not finished, unless `allow`.
+
+    An interrupted run has only the snapshots of the cycles it reached:
+    evaluating or exporting it silently would pass a partial ensemble off
+    as the run's.
+    """
+    if run.get("status") == "trained":
+        return
+    if not allow:
+        raise UsageError(
+            f"{run_dir} has not finished training (status: "
+            f"{run.get('status')!r}), so its snapshots are only those of the "
+            "cycles it reached. Run the same `keras-snapshot train` command "
+            f"again to finish it, or pass --allow-unfinished to {command} "
+            "the snapshots it has."
+        )
+    print(f"Note: {run_dir} has not finished training; using its snapshots.")
 
 
 def read_run(run_dir: str) -> dict:
@@ -282,36 +312,39 @@ def start_training(run: dict, run_dir: str) -> bool:
 
 
 def load_data(config: dict, data_dir=None):
-    """The run's dataset, split as it was for training.
+    """The run's data (`--data` or `--dataset`), split as for training.
 
     Raises:
-        UsageError: for a dataset that is unknown or cannot be loaded
-            (`load_dataset`'s errors, in one line).
+        UsageError: for data that is unknown, cannot be loaded or cannot
+            be trained on (`open_dataset`'s errors, in one line).
     """
-    from keras_snapshot.app.datasets import load_dataset
+    from keras_snapshot.app.datasets import open_dataset
 
+    size = config.get("image_size")
     with as_usage_error():
-        return load_dataset(
-            config["dataset"],
+        return open_dataset(
+            data_source(config),
             data_dir=data_dir,
             validation_fraction=config["validation_fraction"],
             seed=config["seed"],
+            test_fraction=config.get("test_fraction", 0.2),
+            image_size=None if size is None else tuple(size),
+            channels=config.get("channels"),
         )
 
 
-def split(data, name: str):
-    """`(x, y)` of the `"train"`, `"val"` or `"test"` split, never empty."""
-    x, y = {
-        "train": (data.x_train, data.y_train),
-        "val": (data.x_val, data.y_val),
-        "test": (data.x_test, data.y_test),
-    }[name]
-    if len(x) == 0:
+def data_source(config: dict) -> str:
+    """The run's data as the user named it: `--data`'s path, or the name."""
+    return config.get("data") or config["dataset"]
+
+
+def check_split(data, name: str) -> None:
+    """Refuses an empty `"train"`, `"val"` or `"test"` split."""
+    if data.count(name) == 0:
         raise UsageError(
             f"the {name} split of {data.name} is empty; choose another split "
             "or a --validation-fraction above 0."
         )
-    return x, y
 
 
 def steps_per_epoch(config: dict, data) -> int:
@@ -320,4 +353,4 @@ def steps_per_epoch(config: dict, data) -> int:
     The one place this is computed: the schedule, the baseline's cosine
     decay and the printed plan all use it.
     """
-    return math.ceil(len(data.x_train) / config["batch_size"])
+    return math.ceil(data.count("train") / config["batch_size"])

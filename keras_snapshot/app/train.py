@@ -29,7 +29,7 @@ def snapshot_callbacks(config: dict, data, schedule, verbose) -> list:
     run_dir = config["output_dir"]
     recalibration = None
     if config["recalibrate_bn"]:
-        recalibration = data.x_train[:_RECALIBRATION_SAMPLES]
+        recalibration = data.inputs("train", 256, limit=_RECALIBRATION_SAMPLES)
     return [
         SnapshotCheckpoint(
             os.path.join(run_dir, run_lib.SNAPSHOT_DIR),
@@ -91,7 +91,7 @@ def train_command(args) -> int:
     choices = None
     if "val" in probs:
         choices = choose_ensembles(
-            probs["val"], data.y_val, probs["test"], data.y_test
+            probs["val"], data.labels("val"), probs["test"], data.labels("test")
         )
     weights = None
     if args.select != "all" and choices:
@@ -103,7 +103,7 @@ def train_command(args) -> int:
     scores["test"].update(
         compare_singles(
             probs["test"],
-            data.y_test,
+            data.labels("test"),
             weights,
             temperature,
             probs.get("baseline", {}).get("test"),
@@ -135,7 +135,9 @@ def train_command(args) -> int:
     }
     if baseline_seconds is not None:
         report["baseline_train_seconds"] = round(baseline_seconds, 2)
-    report_lib.write_run_report(run_dir, report, schedule, probs, data.y_test)
+    report_lib.write_run_report(
+        run_dir, report, schedule, probs, data.labels("test")
+    )
     print("\n" + report_lib.summary_table(report))
     print("\n" + report_lib.verdict(report))
     print(

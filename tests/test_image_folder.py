@@ -1,0 +1,162 @@
+"""A user's folder of images: listed, checked and streamed (`--data`)."""
+
+import os
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from helpers import write_image_folder
+
+from keras_snapshot.app import image_folder
+from keras_snapshot.app.datasets import SPLITS
+from keras_snapshot.app.datasets import StreamedDataset
+from keras_snapshot.app.datasets import open_dataset
+
+
+def test_list_sorts_classes_and_reads_subfolders_recursively(tmp_path):
+    write_image_folder(tmp_path, classes=("b", "a"), count=2)
+    nested = tmp_path / "a" / "more"
+    nested.mkdir()
+    tf.io.write_file(
+        str(nested / "x.png"), tf.io.encode_png(np.zeros((8, 6, 3), np.uint8))
+    )
+    (tmp_path / "a" / "notes.txt").write_text("not an image")
+    (tmp_path / ".hidden").mkdir()
+    listed = image_folder.list_image_folder(str(tmp_path))
+    assert listed.class_names == ("a", "b")
+    assert [os.path.relpath(p, tmp_path) for p in listed.paths] == [
+        "a/000.png",
+        "a/001.png",
+        "a/more/x.png",
+        "b/000.png",
+        "b/001.png",
+    ]
+    np.testing.assert_array_equal(listed.labels, [0, 0, 0, 1, 1])
+    assert listed.test_paths is None
+
+
+def test_open_streams_images_and_labels_exactly(tmp_path):
+    written = write_image_folder(tmp_path, count=10)
+    data = open_dataset(str(tmp_path), validation_fraction=0.2, seed=1)
+    assert isinstance(data, StreamedDataset)
+    assert data.input_shape == (8, 6, 3) and data.num_classes == 3
+    # 30 images: 6 held out for test (0.2), 5 of the other 24 for validation.
+    assert [data.count(s) for s in SPLITS] == [19, 5, 6]
+    seen = []
+    for split in SPLITS:
+        x, y = data.arrays(split)
+        np.testing.assert_array_equal(y, data.labels(split))
+        for image, label in zip(x, y, strict=True):
+            matches = [
+                p
+                for p, (img, lab) in written.items()
+                if lab == label and np.array_equal(img / np.float32(255), image)
+            ]
+            assert len(matches) == 1
+            seen += matches
+    assert sorted(seen) == sorted(written)  # The splits partition the folder.
+    for split in SPLITS:  # Every class in every split (stratified).
+        assert set(data.labels(split)) == {0, 1, 2}
+
+
+def test_test_split_is_fixed_and_validation_follows_the_seed(tmp_path):
+    write_image_folder(tmp_path, count=10)
+
+    def files(seed, split):
+        data = open_dataset(str(tmp_path), validation_fraction=0.2, seed=seed)
+        elements = data.streams[split]()[0]
+        return sorted(p for p, _ in elements.as_numpy_iterator())
+
+    assert files(0, "test") == files(1, "test")
+    assert files(0, "val") != files(1, "val")
+
+
+def test_train_and_test_subfolders_are_the_given_split(tmp_path):
+    write_image_folder(tmp_path / "train", classes=("a", "b"), count=6)
+    write_image_folder(tmp_path / "test", classes=("b",), count=3, seed=1)
+    data = open_dataset(str(tmp_path), validation_fraction=0)
+    assert [data.count(s) for s in SPLITS] == [12, 0, 3]
+    np.testing.assert_array_equal(data.labels("test"), [1, 1, 1])
+
+
+def test_shuffled_batches_are_seeded_and_bounded_by_the_split(tmp_path):
+    write_image_folder(tmp_path, count=10)
+    data = open_dataset(str(tmp_path), validation_fraction=0)
+
+    def order(seed):
+        batches = data.batches("train", 8, shuffle=True, seed=seed)
+        return np.concatenate([y for _, y in batches.as_numpy_iterator()])
+
+    first = order(0)
+    assert len(first) == data.count("train")
+    np.testing.assert_array_equal(first, order(0))
+    assert sorted(first) == sorted(data.labels("train"))
+    assert not np.array_equal(first, data.labels("train"))
+    x = next(data.inputs("test", 4).as_numpy_iterator())
+    assert x.shape == (4, 8, 6, 3) and x.dtype == np.float32
+
+
+def test_image_size_resizes_and_grayscale_is_one_channel(tmp_path):
+    write_image_folder(tmp_path, classes=("a",), count=4, channels=1)
+    write_image_folder(
+        tmp_path, classes=("x", "b"), count=4, size=(10, 10), channels=1
+    )
+    with pytest.raises(
+        ValueError, match=r"2 different sizes: .*8x6 .*10x10.*--image-size"
+    ):
+        open_dataset(str(tmp_path))
+    data = open_dataset(str(tmp_path), image_size=(5, 4))
+    assert data.input_shape == (5, 4, 1)
+    x, _ = data.arrays("train")
+    assert x.shape[1:] == (5, 4, 1) and 0 <= x.min() and x.max() <= 1
+    rgb = open_dataset(str(tmp_path), image_size=(5, 4), channels=3)
+    assert rgb.input_shape == (5, 4, 3)
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda root: None, "has no class subfolders"),
+        (
+            lambda root: write_image_folder(root, classes=("only",)),
+            "one class subfolder",
+        ),
+        (
+            lambda root: (
+                write_image_folder(root),
+                os.makedirs(os.path.join(root, "empty")),
+            ),
+            r"class folder .*empty holds no images",
+        ),
+        (
+            lambda root: (
+                write_image_folder(root),
+                open(os.path.join(root, "dog", "bad.png"), "wb").write(b"oops"),
+            ),
+            r"dog/bad.png is not a readable image \(1 of 31 files",
+        ),
+        (
+            lambda root: (
+                write_image_folder(
+                    os.path.join(root, "train"), classes=("a", "b")
+                ),
+                write_image_folder(os.path.join(root, "test"), classes=("c",)),
+            ),
+            r"test has classes that .*train does not have: \['c'\]",
+        ),
+    ],
+    ids=["empty", "one-class", "empty-class", "corrupt", "unknown-test-class"],
+)
+def test_bad_folders_are_refused_in_one_line(tmp_path, make, message):
+    make(str(tmp_path))
+    with pytest.raises(ValueError, match=message) as error:
+        open_dataset(str(tmp_path))
+    assert "\n" not in str(error.value)
+
+
+def test_scan_reads_the_shape_of_every_file(tmp_path):
+    # The scan keeps one (height, width, channels) row per file.
+    write_image_folder(tmp_path, count=5)
+    listed = image_folder.list_image_folder(str(tmp_path))
+    shapes = image_folder.scan_images(listed.paths)
+    assert shapes.shape == (15, 3) and (shapes == [8, 6, 3]).all()

@@ -64,6 +64,39 @@ def test_colab_notebook_executes(tmp_path, monkeypatch):
     assert "SavedModel serves the same probabilities." in outputs
 
 
+@pytest.mark.slow
+def test_colab_notebook_offline_stops_with_the_one_line_reason(
+    tmp_path, monkeypatch
+):
+    nbclient = pytest.importorskip("nbclient")
+    import socket
+
+    import nbformat
+
+    with socket.socket() as s:  # A local port that refuses: no network.
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for var in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy"):
+        monkeypatch.setenv(var, f"http://127.0.0.1:{port}")
+    for var in ("NO_PROXY", "no_proxy", "KERAS_SNAPSHOT_NOTEBOOK_SMOKE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("TFDS_DATA_DIR", str(tmp_path / "tfds"))
+    monkeypatch.setenv("PYTHONPATH", _env()["PYTHONPATH"])
+    notebook = nbformat.read(NOTEBOOK, as_version=4)
+    client = nbclient.NotebookClient(
+        notebook,
+        timeout=600,
+        kernel_name="python3",
+        resources={"metadata": {"path": str(tmp_path)}},
+    )
+    with pytest.raises(nbclient.exceptions.CellExecutionError) as error:
+        client.execute()
+    assert error.value.ename == "SystemExit"
+    reason = error.value.evalue
+    assert reason.startswith("keras-snapshot train: error: The tensorflow-")
+    assert "cifar10" in reason and "cannot be reached" in reason
+
+
 def _install_cell():
     import nbformat
 
@@ -197,3 +230,51 @@ def test_cifar_example_trains_on_the_whole_training_split(tmp_path):
     assert "Training on 20 images, validating on 0" in result.stdout
     assert "ensemble of the last 2 snapshots" in result.stdout
     assert (tmp_path / "run" / "ensemble.keras").exists()
+
+
+def _readme():
+    with open(os.path.join(ROOT, "README.md")) as f:
+        return f.read()
+
+
+def test_readme_python_quickstart_runs_as_written(tmp_path):
+    import re
+
+    section = _readme().split("## In Python", 1)[1]
+    (code,) = re.findall(r"```python\n(.*?)```", section, re.S)[:1]
+    script = tmp_path / "quickstart.py"
+    script.write_text(code)
+    result = _run([str(script)], tmp_path, env=_env())
+    assert result.returncode == 0, result.stderr[-3000:]
+    error = float(result.stdout.split("snapshot ensemble test error:")[1])
+    assert error < 0.5  # 10 classes: far better than chance
+    assert sorted(os.listdir(tmp_path / "snapshots")) == [
+        "manifest.json",
+        "snapshot-01.keras",
+        "snapshot-02.keras",
+        "snapshot-03.keras",
+    ]
+    assert (tmp_path / "ensemble.keras").exists()
+
+
+def test_readme_commands_name_the_run_folders_train_makes():
+    # .ci/run runs them; here: the folders they name are the defaults.
+    sys.path.insert(0, os.path.join(ROOT, ".ci"))
+    try:
+        from readme_commands import readme_commands
+    finally:
+        sys.path.pop(0)
+    from keras_snapshot.app import cli
+    from keras_snapshot.app import pipeline
+
+    commands = [c.split("#")[0].split() for c in readme_commands()]
+    assert commands and all(c[0] == "keras-snapshot" for c in commands)
+    made = set()
+    for argv in commands:
+        args = cli.build_parser().parse_args(argv[1:])
+        if args.command == "train":
+            folder = pipeline.default_run_dir(args)
+            assert folder not in made, f"{argv} reuses {folder}"
+            made.add(folder)
+        else:
+            assert os.path.normpath(args.run_dir) in made, argv

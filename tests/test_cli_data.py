@@ -71,6 +71,15 @@ def test_the_same_command_resumes_and_other_image_settings_are_refused(
         os.chdir(cwd)
 
 
+def test_distill_works_on_a_streamed_run(folder_run):
+    _, run_dir = folder_run
+    assert cli.main(["distill", str(run_dir), "--epochs", "1"]) == 0
+    report = json.loads((run_dir / "report.json").read_text())
+    assert 0 <= report["test"]["student"]["error"] <= 1
+    student = keras.saving.load_model(run_dir / "student.keras")
+    assert student.input_shape == (None, 16, 12, 3)
+
+
 def test_evaluate_and_export_refuse_an_unfinished_run(
     folder_run, tmp_path, capsys
 ):

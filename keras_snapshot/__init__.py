@@ -7,7 +7,8 @@ end of every cycle, and average the snapshots' softmax outputs (Huang et al.
 Layers, bottom to top (imports only go down; `tests/test_layering.py`):
 
 - core: `schedule`, `checkpoint`, `manifest`, `loading`, `ensemble`, `export`,
-  `batchnorm`, `layers`, `averaging`, `fge`, `distill`, `freezeout`;
+  `batchnorm`, `layers`, `weight_averaging`, `averaging`, `fge`, `distill`,
+  `freezeout`;
 - analysis: `metrics`, `selection`;
 - application: `keras_snapshot.app` (command line, report, data, models).
 
@@ -43,12 +44,15 @@ _EXPORTS = {
     "SnapshotSchedule": "schedule",
     "SnapshotSelection": "selection",
     "StochasticWeightAveraging": "averaging",
+    "WeightAveraging": "weight_averaging",
     "average_weights": "averaging",
     "build_ensemble": "ensemble",
     "combine_members": "ensemble",
     "distill": "distill",
     "estimate_speedup": "freezeout",
     "export_ensemble": "export",
+    "greedy_soup": "averaging",
+    "load_example_data": "example_data",
     "load_snapshots": "loading",
     "read_manifest": "manifest",
     "recalibrate_batchnorm": "batchnorm",

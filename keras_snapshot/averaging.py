@@ -5,31 +5,31 @@ Wilson, "Averaging Weights Leads to Wider Optima and Better
 Generalization", UAI 2018, arXiv:1803.05407) averages the weights that one
 run visits, then recomputes the BatchNorm statistics: one model, predicting
 at the cost of one model. `average_weights` averages the snapshots of a run
-after training; `StochasticWeightAveraging` keeps the running average
-during training. Both leave BatchNorm recalibration to
-`recalibrate_batchnorm`, as PyTorch keeps `AveragedModel` and `update_bn`
-apart.
+after training; `greedy_soup` averages only the members that help on
+validation data (Wortsman et al. 2022, arXiv:2203.05482);
+`StochasticWeightAveraging` is `WeightAveraging(mode="swa")` (the running
+average during training) under its old name and arguments. All leave
+BatchNorm recalibration to `recalibrate_batchnorm`, as PyTorch keeps
+`AveragedModel` and `update_bn` apart.
 """
 
-import io
 import json
 import os
 import warnings
 
-import keras
 import numpy as np
 from keras import ops
 
-from keras_snapshot import _fs
 from keras_snapshot._checks import check_positive_int
-from keras_snapshot._io import print_msg
-from keras_snapshot._steps import StepTracker
-from keras_snapshot.batchnorm import batchnorm_layers
 from keras_snapshot.batchnorm import recalibrate_batchnorm
+from keras_snapshot.ensemble import declares_probabilities
 from keras_snapshot.ensemble import normalize_weights
-from keras_snapshot.loading import clone_model
 from keras_snapshot.loading import describe
 from keras_snapshot.loading import load_members
+from keras_snapshot.weight_averaging import WeightAveraging
+from keras_snapshot.weight_averaging import is_float as _is_float
+from keras_snapshot.weight_averaging import model_with_weights
+from keras_snapshot.weight_averaging import warn_batchnorm
 
 # Keys of a layer's config that do not change what its weights mean.
 _IGNORED_CONFIG_KEYS = ("name",)
@@ -61,10 +61,6 @@ def _layer_signature(layer) -> tuple:
         and not key.endswith(_IGNORED_CONFIG_SUFFIXES)
     }
     return type(layer).__name__, json.dumps(config, sort_keys=True, default=str)
-
-
-def _is_float(variable) -> bool:
-    return "float" in str(variable.dtype)
 
 
 def check_same_architecture(models: list, names: list | None = None) -> None:
@@ -120,33 +116,6 @@ def check_same_architecture(models: list, names: list | None = None) -> None:
                     f"{theirs[1]} in {reference_name}. All members must "
                     "share one architecture."
                 )
-
-
-def _model_with_weights(
-    template, arrays: list, safe_mode=True, custom_objects=None
-):
-    """A new model of `template`'s architecture holding `arrays`."""
-    model = clone_model(template, safe_mode, custom_objects)
-    if len(model.weights) != len(arrays):
-        raise ValueError(
-            f"Could not rebuild {template.name!r} with clone_model: the "
-            f"clone has {len(model.weights)} variables instead of "
-            f"{len(arrays)}. Build subclassed models before averaging."
-        )
-    for variable, array in zip(model.weights, arrays):
-        variable.assign(np.asarray(array).astype(variable.dtype))
-    return model
-
-
-def _warn_batchnorm(model, recalibration_data) -> None:
-    if recalibration_data is None and batchnorm_layers(model):
-        warnings.warn(
-            "The averaged model has BatchNormalization layers whose moving "
-            "statistics are averages of the members' statistics, which do "
-            "not match the averaged weights. Pass `recalibration_data` "
-            "(training inputs) to recompute them, as SWA does.",
-            stacklevel=3,
-        )
 
 
 def average_weights(
@@ -234,75 +203,203 @@ def average_weights(
             value = ops.convert_to_numpy(member.weights[i])
             total += coefficient * value.astype(np.float64)
         averaged.append(total)
-    model = _model_with_weights(first, averaged, safe_mode, custom_objects)
+    model = model_with_weights(first, averaged, safe_mode, custom_objects)
     if recalibration_data is not None:
         recalibrate_batchnorm(
             model, recalibration_data, batch_size, recalibration_steps
         )
     else:
-        _warn_batchnorm(model, recalibration_data)
+        warn_batchnorm(model, averaged_statistics=True)
     return model
 
 
-_STATE_PREFIX = "swa-state-"
+def _probabilities(model, x, batch_size: int, from_logits: bool):
+    scores = model.predict(x, batch_size=batch_size, verbose=0)
+    scores = np.asarray(scores, dtype=np.float64)
+    if from_logits:
+        scores = scores - scores.max(axis=-1, keepdims=True)
+        scores = np.exp(scores)
+        scores /= scores.sum(axis=-1, keepdims=True)
+    return scores
 
 
-class StochasticWeightAveraging(keras.callbacks.Callback):
-    """Keeps the running average of the weights during training (SWA).
+def _soup_score(probs, labels, metric: str) -> float:
+    """Higher is better: accuracy, or minus the mean NLL."""
+    if metric == "accuracy":
+        return float(np.mean(np.argmax(probs, axis=-1) == labels))
+    picked = probs[np.arange(len(labels)), labels]
+    return float(np.mean(np.log(np.clip(picked, 1e-12, None))))
 
-    Stochastic Weight Averaging (Izmailov et al. 2018, arXiv:1803.05407)
-    trains with a constant or cyclic rate in its final phase and averages
-    the weights visited: `w_swa <- (n w_swa + w) / (n + 1)` after each
-    averaged step, `n` the number averaged so far. This callback does that
-    either at the end of every epoch from epoch `start_epoch` on (the model
-    after `start_epoch` epochs is the first averaged), or every
-    `every_steps` optimizer steps from step `start_step` on (the first
-    averaged model is the one after `start_step` steps, also in the middle
-    of an epoch: with a cyclic rate set `every_steps` to the cycle length
-    and `start_step` to the end of a cycle). Every variable is averaged, the
-    BatchNorm moving statistics too; recompute those with
-    `recalibration_data`.
 
-    At the end of training the average can be saved (`filepath`, a `.keras`
-    file written atomically, without optimizer) and/or put into the model
-    (`set_weights_at_end`). `averaged_model()` returns it at any time.
+SOUP_METRICS = ("accuracy", "nll")
 
-    Resuming: with `backup_dir`, the running average, its count and the
-    optimizer step of its last update are written after every update to a
-    small `.npz` file in `backup_dir` (atomically: temporary file, then
-    rename), the last few kept. When training resumes through
-    `keras.callbacks.BackupAndRestore` (with its default
-    `save_freq="epoch"`) or from `initial_epoch`, the callback reads the
-    optimizer's step count and takes the saved average of that step; an
-    update due exactly at that step that was lost in a kill is redone from
-    the restored weights. The average then equals an uninterrupted run's.
-    Put it in any order with `BackupAndRestore`. Files from steps the
-    resumed run has not reached are dropped. The files stay after
-    training, so that a later `fit` continues the average.
+
+def greedy_soup(
+    models,
+    validation_data,
+    metric: str = "accuracy",
+    from_logits: bool | None = None,
+    recalibration_data=None,
+    recalibration_steps: int | None = None,
+    batch_size: int = 128,
+    safe_mode: bool = True,
+    skip_invalid: bool = False,
+    custom_objects: dict | None = None,
+    allow_nonfinite: bool = False,
+):
+    """Averages the members whose weights help on validation data.
+
+    The greedy soup of Wortsman et al. 2022 ("Model soups: averaging
+    weights of multiple fine-tuned models improves accuracy without
+    increasing inference time", arXiv:2203.05482): sort the members by
+    their own validation score, best first; start the soup with the best,
+    then add each next member to the (uniform) average only if the
+    validation score of the average does not get worse. A member from
+    another basin (a diverged run, a bad learning rate) is left out, where
+    a uniform average (`average_weights`) would be spoiled by it.
+
+    Scores are computed with numpy on the model's predictions:
+    `metric="accuracy"` (higher is better, the paper's choice) or `"nll"`
+    (the mean negative log-likelihood, lower is better; finer-grained on
+    small validation sets). With `recalibration_data`, the BatchNorm
+    statistics of every member and candidate soup are recomputed on it
+    before scoring (`recalibrate_batchnorm`); without it, the statistics
+    are averaged like the other variables (a warning says so for BatchNorm
+    models).
 
     Args:
-        start_epoch: Average at the end of every epoch from the
-            `start_epoch`-th (1-based) on. Not with `every_steps`.
-        start_step: With `every_steps`: the optimizer step count of the
-            first averaged model.
-        every_steps: Average every that many optimizer steps.
-        filepath: Optional `.keras` path for the averaged model at the end.
-        set_weights_at_end: Put the averaged weights into the model at the
-            end of training (recalibrated if `recalibration_data` is set).
-        backup_dir: Optional folder for the running average, to resume.
-        recalibration_data: Optional training inputs; the BatchNorm
-            statistics of the averaged model are recomputed on them.
+        models: A directory written by `SnapshotCheckpoint`, a list of
+            `.keras` paths (e.g. separately fine-tuned copies of one
+            model) or a list of Keras models, of one architecture.
+        validation_data: `(x, y)` with integer labels `y`.
+        metric: `"accuracy"` or `"nll"`.
+        from_logits: Whether the models output logits; None reads it from
+            the output layer (softmax: probabilities; linear: logits).
+        recalibration_data: Optional training inputs for BatchNorm.
         recalibration_steps: Optional limit on the batches used for that.
-        verbose: 1 prints a line when training resumes an average and when
-            the averaged model is saved; 0 is silent.
+        batch_size: Batch size for prediction and recalibration.
+        safe_mode, skip_invalid, custom_objects, allow_nonfinite: How the
+            members are loaded: see `keras_snapshot.loading.LoadOptions`.
+
+    Returns:
+        `(model, kept)`: a new `keras.Model` holding the soup (not
+        compiled), and the indices (into the loaded members, oldest first)
+        of the members in it, in the order they were added.
 
     Example:
 
     ```python
-    # 20 epochs: the last 5 at a constant rate, averaged every epoch.
+    soup, kept = keras_snapshot.greedy_soup(
+        ["run_a.keras", "run_b.keras", "run_c.keras"],
+        validation_data=(x_val, y_val), metric="nll",
+    )
+    print("kept", kept)
+    ```
+    """
+    if metric not in SOUP_METRICS:
+        raise ValueError(
+            f"`metric` must be one of {SOUP_METRICS}. Received: "
+            f"metric={metric!r}."
+        )
+    if not isinstance(validation_data, tuple) or len(validation_data) != 2:
+        raise ValueError(
+            "`validation_data` must be a tuple `(x, y)` of arrays with "
+            "integer labels y. Received: "
+            f"{type(validation_data).__name__}."
+        )
+    check_positive_int("batch_size", batch_size)
+    if recalibration_steps is not None:
+        check_positive_int("recalibration_steps", recalibration_steps)
+    loaded = load_members(
+        models,
+        safe_mode=safe_mode,
+        skip_invalid=skip_invalid,
+        custom_objects=custom_objects,
+        allow_nonfinite=allow_nonfinite,
+    )
+    members = [member.model for member in loaded]
+    check_same_architecture(members, [describe(m) for m in loaded])
+    if from_logits is None:
+        declared = declares_probabilities(members[0])
+        if declared is None:
+            raise ValueError(
+                "Cannot tell whether the models output probabilities or "
+                "logits: their last layer declares neither a softmax nor a "
+                "linear activation. Pass `from_logits=True` or "
+                "`from_logits=False`."
+            )
+        from_logits = not declared
+    x_val, y_val = validation_data
+    labels = np.asarray(y_val).reshape(-1).astype(np.int64)
+    values = [
+        [ops.convert_to_numpy(v).astype(np.float64) for v in m.weights]
+        for m in members
+    ]
+    floats = [_is_float(v) for v in members[0].weights]
+    work = model_with_weights(members[0], values[0], safe_mode, custom_objects)
+
+    def score(arrays) -> float:
+        for variable, array in zip(work.weights, arrays):
+            variable.assign(array.astype(variable.dtype))
+        if recalibration_data is not None:
+            recalibrate_batchnorm(
+                work, recalibration_data, batch_size, recalibration_steps
+            )
+        probs = _probabilities(work, x_val, batch_size, from_logits)
+        return _soup_score(probs, labels, metric)
+
+    own = [score(v) for v in values]
+    order = sorted(range(len(members)), key=lambda i: -own[i])
+    kept = [order[0]]
+    soup, best = values[order[0]], own[order[0]]
+    for i in order[1:]:
+        n = len(kept)
+        candidate = [
+            (n * s + v) / (n + 1) if is_f else s
+            for s, v, is_f in zip(soup, values[i], floats)
+        ]
+        candidate_score = score(candidate)
+        if candidate_score >= best:
+            kept.append(i)
+            soup, best = candidate, candidate_score
+    model = model_with_weights(members[0], soup, safe_mode, custom_objects)
+    if recalibration_data is not None:
+        recalibrate_batchnorm(
+            model, recalibration_data, batch_size, recalibration_steps
+        )
+    elif len(kept) > 1:
+        warn_batchnorm(model, averaged_statistics=True)
+    return model, kept
+
+
+class StochasticWeightAveraging(WeightAveraging):
+    """Keeps the running average of the weights during training (SWA).
+
+    `WeightAveraging(mode="swa", average_batchnorm=True)` under its
+    earlier name and arguments (Izmailov et al. 2018, arXiv:1803.05407):
+    `w_swa <- (n w_swa + w) / (n + 1)` after each averaged step, at the end
+    of every epoch from `start_epoch` on, or every `every_steps` optimizer
+    steps from step `start_step` on. Every float variable is averaged, the
+    BatchNorm moving statistics too; recompute those with
+    `recalibration_data`. New code should use `WeightAveraging`, which
+    also validates with the average and does EMA.
+
+    Resuming: the running average now lives in Keras variables that
+    `keras.callbacks.BackupAndRestore` saves with the weights, so
+    `backup_dir` is no longer needed: it is accepted, ignored, and warned
+    about (`DeprecationWarning`); nothing is written there.
+
+    Args:
+        start_epoch, start_step, every_steps, filepath,
+        set_weights_at_end, recalibration_data, recalibration_steps,
+        verbose: As for `WeightAveraging`.
+        backup_dir: Deprecated and ignored.
+
+    Example:
+
+    ```python
     swa = keras_snapshot.StochasticWeightAveraging(
-        start_epoch=16, filepath="swa.keras", backup_dir="swa_state",
-        recalibration_data=x_train,
+        start_epoch=16, filepath="swa.keras", recalibration_data=x_train,
     )
     model.fit(x_train, y_train, epochs=20, callbacks=[
         keras.callbacks.BackupAndRestore("backup"), swa,
@@ -323,401 +420,45 @@ class StochasticWeightAveraging(keras.callbacks.Callback):
         recalibration_steps: int | None = None,
         verbose: int = 1,
     ):
-        super().__init__()
-        if every_steps is None:
-            if start_step is not None:
-                raise ValueError(
-                    "`start_step` needs `every_steps` (average every that "
-                    "many steps); to average at epoch ends pass "
-                    f"`start_epoch`. Received: start_step={start_step}, "
-                    "every_steps=None."
-                )
-            if start_epoch is None:
-                raise ValueError(
-                    "Say when averaging starts: pass `start_epoch` (average "
-                    "at the end of every epoch from then on) or `start_step` "
-                    "and `every_steps`. Received: start_epoch=None, "
-                    "start_step=None, every_steps=None."
-                )
-            check_positive_int("start_epoch", start_epoch)
-        else:
-            check_positive_int("every_steps", every_steps)
-            if start_epoch is not None:
-                raise ValueError(
-                    "Pass either `start_epoch` (average at epoch ends) or "
-                    "`start_step` with `every_steps`, not both. Received: "
-                    f"start_epoch={start_epoch}, every_steps={every_steps}."
-                )
-            if start_step is None:
-                raise ValueError(
-                    "`every_steps` needs `start_step`, the step count of the "
-                    "first averaged model. Received: start_step=None, "
-                    f"every_steps={every_steps}."
-                )
-            check_positive_int("start_step", start_step)
-        if filepath is not None and not str(filepath).endswith(".keras"):
-            raise ValueError(
-                "`filepath` must end in `.keras`. Received: "
-                f"filepath={filepath!r}."
-            )
-        if backup_dir is not None and (
-            not isinstance(backup_dir, (str, os.PathLike))
-            or not str(backup_dir)
-        ):
-            raise ValueError(
-                "`backup_dir` must be a path to a folder. Received: "
-                f"backup_dir={backup_dir!r}."
-            )
-        if recalibration_steps is not None:
-            check_positive_int("recalibration_steps", recalibration_steps)
-        self.start_epoch = start_epoch
-        self.start_step = start_step
-        self.every_steps = every_steps
-        self.filepath = None if filepath is None else os.fspath(filepath)
-        self.set_weights_at_end = set_weights_at_end
-        self.backup_dir = None if backup_dir is None else os.fspath(backup_dir)
-        self.recalibration_data = recalibration_data
-        self.recalibration_steps = recalibration_steps
-        self.verbose = verbose
-        self._average = None
-        self._count = 0
-        self._last_step = -1
-        self._epochs_done = 0
-        self._steps = StepTracker(self)
-        self._resumed = False
-        self._epoch_end_steps = []
-
-    # What is averaged ---------------------------------------------------------
-
-    @property
-    def num_averaged(self) -> int:
-        """How many models the running average holds."""
-        return self._count
-
-    def _float_variables(self, model) -> list:
-        return [v for v in model.weights if _is_float(v)]
-
-    def _current_values(self) -> list:
-        # On JAX, reading `self.model` syncs the training state.
-        return [
-            ops.convert_to_numpy(v).astype(np.float64)
-            for v in self._float_variables(self.model)
-        ]
-
-    def _averaged_values(self) -> list:
-        """All of the model's variables, the float ones averaged."""
-        averaged = iter(self._average)
-        return [
-            next(averaged) if _is_float(v) else ops.convert_to_numpy(v)
-            for v in self.model.weights
-        ]
-
-    def averaged_model(self):
-        """A new model holding the running average (recalibrated if set).
-
-        Example:
-
-        ```python
-        swa_model = swa_callback.averaged_model()
-        ```
-        """
-        if self._count == 0:
-            raise ValueError(
-                "No weights were averaged yet: training has not reached "
-                f"{self._start_description()}."
-            )
-        model = _model_with_weights(self.model, self._averaged_values())
-        self._recalibrate(model)
-        return model
-
-    def _recalibrate(self, model) -> None:
-        if self.recalibration_data is not None:
-            recalibrate_batchnorm(
-                model, self.recalibration_data, steps=self.recalibration_steps
-            )
-
-    def _start_description(self) -> str:
-        if self.every_steps is None:
-            return f"the end of epoch {self.start_epoch}"
-        return f"step {self.start_step}"
-
-    def _is_update_step(self, step: int) -> bool:
-        return (
-            step >= self.start_step
-            and (step - self.start_step) % self.every_steps == 0
-        )
-
-    def _update(self, step: int, epochs_done: int) -> None:
-        values = self._current_values()
-        if self._average is None or self._count == 0:
-            self._average = values
-        else:
-            n = self._count
-            self._average = [
-                a + (w - a) / (n + 1) for a, w in zip(self._average, values)
-            ]
-        self._count += 1
-        self._last_step = step
-        self._epochs_done = epochs_done
-        if self.backup_dir is not None:
-            self._write_state()
-
-    # Keras hooks --------------------------------------------------------------
-
-    def _next_due(self) -> int | None:
-        """The next step at which `every_steps` averaging is due."""
-        if self.every_steps is None:
-            return None
-        if self._last_step < self.start_step:
-            return self.start_step
-        done = (self._last_step - self.start_step) // self.every_steps
-        return self.start_step + (done + 1) * self.every_steps
-
-    def _check_reachable(self, step: int, epoch: int) -> None:
-        """Refuses averages due at steps no batch hook of this fit sees."""
-        epochs, length = self.params.get("epochs"), self.params.get("steps")
-        if (
-            self.every_steps is None
-            or self._steps.steps_per_execution == 1
-            or not epochs
-            or not length
-        ):
-            return
-        end = step + (epochs - epoch) * length // self._steps.accumulation
-        first = max(self.start_step, self._next_due() or step)
-        due = range(first, end + 1, self.every_steps)
-        missed = self._steps.unreachable(step, due, epochs - epoch)
-        if missed:
-            shown = missed[:5] + (["..."] if len(missed) > 5 else [])
-            raise ValueError(
-                f"With steps_per_execution={self._steps.steps_per_execution},"
-                " Keras calls back only at batches 0, N, 2N, ... of each "
-                f"epoch ({length} batches) and at its end, so "
-                f"{len(missed)} of the averages due every {self.every_steps} "
-                f"steps from step {self.start_step} (at steps {shown}) cannot "
-                "be taken at their step. Choose `start_step` and "
-                "`every_steps` that are multiples of steps_per_execution "
-                "with an epoch length that is one too, or average per epoch "
-                "(`start_epoch`)."
-            )
-
-    def _take_due(self, step: int, epochs_done: int) -> None:
-        due = self._next_due()
-        if due is not None and due < step:
-            warnings.warn(
-                f"StochasticWeightAveraging: the average due at step {due} "
-                f"was not taken: the optimizer was at step {step} when Keras "
-                "next called back.",
-                stacklevel=3,
-            )
-        if step > self._last_step and self._is_update_step(step):
-            self._update(step, epochs_done)
-
-    def on_train_begin(self, logs=None):
-        self._resumed = False
-        self._steps.attach()
-
-    def on_epoch_begin(self, epoch, logs=None):
-        step = self._steps.epoch_begin()
-        if not self._resumed:
-            # After every on_train_begin: BackupAndRestore has restored.
-            self._resume(step, epoch)
-            self._check_reachable(step, epoch)
-            self._resumed = True
-
-    def on_train_batch_begin(self, batch, logs=None):
-        step = self._steps.poll(batch, self._next_due())
-        if step is not None:
-            self._take_due(step, self._epochs_done)
-
-    def on_epoch_end(self, epoch, logs=None):
-        step = self._steps.read()
-        if self.every_steps is None:
-            if epoch + 1 >= self.start_epoch and step > self._last_step:
-                self._update(step, epoch + 1)
-        else:
-            self._take_due(step, epoch + 1)
-        self._epochs_done = epoch + 1
-        self._epoch_end_steps = (self._epoch_end_steps + [step])[-2:]
-        if self.backup_dir is not None:
-            self._prune_states()
-
-    def on_train_end(self, logs=None):
-        if self.model is None:
-            return
-        step = self._steps.read()
-        if self.every_steps is not None:
-            self._take_due(step, self._epochs_done)
-        if self._count == 0:
-            if self.filepath or self.set_weights_at_end:
-                warnings.warn(
-                    "StochasticWeightAveraging averaged no weights: training "
-                    f"ended at step {step}, before "
-                    f"{self._start_description()}. Nothing was saved or set.",
-                    stacklevel=2,
-                )
-            return
-        if self.filepath is not None:
-            self._save_averaged(self.averaged_model())
-        if self.set_weights_at_end:
-            for variable, value in zip(
-                self.model.weights, self._averaged_values()
+        if backup_dir is not None:
+            if not isinstance(backup_dir, (str, os.PathLike)) or not str(
+                backup_dir
             ):
-                variable.assign(np.asarray(value).astype(variable.dtype))
-            self._recalibrate(self.model)
-            if self.recalibration_data is None:
-                _warn_batchnorm(self.model, None)
-
-    def _save_averaged(self, model) -> None:
-        with _fs.atomic_write(self.filepath) as local_path:
-            model.save(local_path)
-        if self.verbose:
-            print_msg(
-                f"StochasticWeightAveraging: saved the average of "
-                f"{self._count} models (last at step {self._last_step}) to "
-                f"{self.filepath}"
+                raise ValueError(
+                    "`backup_dir` must be a path to a folder. Received: "
+                    f"backup_dir={backup_dir!r}."
+                )
+            warnings.warn(
+                "StochasticWeightAveraging(backup_dir=...) is deprecated "
+                "and ignored: the running average is now kept in Keras "
+                "variables that keras.callbacks.BackupAndRestore saves with "
+                "the weights. Drop `backup_dir`.",
+                DeprecationWarning,
+                stacklevel=2,
             )
+        super().__init__(
+            mode="swa",
+            start_epoch=start_epoch,
+            start_step=start_step,
+            every_steps=every_steps,
+            average_batchnorm=True,
+            recalibration_data=recalibration_data,
+            recalibration_steps=recalibration_steps,
+            filepath=filepath,
+            set_weights_at_end=set_weights_at_end,
+            verbose=verbose,
+        )
+        self.backup_dir = None if backup_dir is None else os.fspath(backup_dir)
 
-    # Resuming -----------------------------------------------------------------
-
-    def _fingerprint(self) -> dict:
+    def get_config(self) -> dict:
         return {
             "start_epoch": self.start_epoch,
             "start_step": self.start_step,
             "every_steps": self.every_steps,
-            "shapes": [
-                list(v.shape) for v in self._float_variables(self.model)
-            ],
+            "filepath": self.filepath,
+            "set_weights_at_end": self.set_weights_at_end,
+            "backup_dir": self.backup_dir,
+            "recalibration_data": self.recalibration_data,
+            "recalibration_steps": self.recalibration_steps,
+            "verbose": self.verbose,
         }
-
-    def _state_files(self) -> dict:
-        """`{step: path}` of the saved states in `backup_dir`."""
-        found = {}
-        for path in _fs.glob(self.backup_dir, f"{_STATE_PREFIX}*.npz"):
-            digits = _fs.basename(path)[len(_STATE_PREFIX) : -len(".npz")]
-            if digits.isdigit():
-                found[int(digits)] = path
-        return found
-
-    def _write_state(self) -> None:
-        metadata = {
-            **self._fingerprint(),
-            "count": self._count,
-            "step": self._last_step,
-            "epochs_done": self._epochs_done,
-        }
-        arrays = {f"average_{i}": a for i, a in enumerate(self._average)}
-        name = f"{_STATE_PREFIX}{self._last_step:010d}.npz"
-        with _fs.atomic_write(_fs.join(self.backup_dir, name)) as local_path:
-            np.savez(
-                local_path, metadata=np.array(json.dumps(metadata)), **arrays
-            )
-        self._prune_states()
-
-    def _prune_states(self) -> None:
-        """Keeps the newest state and the newest at each of the last two
-        epoch ends (where `BackupAndRestore` may resume)."""
-        states = self._state_files()
-        keep = set()
-        if states:
-            keep.add(max(states))
-        for end in self._epoch_end_steps:
-            before = [s for s in states if s <= end]
-            if before:
-                keep.add(max(before))
-        for step, path in states.items():
-            if step not in keep:
-                _fs.remove(path)
-
-    def _read_state(self, path: str) -> dict:
-        try:
-            saved = io.BytesIO(_fs.read_bytes(path))
-            with np.load(saved, allow_pickle=False) as data:
-                metadata = json.loads(str(data["metadata"]))
-                count = len([k for k in data.files if k != "metadata"])
-                average = [data[f"average_{i}"] for i in range(count)]
-        except (OSError, ValueError, KeyError) as e:
-            raise ValueError(
-                f"Could not read the running average in {path}: {e}. Delete "
-                "the file to restart the average."
-            ) from e
-        expected = self._fingerprint()
-        got = {key: metadata.get(key) for key in expected}
-        if got != expected:
-            raise ValueError(
-                f"{path} holds the running average of another setup "
-                f"({got}), not of this callback and model ({expected}). Use "
-                "a new `backup_dir` for a new run."
-            )
-        return {**metadata, "average": average}
-
-    def _load_from_disk(self, step: int) -> None:
-        states = self._state_files()
-        stale = sorted(s for s in states if s > step)
-        for s in stale:
-            _fs.remove(states.pop(s))
-        if stale:
-            warnings.warn(
-                f"StochasticWeightAveraging: training is at step {step}; "
-                f"dropped the running averages saved at later steps {stale} "
-                "by an earlier run.",
-                stacklevel=3,
-            )
-        self._average, self._count = None, 0
-        self._last_step, self._epochs_done = -1, 0
-        if states:
-            state = self._read_state(states[max(states)])
-            self._average = [
-                np.asarray(a, np.float64) for a in state["average"]
-            ]
-            self._count = int(state["count"])
-            self._last_step = int(state["step"])
-            self._epochs_done = int(state["epochs_done"])
-
-    def _resume(self, step: int, epoch: int) -> None:
-        """Finds the average that belongs to optimizer step `step`."""
-        if self._count and self._last_step <= step:
-            pass  # This object's average, still current (a later `fit`).
-        elif self.backup_dir is not None:
-            self._load_from_disk(step)
-        else:
-            self._average, self._count = None, 0
-            self._last_step, self._epochs_done = -1, 0
-        self._epoch_end_steps = [step]
-        if self.every_steps is None:
-            missing = [
-                e
-                for e in range(self._epochs_done + 1, epoch + 1)
-                if e >= self.start_epoch
-            ]
-            redo = missing == [epoch]
-            what = f"the end of epoch(s) {missing}"
-        else:
-            missing = [
-                s
-                for s in range(self._last_step + 1, step + 1)
-                if self._is_update_step(s)
-            ]
-            redo = missing == [step]
-            what = f"step(s) {missing}"
-        if missing and not redo:
-            raise ValueError(
-                f"StochasticWeightAveraging should have averaged the model "
-                f"at {what}, before training resumed at step {step} (epoch "
-                f"{epoch}), but no saved average covers them"
-                + (
-                    f" in {self.backup_dir}"
-                    if self.backup_dir
-                    else "; pass `backup_dir` to resume an average"
-                )
-                + ". Resume with BackupAndRestore(save_freq='epoch'), or "
-                "start averaging at or after the current step/epoch."
-            )
-        if redo:
-            # The restored weights are the weights of that step.
-            self._update(step, epoch)
-        if self._count and self.verbose:
-            print_msg(
-                f"StochasticWeightAveraging: resumed at step {step} with the "
-                f"average of {self._count} models."
-            )

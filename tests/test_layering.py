@@ -25,10 +25,12 @@ CORE = {
     "export",
     "batchnorm",
     "layers",
+    "weight_averaging",
     "averaging",
     "fge",
     "distill",
     "freezeout",
+    "example_data",
 }
 ANALYSIS = {"metrics", "selection"}
 LEVEL = {**{m: 0 for m in CORE}, **{m: 1 for m in ANALYSIS}, "app": 2}

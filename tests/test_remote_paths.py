@@ -406,30 +406,27 @@ def assert_same_weights(got, want):
         np.testing.assert_allclose(g, w, rtol=1e-6, atol=1e-7)
 
 
-def test_swa_writes_its_average_and_states_to_ram(tmp_path, monkeypatch):
-    """`filepath` and `backup_dir` on `ram://`: nothing lands on local disk
-    (once a `./ram:/...` folder), and old states are pruned remotely."""
+def test_swa_writes_its_average_to_ram(tmp_path, monkeypatch):
+    """`filepath` on `ram://`: nothing lands on local disk (once a
+    `./ram:/...` folder). The deprecated `backup_dir` is ignored: the
+    running average lives in variables that BackupAndRestore saves."""
     monkeypatch.chdir(tmp_path)
     remote = ram_folder("swa")
-    swa = keras_snapshot.StochasticWeightAveraging(
-        start_step=8,
-        every_steps=4,
-        filepath=f"{remote}/swa.keras",
-        backup_dir=f"{remote}/state",
-        verbose=0,
-    )
+    with pytest.warns(DeprecationWarning, match="backup_dir"):
+        swa = keras_snapshot.StochasticWeightAveraging(
+            start_step=8,
+            every_steps=4,
+            filepath=f"{remote}/swa.keras",
+            backup_dir=f"{remote}/state",
+            verbose=0,
+        )
     swa_fit(swa)
     assert os.listdir(tmp_path) == []
     assert swa.num_averaged == 6  # Steps 8, 12, ..., 28.
     assert_same_weights(
         load_remote_model(f"{remote}/swa.keras"), swa.averaged_model()
     )
-    states = sorted(gfile.listdir(f"{remote}/state"))
-    # The newest state and the newest at each of the last two epoch ends.
-    assert states == [
-        "swa-state-0000000024.npz",
-        "swa-state-0000000028.npz",
-    ]
+    assert not gfile.exists(f"{remote}/state")
     assert not [n for n in gfile.listdir(remote) if n.startswith(".partial")]
 
 

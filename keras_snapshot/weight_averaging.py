@@ -1,0 +1,704 @@
+"""A running average of the weights during `fit`: SWA or EMA, one callback.
+
+`WeightAveraging` keeps `avg <- avg + w_t (x - avg)` for every averaged
+variable `x` of the model, with `w_t = 1 / (n + 1)` for Stochastic Weight
+Averaging (Izmailov et al. 2018, arXiv:1803.05407: the equal-weight mean of
+the visited weights) and `w_t = 1 - decay_t` for an exponential moving
+average (Polyak averaging; warm-up as in TensorFlow's
+`ExponentialMovingAverage(num_updates=...)`), like PyTorch's
+`AveragedModel` does both. The average lives in Keras variables held by a
+small state layer on the optimizer, so `BackupAndRestore` saves and
+restores it with the weights; BatchNorm recalibration stays apart
+(`recalibrate_batchnorm`), as PyTorch keeps `update_bn` apart.
+"""
+
+import os
+import warnings
+
+import keras
+import numpy as np
+from keras import ops
+
+from keras_snapshot import _fs
+from keras_snapshot._checks import check_in_range
+from keras_snapshot._checks import check_positive_int
+from keras_snapshot._io import print_msg
+from keras_snapshot._steps import StepTracker
+from keras_snapshot._steps import innermost_optimizer
+from keras_snapshot.batchnorm import batchnorm_layers
+from keras_snapshot.batchnorm import recalibrate_batchnorm
+from keras_snapshot.loading import clone_model
+
+MODES = ("swa", "ema")
+DEFAULT_DECAY = 0.999
+# The optimizer attribute that holds the state of each mode's average:
+# `model.save_weights` (so `BackupAndRestore`) saves the optimizer's
+# attributes that are Keras objects, and a fresh model ignores the entry.
+_STATE_ATTRIBUTE = "keras_snapshot_{mode}_average"
+
+
+def is_float(variable) -> bool:
+    return "float" in str(variable.dtype)
+
+
+def model_with_weights(
+    template, arrays: list, safe_mode=True, custom_objects=None
+):
+    """A new model of `template`'s architecture holding `arrays`."""
+    model = clone_model(template, safe_mode, custom_objects)
+    if len(model.weights) != len(arrays):
+        raise ValueError(
+            f"Could not rebuild {template.name!r} with clone_model: the "
+            f"clone has {len(model.weights)} variables instead of "
+            f"{len(arrays)}. Build subclassed models before averaging."
+        )
+    for variable, array in zip(model.weights, arrays):
+        variable.assign(np.asarray(array).astype(variable.dtype))
+    return model
+
+
+def warn_batchnorm(model, averaged_statistics: bool, stacklevel=3) -> None:
+    """Warns that a BatchNorm model's statistics do not fit its weights."""
+    if not batchnorm_layers(model):
+        return
+    which = (
+        "averages of the visited models' statistics"
+        if averaged_statistics
+        else "those of the last trained weights"
+    )
+    warnings.warn(
+        "The averaged model has BatchNormalization layers whose moving "
+        f"statistics are {which}, which do not match the averaged weights. "
+        "Pass `recalibration_data` (training inputs) to recompute them, as "
+        "SWA does.",
+        stacklevel=stacklevel,
+    )
+
+
+def ema_weight(decay: float, warmup: bool, count: int) -> float:
+    """`w_t` of an EMA update when the average already holds `count`.
+
+    The first update copies the weights (`w = 1`); then `w = 1 - decay_t`
+    with `decay_t = min(decay, (1 + count) / (10 + count))` under warm-up
+    (TensorFlow's `ExponentialMovingAverage` with `num_updates`), else
+    `decay`.
+    """
+    if count == 0:
+        return 1.0
+    if warmup:
+        decay = min(decay, (1.0 + count) / (10.0 + count))
+    return 1.0 - decay
+
+
+def _assign_copy(target, source) -> None:
+    """`target.assign(source)` into a buffer of its own: on JAX an assigned
+    array is shared, and `fit` donates the model's buffers to each step."""
+    target.assign(ops.copy(ops.cast(source, target.dtype)))
+
+
+def _averaged_dtype(variable) -> str:
+    return "float64" if "64" in str(variable.dtype) else "float32"
+
+
+class _AverageState(keras.layers.Layer):
+    """The running average and its bookkeeping, as Keras variables.
+
+    `count` (models in the average), `step` (the optimizer step of the last
+    update, -1 before any) and `epochs` (epochs done at the last update).
+    It is set as an attribute of the optimizer, which does not list it in
+    `optimizer.variables`, so neither the model's nor the optimizer's
+    weight list changes, yet `model.save_weights` saves it.
+    """
+
+    def __init__(self, variables, **kwargs):
+        super().__init__(**kwargs)
+        self.shapes = [tuple(v.shape) for v in variables]
+        self.average = [
+            self.add_weight(
+                shape=tuple(v.shape),
+                dtype=_averaged_dtype(v),
+                initializer="zeros",
+                trainable=False,
+                name=f"average_{i}",
+            )
+            for i, v in enumerate(variables)
+        ]
+        self.count = self._scalar("count", 0)
+        self.step = self._scalar("step", -1)
+        self.epochs = self._scalar("epochs", 0)
+
+    def _scalar(self, name, value):
+        return self.add_weight(
+            shape=(),
+            dtype="int32",
+            initializer=keras.initializers.Constant(value),
+            trainable=False,
+            name=name,
+        )
+
+    def read(self) -> tuple:
+        """`(count, step, epochs)` (three scalar device reads)."""
+        return tuple(
+            int(ops.convert_to_numpy(v))
+            for v in (self.count, self.step, self.epochs)
+        )
+
+    def write(self, count: int, step: int, epochs: int) -> None:
+        self.count.assign(count)
+        self.step.assign(step)
+        self.epochs.assign(epochs)
+
+
+class WeightAveraging(keras.callbacks.Callback):
+    """Keeps a running average of the weights during training (SWA or EMA).
+
+    After each averaged optimizer update the callback sets, on the device,
+    `avg <- avg + w_t (x - avg)` for every averaged variable `x`:
+
+    - `mode="swa"`: Stochastic Weight Averaging (Izmailov et al. 2018,
+      arXiv:1803.05407), `w_t = 1 / (n + 1)` with `n` the models already
+      averaged: the equal-weight mean of the weights visited in the final
+      (constant or cyclic rate) phase. Averages at the end of every epoch
+      from `start_epoch` on, or every `every_steps` optimizer steps from
+      step `start_step` on.
+    - `mode="ema"`: an exponential moving average (Polyak averaging),
+      `w_t = 1 - decay_t`, the first update a copy. With `warmup=True`,
+      `decay_t = min(decay, (1 + n) / (10 + n))` (TensorFlow's
+      `ExponentialMovingAverage` with `num_updates`), so that the early,
+      poor weights are forgotten quickly. By default every optimizer
+      update is averaged (`every_steps=1`).
+
+    Steps are optimizer updates (`optimizer.iterations`): with
+    `gradient_accumulation_steps=k` one update per k batches, and updates
+    skipped by loss scaling are not counted.
+
+    The average lives in Keras variables (float32, float64 for float64
+    variables) of a small state layer that the callback sets as an
+    attribute of the optimizer. `model.save_weights`, hence
+    `keras.callbacks.BackupAndRestore`, saves it with the weights, so a
+    killed run resumes with the average that belongs to the restored
+    weights (an update due at the restored step that the kill lost is
+    redone). The model's and the optimizer's variable lists do not change,
+    and `.keras` files saved during training (`SnapshotCheckpoint`,
+    `model.save`) still load into the plain architecture, which ignores
+    the extra entry. Use one `WeightAveraging` per mode on a model.
+
+    BatchNorm moving statistics are not averaged by default: they belong
+    to weights, not to an average of them. Pass `recalibration_data` to
+    recompute them for the averaged weights with `recalibrate_batchnorm`,
+    or `average_batchnorm=True` to average them like the other variables.
+
+    With `validate_with_average=True`, Keras's validation inside `fit` runs
+    on the averaged weights (recalibrated when `recalibration_data` is
+    set): the callback swaps them in at `on_test_begin` and the trained
+    weights back at `on_test_end`, as `keras.callbacks.SwapEMAWeights`
+    does, so `val_*` logs and callbacks that read them (`EarlyStopping`,
+    `ModelCheckpoint(monitor=...)`) judge the average while training
+    continues from the trained weights. An update due at the end of the
+    epoch is taken before validation. Keras's own `use_ema=True` keeps an
+    EMA inside the optimizer and writes it into the model every
+    `ema_overwrite_frequency` steps and at the end of `fit`; this callback
+    refuses `validate_with_average=True` with such an optimizer (use
+    `SwapEMAWeights` there, or this callback with `mode="ema"` instead).
+
+    At the end of training the average can be saved (`filepath`, a
+    `.keras` file written atomically, without optimizer) and/or put into
+    the model (`set_weights_at_end`). `averaged_model()` returns it at any
+    time.
+
+    Args:
+        mode: `"swa"` or `"ema"`.
+        start_epoch: Average at the end of every epoch from the
+            `start_epoch`-th (1-based) on. Not with `every_steps`.
+        start_step: With `every_steps`: the optimizer step of the first
+            averaged model (default for EMA: `every_steps`).
+        every_steps: Average every that many optimizer steps (default for
+            EMA: 1).
+        decay: EMA only: the decay per update, in (0, 1) (default 0.999).
+        warmup: EMA only: the warm-up `min(decay, (1 + n) / (10 + n))`.
+        average_batchnorm: Average the BatchNorm moving statistics too.
+        recalibration_data: Optional training inputs; the BatchNorm
+            statistics of the averaged model are recomputed on them.
+        recalibration_steps: Optional limit on the batches used for that.
+        validate_with_average: Validate inside `fit` with the averaged
+            weights.
+        filepath: Optional `.keras` path for the averaged model at the end.
+        set_weights_at_end: Put the averaged weights into the model at the
+            end of training (recalibrated if `recalibration_data` is set).
+        verbose: 1 prints a line when training resumes an average and when
+            the averaged model is saved; 0 is silent.
+
+    Example:
+
+    ```python
+    ema = keras_snapshot.WeightAveraging(
+        mode="ema", decay=0.99, warmup=True, validate_with_average=True,
+        recalibration_data=x_train[:512], filepath="ema.keras",
+    )
+    model.fit(x_train, y_train, validation_data=(x_val, y_val), epochs=5,
+              callbacks=[keras.callbacks.BackupAndRestore("backup"), ema])
+    ema_model = keras.saving.load_model("ema.keras")
+    ```
+    """
+
+    def __init__(
+        self,
+        mode: str = "swa",
+        start_epoch: int | None = None,
+        start_step: int | None = None,
+        every_steps: int | None = None,
+        decay: float | None = None,
+        warmup: bool = False,
+        average_batchnorm: bool = False,
+        recalibration_data=None,
+        recalibration_steps: int | None = None,
+        validate_with_average: bool = False,
+        filepath: str | None = None,
+        set_weights_at_end: bool = False,
+        verbose: int = 1,
+    ):
+        super().__init__()
+        if mode not in MODES:
+            raise ValueError(
+                f"`mode` must be one of {MODES}. Received: mode={mode!r}."
+            )
+        if mode == "swa":
+            if decay is not None or warmup:
+                raise ValueError(
+                    "`decay` and `warmup` are for mode='ema'; SWA weighs "
+                    "every averaged model equally. Received: "
+                    f"mode='swa', decay={decay}, warmup={warmup}."
+                )
+        else:
+            if decay is not None:
+                check_in_range("decay", decay, 0.0, 1.0, include_low=False)
+        self._check_schedule(mode, start_epoch, start_step, every_steps)
+        if filepath is not None and not str(filepath).endswith(".keras"):
+            raise ValueError(
+                "`filepath` must end in `.keras`. Received: "
+                f"filepath={filepath!r}."
+            )
+        if recalibration_steps is not None:
+            check_positive_int("recalibration_steps", recalibration_steps)
+        self.mode = mode
+        self.start_epoch = start_epoch
+        self.start_step = start_step
+        self.every_steps = every_steps
+        self.decay = decay
+        self.warmup = warmup
+        self.average_batchnorm = average_batchnorm
+        self.recalibration_data = recalibration_data
+        self.recalibration_steps = recalibration_steps
+        self.validate_with_average = validate_with_average
+        self.filepath = None if filepath is None else os.fspath(filepath)
+        self.set_weights_at_end = set_weights_at_end
+        self.verbose = verbose
+        # The schedule in effect (the EMA defaults filled in).
+        self._every = every_steps
+        self._start = start_step
+        if mode == "ema" and start_epoch is None:
+            self._every = every_steps or 1
+            self._start = start_step or self._every
+        self._decay = DEFAULT_DECAY if decay is None else float(decay)
+        self._state = None
+        self._pairs = []  # (model variable, average variable)
+        self._count = 0
+        self._last_step = -1
+        self._epochs_done = 0
+        self._epoch = 0
+        self._steps = StepTracker(self)
+        self._resumed = False
+        self._training = False
+        self._swapped = None  # The trained values while validating.
+
+    @staticmethod
+    def _check_schedule(mode, start_epoch, start_step, every_steps) -> None:
+        if every_steps is None:
+            if start_step is not None and mode == "swa":
+                raise ValueError(
+                    "`start_step` needs `every_steps` (average every that "
+                    "many steps); to average at epoch ends pass "
+                    f"`start_epoch`. Received: start_step={start_step}, "
+                    "every_steps=None."
+                )
+            if start_epoch is None and start_step is None:
+                if mode == "ema":
+                    return  # Every update.
+                raise ValueError(
+                    "Say when averaging starts: pass `start_epoch` (average "
+                    "at the end of every epoch from then on) or `start_step` "
+                    "and `every_steps`. Received: start_epoch=None, "
+                    "start_step=None, every_steps=None."
+                )
+        else:
+            check_positive_int("every_steps", every_steps)
+            if start_step is None and mode == "swa":
+                raise ValueError(
+                    "`every_steps` needs `start_step`, the step count of the "
+                    "first averaged model. Received: start_step=None, "
+                    f"every_steps={every_steps}."
+                )
+        if start_epoch is not None and (
+            every_steps is not None or start_step is not None
+        ):
+            raise ValueError(
+                "Pass either `start_epoch` (average at epoch ends) or "
+                "`start_step` with `every_steps`, not both. Received: "
+                f"start_epoch={start_epoch}, every_steps={every_steps}."
+            )
+        if start_epoch is not None:
+            check_positive_int("start_epoch", start_epoch)
+        if start_step is not None:
+            check_positive_int("start_step", start_step)
+
+    def get_config(self) -> dict:
+        return {
+            "mode": self.mode,
+            "start_epoch": self.start_epoch,
+            "start_step": self.start_step,
+            "every_steps": self.every_steps,
+            "decay": self.decay,
+            "warmup": self.warmup,
+            "average_batchnorm": self.average_batchnorm,
+            "recalibration_data": self.recalibration_data,
+            "recalibration_steps": self.recalibration_steps,
+            "validate_with_average": self.validate_with_average,
+            "filepath": self.filepath,
+            "set_weights_at_end": self.set_weights_at_end,
+            "verbose": self.verbose,
+        }
+
+    @property
+    def _label(self) -> str:
+        return type(self).__name__
+
+    # The state variables ------------------------------------------------------
+
+    @property
+    def num_averaged(self) -> int:
+        """How many models the running average holds."""
+        return self._count
+
+    def _averaged_variables(self, model) -> list:
+        skip = set()
+        if not self.average_batchnorm:
+            for layer in batchnorm_layers(model):
+                skip.update(
+                    id(v) for v in (layer.moving_mean, layer.moving_variance)
+                )
+        return [v for v in model.weights if is_float(v) and id(v) not in skip]
+
+    def set_model(self, model):
+        super().set_model(model)
+        # Before any `on_train_begin`, so that `BackupAndRestore` finds the
+        # state to restore whatever the order of the callbacks.
+        self._attach_state(model)
+
+    def _attach_state(self, model) -> None:
+        optimizer = getattr(model, "optimizer", None)
+        if optimizer is None or not model.built:
+            return
+        variables = self._averaged_variables(model)
+        name = _STATE_ATTRIBUTE.format(mode=self.mode)
+        state = getattr(optimizer, name, None)
+        shapes = [tuple(v.shape) for v in variables]
+        if not isinstance(state, _AverageState) or state.shapes != shapes:
+            scope = getattr(model, "distribute_strategy", None)
+            if scope is not None:
+                with scope.scope():
+                    state = _AverageState(variables, name=name)
+            else:
+                state = _AverageState(variables, name=name)
+            setattr(optimizer, name, state)
+        self._state = state
+        self._pairs = list(zip(variables, state.average))
+
+    # What is averaged ---------------------------------------------------------
+
+    def _weight(self) -> float:
+        if self.mode == "swa":
+            return 1.0 / (self._count + 1)
+        return ema_weight(self._decay, self.warmup, self._count)
+
+    def _update(self, step: int, epochs_done: int) -> None:
+        """One update of the average, on the device (no host copy)."""
+        if self.model is None:  # On JAX this syncs the training state.
+            return
+        weight = self._weight()
+        for variable, average in self._pairs:
+            if weight == 1.0:
+                _assign_copy(average, variable.value)
+            else:
+                value = ops.cast(variable.value, average.dtype)
+                average.assign(average + weight * (value - average))
+        self._count += 1
+        self._last_step = step
+        self._epochs_done = epochs_done
+        self._state.write(self._count, step, epochs_done)
+
+    def averaged_weights(self) -> list:
+        """The model's weights as numpy arrays, the averaged ones averaged.
+
+        In the order of `model.weights`; the variables that are not
+        averaged (integer state, and the BatchNorm statistics unless
+        `average_batchnorm`) as they are in the model now.
+
+        Example:
+
+        ```python
+        arrays = averaging_callback.averaged_weights()
+        ```
+        """
+        averaged = {id(v): a for v, a in self._pairs}
+        return [
+            ops.convert_to_numpy(averaged.get(id(v), v)).astype(v.dtype)
+            for v in self.model.weights
+        ]
+
+    def averaged_model(self):
+        """A new model holding the running average (recalibrated if set).
+
+        Example:
+
+        ```python
+        swa_model = averaging_callback.averaged_model()
+        ```
+        """
+        if self._count == 0:
+            raise ValueError(
+                "No weights were averaged yet: training has not reached "
+                f"{self._start_description()}."
+            )
+        model = model_with_weights(self.model, self.averaged_weights())
+        self._recalibrate(model)
+        return model
+
+    def _recalibrate(self, model) -> None:
+        if self.recalibration_data is not None:
+            recalibrate_batchnorm(
+                model, self.recalibration_data, steps=self.recalibration_steps
+            )
+
+    def _start_description(self) -> str:
+        if self._every is None:
+            return f"the end of epoch {self.start_epoch}"
+        return f"step {self._start}"
+
+    def _is_update_step(self, step: int) -> bool:
+        return step >= self._start and (step - self._start) % self._every == 0
+
+    # Scheduling ---------------------------------------------------------------
+
+    def _next_due(self) -> int | None:
+        """The next step at which `every_steps` averaging is due."""
+        if self._every is None:
+            return None
+        if self._last_step < self._start:
+            return self._start
+        done = (self._last_step - self._start) // self._every
+        return self._start + (done + 1) * self._every
+
+    def _check_reachable(self, step: int, epoch: int) -> None:
+        """Refuses averages due at steps no batch hook of this fit sees."""
+        epochs, length = self.params.get("epochs"), self.params.get("steps")
+        if (
+            self._every is None
+            or self._steps.steps_per_execution == 1
+            or not epochs
+            or not length
+        ):
+            return
+        end = step + (epochs - epoch) * length // self._steps.accumulation
+        first = max(self._start, self._next_due() or step)
+        due = range(first, end + 1, self._every)
+        missed = self._steps.unreachable(step, due, epochs - epoch)
+        if missed:
+            shown = missed[:5] + (["..."] if len(missed) > 5 else [])
+            raise ValueError(
+                f"With steps_per_execution={self._steps.steps_per_execution},"
+                " Keras calls back only at batches 0, N, 2N, ... of each "
+                f"epoch ({length} batches) and at its end, so "
+                f"{len(missed)} of the averages due every {self._every} "
+                f"steps from step {self._start} (at steps {shown}) cannot "
+                "be taken at their step. Choose `start_step` and "
+                "`every_steps` that are multiples of steps_per_execution "
+                "with an epoch length that is one too, or average per epoch "
+                "(`start_epoch`)."
+            )
+
+    def _take_due(self, step: int, epochs_done: int) -> None:
+        due = self._next_due()
+        if due is not None and due < step:
+            warnings.warn(
+                f"{self._label}: the average due at step {due} was not "
+                f"taken: the optimizer was at step {step} when Keras next "
+                "called back.",
+                stacklevel=3,
+            )
+        if step > self._last_step and self._is_update_step(step):
+            self._update(step, epochs_done)
+
+    def _catch_up(self, epoch: int) -> None:
+        """Takes the update due after the epoch's last batch (once)."""
+        step = self._steps.read()
+        if self._every is None:
+            if epoch + 1 >= self.start_epoch and step > self._last_step:
+                self._update(step, epoch + 1)
+        else:
+            self._take_due(step, epoch + 1)
+
+    # Keras hooks --------------------------------------------------------------
+
+    def on_train_begin(self, logs=None):
+        self._restore_trained_weights(warn=True)
+        self._attach_state(self.model)
+        if self._state is None:
+            raise ValueError(
+                f"{self._label} needs a built, compiled model. Received "
+                f"model {self.model.name!r} without an optimizer."
+            )
+        if self.validate_with_average and getattr(
+            innermost_optimizer(self.model.optimizer), "use_ema", False
+        ):
+            raise ValueError(
+                f"{self._label}(validate_with_average=True) and an "
+                "optimizer with use_ema=True would both put averaged "
+                "weights into the model. Use Keras's SwapEMAWeights with "
+                "use_ema=True, or use_ema=False with "
+                f"{self._label}(mode='ema', validate_with_average=True). "
+                "Received: use_ema=True."
+            )
+        self._resumed = False
+        self._training = True
+        self._steps.attach()
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch = epoch
+        step = self._steps.epoch_begin()
+        if not self._resumed:
+            # After every on_train_begin: BackupAndRestore has restored.
+            self._resume(step, epoch)
+            self._check_reachable(step, epoch)
+            self._resumed = True
+
+    def on_train_batch_begin(self, batch, logs=None):
+        step = self._steps.poll(batch, self._next_due())
+        if step is not None:
+            self._take_due(step, self._epochs_done)
+
+    def on_test_begin(self, logs=None):
+        if not (self._training and self.validate_with_average):
+            return
+        self._catch_up(self._epoch)
+        if self._count == 0:
+            return  # Nothing averaged yet: validate the trained weights.
+        weights = self.model.weights
+        self._swapped = [ops.copy(v.value) for v in weights]
+        for variable, average in self._pairs:
+            _assign_copy(variable, average.value)
+        self._recalibrate(self.model)
+
+    def on_test_end(self, logs=None):
+        self._restore_trained_weights(warn=False)
+
+    def _restore_trained_weights(self, warn: bool) -> None:
+        if self._swapped is None:
+            return
+        for variable, value in zip(self.model.weights, self._swapped):
+            variable.assign(value)
+        self._swapped = None
+        if warn:
+            warnings.warn(
+                f"{self._label}: the last `fit` ended during validation; "
+                "put the trained weights back into the model.",
+                stacklevel=3,
+            )
+
+    def on_epoch_end(self, epoch, logs=None):
+        self._catch_up(epoch)
+        self._epochs_done = epoch + 1
+
+    def on_train_end(self, logs=None):
+        self._training = False
+        if self.model is None:
+            return
+        step = self._steps.read()
+        if self._every is not None:
+            self._take_due(step, self._epochs_done)
+        if self._count == 0:
+            if self.filepath or self.set_weights_at_end:
+                warnings.warn(
+                    f"{self._label} averaged no weights: training ended at "
+                    f"step {step}, before {self._start_description()}. "
+                    "Nothing was saved or set.",
+                    stacklevel=2,
+                )
+            return
+        if self.filepath is not None:
+            self._save_averaged(self.averaged_model())
+        if self.set_weights_at_end:
+            for variable, average in self._pairs:
+                _assign_copy(variable, average.value)
+            self._recalibrate(self.model)
+            if self.recalibration_data is None:
+                warn_batchnorm(self.model, self.average_batchnorm)
+
+    def _save_averaged(self, model) -> None:
+        with _fs.atomic_write(self.filepath) as local_path:
+            model.save(local_path)
+        if self.verbose:
+            print_msg(
+                f"{self._label}: saved the average of {self._count} models "
+                f"(last at step {self._last_step}) to {self.filepath}"
+            )
+
+    # Resuming -----------------------------------------------------------------
+
+    def _resume(self, step: int, epoch: int) -> None:
+        """Checks that the restored average belongs to optimizer step `step`
+        (BackupAndRestore restores both together) and redoes an update due
+        exactly at `step` that a kill lost."""
+        count, last, done = self._state.read()
+        if count and last > step:
+            warnings.warn(
+                f"{self._label}: the model's average was last updated at "
+                f"step {last}, after the optimizer's step {step}; starting "
+                "a new average.",
+                stacklevel=3,
+            )
+            count, last, done = 0, -1, 0
+            self._state.write(count, last, done)
+        self._count, self._last_step, self._epochs_done = count, last, done
+        if self._every is None:
+            missing = [
+                e
+                for e in range(self._epochs_done + 1, epoch + 1)
+                if e >= self.start_epoch
+            ]
+            redo = missing == [epoch]
+            what = f"the end of epoch(s) {missing}"
+        else:
+            missing = [
+                s
+                for s in range(self._last_step + 1, step + 1)
+                if self._is_update_step(s)
+            ]
+            redo = missing == [step]
+            what = f"step(s) {missing}"
+        if missing and not redo:
+            raise ValueError(
+                f"{self._label} should have averaged the model at {what}, "
+                f"before training resumed at step {step} (epoch {epoch}), "
+                "but the model holds no average that covers them. Resume "
+                "with keras.callbacks.BackupAndRestore (which saves the "
+                "average with the weights), or start averaging at or after "
+                "the current step/epoch."
+            )
+        if redo:
+            # The restored weights are the weights of that step.
+            self._update(step, epoch)
+        if self._count and self.verbose:
+            print_msg(
+                f"{self._label}: resumed at step {step} with the average of "
+                f"{self._count} models."
+            )

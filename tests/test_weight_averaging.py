@@ -1,0 +1,564 @@
+"""`WeightAveraging` (SWA and EMA in `fit`) and `greedy_soup`.
+
+Every update is checked against a numpy reference of the recorded weights.
+The resume test runs this file as a script in a subprocess (see `main` at
+the bottom), kills it with SIGKILL and runs it again.
+"""
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+import time
+import warnings
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+if __name__ == "__main__":
+    sys.path.insert(0, HERE)
+    sys.path.insert(1, os.path.dirname(HERE))
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+from helpers import make_data  # noqa: E402
+from helpers import make_model  # noqa: E402
+
+from keras_snapshot.averaging import greedy_soup  # noqa: E402
+from keras_snapshot.weight_averaging import WeightAveraging  # noqa: E402
+from keras_snapshot.weight_averaging import ema_weight  # noqa: E402
+
+
+def numpy_weights(model):
+    return [keras.ops.convert_to_numpy(v) for v in model.weights]
+
+
+class Recorder(keras.callbacks.Callback):
+    """After the averaging callback: the model's weights at every optimizer
+    step, and the average each time its count grows."""
+
+    def __init__(self, averaging):
+        super().__init__()
+        self.averaging = averaging
+        self.by_step = {}
+        self.averages = {}
+
+    def _record(self):
+        step = int(keras.ops.convert_to_numpy(self.model.optimizer.iterations))
+        self.by_step.setdefault(step, numpy_weights(self.model))
+        count = self.averaging.num_averaged
+        if count and count not in self.averages:
+            self.averages[count] = (
+                self.averaging._last_step,
+                self.averaging.averaged_weights(),
+            )
+
+    def on_train_batch_begin(self, batch, logs=None):
+        self._record()
+
+    def on_epoch_end(self, epoch, logs=None):
+        self._record()
+
+    def on_train_end(self, logs=None):
+        self._record()
+
+
+def fit_with(
+    callback, epochs=3, batchnorm=False, accumulation=None, callbacks=(), **kw
+):
+    """48 samples, batch 8: 6 batches per epoch."""
+    keras.utils.set_random_seed(0)
+    x, y = make_data(n=48)
+    model = make_model(batchnorm=batchnorm)
+    model.compile(
+        keras.optimizers.SGD(
+            0.05, momentum=0.9, gradient_accumulation_steps=accumulation
+        ),
+        "sparse_categorical_crossentropy",
+    )
+    recorder = Recorder(callback)
+    history = model.fit(
+        x,
+        y,
+        batch_size=8,
+        epochs=epochs,
+        shuffle=False,
+        verbose=0,
+        callbacks=[*callbacks, callback, recorder],
+        **kw,
+    )
+    return model, recorder, history
+
+
+def numpy_average(mode, weights_by_update, decay=None, warmup=False):
+    """The reference: the average after each update, as a list."""
+    averages, average = [], None
+    for n, weights in enumerate(weights_by_update):
+        weights = [w.astype(np.float64) for w in weights]
+        if average is None:
+            average = weights
+        else:
+            if mode == "swa":
+                rate = 1.0 / (n + 1)
+            else:
+                d = min(decay, (1 + n) / (10 + n)) if warmup else decay
+                rate = 1.0 - d
+            average = [a + rate * (w - a) for a, w in zip(average, weights)]
+        averages.append(average)
+    return averages
+
+
+@pytest.mark.parametrize(
+    "kwargs, steps",
+    [
+        ({"mode": "swa", "start_epoch": 2}, [12, 18]),
+        ({"mode": "swa", "start_step": 3, "every_steps": 4}, [3, 7, 11, 15]),
+        ({"mode": "ema", "decay": 0.7}, list(range(1, 19))),
+        (
+            {"mode": "ema", "decay": 0.9, "warmup": True, "every_steps": 5},
+            [5, 10, 15],
+        ),
+    ],
+    ids=["swa_epochs", "swa_steps", "ema", "ema_warmup_every_5"],
+)
+def test_every_update_matches_numpy(kwargs, steps):
+    averaging = WeightAveraging(**kwargs, verbose=0)
+    model, recorder, _ = fit_with(averaging)
+    assert averaging.num_averaged == len(steps)
+    expected = numpy_average(
+        kwargs["mode"],
+        [recorder.by_step[s] for s in steps],
+        kwargs.get("decay"),
+        kwargs.get("warmup", False),
+    )
+    for count, want in enumerate(expected, start=1):
+        last_step, got = recorder.averages[count]
+        assert last_step == steps[count - 1]
+        for g, w in zip(got, want):
+            np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6)
+    # Training went on from the trained weights.
+    for g, w in zip(numpy_weights(model), recorder.by_step[18]):
+        np.testing.assert_array_equal(g, w)
+
+
+def test_ema_weight_warmup_formula():
+    assert ema_weight(0.99, True, 0) == 1.0
+    assert ema_weight(0.99, True, 1) == pytest.approx(1 - 2 / 11)
+    assert ema_weight(0.99, True, 1000) == pytest.approx(0.01)
+    assert ema_weight(0.9, False, 3) == pytest.approx(0.1)
+
+
+def test_gradient_accumulation_counts_optimizer_updates():
+    """6 batches per epoch, 2 per update: 9 updates in 3 epochs."""
+    averaging = WeightAveraging(mode="ema", decay=0.8, verbose=0)
+    _, recorder, _ = fit_with(averaging, accumulation=2)
+    assert averaging.num_averaged == 9
+    assert max(recorder.by_step) == 9
+    want = numpy_average(
+        "ema", [recorder.by_step[s] for s in range(1, 10)], 0.8
+    )[-1]
+    for g, w in zip(averaging.averaged_weights(), want):
+        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6)
+
+
+def test_batchnorm_is_recalibrated_not_averaged(tmp_path):
+    x, _ = make_data(n=48)
+    path = str(tmp_path / "swa.keras")
+    averaging = WeightAveraging(
+        start_epoch=2,
+        recalibration_data=x,
+        filepath=path,
+        set_weights_at_end=True,
+        verbose=0,
+    )
+    model, recorder, _ = fit_with(averaging, batchnorm=True)
+    kernel = np.mean([recorder.by_step[s][0] for s in (12, 18)], axis=0)
+    bias = np.mean([recorder.by_step[s][1] for s in (12, 18)], axis=0)
+    features = x.astype(np.float64) @ kernel + bias
+    for m in (model, keras.saving.load_model(path)):
+        bn = m.layers[1]
+        np.testing.assert_allclose(
+            keras.ops.convert_to_numpy(bn.moving_mean),
+            features.mean(0),
+            rtol=1e-5,
+            atol=1e-6,
+        )
+        np.testing.assert_allclose(
+            keras.ops.convert_to_numpy(bn.moving_variance),
+            features.var(0),
+            rtol=1e-4,
+            atol=1e-6,
+        )
+
+
+def test_average_batchnorm_averages_the_statistics():
+    averaging = WeightAveraging(
+        start_epoch=2, average_batchnorm=True, verbose=0
+    )
+    _, recorder, _ = fit_with(averaging, batchnorm=True)
+    want = numpy_average("swa", [recorder.by_step[s] for s in (12, 18)])[-1]
+    for g, w in zip(averaging.averaged_weights(), want):
+        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6)
+
+
+def test_validation_sees_the_average_and_training_the_trained_weights():
+    x_val, y_val = make_data(n=80)
+    x_val, y_val = x_val[48:], y_val[48:]
+    averaging = WeightAveraging(
+        mode="ema", decay=0.7, validate_with_average=True, verbose=0
+    )
+
+    class AtEpochEnd(keras.callbacks.Callback):
+        def __init__(self):
+            super().__init__()
+            self.averages, self.weights = [], []
+
+        def on_epoch_end(self, epoch, logs=None):
+            self.averages.append(averaging.averaged_weights())
+            self.weights.append(numpy_weights(self.model))
+
+    at_end = AtEpochEnd()
+    keras.utils.set_random_seed(0)
+    x, y = make_data(n=48)
+    model = make_model(batchnorm=False)
+    model.compile(
+        keras.optimizers.SGD(0.05, momentum=0.9),
+        "sparse_categorical_crossentropy",
+    )
+    history = model.fit(
+        x,
+        y,
+        batch_size=8,
+        epochs=3,
+        shuffle=False,
+        verbose=0,
+        validation_data=(x_val, y_val),
+        callbacks=[averaging, at_end],
+    )
+    plain, _, _ = fit_with(WeightAveraging(mode="ema", verbose=0))
+    probe = make_model(batchnorm=False)
+    probe.compile(loss="sparse_categorical_crossentropy")
+    for epoch, val_loss in enumerate(history.history["val_loss"]):
+        probe.set_weights(at_end.averages[epoch])
+        want = probe.evaluate(x_val, y_val, verbose=0)
+        assert val_loss == pytest.approx(want, rel=1e-5)
+        probe.set_weights(at_end.weights[epoch])
+        raw = probe.evaluate(x_val, y_val, verbose=0)
+        assert abs(val_loss - raw) > 1e-4  # Not the trained weights.
+    # The trained weights are those of a run that never swapped.
+    for g, w in zip(numpy_weights(model), numpy_weights(plain)):
+        np.testing.assert_allclose(g, w, rtol=1e-6, atol=1e-7)
+
+
+def test_saved_files_load_into_the_plain_architecture(tmp_path):
+    """The average rides on the optimizer: the model's and the optimizer's
+    variable lists do not change, and `model.save` files load without it."""
+    averaging = WeightAveraging(mode="ema", decay=0.9, verbose=0)
+    model, _, _ = fit_with(averaging, batchnorm=True, epochs=1)
+    fresh = make_model(batchnorm=True)
+    fresh.compile(
+        keras.optimizers.SGD(0.05, momentum=0.9),
+        "sparse_categorical_crossentropy",
+    )
+    fresh.optimizer.build(fresh.trainable_variables)
+    assert len(model.weights) == len(fresh.weights)
+    assert len(model.optimizer.variables) == len(fresh.optimizer.variables)
+    path = str(tmp_path / "model.keras")
+    model.save(path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        loaded = keras.saving.load_model(path)
+    for g, w in zip(numpy_weights(loaded), numpy_weights(model)):
+        np.testing.assert_array_equal(g, w)
+    assert not hasattr(loaded.optimizer, "keras_snapshot_ema_average")
+
+
+def test_backup_and_restore_carries_the_average(tmp_path):
+    """A `fit` stopped after epoch 2 and resumed by a new callback object on
+    a new model equals a run never stopped."""
+
+    class StopAt(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            if epoch == 1:
+                raise RuntimeError("stopped")
+
+    backup = keras.callbacks.BackupAndRestore(str(tmp_path / "backup"))
+
+    def make():
+        return WeightAveraging(mode="ema", decay=0.8, warmup=True, verbose=0)
+
+    first = make()
+    with pytest.raises(RuntimeError, match="stopped"):
+        fit_with(first, epochs=4, callbacks=[backup, StopAt()])
+    resumed, reference = make(), make()
+    fit_with(resumed, epochs=4, callbacks=[backup])
+    fit_with(reference, epochs=4)
+    assert resumed.num_averaged == reference.num_averaged == 24
+    for g, w in zip(resumed.averaged_weights(), reference.averaged_weights()):
+        np.testing.assert_allclose(g, w, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"mode": "sma"}, "mode='sma'"),
+        ({}, "start_epoch=None, start_step=None"),
+        ({"start_epoch": 0}, "start_epoch=0"),
+        ({"mode": "swa", "decay": 0.9, "start_epoch": 1}, "decay=0.9"),
+        ({"mode": "ema", "decay": 1.0}, "decay=1.0"),
+        ({"mode": "ema", "decay": 0.0}, "decay=0.0"),
+        ({"mode": "ema", "every_steps": 0}, "every_steps=0"),
+        ({"mode": "ema", "start_epoch": 1, "every_steps": 2}, "start_epoch=1"),
+        ({"mode": "ema", "filepath": "ema.h5"}, "filepath='ema.h5'"),
+    ],
+)
+def test_bad_arguments(kwargs, match):
+    with pytest.raises(ValueError, match="Received") as info:
+        WeightAveraging(**kwargs)
+    assert info.match(match)
+
+
+def test_get_config_round_trips():
+    averaging = WeightAveraging(mode="ema", decay=0.99, warmup=True)
+    config = averaging.get_config()
+    assert WeightAveraging(**config).get_config() == config
+
+
+def test_validate_with_average_refuses_keras_use_ema():
+    x, y = make_data(n=16)
+    model = make_model(batchnorm=False)
+    model.compile(
+        keras.optimizers.SGD(0.05, use_ema=True),
+        "sparse_categorical_crossentropy",
+    )
+    averaging = WeightAveraging(mode="ema", validate_with_average=True)
+    with pytest.raises(ValueError, match="use_ema=True"):
+        model.fit(x, y, epochs=1, verbose=0, callbacks=[averaging])
+
+
+# Greedy soup ----------------------------------------------------------------
+
+
+def soup_members():
+    """Two fine-tuned copies of one model, and a third with wrecked
+    weights (in the middle, so that the input order is not the answer)."""
+    keras.utils.set_random_seed(0)
+    x, y = make_data(n=160)
+    (x, x_val), (y, y_val) = (x[:96], x[96:]), (y[:96], y[96:])
+    base = make_model(batchnorm=False)
+    base.compile(keras.optimizers.SGD(0.1), "sparse_categorical_crossentropy")
+    base.fit(x, y, batch_size=16, epochs=10, verbose=0)
+    members = []
+    for seed in (1, 2, 3):
+        member = keras.models.clone_model(base)
+        member.set_weights(base.get_weights())
+        member.compile(
+            keras.optimizers.SGD(0.05), "sparse_categorical_crossentropy"
+        )
+        keras.utils.set_random_seed(seed)
+        member.fit(x, y, batch_size=16, epochs=2, verbose=0)
+        members.append(member)
+    rng = np.random.default_rng(0)
+    members[1].set_weights(
+        [w + rng.normal(scale=3.0, size=w.shape) for w in base.get_weights()]
+    )
+    return members, (x_val, y_val)
+
+
+@pytest.mark.parametrize("metric", ["accuracy", "nll"])
+def test_greedy_soup_leaves_the_bad_member_out(metric, tmp_path):
+    members, (x_val, y_val) = soup_members()
+    paths = []
+    for i, member in enumerate(members):
+        paths.append(str(tmp_path / f"member-{i}.keras"))
+        member.save(paths[-1])
+    soup, kept = greedy_soup(paths, (x_val, y_val), metric=metric)
+    probs = [m.predict(x_val, verbose=0) for m in members]
+    if metric == "accuracy":
+        own = [np.mean(p.argmax(1) == y_val) for p in probs]
+        # Members 0 and 2 are close: their average keeps the accuracy.
+        assert sorted(kept) == [0, 2]
+    else:
+        picked = [p[np.arange(len(y_val)), y_val] for p in probs]
+        own = [np.mean(np.log(np.clip(q, 1e-12, None))) for q in picked]
+    assert 1 not in kept
+    assert kept[0] == int(np.argmax(own))
+    want = [
+        np.mean([numpy_weights(members[i])[k] for i in kept], axis=0)
+        for k in range(len(members[0].weights))
+    ]
+    for g, w in zip(numpy_weights(soup), want):
+        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6)
+
+
+def test_greedy_soup_bad_metric():
+    members, data = soup_members()
+    with pytest.raises(ValueError, match="metric='error'"):
+        greedy_soup(members, data, metric="error")
+
+
+# JAX --------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    __import__("importlib").util.find_spec("jax") is None,
+    reason="JAX is not installed: pip install jax (or '.[test]').",
+)
+def test_on_jax():
+    """The numpy checks and the validation swap, on the JAX backend."""
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            os.path.abspath(__file__),
+            "-k",
+            "matches_numpy or validation_sees or accumulation or carries",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=os.path.dirname(HERE),
+        timeout=600,
+        env={**os.environ, "KERAS_BACKEND": "jax"},
+    )
+    assert result.returncode == 0, result.stdout[-5000:] + result.stderr[-2000:]
+    assert " passed" in result.stdout
+
+
+# Resume after a real kill ----------------------------------------------------
+
+SCRIPT = os.path.abspath(__file__)
+FAULT_VARIABLE = "WEIGHT_AVERAGING_SCRIPT_FAULT"
+TIMEOUT = 300
+
+
+def start(workdir, fault=None):
+    os.makedirs(workdir, exist_ok=True)
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(
+        [os.path.dirname(HERE), env.get("PYTHONPATH", "")]
+    )
+    env.pop(FAULT_VARIABLE, None)
+    if fault:
+        env[FAULT_VARIABLE] = fault
+    with (
+        open(os.path.join(workdir, "stdout.txt"), "w") as out,
+        open(os.path.join(workdir, "stderr.txt"), "w") as err,
+    ):
+        return subprocess.Popen(
+            [sys.executable, SCRIPT, workdir], env=env, stdout=out, stderr=err
+        )
+
+
+def output(workdir):
+    with open(os.path.join(workdir, "stdout.txt")) as f:
+        out = f.read()
+    with open(os.path.join(workdir, "stderr.txt")) as f:
+        return out, f.read()
+
+
+def finish(process, workdir):
+    try:
+        process.wait(timeout=TIMEOUT)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+    return (process.returncode, *output(workdir))
+
+
+@pytest.mark.slow
+def test_ema_resumes_after_sigkill_to_the_uninterrupted_average(tmp_path):
+    """SIGKILL from outside at step 22 (epoch 4; last backup at step 18),
+    then a new process: the same EMA as a run never killed."""
+    reference_dir = str(tmp_path / "reference")
+    reference = start(reference_dir)
+    workdir = str(tmp_path / "killed")
+    process = start(workdir, fault="pause_at_step:22")
+    deadline = time.monotonic() + TIMEOUT
+    while "paused at step 22" not in output(workdir)[0]:
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            pytest.fail(f"The script did not pause: {output(workdir)}")
+        time.sleep(0.1)
+    os.kill(process.pid, signal.SIGKILL)
+    returncode, _, err = finish(process, workdir)
+    assert returncode == -signal.SIGKILL, err[-3000:]
+
+    process = start(workdir)
+    returncode, out, err = finish(process, workdir)
+    assert returncode == 0, err[-3000:]
+    assert "resumed at step 18 with the average of 18 models" in out
+    returncode, ref_out, err = finish(reference, reference_dir)
+    assert returncode == 0, err[-3000:]
+    assert "average of 30 models (last at step 30)" in out
+    assert "average of 30 models (last at step 30)" in ref_out
+    got = keras.saving.load_model(os.path.join(workdir, "ema.keras"))
+    want = keras.saving.load_model(os.path.join(reference_dir, "ema.keras"))
+    for g, w in zip(numpy_weights(got), numpy_weights(want)):
+        np.testing.assert_allclose(g, w, rtol=1e-6, atol=1e-7)
+
+
+class PauseAt(keras.callbacks.Callback):
+    def __init__(self, fault):
+        super().__init__()
+        _, _, value = (fault or ":").partition(":")
+        self.step = int(value) if value else None
+
+    def on_train_batch_begin(self, batch, logs=None):
+        step = int(keras.ops.convert_to_numpy(self.model.optimizer.iterations))
+        if step == self.step:
+            print(f"paused at step {step}", flush=True)
+            while True:  # Until the parent's SIGKILL.
+                time.sleep(1)
+
+
+def main():
+    """48 samples, batch 8: 6 steps per epoch, 5 epochs; EMA of every
+    step with warm-up, BackupAndRestore every epoch."""
+    parser = argparse.ArgumentParser()
+    parser.add_argument("workdir")
+    args = parser.parse_args()
+    import tensorflow as tf
+
+    tf.config.threading.set_intra_op_parallelism_threads(1)
+    tf.config.threading.set_inter_op_parallelism_threads(1)
+    tf.config.experimental.enable_op_determinism()
+    keras.utils.set_random_seed(0)
+    x, y = make_data(n=48)
+    model = make_model()
+    model.compile(
+        keras.optimizers.SGD(0.05, momentum=0.9),
+        "sparse_categorical_crossentropy",
+    )
+    averaging = WeightAveraging(
+        mode="ema",
+        decay=0.9,
+        warmup=True,
+        recalibration_data=x,
+        filepath=os.path.join(args.workdir, "ema.keras"),
+    )
+    model.fit(
+        x,
+        y,
+        batch_size=8,
+        epochs=5,
+        shuffle=False,
+        verbose=0,
+        callbacks=[
+            PauseAt(os.environ.get(FAULT_VARIABLE)),
+            averaging,
+            keras.callbacks.BackupAndRestore(
+                os.path.join(args.workdir, "backup")
+            ),
+        ],
+    )
+    print("done", flush=True)
+
+
+if __name__ == "__main__":
+    main()

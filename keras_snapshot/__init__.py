@@ -34,7 +34,7 @@ import importlib.abc
 import importlib.util
 import sys
 
-__version__ = "0.3.0"
+__version__ = "0.4.0"
 
 _EXPORTS = {
     "FGESchedule": "fge",

@@ -44,9 +44,13 @@ def write_images(root: str, count: int, seed: int = 0):
         os.path.join(root, f"class_{label}", f"{i:06d}.png")
         for i, label in enumerate(labels)
     ]
+    def write(path, image):
+        written = tf.io.write_file(path, tf.io.encode_png(image))
+        with tf.control_dependencies([written]):
+            return tf.identity(path)
+
     ds = tf.data.Dataset.from_tensor_slices((paths, images)).map(
-        lambda p, x: tf.io.write_file(p, tf.io.encode_png(x)),
-        num_parallel_calls=tf.data.AUTOTUNE,
+        write, num_parallel_calls=tf.data.AUTOTUNE
     )
     for _ in ds:
         pass

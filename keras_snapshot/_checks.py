@@ -8,6 +8,8 @@ a bad value is refused in the same words everywhere:
 import math
 import numbers
 
+import numpy as np
+
 
 def check_positive_int(name: str, value, hint: str = "") -> int:
     """Returns `value` as an int >= 1, or raises a ValueError naming it.
@@ -146,3 +148,99 @@ def check_accumulation_steps(value) -> int | None:
 
 def _space(hint: str) -> str:
     return f" {hint}" if hint else ""
+
+
+# tf.data's cardinality constants, without importing TensorFlow here.
+_INFINITE_CARDINALITY = -1  # tf.data.INFINITE_CARDINALITY
+_UNKNOWN_CARDINALITY = -2  # tf.data.UNKNOWN_CARDINALITY
+
+
+def is_dataset(data) -> bool:
+    """Whether `data` is a `tf.data.Dataset` (duck-typed: no TF import)."""
+    return callable(getattr(data, "cardinality", None)) and hasattr(
+        data, "element_spec"
+    )
+
+
+def is_endless(data) -> bool:
+    """Whether `data` is a dataset that repeats forever (`.repeat()`)."""
+    cardinality = getattr(data, "cardinality", None)
+    return callable(cardinality) and (
+        int(cardinality()) == _INFINITE_CARDINALITY
+    )
+
+
+def count_batches(dataset) -> int:
+    """The number of batches in one pass over a finite `tf.data.Dataset`.
+
+    `model.fit` needs no `steps_per_epoch` for a finite dataset, but a
+    Snapshot Ensemble schedule (Huang et al. 2017, arXiv:1704.00109) must
+    know its budget in steps before training starts. When the dataset's
+    cardinality is known (`Dataset.from_tensor_slices(...).batch(...)`,
+    `.take(n)`, `assert_cardinality`), it is returned without reading any
+    data. When it is unknown (after `.filter()`, `from_generator`, reading
+    files), the batches are counted in one pass over the dataset (with
+    `Dataset.reduce`): this reads the whole epoch once, so a slow or
+    non-deterministic pipeline (one whose length changes between passes)
+    is better given as an int. An endless dataset (`.repeat()`) is refused:
+    it has no epoch of its own, so pass the steps as an int, the same value
+    you pass to `model.fit(steps_per_epoch=...)`.
+
+    Args:
+        dataset: A finite `tf.data.Dataset` whose elements are batches.
+
+    Returns:
+        The number of batches, a Python int (0 for an empty dataset).
+
+    Example:
+
+    ```python
+    batches = tf.data.Dataset.range(100).filter(lambda i: i % 2 == 0)
+    count_batches(batches.batch(8))  # 50 examples -> 7 batches (one pass)
+    count_batches(tf.data.Dataset.range(100).batch(8))  # 13, no pass
+    ```
+    """
+    cardinality = getattr(dataset, "cardinality", None)
+    if not callable(cardinality) or not hasattr(dataset, "reduce"):
+        raise TypeError(
+            "`count_batches` counts the batches of a `tf.data.Dataset`. "
+            f"Received: an object of type {type(dataset).__name__}. Pass "
+            "the number of steps as an int instead."
+        )
+    if is_endless(dataset):
+        raise ValueError(
+            "The dataset is endless (its cardinality is INFINITE, e.g. it "
+            "ends in `.repeat()`), so it has no number of steps per epoch. "
+            "Pass `steps_per_epoch=` an int, the value you pass to "
+            "`model.fit(steps_per_epoch=...)`, or a dataset without "
+            f"`.repeat()`. Received: {dataset!r}."
+        )
+    value = int(cardinality())
+    if value != _UNKNOWN_CARDINALITY:
+        return value
+    # Counted inside tf.data (no Python loop over the batches); the int64
+    # initial state comes from numpy, so this module never imports TF.
+    return int(dataset.reduce(np.int64(0), lambda count, _: count + 1))
+
+
+def resolve_steps_per_epoch(steps_per_epoch) -> int:
+    """`steps_per_epoch` as a positive int: an int, or a dataset's batches.
+
+    An int is checked, a `tf.data.Dataset` is counted with
+    `count_batches` and must have at least one batch.
+    """
+    if callable(getattr(steps_per_epoch, "cardinality", None)):
+        count = count_batches(steps_per_epoch)
+        if count < 1:
+            raise ValueError(
+                "`steps_per_epoch` is a dataset with no batches, so an "
+                "epoch has no steps. Pass a dataset with at least one batch "
+                f"or a positive int. Received: {steps_per_epoch!r}."
+            )
+        return count
+    return check_positive_int(
+        "steps_per_epoch",
+        steps_per_epoch,
+        "Pass the number of batches per epoch, or the finite "
+        "`tf.data.Dataset` of batches you pass to `model.fit`.",
+    )

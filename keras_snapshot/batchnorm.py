@@ -5,6 +5,7 @@ from keras import layers
 from keras import ops
 
 from keras_snapshot._checks import check_positive_int
+from keras_snapshot._checks import is_endless
 
 
 def batchnorm_layers(model) -> list:
@@ -51,17 +52,13 @@ def check_bounded_data(data, steps: int | None) -> None:
     """
     if steps is not None:
         return
-    cardinality = getattr(data, "cardinality", None)
-    if callable(cardinality):
-        value = int(cardinality())
-        if value == -1:  # tf.data.INFINITE_CARDINALITY
-            raise ValueError(
-                "The recalibration data is an endless dataset (it repeats), "
-                "so BatchNorm recalibration would never finish. Pass "
-                "`steps` (`recalibration_steps` for SnapshotCheckpoint), "
-                "e.g. steps=50, or a dataset without `.repeat()`."
-            )
-        return
+    if is_endless(data):
+        raise ValueError(
+            "The recalibration data is an endless dataset (it repeats), "
+            "so BatchNorm recalibration would never finish. Pass "
+            "`steps` (`recalibration_steps` for SnapshotCheckpoint), "
+            "e.g. steps=50, or a dataset without `.repeat()`."
+        )
     # Other data ends by itself (arrays, lists, finite datasets, generators).
 
 

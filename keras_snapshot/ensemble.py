@@ -97,7 +97,7 @@ def declares_probabilities(model) -> bool | None:
     return None
 
 
-def _resolve_from_logits(members: list, from_logits) -> bool:
+def resolve_from_logits(members: list, from_logits) -> bool:
     if from_logits is not None:
         if not isinstance(from_logits, bool):
             raise ValueError(
@@ -203,7 +203,7 @@ def combine_members(
         )
     if weights is not None:
         weights = normalize_weights(weights, len(members))
-    from_logits = _resolve_from_logits(members, from_logits)
+    from_logits = resolve_from_logits(members, from_logits)
     first = members[0].model
     inputs = keras.Input(
         shape=first.inputs[0].shape[1:],

@@ -10,6 +10,7 @@ from keras_snapshot._checks import check_in_range
 from keras_snapshot._checks import check_non_negative_int
 from keras_snapshot._checks import check_positive_int
 from keras_snapshot._checks import check_positive_number
+from keras_snapshot._checks import resolve_steps_per_epoch
 
 
 def _check_alpha2(alpha1: float, alpha2) -> float:
@@ -152,13 +153,22 @@ class FGESchedule(keras.optimizers.schedules.LearningRateSchedule):
         alpha1: float,
         alpha2: float,
         cycle_epochs: int,
-        steps_per_epoch: int,
+        steps_per_epoch,
         num_snapshots: int,
         start_epoch: int = 0,
         initial_learning_rate=None,
+        gradient_accumulation_steps: int | None = None,
         name: str | None = None,
     ) -> "FGESchedule":
         """Builds the schedule from epochs of `steps_per_epoch` steps.
+
+        `steps_per_epoch` is read as by `SnapshotSchedule.from_epochs`: an
+        int, or the finite `tf.data.Dataset` of batches you pass to
+        `model.fit`, counted with `keras_snapshot.schedule.count_batches`
+        (one pass over it when its cardinality is unknown; an endless
+        dataset is refused). Only step counts are kept, never the dataset.
+        With `gradient_accumulation_steps`, epochs are converted to weight
+        updates (`epochs * steps_per_epoch // k`), as the schedule counts.
 
         Example:
 
@@ -170,16 +180,19 @@ class FGESchedule(keras.optimizers.schedules.LearningRateSchedule):
         )
         ```
         """
-        steps_per_epoch = check_positive_int("steps_per_epoch", steps_per_epoch)
+        steps_per_epoch = resolve_steps_per_epoch(steps_per_epoch)
         cycle_epochs = check_positive_int("cycle_epochs", cycle_epochs)
         start_epoch = check_non_negative_int("start_epoch", start_epoch)
+        accumulation = check_accumulation_steps(gradient_accumulation_steps)
+        k = accumulation or 1
         return cls(
             alpha1,
             alpha2,
-            cycle_steps=cycle_epochs * steps_per_epoch,
+            cycle_steps=cycle_epochs * steps_per_epoch // k,
             num_snapshots=num_snapshots,
-            start_step=start_epoch * steps_per_epoch,
+            start_step=start_epoch * steps_per_epoch // k,
             initial_learning_rate=initial_learning_rate,
+            gradient_accumulation_steps=accumulation,
             name=name,
         )
 

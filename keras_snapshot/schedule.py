@@ -8,6 +8,8 @@ from keras import ops
 from keras_snapshot._checks import check_accumulation_steps
 from keras_snapshot._checks import check_positive_int
 from keras_snapshot._checks import check_positive_number
+from keras_snapshot._checks import count_batches  # noqa: F401 (public here)
+from keras_snapshot._checks import resolve_steps_per_epoch
 
 
 @keras.saving.register_keras_serializable(package="keras_snapshot")
@@ -99,25 +101,49 @@ class SnapshotSchedule(keras.optimizers.schedules.LearningRateSchedule):
         cls,
         initial_learning_rate: float,
         epochs: int,
-        steps_per_epoch: int,
+        steps_per_epoch,
         num_snapshots: int,
         gradient_accumulation_steps: int | None = None,
         name: str | None = None,
     ) -> "SnapshotSchedule":
         """Builds the schedule for `epochs` epochs of `steps_per_epoch` steps.
 
-        `steps_per_epoch` counts batches; with `gradient_accumulation_steps`
-        the budget is the number of weight updates those batches make.
+        `steps_per_epoch` counts batches: an int, or the finite
+        `tf.data.Dataset` of batches you pass to `model.fit`, whose batches
+        are counted with `count_batches` (from its cardinality when known,
+        else in one pass over it). With `gradient_accumulation_steps` the
+        budget is the number of weight updates those batches make. Only the
+        resulting `total_steps` is kept: the dataset is not stored, and
+        `get_config()` holds plain numbers.
+
+        Args:
+            initial_learning_rate: Rate at the start of every cycle.
+            epochs: Number of epochs to train.
+            steps_per_epoch: Batches per epoch: a positive int, or a finite
+                `tf.data.Dataset` of batches (one epoch of it).
+            num_snapshots: Number of cycles `M`.
+            gradient_accumulation_steps: The optimizer's
+                `gradient_accumulation_steps`, if set.
+            name: Optional name of the schedule.
+
+        Returns:
+            A `SnapshotSchedule` with `total_steps = epochs *
+            steps_per_epoch // (gradient_accumulation_steps or 1)`.
 
         Example:
 
         ```python
         # 50k images, batch 64 -> 782 steps per epoch; 200 epochs, M=5.
         schedule = SnapshotSchedule.from_epochs(0.2, 200, 782, 5)
+        # A pipeline of unknown length (filter): its batches are counted.
+        train = tf.data.Dataset.range(1000).filter(lambda i: i % 3 > 0)
+        train = train.batch(64)  # 666 examples -> 11 batches
+        schedule = SnapshotSchedule.from_epochs(0.2, 40, train, 5)
+        schedule.total_steps  # 440
         ```
         """
         epochs = check_positive_int("epochs", epochs)
-        steps_per_epoch = check_positive_int("steps_per_epoch", steps_per_epoch)
+        steps_per_epoch = resolve_steps_per_epoch(steps_per_epoch)
         accumulation = check_accumulation_steps(gradient_accumulation_steps)
         return cls(
             initial_learning_rate,

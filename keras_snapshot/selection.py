@@ -15,6 +15,9 @@ members and weights from predictions, in plain numpy:
 - `choose_members`: the one function that turns a selection method
   (`"greedy"`, `"last_m"` or `"all"`) into member weights, and
   `members_and_weights`, which drops the members a choice left out.
+- `predict_members` and `predict_members_and_labels`: the members'
+  probabilities (a softmax for logits members) on arrays or on a finite
+  `tf.data.Dataset`, read once, with the labels of the same pass.
 
 All choices must be fitted on validation data, held out from training and
 distinct from the test set. Choosing members, `m` or a temperature on the
@@ -37,7 +40,11 @@ from keras_snapshot import layers
 from keras_snapshot import metrics
 from keras_snapshot._checks import check_positive_int
 from keras_snapshot._checks import check_positive_number
+from keras_snapshot._checks import is_dataset
+from keras_snapshot._checks import is_endless
+from keras_snapshot.ensemble import resolve_from_logits
 from keras_snapshot.ensemble import normalize_weights
+from keras_snapshot.loading import Member
 from keras_snapshot.loading import load_members
 
 _METRICS = ("nll", "error")
@@ -489,21 +496,228 @@ def apply_temperature(
     )
 
 
-def predict_members(members: list, x, batch_size: int = 256) -> np.ndarray:
+def _check_finite_dataset(data, name: str) -> None:
+    """Refuses an endless dataset, which would be predicted forever."""
+    if is_endless(data):
+        raise ValueError(
+            f"`{name}` is an endless dataset (its cardinality is INFINITE, "
+            "e.g. it ends in `.repeat()`), so predicting it would never "
+            "finish. Pass one finite pass over the data: drop `.repeat()` "
+            f"or add `.take(num_batches)`. Received: {name}={data!r}."
+        )
+
+
+def _resolve_probabilities(members: list, from_logits) -> bool:
+    """Whether the members' outputs are logits, as `build_ensemble` decides.
+
+    `None` reads each member's output layer; members that disagree are
+    refused (see `keras_snapshot.ensemble.combine_members`).
+    """
+    if from_logits is False:
+        return False
+    named = [
+        m if isinstance(m, Member) else Member(f"snapshot_{i}", m)
+        for i, m in enumerate(members, start=1)
+    ]
+    return resolve_from_logits(named, from_logits)
+
+
+def _to_probabilities(outputs: np.ndarray, from_logits: bool) -> np.ndarray:
+    if not from_logits:
+        return outputs
+    return layers.temperature_softmax(
+        np.asarray(outputs, dtype=np.float64), 1.0, from_logits=True
+    )
+
+
+def _dataset_batches(data, name: str, with_labels: bool):
+    """Yields `(x, y)` per batch of a finite dataset (`y` None if unused).
+
+    The element structure is checked on `element_spec` before any batch
+    is read.
+    """
+    _check_finite_dataset(data, name)
+    spec = data.element_spec
+    is_tuple = isinstance(spec, (tuple, list))
+    if with_labels and not (is_tuple and len(spec) == 2):
+        raise ValueError(
+            f"`{name}` must be a dataset of `(x, y)` batches (inputs and "
+            "labels). Received a dataset whose elements are "
+            f"{spec!r}. Sample weights are not used for selection: drop "
+            "them, e.g. `data.map(lambda x, y, w: (x, y))`."
+        )
+    if isinstance(spec, dict) or (is_tuple and isinstance(spec[0], dict)):
+        raise ValueError(
+            f"`{name}` must yield batches of one input array (the members "
+            "have one input). Received a dataset whose elements are "
+            f"{spec!r}."
+        )
+    for batch in data:
+        if isinstance(batch, (tuple, list)):
+            yield batch[0], (batch[1] if with_labels else None)
+        else:
+            yield batch, None
+
+
+def _predict_batches(members: list, batches, name: str):
+    """`(outputs (m, n, k), labels or None)`, from one pass over `batches`.
+
+    Each batch is predicted by every member before the next is read, so
+    the labels are those of the same pass as the predictions (even when
+    the dataset reshuffles on every pass), and only one batch of inputs is
+    held at a time.
+    """
+    import keras
+
+    # As `model.predict` does with a tf.data dataset: TensorFlow takes its
+    # tensors, the other backends numpy arrays.
+    as_numpy = keras.backend.backend() != "tensorflow"
+    outputs = [[] for _ in members]
+    labels = []
+    for x, y in batches:
+        if as_numpy:
+            x = np.asarray(x)
+        for out, model in zip(outputs, members):
+            out.append(np.asarray(model.predict_on_batch(x)))
+        if y is not None:
+            labels.append(np.asarray(y))
+    if not outputs[0]:
+        raise ValueError(
+            f"`{name}` is an empty dataset: it yielded no batch to predict. "
+            "Pass a dataset with at least one batch."
+        )
+    stacked = np.stack([np.concatenate(out) for out in outputs])
+    return stacked, (np.concatenate(labels) if labels else None)
+
+
+def predict_members(
+    members: list,
+    x,
+    batch_size: int = 256,
+    from_logits: bool | None = False,
+) -> np.ndarray:
     """Stacks the predictions of Keras models: shape `(m, n, k)`.
+
+    The members of a Snapshot Ensemble (Huang et al. 2017,
+    arXiv:1704.00109) are predicted on the same inputs, in order, for the
+    selection functions of this module. `x` is an array, or a finite
+    `tf.data.Dataset` of input batches (or of `(x, y)` batches, whose
+    labels are ignored): a dataset is read once, every member predicting
+    each batch in turn (`predict_on_batch`), so a dataset that reshuffles
+    on every pass still gives every member the same order, and the inputs
+    are never held in memory all at once.
+
+    Args:
+        members: Keras models with one input and one output.
+        x: Inputs: an array, or a finite `tf.data.Dataset` of batches of
+            inputs or of `(x, y)`. An endless dataset (`.repeat()`) is
+            refused.
+        batch_size: Batch size for arrays; a dataset keeps its own batches.
+        from_logits: Whether the members output logits, which then get a
+            softmax, so that the result is probabilities. `None` reads it
+            from the members' output layers, as `build_ensemble` does.
+            Defaults to `False`: the outputs as they are.
+
+    Returns:
+        A numpy array of shape `(num_members, num_examples, num_classes)`.
 
     Example:
 
     ```python
     member_probs = predict_members(load_snapshots("snapshots"), x_val)
+    # The same from a pipeline, batch by batch:
+    batches = tf.data.Dataset.from_tensor_slices(x_val).batch(256)
+    member_probs = predict_members(load_snapshots("snapshots"), batches)
     ```
     """
-    return np.stack(
-        [
-            np.asarray(m.predict(x, batch_size=batch_size, verbose=0))
-            for m in members
-        ]
+    members = list(members)
+    from_logits = _resolve_probabilities(members, from_logits)
+    if is_dataset(x):
+        batches = _dataset_batches(x, "x", with_labels=False)
+        outputs, _ = _predict_batches(members, batches, "x")
+    else:
+        outputs = np.stack(
+            [
+                np.asarray(m.predict(x, batch_size=batch_size, verbose=0))
+                for m in members
+            ]
+        )
+    return _to_probabilities(outputs, from_logits)
+
+
+def _check_labelled_data(data, name: str) -> None:
+    """Refuses what is neither `(x, y)` nor a finite dataset."""
+    if is_dataset(data):
+        _check_finite_dataset(data, name)
+        return
+    if not isinstance(data, (tuple, list)) or len(data) != 2:
+        received = f"a {type(data).__name__}"
+        if isinstance(data, (tuple, list)):
+            received += f" of length {len(data)}"
+        raise ValueError(
+            f"`{name}` must be a tuple `(x_val, y_val)` of held-out arrays "
+            f"(inputs and labels), e.g. `{name}=(x_val, y_val)`, or "
+            "a finite `tf.data.Dataset` of `(x, y)` batches. Received: "
+            f"{received}."
+        )
+
+
+def predict_members_and_labels(
+    members: list,
+    data,
+    batch_size: int = 256,
+    from_logits: bool | None = False,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Member predictions and the labels they belong to, from one pass.
+
+    What `select_snapshots` and the command line need from validation
+    data to choose the members of a Snapshot Ensemble (Huang et al. 2017,
+    arXiv:1704.00109): every member's predictions and the labels, in the
+    same order. For a `tf.data.Dataset` of `(x, y)` batches, the labels are
+    collected in the same pass as the predictions (each batch is predicted
+    by every member before the next is read), so they match even when the
+    dataset reshuffles on every pass, and only the predictions and labels
+    (small) are kept, never all the inputs.
+
+    Args:
+        members: Keras models with one input and one output.
+        data: `(x, y)` arrays, or a finite `tf.data.Dataset` of `(x, y)`
+            batches. An endless dataset (`.repeat()`) is refused.
+        batch_size: Batch size for arrays; a dataset keeps its own batches.
+        from_logits: Whether the members output logits (a softmax is then
+            applied); `None` reads it from their output layers, as
+            `build_ensemble` does. Defaults to `False`.
+
+    Returns:
+        A tuple `(member_probs, labels)`: an array of shape
+        `(num_members, num_examples, num_classes)` and the labels, of
+        shape `(num_examples,)`, `(num_examples, 1)` or one-hot.
+
+    Example:
+
+    ```python
+    val = tf.data.Dataset.from_tensor_slices((x_val, y_val)).batch(128)
+    member_probs, labels = predict_members_and_labels(members, val)
+    weights = choose_members(member_probs, labels, method="greedy")
+    ```
+    """
+    return _predictions_and_labels(
+        list(members), data, batch_size, from_logits, "data"
     )
+
+
+def _predictions_and_labels(members, data, batch_size, from_logits, name):
+    """`predict_members_and_labels`, with `data` named `name` in errors."""
+    _check_labelled_data(data, name)
+    if not is_dataset(data):
+        x, y = data
+        return predict_members(members, x, batch_size, from_logits), (
+            np.asarray(y)
+        )
+    from_logits = _resolve_probabilities(members, from_logits)
+    batches = _dataset_batches(data, name, with_labels=True)
+    outputs, labels = _predict_batches(members, batches, name)
+    return _to_probabilities(outputs, from_logits), labels
 
 
 class SnapshotSelection:
@@ -615,10 +829,11 @@ def members_and_weights(members, weights) -> tuple[list, np.ndarray]:
 def select_snapshots(
     snapshots,
     *,
-    validation_data: tuple,
+    validation_data,
     method: str = "greedy",
     metric: str = "nll",
     batch_size: int = 256,
+    from_logits: bool | None = None,
     safe_mode: bool = True,
     skip_invalid: bool = False,
     custom_objects: dict | None = None,
@@ -632,6 +847,14 @@ def select_snapshots(
     is forward selection with replacement (Caruana et al. 2004), `"last_m"`
     the best number of most recent snapshots, `"all"` the uniform average.
 
+    It takes what `build_ensemble` takes: members that output logits get a
+    softmax before they are scored (the ensemble averages probabilities),
+    so a model with a linear output is chosen exactly as its twin with a
+    softmax output. `validation_data` may be a finite `tf.data.Dataset`
+    of `(x, y)` batches: it is read once, each batch predicted by every
+    member, with the labels taken from the same pass (see
+    `predict_members_and_labels`).
+
     `validation_data` is keyword-only on purpose: it must be data held out
     from training and kept apart from the test set. Selecting on the test
     set makes the reported test numbers optimistic.
@@ -639,10 +862,16 @@ def select_snapshots(
     Args:
         snapshots: A snapshot directory, a list of `.keras` paths or a list
             of Keras models.
-        validation_data: `(x_val, y_val)` with integer or one-hot labels.
+        validation_data: `(x_val, y_val)` with integer or one-hot labels,
+            or a finite `tf.data.Dataset` of `(x, y)` batches (not an
+            endless `.repeat()` one).
         method: `"greedy"`, `"last_m"` or `"all"`.
         metric: `"nll"` or `"error"`, the validation score to optimise.
-        batch_size: Batch size for the members' predictions.
+        batch_size: Batch size for the members' predictions of arrays; a
+            dataset keeps its own batches.
+        from_logits: Whether members output logits; `None` reads it from
+            their output layer (softmax or linear), as `build_ensemble`
+            does, and refuses members that disagree.
         safe_mode, skip_invalid, custom_objects, allow_nonfinite: How the
             snapshots are loaded, the same for every loader: see
             `keras_snapshot.loading.LoadOptions`.
@@ -660,23 +889,15 @@ def select_snapshots(
     ensemble = keras_snapshot.build_ensemble(
         choice.snapshots, weights=choice.weights
     )
+    # The same from a tf.data pipeline of (x, y) batches:
+    val = tf.data.Dataset.from_tensor_slices((x_val, y_val)).batch(256)
+    choice = keras_snapshot.select_snapshots("snapshots", validation_data=val)
     ```
     """
     _check_method(method)
     metric = _check_metric(metric)
-    if (
-        not isinstance(validation_data, (tuple, list))
-        or len(validation_data) != 2
-    ):
-        received = f"a {type(validation_data).__name__}"
-        if isinstance(validation_data, (tuple, list)):
-            received += f" of length {len(validation_data)}"
-        raise ValueError(
-            "`validation_data` must be a tuple `(x_val, y_val)` of held-out "
-            "arrays (inputs and labels), e.g. "
-            f"`validation_data=(x_val, y_val)`. Received: {received}."
-        )
-    x_val, y_val = validation_data
+    # Refused before any snapshot is loaded.
+    _check_labelled_data(validation_data, "validation_data")
     loaded = load_members(
         snapshots,
         safe_mode=safe_mode,
@@ -684,10 +905,13 @@ def select_snapshots(
         custom_objects=custom_objects,
         allow_nonfinite=allow_nonfinite,
     )
+    from_logits = resolve_from_logits(loaded, from_logits)
     members = [member.model for member in loaded]
     # What the caller passes on to build_ensemble: paths, or the models.
     items = [member.source or member.model for member in loaded]
-    member_probs = predict_members(members, x_val, batch_size)
+    member_probs, y_val = _predictions_and_labels(
+        members, validation_data, batch_size, from_logits, "validation_data"
+    )
     weights = choose_members(member_probs, y_val, method, metric)
     chosen, chosen_weights = members_and_weights(range(len(members)), weights)
     probs = np.tensordot(chosen_weights, member_probs[chosen], axes=1)

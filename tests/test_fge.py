@@ -248,3 +248,24 @@ def test_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match="Received") as info:
         FGESchedule(**arguments)
     assert info.match(match)
+
+
+def test_from_epochs_counts_a_dataset_and_accumulation_as_snapshot_schedule():
+    import tensorflow as tf
+
+    batches = tf.data.Dataset.range(100).filter(lambda i: i % 2 == 0).batch(8)
+    schedule = FGESchedule.from_epochs(
+        0.05,
+        0.0005,
+        cycle_epochs=2,
+        steps_per_epoch=batches,
+        num_snapshots=3,
+        start_epoch=4,
+        gradient_accumulation_steps=2,
+    )
+    # 50 examples -> 7 batches per epoch, 2 batches per update.
+    assert schedule.cycle_steps == 2 * 7 // 2
+    assert schedule.start_step == 4 * 7 // 2
+    assert schedule.gradient_accumulation_steps == 2
+    with pytest.raises(ValueError, match="endless"):
+        FGESchedule.from_epochs(0.05, 0.0005, 2, batches.repeat(), 3)

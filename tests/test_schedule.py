@@ -129,3 +129,79 @@ def test_cycles_that_would_repeat_the_last_snapshot_are_refused():
     with pytest.raises(ValueError, match="repeat an earlier one"):
         SnapshotSchedule(0.1, 64, 9)
     assert SnapshotSchedule(0.1, 64, 8).cycle_end_steps[-1] == 64
+
+
+# steps_per_epoch from a tf.data pipeline ----------------------------------
+
+
+def _counting_dataset(num_examples, known_length):
+    """Batches of 4 from a Python generator that counts its passes."""
+    import tensorflow as tf
+
+    passes = []
+
+    def generate():
+        passes.append(1)
+        yield from range(num_examples)
+
+    dataset = tf.data.Dataset.from_generator(
+        generate, output_signature=tf.TensorSpec((), tf.int64)
+    )
+    if known_length:
+        dataset = dataset.apply(
+            tf.data.experimental.assert_cardinality(num_examples)
+        )
+    return dataset.batch(4), passes
+
+
+def test_from_epochs_counts_the_batches_of_a_filtered_dataset():
+    import tensorflow as tf
+
+    from keras_snapshot.schedule import count_batches
+
+    # 100 examples, 67 kept (i % 3 > 0), batches of 8 -> 9 batches.
+    dataset = tf.data.Dataset.range(100).filter(lambda i: i % 3 > 0).batch(8)
+    assert int(dataset.cardinality()) == tf.data.UNKNOWN_CARDINALITY
+    assert count_batches(dataset) == 9 == len(list(dataset))
+    schedule = SnapshotSchedule.from_epochs(0.1, 10, dataset, 3)
+    assert schedule.total_steps == 90
+    assert schedule.get_config() == SnapshotSchedule(0.1, 90, 3).get_config()
+    # The config holds numbers only, and round-trips.
+    again = SnapshotSchedule.from_config(schedule.get_config())
+    assert again.get_config() == schedule.get_config()
+    # With gradient accumulation the budget is in weight updates.
+    accumulated = SnapshotSchedule.from_epochs(
+        0.1, 10, dataset, 3, gradient_accumulation_steps=4
+    )
+    assert accumulated.total_steps == 90 // 4
+
+
+def test_unknown_length_is_counted_in_one_pass_known_length_in_none():
+    from keras_snapshot.schedule import count_batches
+
+    unknown, passes = _counting_dataset(10, known_length=False)
+    assert count_batches(unknown) == 3
+    assert len(passes) == 1
+    known, passes = _counting_dataset(10, known_length=True)
+    assert int(known.cardinality()) == 3
+    assert SnapshotSchedule.from_epochs(0.1, 2, known, 3).total_steps == 6
+    assert passes == []  # Read from the cardinality: no batch was made.
+
+
+def test_from_epochs_refuses_an_endless_or_empty_dataset():
+    import tensorflow as tf
+
+    endless = tf.data.Dataset.range(10).batch(4).repeat()
+    with pytest.raises(
+        ValueError,
+        match=r"(?s)endless.*INFINITE.*`steps_per_epoch=` an int.*"
+        r"model\.fit\(steps_per_epoch=\.\.\.\).*Received: ",
+    ):
+        SnapshotSchedule.from_epochs(0.1, 10, endless, 3)
+    empty = tf.data.Dataset.range(10).filter(lambda i: i < 0).batch(4)
+    with pytest.raises(ValueError, match="no batches"):
+        SnapshotSchedule.from_epochs(0.1, 10, empty, 3)
+    with pytest.raises(ValueError, match=r"Received: steps_per_epoch=0\."):
+        SnapshotSchedule.from_epochs(0.1, 10, 0, 3)
+    with pytest.raises(ValueError, match=r"steps_per_epoch=\[1, 2\]"):
+        SnapshotSchedule.from_epochs(0.1, 10, [1, 2], 3)

@@ -423,3 +423,199 @@ def test_members_and_weights_drops_zero_weights():
     )
     assert members == ["b", "c"]
     np.testing.assert_allclose(weights, [0.25, 0.75])
+
+
+# tf.data validation data and logits members: what build_ensemble takes ---
+
+
+def _snapshot_models(snapshot_run):
+    import keras
+
+    import keras_snapshot
+
+    directory, _ = snapshot_run
+    return [
+        keras.saving.load_model(path)
+        for path in keras_snapshot.snapshot_paths(directory)
+    ]
+
+
+def _logits_twin(model):
+    """The same network and weights with a linear (logits) output layer."""
+    import keras
+
+    config = model.get_config()
+    assert config["layers"][-1]["config"]["activation"] == "softmax"
+    config["layers"][-1]["config"]["activation"] = "linear"
+    twin = keras.Sequential.from_config(config)
+    twin.set_weights(model.get_weights())
+    return twin
+
+
+def _assert_same_selection(got, want, got_members, want_members):
+    """Same chosen members (by position), weights, method and scores."""
+
+    def positions(choice, members):
+        return [
+            next(i for i, m in enumerate(members) if m is s)
+            for s in choice.snapshots
+        ]
+
+    assert positions(got, got_members) == positions(want, want_members)
+    np.testing.assert_allclose(got.weights, want.weights, rtol=1e-12)
+    assert got.method == want.method
+    assert got.validation_scores.keys() == want.validation_scores.keys()
+    for key, value in want.validation_scores.items():
+        assert got.validation_scores[key] == pytest.approx(
+            value, rel=1e-5, abs=1e-6
+        ), key
+
+
+def _label_order(dataset):
+    return np.concatenate([np.asarray(y) for _, y in dataset])
+
+
+@pytest.mark.parametrize("method", ["greedy", "last_m"])
+def test_select_snapshots_on_a_dataset_equals_on_arrays(snapshot_run, method):
+    import tensorflow as tf
+    from helpers import make_data
+
+    import keras_snapshot
+
+    models = _snapshot_models(snapshot_run)
+    x_val, y_val = make_data(seed=5)
+    want = keras_snapshot.select_snapshots(
+        models, validation_data=(x_val, y_val), method=method
+    )
+    slices = tf.data.Dataset.from_tensor_slices((x_val, y_val))
+    in_order = slices.batch(16)
+    reshuffled = slices.shuffle(
+        len(x_val), seed=1, reshuffle_each_iteration=True
+    ).batch(16)
+    # Each pass has its own order: labels must come from the same pass.
+    assert not np.array_equal(_label_order(reshuffled), y_val)
+    assert not np.array_equal(
+        _label_order(reshuffled), _label_order(reshuffled)
+    )
+    filtered = slices.filter(lambda x, y: True).batch(32)  # Unknown length.
+    assert int(filtered.cardinality()) == tf.data.UNKNOWN_CARDINALITY
+    for dataset in (in_order, reshuffled, filtered):
+        got = keras_snapshot.select_snapshots(
+            models, validation_data=dataset, method=method
+        )
+        _assert_same_selection(got, want, models, models)
+
+
+def test_select_snapshots_refuses_an_endless_dataset(snapshot_run):
+    import tensorflow as tf
+    from helpers import make_data
+
+    import keras_snapshot
+
+    directory, _ = snapshot_run
+    endless = tf.data.Dataset.from_tensor_slices(make_data(n=32)).batch(8)
+    endless = endless.repeat()
+    with pytest.raises(
+        ValueError,
+        match=r"(?s)`validation_data` is an endless dataset.*\.repeat\(\).*"
+        r"\.take\(num_batches\).*Received: validation_data=",
+    ):
+        keras_snapshot.select_snapshots(directory, validation_data=endless)
+    with pytest.raises(ValueError, match=r"`x` is an endless dataset"):
+        selection.predict_members(
+            _snapshot_models(snapshot_run), endless.map(lambda x, y: x)
+        )
+
+
+def test_dataset_of_other_than_x_y_batches_is_refused(snapshot_run):
+    import tensorflow as tf
+    from helpers import make_data
+
+    import keras_snapshot
+
+    x, y = make_data(n=32)
+    weighted = tf.data.Dataset.from_tensor_slices((x, y, np.ones(32)))
+    with pytest.raises(
+        ValueError, match=r"(?s)`\(x, y\)` batches.*lambda x, y, w: \(x, y\)"
+    ):
+        keras_snapshot.select_snapshots(
+            _snapshot_models(snapshot_run), validation_data=weighted.batch(8)
+        )
+    empty = tf.data.Dataset.from_tensor_slices((x, y)).take(0).batch(8)
+    with pytest.raises(ValueError, match="`data` is an empty dataset"):
+        selection.predict_members_and_labels(
+            _snapshot_models(snapshot_run), empty
+        )
+
+
+@pytest.mark.parametrize("method", ["greedy", "last_m", "all"])
+@pytest.mark.parametrize("from_logits", [None, True])
+def test_logits_members_select_as_their_softmax_twins(
+    snapshot_run, method, from_logits
+):
+    from helpers import make_data
+
+    import keras_snapshot
+
+    models = _snapshot_models(snapshot_run)
+    twins = [_logits_twin(m) for m in models]
+    x_val, y_val = make_data(seed=5)
+    want = keras_snapshot.select_snapshots(
+        models, validation_data=(x_val, y_val), method=method
+    )
+    got = keras_snapshot.select_snapshots(
+        twins,
+        validation_data=(x_val, y_val),
+        method=method,
+        from_logits=from_logits,
+    )
+    _assert_same_selection(got, want, twins, models)
+    # Chosen members and weights build the same ensemble.
+    ensemble = keras_snapshot.build_ensemble(got.snapshots, weights=got.weights)
+    probs = ensemble.predict(x_val, verbose=0)
+    assert keras_snapshot.metrics.negative_log_likelihood(
+        probs, y_val
+    ) == pytest.approx(want.validation_scores["nll"], rel=1e-5)
+
+
+def test_mixed_logits_and_softmax_members_are_refused_as_by_build_ensemble(
+    snapshot_run,
+):
+    from helpers import make_data
+
+    import keras_snapshot
+
+    models = _snapshot_models(snapshot_run)
+    mixed = [models[0], _logits_twin(models[1])]
+    message = "Some members output probabilities and others logits"
+    with pytest.raises(ValueError, match=message):
+        keras_snapshot.build_ensemble(mixed)
+    with pytest.raises(ValueError, match=message):
+        keras_snapshot.select_snapshots(mixed, validation_data=make_data(n=32))
+
+
+def test_predict_members_on_a_dataset_equals_on_arrays(snapshot_run):
+    import tensorflow as tf
+    from helpers import make_data
+
+    models = _snapshot_models(snapshot_run)
+    x, y = make_data(n=50, seed=5)
+    want = selection.predict_members(models, x, batch_size=16)
+    assert want.shape == (len(models), 50, 3)
+    inputs = tf.data.Dataset.from_tensor_slices(x).batch(16)
+    pairs = tf.data.Dataset.from_tensor_slices((x, y)).batch(16)
+    for dataset in (inputs, pairs):
+        np.testing.assert_allclose(
+            selection.predict_members(models, dataset), want, atol=1e-6
+        )
+    probs, labels = selection.predict_members_and_labels(models, pairs)
+    np.testing.assert_allclose(probs, want, atol=1e-6)
+    np.testing.assert_array_equal(labels, y)
+    # Logits members get a softmax when asked (or detected).
+    twins = [_logits_twin(m) for m in models]
+    for from_logits in (True, None):
+        np.testing.assert_allclose(
+            selection.predict_members(twins, inputs, from_logits=from_logits),
+            want,
+            atol=1e-6,
+        )

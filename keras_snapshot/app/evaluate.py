@@ -148,22 +148,14 @@ def _splits(data, splits):
 def predict_split(models: list, data, split: str) -> np.ndarray:
     """`(M, n, k)` probabilities of `models` on `split`, batch by batch.
 
-    The images are streamed (`data.inputs`), never held whole; a model
-    whose output layer is linear (logits) gets a softmax, so that every
+    The images are streamed (`data.inputs`), never held whole; models
+    whose output layer is linear (logits) get a softmax
+    (`selection.predict_members` with `from_logits=None`), so that every
     prediction is a probability.
     """
-    from keras_snapshot.ensemble import declares_probabilities
-    from keras_snapshot.layers import temperature_softmax
-
     run_lib.check_split(data, split)
     inputs = data.inputs(split, _PREDICT_BATCH)
-    probs = []
-    for model in models:
-        p = np.asarray(model.predict(inputs, verbose=0), dtype=np.float64)
-        if declares_probabilities(model) is False:
-            p = temperature_softmax(p, 1.0, from_logits=True)
-        probs.append(p)
-    return np.stack(probs)
+    return selection.predict_members(models, inputs, from_logits=None)
 
 
 def predict_models(run_dir: str, data, files: dict, splits=("val", "test")):

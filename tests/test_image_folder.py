@@ -144,8 +144,23 @@ def test_image_size_resizes_and_grayscale_is_one_channel(tmp_path):
             ),
             r"test has classes that .*train does not have: \['c'\]",
         ),
+        (
+            lambda root: (
+                write_image_folder(os.path.join(root, "train")),
+                write_image_folder(os.path.join(root, "test")),
+                write_image_folder(os.path.join(root, "val")),
+            ),
+            r"train/ and test/ subfolders, and also \['val'\]",
+        ),
     ],
-    ids=["empty", "one-class", "empty-class", "corrupt", "unknown-test-class"],
+    ids=[
+        "empty",
+        "one-class",
+        "empty-class",
+        "corrupt",
+        "unknown-test-class",
+        "extra-split-folder",
+    ],
 )
 def test_bad_folders_are_refused_in_one_line(tmp_path, make, message):
     make(str(tmp_path))

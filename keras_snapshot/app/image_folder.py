@@ -114,6 +114,14 @@ def list_image_folder(folder: str) -> ImageFolder:
             or `test/` classes that `train/` does not have.
     """
     names = _subfolders(folder)
+    if {"train", "test"} <= set(names) and names != ["test", "train"]:
+        others = [n for n in names if n not in ("train", "test")]
+        raise ValueError(
+            f"{folder} has train/ and test/ subfolders, and also {others}: "
+            "with a test split of its own, the folder holds only train/ "
+            "and test/ (validation is carved from train/ by "
+            "--validation-fraction). Move the others out."
+        )
     if names != ["test", "train"]:
         _check_classes(folder, names)
         paths, labels = _class_images(folder, names)

@@ -291,7 +291,7 @@ def _choices_table(report: dict) -> list:
         "## Ensembles chosen on the validation split",
         "",
         "Members, weights and temperatures fitted on the validation split, "
-        "scored on test. The columns \"with T\" are what temperature "
+        'scored on test. The columns "with T" are what temperature '
         "scaling would give; `keras-snapshot train --temperature-scaling` "
         "exports the ensemble with its temperature (the exported one is "
         "the uniform average unless `--select` chose another).",

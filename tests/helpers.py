@@ -165,3 +165,55 @@ def write_image_folder(
             tf.io.write_file(path, tf.io.encode_png(image))
             written[path] = (image, label)
     return written
+
+
+SCRIPT_TIMEOUT = 300
+
+
+def start_script(script, workdir, env=None, args=()):
+    """Starts `python script workdir *args` with this checkout first.
+
+    `env` sets (or, with None, removes) environment variables, such as the
+    fault a script injects; stdout and stderr go to files in `workdir`
+    (`script_output`), so a test can watch a run it kills.
+    """
+    os.makedirs(workdir, exist_ok=True)
+    environment = dict(os.environ)
+    environment["PYTHONPATH"] = os.pathsep.join(
+        [
+            os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+            environment.get("PYTHONPATH", ""),
+        ]
+    )
+    for name, value in (env or {}).items():
+        environment.pop(name, None)
+        if value is not None:
+            environment[name] = value
+    with (
+        open(os.path.join(workdir, "stdout.txt"), "w") as out,
+        open(os.path.join(workdir, "stderr.txt"), "w") as err,
+    ):
+        return subprocess.Popen(
+            [sys.executable, script, str(workdir), *args],
+            env=environment,
+            stdout=out,
+            stderr=err,
+        )
+
+
+def script_output(workdir):
+    """`(stdout, stderr)` of a script started with `start_script`."""
+    with open(os.path.join(workdir, "stdout.txt")) as f:
+        out = f.read()
+    with open(os.path.join(workdir, "stderr.txt")) as f:
+        return out, f.read()
+
+
+def finish_script(process, workdir, timeout=SCRIPT_TIMEOUT):
+    """Waits for the script (kills it after `timeout`): code, out, err."""
+    try:
+        process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+    return (process.returncode, *script_output(workdir))

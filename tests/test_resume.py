@@ -16,14 +16,15 @@ four runs of the killed one.
 import glob
 import os
 import signal
-import subprocess
-import sys
 import time
 import zipfile
 
 import keras
 import numpy as np
 import pytest
+from helpers import finish_script
+from helpers import script_output
+from helpers import start_script
 
 import keras_snapshot
 from keras_snapshot import manifest as manifest_lib
@@ -38,44 +39,16 @@ TIMEOUT = 300
 
 
 def start(workdir, fault=None):
-    """Starts the training script; its output goes to files in `workdir`."""
-    os.makedirs(workdir, exist_ok=True)
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(
-        [os.path.dirname(HERE), env.get("PYTHONPATH", "")]
-    )
-    env["TF_CPP_MIN_LOG_LEVEL"] = "3"
-    env.pop(FAULT_VARIABLE, None)
-    if fault:
-        env[FAULT_VARIABLE] = fault
-    with (
-        open(os.path.join(workdir, "stdout.txt"), "w") as out,
-        open(os.path.join(workdir, "stderr.txt"), "w") as err,
-    ):
-        # The same command every time; only the injected fault differs.
-        return subprocess.Popen(
-            [sys.executable, SCRIPT, str(workdir), "--deterministic"],
-            env=env,
-            stdout=out,
-            stderr=err,
-        )
+    """Starts the training script; its output goes to files in `workdir`.
+
+    The same command every time; only the injected fault differs.
+    """
+    env = {FAULT_VARIABLE: fault or None, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    return start_script(SCRIPT, workdir, env, args=("--deterministic",))
 
 
-def output(workdir):
-    with open(os.path.join(workdir, "stdout.txt")) as f:
-        out = f.read()
-    with open(os.path.join(workdir, "stderr.txt")) as f:
-        return out, f.read()
-
-
-def finish(process, workdir):
-    """Waits for the script; returns its exit status, stdout and stderr."""
-    try:
-        process.wait(timeout=TIMEOUT)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
-    return (process.returncode, *output(workdir))
+output = script_output
+finish = finish_script
 
 
 def run(workdir, fault=None):

@@ -22,8 +22,11 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+from helpers import finish_script  # noqa: E402
 from helpers import make_data  # noqa: E402
 from helpers import make_model  # noqa: E402
+from helpers import script_output  # noqa: E402
+from helpers import start_script  # noqa: E402
 
 from keras_snapshot.averaging import greedy_soup  # noqa: E402
 from keras_snapshot.weight_averaging import WeightAveraging  # noqa: E402
@@ -438,37 +441,11 @@ TIMEOUT = 300
 
 
 def start(workdir, fault=None):
-    os.makedirs(workdir, exist_ok=True)
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(
-        [os.path.dirname(HERE), env.get("PYTHONPATH", "")]
-    )
-    env.pop(FAULT_VARIABLE, None)
-    if fault:
-        env[FAULT_VARIABLE] = fault
-    with (
-        open(os.path.join(workdir, "stdout.txt"), "w") as out,
-        open(os.path.join(workdir, "stderr.txt"), "w") as err,
-    ):
-        return subprocess.Popen(
-            [sys.executable, SCRIPT, workdir], env=env, stdout=out, stderr=err
-        )
+    return start_script(SCRIPT, workdir, {FAULT_VARIABLE: fault or None})
 
 
-def output(workdir):
-    with open(os.path.join(workdir, "stdout.txt")) as f:
-        out = f.read()
-    with open(os.path.join(workdir, "stderr.txt")) as f:
-        return out, f.read()
-
-
-def finish(process, workdir):
-    try:
-        process.wait(timeout=TIMEOUT)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
-    return (process.returncode, *output(workdir))
+output = script_output
+finish = finish_script
 
 
 @pytest.mark.slow

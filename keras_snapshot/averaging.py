@@ -118,6 +118,20 @@ def check_same_architecture(models: list, names: list | None = None) -> None:
                 )
 
 
+def _load_one_architecture(
+    sources, batch_size, recalibration_steps, **load_kwargs
+) -> list:
+    """The models of `sources` (`load_members`), checked to be one
+    architecture, after the shared argument checks of the soups."""
+    check_positive_int("batch_size", batch_size)
+    if recalibration_steps is not None:
+        check_positive_int("recalibration_steps", recalibration_steps)
+    loaded = load_members(sources, **load_kwargs)
+    members = [member.model for member in loaded]
+    check_same_architecture(members, [describe(m) for m in loaded])
+    return members
+
+
 def average_weights(
     snapshots,
     weights=None,
@@ -174,19 +188,16 @@ def average_weights(
     swa.evaluate(x_test, y_test)
     ```
     """
-    check_positive_int("batch_size", batch_size)
-    if recalibration_steps is not None:
-        check_positive_int("recalibration_steps", recalibration_steps)
-    loaded = load_members(
+    members = _load_one_architecture(
         snapshots,
+        batch_size,
+        recalibration_steps,
         last=last,
         safe_mode=safe_mode,
         skip_invalid=skip_invalid,
         custom_objects=custom_objects,
         allow_nonfinite=allow_nonfinite,
     )
-    members = [member.model for member in loaded]
-    check_same_architecture(members, [describe(m) for m in loaded])
     if weights is None:
         coefficients = np.full(len(members), 1.0 / len(members))
     else:
@@ -307,18 +318,15 @@ def greedy_soup(
             "integer labels y. Received: "
             f"{type(validation_data).__name__}."
         )
-    check_positive_int("batch_size", batch_size)
-    if recalibration_steps is not None:
-        check_positive_int("recalibration_steps", recalibration_steps)
-    loaded = load_members(
+    members = _load_one_architecture(
         models,
+        batch_size,
+        recalibration_steps,
         safe_mode=safe_mode,
         skip_invalid=skip_invalid,
         custom_objects=custom_objects,
         allow_nonfinite=allow_nonfinite,
     )
-    members = [member.model for member in loaded]
-    check_same_architecture(members, [describe(m) for m in loaded])
     if from_logits is None:
         declared = declares_probabilities(members[0])
         if declared is None:

@@ -278,3 +278,19 @@ def test_readme_commands_name_the_run_folders_train_makes():
             made.add(folder)
         else:
             assert os.path.normpath(args.run_dir) in made, argv
+
+
+def test_fine_tuning_example_runs(tmp_path):
+    result = _run(
+        [os.path.join(ROOT, "examples", "fine_tuning.py"), "--quick"],
+        tmp_path,
+        env=_env(),
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    for row in (
+        "plain fine-tuning (1 model)",
+        "snapshot ensemble (2 models)",
+        "uniform soup of the snapshots (1 model)",
+        "greedy soup, snapshots [",
+    ):
+        assert row in result.stdout, result.stdout

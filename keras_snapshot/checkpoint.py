@@ -19,6 +19,9 @@ from keras_snapshot._steps import StepTracker
 from keras_snapshot._steps import check_schedule_counts_updates
 from keras_snapshot._steps import innermost_optimizer
 from keras_snapshot._steps import learning_rate_schedule
+from keras_snapshot._tensorboard import TensorBoardLog
+from keras_snapshot._tensorboard import logged_steps
+from keras_snapshot._tensorboard import update_rates
 from keras_snapshot.batchnorm import check_bounded_data
 from keras_snapshot.batchnorm import recalibrate_batchnorm
 from keras_snapshot.batchnorm import restore_batchnorm_statistics
@@ -183,6 +186,8 @@ class SnapshotCheckpoint(keras.callbacks.Callback):
         self._messages = []
         self._epoch = 0
         self._steps = StepTracker(self)
+        self._tensorboard = TensorBoardLog()
+        self._logged_step = None
         self._fit_start_step, self._fit_epochs = None, 0
 
     # Planning ----------------------------------------------------------------
@@ -386,6 +391,8 @@ class SnapshotCheckpoint(keras.callbacks.Callback):
         self._steps_due = {}
         self._planned = False
         self._fit_start_step, self._fit_epochs = None, 0
+        self._tensorboard.open(self)
+        self._logged_step = None
 
     def _plan_once(self, step: int) -> None:
         # Planned at the first epoch, after BackupAndRestore has restored
@@ -460,9 +467,23 @@ class SnapshotCheckpoint(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch, logs=None):
         self._fit_epochs += 1
-        self._take_due(self._steps.read(), None, logs)
+        step = self._steps.read()
+        self._take_due(step, None, logs)
+        self._log_learning_rates(step)
         if self._writer:
             self._check_not_in_backup_folder()
+
+    def _log_learning_rates(self, step: int) -> None:
+        """TensorBoard: the rate of every update since the last call."""
+        if not self._tensorboard.active or self._fit_start_step is None:
+            return
+        first = (self._logged_step or self._fit_start_step) + 1
+        steps = logged_steps(first, step)
+        rates = update_rates(
+            self.model.optimizer, steps, self._steps.accumulation
+        )
+        self._tensorboard.scalars("learning_rate", rates, steps)
+        self._logged_step = max(step, first - 1)
 
     def on_train_end(self, logs=None):
         try:
@@ -471,6 +492,7 @@ class SnapshotCheckpoint(keras.callbacks.Callback):
             self._plan_once(step)
             self._take_due(step, None, logs)
             self._take_last_if_short(step, logs)
+            self._log_learning_rates(step)
             self._flush_messages()
             if self._writer:
                 self._check_not_in_backup_folder()
@@ -478,6 +500,7 @@ class SnapshotCheckpoint(keras.callbacks.Callback):
         finally:
             self._steps_due = {}
             self._folder.unlock()
+            self._tensorboard.close()
 
     def _warn_if_snapshots_missing(self, step: int) -> None:
         # A last snapshot taken short of its cycle end counts as its own.
@@ -560,6 +583,8 @@ class SnapshotCheckpoint(keras.callbacks.Callback):
             )
         if self._writer:
             self._write(entry)
+            self._tensorboard.scalar("snapshot", index, step)
+            self._tensorboard.text("snapshot_file", entry.file, step)
         else:
             self._write_and_discard()
         if self.verbose and self._writer:

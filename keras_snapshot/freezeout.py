@@ -59,7 +59,7 @@ Design (why a callback that attaches to the optimizer, and nothing else):
   model's `make_train_function` (every `fit` and `train_on_batch`) and
   `get_config` (`model.save`) are wrapped for that while FreezeOut trains,
   and a `fit` has ended when its frame has left the call stack. The one
-  place that reads the stack is `_fit_frame` (and `_FitState.running`);
+  place that reads the stack is `_fit.fit_frame` (and `_FitState.running`);
   it also finds the other callbacks of the `fit`, to refuse a
   `SnapshotCheckpoint` next to FreezeOut.
 
@@ -81,9 +81,13 @@ from keras import ops
 
 from keras_snapshot._checks import check_positive_int
 from keras_snapshot._checks import check_positive_number
+from keras_snapshot._fit import fit_frame
 from keras_snapshot._io import print_msg
 from keras_snapshot._steps import StepTracker
 from keras_snapshot._steps import innermost_optimizer
+from keras_snapshot._tensorboard import TensorBoardLog
+from keras_snapshot._tensorboard import logged_steps
+from keras_snapshot._tensorboard import update_rates
 from keras_snapshot.checkpoint import SnapshotCheckpoint
 
 SCALINGS = {
@@ -655,38 +659,6 @@ def _attach_rates(
     return detach
 
 
-def _fit_frame(callback):
-    """The frame of the `fit` calling `callback` now, and its callbacks.
-
-    Keras tells a callback neither which other callbacks its `fit` runs
-    nor that `fit` ended by an exception. Both are read here, and only
-    here, from the call stack: Keras calls each hook through a
-    `keras.callbacks.CallbackList` that holds the callback, and the frame
-    that calls the list is `fit`'s (or a custom training loop's).
-
-    Returns:
-        `(frame, callbacks)`; when no `CallbackList` called the hook (a
-        hook called directly), the frame that called it and None.
-    """
-    hook = inspect.currentframe().f_back
-    frame, found = hook.f_back, None
-    try:
-        for _ in range(8):
-            if frame is None:
-                break
-            owner = frame.f_locals.get("self")
-            if isinstance(owner, keras.callbacks.CallbackList) and any(
-                c is callback for c in owner.callbacks
-            ):
-                found = owner
-            elif found is not None:
-                return frame, list(found.callbacks)
-            frame = frame.f_back
-        return hook.f_back, None
-    finally:
-        del hook, frame
-
-
 class _FitState:
     """What one FreezeOut `fit` changed on a model, and how to undo it.
 
@@ -705,7 +677,7 @@ class _FitState:
     Args:
         model: The model being trained.
         fit_frame: The frame of the `fit` that made the changes
-            (`_fit_frame`): it runs while it is on the call stack.
+            (`_fit.fit_frame`): it runs while it is on the call stack.
     """
 
     def __init__(self, model, fit_frame):
@@ -904,6 +876,8 @@ class FreezeOut(keras.callbacks.Callback):
         """`(step, [group indices])` of every freeze, in this `fit` call."""
         self._steps = StepTracker(self)
         self._state = None
+        self._tensorboard = TensorBoardLog()
+        self._logged_step = None
 
     def get_config(self) -> dict:
         groups = self.groups
@@ -1010,11 +984,11 @@ class FreezeOut(keras.callbacks.Callback):
         super().set_model(model)
         # Refused here, when `fit` makes its CallbackList: before any
         # callback's `on_train_begin` (and SnapshotCheckpoint's folder).
-        self._refuse_companions(_fit_frame(self)[1])
+        self._refuse_companions(fit_frame(self)[1])
 
     def on_train_begin(self, logs=None):
         model = self.model
-        fit_frame, callbacks = _fit_frame(self)
+        frame, callbacks = fit_frame(self)
         self._refuse_companions(callbacks)
         for owner in (model, innermost_optimizer(model.optimizer)):
             left = _state_of(owner)  # Left by a fit that raised.
@@ -1035,7 +1009,7 @@ class FreezeOut(keras.callbacks.Callback):
             model.optimizer.build(model.trainable_variables)
         optimizer = innermost_optimizer(model.optimizer)
         _check_optimizer_internals(optimizer)
-        state = _FitState(model, fit_frame)
+        state = _FitState(model, frame)
         # Layers, parents before the layers inside them, then variables:
         # setting a layer's flag sets those of all it holds.
         layers = [
@@ -1069,6 +1043,8 @@ class FreezeOut(keras.callbacks.Callback):
         self.freeze_events = []
         self._printed_events = 0
         self._fit_start_step = None
+        self._tensorboard.open(self)
+        self._logged_step = None
         if self.verbose:
             saving = estimate_speedup(
                 model, self.groups_, self.t0, self.scaling
@@ -1095,6 +1071,8 @@ class FreezeOut(keras.callbacks.Callback):
             self._freeze_through(step)
 
     def on_epoch_end(self, epoch, logs=None):
+        if self._tensorboard.active:
+            self._log_learning_rates(self._steps.read())
         if self.verbose:
             for step, groups in self.freeze_events[self._printed_events :]:
                 print_msg(
@@ -1105,8 +1083,35 @@ class FreezeOut(keras.callbacks.Callback):
             self._printed_events = len(self.freeze_events)
 
     def on_train_end(self, logs=None):
-        if self._state is not None:
-            self._state.restore()
+        try:
+            if self._tensorboard.active:
+                self._log_learning_rates(self._steps.read())
+        finally:
+            self._tensorboard.close()
+            if self._state is not None:
+                self._state.restore()
+
+    def _log_learning_rates(self, step: int) -> None:
+        """TensorBoard: each group's rate for the updates since last time.
+
+        The update that makes step `s` runs at the optimizer's rate for it
+        times the group's factor at `s - 1` (the update count it reads).
+        """
+        if self._fit_start_step is None:
+            return
+        first = (self._logged_step or self._fit_start_step) + 1
+        steps = logged_steps(first, step)
+        base = update_rates(
+            self.model.optimizer, steps, self._steps.accumulation
+        )
+        for group in range(len(self.groups_)):
+            factors = ops.convert_to_numpy(
+                self.learning_rate_factor(group, steps - 1)
+            )
+            self._tensorboard.scalars(
+                f"learning_rate/group_{group}", base * factors, steps
+            )
+        self._logged_step = max(step, first - 1)
 
     # Freezing -------------------------------------------------------------
 
@@ -1137,3 +1142,6 @@ class FreezeOut(keras.callbacks.Callback):
             self._frozen[i] = True
         model.make_train_function(force=True)
         self.freeze_events.append((step, due))
+        self._tensorboard.scalar(
+            "frozen_groups", self._frozen.count(True), step
+        )

@@ -42,8 +42,8 @@ from keras_snapshot._checks import check_positive_int
 from keras_snapshot._checks import check_positive_number
 from keras_snapshot._checks import is_dataset
 from keras_snapshot._checks import is_endless
-from keras_snapshot.ensemble import resolve_from_logits
 from keras_snapshot.ensemble import normalize_weights
+from keras_snapshot.ensemble import resolve_from_logits
 from keras_snapshot.loading import Member
 from keras_snapshot.loading import load_members
 

@@ -25,6 +25,7 @@ from keras_snapshot._checks import check_positive_int
 from keras_snapshot._io import print_msg
 from keras_snapshot._steps import StepTracker
 from keras_snapshot._steps import innermost_optimizer
+from keras_snapshot._tensorboard import TensorBoardLog
 from keras_snapshot.batchnorm import batchnorm_layers
 from keras_snapshot.batchnorm import recalibrate_batchnorm
 from keras_snapshot.loading import clone_model
@@ -307,6 +308,7 @@ class WeightAveraging(keras.callbacks.Callback):
         self._epochs_done = 0
         self._epoch = 0
         self._steps = StepTracker(self)
+        self._tensorboard = TensorBoardLog()
         self._resumed = False
         self._training = False
         self._swapped = None  # The trained values while validating.
@@ -571,6 +573,7 @@ class WeightAveraging(keras.callbacks.Callback):
         self._resumed = False
         self._training = True
         self._steps.attach()
+        self._tensorboard.open(self)
 
     def on_epoch_begin(self, epoch, logs=None):
         self._epoch = epoch
@@ -617,9 +620,14 @@ class WeightAveraging(keras.callbacks.Callback):
     def on_epoch_end(self, epoch, logs=None):
         self._catch_up(epoch)
         self._epochs_done = epoch + 1
+        if self._count:
+            self._tensorboard.scalar(
+                "num_averaged", self._count, self._last_step
+            )
 
     def on_train_end(self, logs=None):
         self._training = False
+        self._tensorboard.close()
         if self.model is None:
             return
         step = self._steps.read()

@@ -12,6 +12,8 @@ import keras_snapshot
 PACKAGE = os.path.dirname(keras_snapshot.__file__)
 CORE = {
     "_checks",
+    "_fit",
+    "_tensorboard",
     "_distribution",
     "_io",
     "_fs",

@@ -1,0 +1,127 @@
+"""What the callbacks add to TensorBoard, next to Keras's own scalars.
+
+When the `fit` that runs a callback also runs a `keras.callbacks.TensorBoard`
+(found with `_fit.fit_frame`), `TensorBoardLog` writes into that callback's
+`log_dir/train` run, at the optimizer step (`_steps`), what a Keras user
+looks for there:
+
+- `learning_rate`: the rate of every update (`SnapshotCheckpoint`: the
+  cyclic schedule, restarts included), and `learning_rate/group_<i>` per
+  FreezeOut layer group;
+- events: `snapshot` (the snapshot's number at its step) and
+  `snapshot_file` (text), `frozen_groups` (how many FreezeOut groups are
+  frozen), `num_averaged` (models in a `WeightAveraging` average).
+
+Without a `TensorBoard` callback nothing is written. Only the process that
+writes snapshots writes events (`_distribution.is_writer`).
+
+Example:
+
+```python
+log = TensorBoardLog()
+log.open(callback)                      # in on_train_begin
+log.scalar("snapshot", 1, step=400)
+log.close()                             # in on_train_end
+```
+"""
+
+import os
+
+import keras
+import numpy as np
+
+from keras_snapshot._distribution import is_writer
+from keras_snapshot._fit import fit_frame
+from keras_snapshot._steps import innermost_optimizer
+from keras_snapshot._steps import learning_rate_schedule
+
+MAX_POINTS_PER_EPOCH = 500
+"""Most `learning_rate` points logged per epoch (evenly spaced steps)."""
+
+
+class TensorBoardLog:
+    """Scalars and text into the `train` run of the fit's `TensorBoard`."""
+
+    def __init__(self):
+        self._writer = None
+        self.log_dir = None
+
+    @property
+    def active(self) -> bool:
+        return self._writer is not None
+
+    def open(self, callback) -> bool:
+        """Finds the fit's `TensorBoard`; returns whether it logs.
+
+        Call it from a hook of `callback` (it reads the call stack).
+        """
+        self.close()
+        callbacks = fit_frame(callback)[1] or []
+        boards = [
+            c for c in callbacks if isinstance(c, keras.callbacks.TensorBoard)
+        ]
+        if not boards or not is_writer(callback.model):
+            return False
+        import tensorflow as tf
+
+        self.log_dir = os.path.join(os.fspath(boards[0].log_dir), "train")
+        self._writer = tf.summary.create_file_writer(self.log_dir)
+        return True
+
+    def scalars(self, tag: str, values, steps) -> None:
+        """`values[i]` at optimizer step `steps[i]`, for each i."""
+        if self._writer is None:
+            return
+        import tensorflow as tf
+
+        with self._writer.as_default():
+            for value, step in zip(values, steps):
+                tf.summary.scalar(tag, float(value), step=int(step))
+
+    def scalar(self, tag: str, value, step: int) -> None:
+        self.scalars(tag, [value], [step])
+
+    def text(self, tag: str, text: str, step: int) -> None:
+        if self._writer is None:
+            return
+        import tensorflow as tf
+
+        with self._writer.as_default():
+            tf.summary.text(tag, text, step=int(step))
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.flush()
+            self._writer.close()
+        self._writer = None
+
+
+def logged_steps(first: int, last: int) -> np.ndarray:
+    """Steps `first..last` (inclusive), at most `MAX_POINTS_PER_EPOCH`,
+    evenly spaced and always including `last`."""
+    if last < first:
+        return np.zeros(0, dtype=np.int64)
+    steps = np.arange(first, last + 1)
+    if len(steps) > MAX_POINTS_PER_EPOCH:
+        index = np.linspace(0, len(steps) - 1, MAX_POINTS_PER_EPOCH)
+        steps = steps[np.round(index).astype(int)]
+    return steps
+
+
+def update_rates(optimizer, steps, accumulation: int = 1) -> np.ndarray:
+    """The learning rate of the updates that made `steps` (float64).
+
+    Keras calls a schedule with the count of the update's last batch,
+    `step * accumulation - 1`; a constant rate is read as it is now.
+    """
+    steps = np.asarray(steps, dtype=np.int64)
+    schedule = learning_rate_schedule(optimizer)
+    if schedule is None:
+        rate = keras.ops.convert_to_numpy(
+            innermost_optimizer(optimizer).learning_rate
+        )
+        return np.full(len(steps), float(rate))
+    counts = np.maximum(steps * accumulation - 1, 0)
+    return np.array(
+        [float(keras.ops.convert_to_numpy(schedule(int(c)))) for c in counts]
+    )

@@ -1,0 +1,130 @@
+"""What the callbacks write to TensorBoard next to Keras's own scalars."""
+
+import glob
+import math
+import os
+
+import keras
+import pytest
+import tensorflow as tf
+from helpers import make_data
+from helpers import make_model
+
+import keras_snapshot
+from keras_snapshot.freezeout import group_rate_factor
+
+
+def read_events(log_dir):
+    """`{tag: {step: value}}` of every scalar and text in `log_dir/train`."""
+    found = {}
+    for path in glob.glob(os.path.join(log_dir, "train", "events.*")):
+        for event in tf.compat.v1.train.summary_iterator(path):
+            for value in event.summary.value:
+                array = tf.make_ndarray(value.tensor)
+                if array.dtype == object:
+                    array = array.item().decode()
+                else:
+                    array = float(array)
+                found.setdefault(value.tag, {})[event.step] = array
+    return found
+
+
+def board(log_dir):
+    return keras.callbacks.TensorBoard(
+        str(log_dir), write_graph=False, profile_batch=0
+    )
+
+
+def snapshot_rate(step, lr0, total, count):
+    """The paper's formula for the update that makes optimizer step `step`."""
+    t = step - 1
+    cycle = math.ceil(total / count)
+    return lr0 / 2 * (math.cos(math.pi * (t % cycle) / cycle) + 1)
+
+
+def test_snapshot_checkpoint_logs_every_updates_rate_and_each_snapshot(
+    tmp_path,
+):
+    x, y = make_data(n=64)
+    model = make_model()
+    schedule = keras_snapshot.SnapshotSchedule(0.1, 12, 3)
+    model.compile(
+        keras.optimizers.SGD(schedule), "sparse_categorical_crossentropy"
+    )
+    checkpoint = keras_snapshot.SnapshotCheckpoint(tmp_path / "s", verbose=0)
+    model.fit(
+        x,
+        y,
+        batch_size=16,
+        epochs=3,
+        verbose=0,
+        callbacks=[checkpoint, board(tmp_path / "logs")],
+    )
+    events = read_events(tmp_path / "logs")
+    rates = events["learning_rate"]
+    assert sorted(rates) == list(range(1, 13))
+    for step, value in rates.items():
+        assert value == pytest.approx(snapshot_rate(step, 0.1, 12, 3), abs=1e-6)
+    assert events["snapshot"] == {4: 1.0, 8: 2.0, 12: 3.0}
+    assert events["snapshot_file"][8] == "snapshot-02.keras"
+    # Keras's own scalars are still there, in the same run.
+    assert "epoch_loss" in events
+
+
+def test_freezeout_logs_each_groups_rate_and_the_freezes(tmp_path):
+    x, y = make_data(n=64)
+    model = make_model(batchnorm=False)
+    model.compile(keras.optimizers.SGD(0.1), "sparse_categorical_crossentropy")
+    freeze = keras_snapshot.FreezeOut(
+        t0=0.5, scaling="linear", scale_lr=False, groups=2, verbose=0
+    )
+    model.fit(
+        x,
+        y,
+        batch_size=16,
+        epochs=4,
+        verbose=0,
+        callbacks=[freeze, board(tmp_path / "logs")],
+    )
+    events = read_events(tmp_path / "logs")
+    total = freeze.total_steps_
+    for group in (0, 1):
+        rates = events[f"learning_rate/group_{group}"]
+        assert sorted(rates) == list(range(1, total + 1))
+        for step, value in rates.items():
+            factor = group_rate_factor(
+                step - 1, freeze.fractions_[group], total, False
+            )
+            assert value == pytest.approx(0.1 * float(factor), abs=1e-6)
+    ((step, groups),) = freeze.freeze_events
+    assert events["frozen_groups"] == {step: 1.0}
+
+
+def test_weight_averaging_logs_the_number_averaged(tmp_path):
+    x, y = make_data(n=64)
+    model = make_model()
+    model.compile(keras.optimizers.SGD(0.1), "sparse_categorical_crossentropy")
+    ema = keras_snapshot.WeightAveraging(mode="ema", decay=0.9, verbose=0)
+    model.fit(
+        x,
+        y,
+        batch_size=16,
+        epochs=3,
+        verbose=0,
+        callbacks=[ema, board(tmp_path / "logs")],
+    )
+    events = read_events(tmp_path / "logs")
+    assert events["num_averaged"] == {4: 4.0, 8: 8.0, 12: 12.0}
+
+
+def test_without_tensorboard_nothing_is_logged(tmp_path):
+    x, y = make_data(n=32)
+    model = make_model()
+    model.compile(
+        keras.optimizers.SGD(keras_snapshot.SnapshotSchedule(0.1, 4, 2)),
+        "sparse_categorical_crossentropy",
+    )
+    checkpoint = keras_snapshot.SnapshotCheckpoint(tmp_path / "s", verbose=0)
+    model.fit(x, y, batch_size=16, epochs=2, verbose=0, callbacks=[checkpoint])
+    assert not checkpoint._tensorboard.active
+    assert sorted(os.listdir(tmp_path)) == ["s"]

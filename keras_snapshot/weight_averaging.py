@@ -309,6 +309,7 @@ class WeightAveraging(keras.callbacks.Callback):
         self._epoch = 0
         self._steps = StepTracker(self)
         self._tensorboard = TensorBoardLog()
+        self._update_fn = None
         self._resumed = False
         self._training = False
         self._swapped = None  # The trained values while validating.
@@ -414,6 +415,7 @@ class WeightAveraging(keras.callbacks.Callback):
             setattr(optimizer, name, state)
         self._state = state
         self._pairs = list(zip(variables, state.average))
+        self._update_fn = None
 
     # What is averaged ---------------------------------------------------------
 
@@ -427,16 +429,52 @@ class WeightAveraging(keras.callbacks.Callback):
         if self.model is None:  # On JAX this syncs the training state.
             return
         weight = self._weight()
-        for variable, average in self._pairs:
-            if weight == 1.0:
-                _assign_copy(average, variable.value)
-            else:
-                value = ops.cast(variable.value, average.dtype)
-                average.assign(average + weight * (value - average))
         self._count += 1
         self._last_step = step
         self._epochs_done = epochs_done
-        self._state.write(self._count, step, epochs_done)
+        if weight == 1.0:
+            for variable, average in self._pairs:
+                _assign_copy(average, variable.value)
+            self._state.write(self._count, step, epochs_done)
+        else:
+            self._compiled_update()(weight, self._count, step, epochs_done)
+
+    def _compiled_update(self):
+        """`avg += w (x - avg)` for every pair and the state, in one call.
+
+        On TensorFlow one `tf.function` (one dispatch per update instead of
+        a few eager ops per variable); elsewhere the same ops eagerly.
+        """
+        if self._update_fn is not None:
+            return self._update_fn
+        pairs, state = self._pairs, self._state
+
+        def update(weight, count, step, epochs):
+            for variable, average in pairs:
+                value = ops.cast(variable.value, average.dtype)
+                w = ops.cast(weight, average.dtype)
+                average.assign(average + w * (value - average))
+            state.count.assign(ops.cast(count, "int32"))
+            state.step.assign(ops.cast(step, "int32"))
+            state.epochs.assign(ops.cast(epochs, "int32"))
+
+        if keras.backend.backend() == "tensorflow":
+            import tensorflow as tf
+
+            compiled = tf.function(update, reduce_retracing=True)
+
+            def call(weight, count, step, epochs):
+                compiled(
+                    tf.constant(weight, tf.float64),
+                    tf.constant(count, tf.int32),
+                    tf.constant(step, tf.int32),
+                    tf.constant(epochs, tf.int32),
+                )
+
+            self._update_fn = call
+        else:
+            self._update_fn = update
+        return self._update_fn
 
     def averaged_weights(self) -> list:
         """The model's weights as numpy arrays, the averaged ones averaged.

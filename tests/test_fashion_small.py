@@ -6,11 +6,12 @@ import socket
 import numpy as np
 import pytest
 
+import keras_snapshot
 from keras_snapshot.app import datasets
 from keras_snapshot.app.datasets import load_dataset
 
 BUNDLED = os.path.join(
-    os.path.dirname(datasets.__file__), "data", "fashion_mnist_small.npz"
+    os.path.dirname(keras_snapshot.__file__), "data", "fashion_mnist_small.npz"
 )
 
 

@@ -27,7 +27,7 @@ from keras_snapshot.app.datasets import FASHION_MNIST_DIR
 from keras_snapshot.app.datasets import load_dataset
 
 DEFAULT_OUT = os.path.join(
-    common.ROOT, "keras_snapshot", "app", "data", "fashion_mnist_small.npz"
+    common.ROOT, "keras_snapshot", "data", "fashion_mnist_small.npz"
 )
 
 

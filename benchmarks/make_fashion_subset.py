@@ -3,7 +3,7 @@
 Reads the original IDX files that Debian's `dataset-fashion-mnist` package
 installs in /usr/share/datasets/fashion-mnist/ and writes a class-balanced
 random subset of the training and test splits, as uint8, to
-keras_snapshot/app/data/fashion_mnist_small.npz (what
+keras_snapshot/data/fashion_mnist_small.npz (what
 `load_dataset("fashion_mnist_small")` reads). The same arguments give the
 same file, byte for byte.
 

@@ -159,7 +159,9 @@ def train_run(kind, lr, data, epochs, batch_size, seed, **options):
 
     `options`: `num_snapshots` (for "snapshot"), `weight_decay`, `widths`,
     `augment`, `callbacks` (e.g. a `SnapshotCheckpoint`), `schedule` (any
-    Keras learning-rate schedule, used instead of `kind`'s).
+    Keras learning-rate schedule, used instead of `kind`'s), `model` (a
+    built model to train, e.g. a pretrained one, instead of a fresh
+    `bench_cnn`; it is compiled anew).
     """
     import keras
 
@@ -171,7 +173,9 @@ def train_run(kind, lr, data, epochs, batch_size, seed, **options):
     schedule = options.get("schedule") or make_schedule(
         kind, lr, epochs, steps, options.get("num_snapshots", 1)
     )
-    model = bench_cnn(options.get("widths", (16, 32, 64)))
+    model = options.get("model") or bench_cnn(
+        options.get("widths", (16, 32, 64))
+    )
     compile_sgd(model, schedule, options.get("weight_decay", 0.0))
     train = make_dataset(
         x,

@@ -3,20 +3,26 @@
 - Training overhead: throughput of `fit` with `SnapshotSchedule` +
   `SnapshotCheckpoint` against plain `fit` with a constant rate and no
   callback, same model and data, repetitions interleaved in one process
-  (median of each). Also the time of one snapshot write, and the overhead
-  against the number of snapshots M = 1..10 in a fixed budget.
+  (median of each). Also the time of one snapshot write, the overhead
+  against the number of snapshots M = 1..10 in a fixed budget, and the
+  overhead of the running weight average (`WeightAveraging`: SWA at epoch
+  ends, SWA and EMA after every optimizer step; optionally the host-copy
+  `StochasticWeightAveraging` of an older release, `--averaging-ref`).
 - Inference: `build_ensemble` of M members against M separate `predict`
   calls and against one model, with and without `jit_compile`, at several
   batch sizes; ensemble latency against M = 1..10; peak memory of building
   and running an ensemble (a fresh subprocess per measurement).
 
 Usage:
-    python benchmarks/cost.py           # the committed result, ~10 min
+    python benchmarks/cost.py           # the committed result, ~13 min
     python benchmarks/cost.py --quick   # smoke test, ~1 min
-    python benchmarks/cost.py --training-only   # overhead ratios only, ~7 min
+    python benchmarks/cost.py --training-only   # overhead ratios only, ~11 min
+    python benchmarks/cost.py --training-only --averaging-ref 27042e6
+        # and the 0.3.0 host-copy average: 13 min on 2 shared cores
 """
 
 import argparse
+import importlib.util
 import json
 import os
 import resource
@@ -25,6 +31,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 
 import common
 import keras
@@ -259,6 +266,104 @@ def training_overhead(args, x, y, workdir) -> dict:
             "plain_seconds_median": reference,
             "rows": scaling,
         },
+        "averaging": averaging_overhead(args, dataset, steps_per_epoch),
+    }
+
+
+def host_copy_averaging(ref: str):
+    """The `StochasticWeightAveraging` class of git `ref` (e.g. 27042e6,
+    keras-snapshot 0.3.0: a float64 numpy copy of the weights on the
+    host, updated after a device -> host copy each averaged step)."""
+    source = subprocess.run(
+        ["git", "show", f"{ref}:keras_snapshot/averaging.py"],
+        cwd=common.ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    path = os.path.join(tempfile.mkdtemp(), "host_copy_averaging.py")
+    with open(path, "w") as f:
+        f.write(source)
+    spec = importlib.util.spec_from_file_location("host_copy_averaging", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.StochasticWeightAveraging
+
+
+def averaging_overhead(args, dataset, steps_per_epoch) -> dict:
+    """`fit` with a `WeightAveraging` callback against plain `fit`.
+
+    One model, one constant rate: the callback does not change training,
+    so every variant times the same steps from the same start
+    (`timed_fit`), interleaved, `--averaging-reps` times each. A fresh
+    callback per fit, as in a real run: each fit traces the update once
+    (included in the times).
+    """
+    variants = {
+        "plain": lambda: [],
+        "SWA, epoch ends": lambda: [
+            keras_snapshot.WeightAveraging(start_epoch=1, verbose=0)
+        ],
+        "SWA, every step": lambda: [
+            keras_snapshot.WeightAveraging(
+                start_step=1, every_steps=1, verbose=0
+            )
+        ],
+        "EMA, every step": lambda: [
+            keras_snapshot.WeightAveraging(
+                mode="ema", decay=0.99, warmup=True, verbose=0
+            )
+        ],
+    }
+    if args.averaging_ref:
+        old = host_copy_averaging(args.averaging_ref)
+        variants[f"host copy ({args.averaging_ref}), every step"] = lambda: [
+            old(start_step=1, every_steps=1, verbose=0)
+        ]
+    model = compiled(0.05, args.weight_decay)
+    epochs = args.averaging_epochs
+    times = {k: [] for k in variants}
+    names = list(variants)
+    with warnings.catch_warnings():
+        # Each timed fit restarts at step 0: the callback sees the average
+        # of the previous fit ahead of the optimizer and starts anew.
+        warnings.filterwarnings("ignore", message=".*starting a new average")
+        for name in names:  # warm-up: tracing
+            timed_fit(model, dataset, 1, variants[name]())
+        for rep in range(args.averaging_reps):
+            order = names[rep % len(names) :] + names[: rep % len(names)]
+            if rep % 2:
+                order = order[::-1]
+            for name in order:
+                times[name].append(
+                    timed_fit(model, dataset, epochs, variants[name]())
+                )
+            print(
+                f"  averaging rep {rep + 1}/{args.averaging_reps}: "
+                + " ".join(f"{k} {v[-1]:.2f}s" for k, v in times.items()),
+                flush=True,
+            )
+    plain = median(times["plain"])
+    steps = epochs * steps_per_epoch
+    rows = [
+        {
+            "variant": name,
+            "seconds": seconds,
+            "ratio": plain / median(seconds),
+            "ratio_paired_median": median(
+                [p / t for p, t in zip(times["plain"], seconds)]
+            ),
+            "ms_per_step_over_plain": 1000 * (median(seconds) - plain) / steps,
+        }
+        for name, seconds in times.items()
+        if name != "plain"
+    ]
+    return {
+        "epochs_per_fit": epochs,
+        "steps_per_fit": steps,
+        "plain_seconds": times["plain"],
+        "plain_seconds_median": plain,
+        "rows": rows,
     }
 
 
@@ -542,6 +647,7 @@ def markdown(res) -> str:
         "",
         "![training overhead vs M](cost_training.png)",
         "",
+        *averaging_markdown(res["training"].get("averaging")),
         "## Inference",
         "",
         f"{inf['members']} members; `predict` over a fixed set of images, "
@@ -642,6 +748,43 @@ def markdown(res) -> str:
     return "\n".join(lines)
 
 
+def averaging_markdown(av) -> list:
+    """The weight-averaging overhead lines (none in older cost.json)."""
+    if not av:
+        return []
+    return [
+        "### Weight averaging",
+        "",
+        f"`fit` of {av['epochs_per_fit']} epochs ({av['steps_per_fit']} "
+        "steps, constant rate) with a `WeightAveraging` callback against "
+        f"the same fit without it (median {av['plain_seconds_median']:.2f}"
+        f" s), {len(av['plain_seconds'])} interleaved repetitions of each, "
+        "a fresh callback per fit (its one tracing included). Every step: "
+        "`every_steps=1` (EMA's default).",
+        "",
+        md_table(
+            [
+                "averaging",
+                "median s per fit",
+                "throughput ratio (vs plain)",
+                "paired median ratio",
+                "ms per step over plain",
+            ],
+            [
+                [
+                    r["variant"],
+                    f"{median(r['seconds']):.2f}",
+                    f"{r['ratio']:.3f}",
+                    f"{r['ratio_paired_median']:.3f}",
+                    f"{r['ms_per_step_over_plain']:+.2f}",
+                ]
+                for r in av["rows"]
+            ],
+        ),
+        "",
+    ]
+
+
 def plot(res, out_dir):
     plt = common.pyplot()
     sc = res["training"]["scaling"]["rows"]
@@ -721,6 +864,14 @@ def parse_args(argv=None):
         help="the SGD optimizer's decoupled weight decay (no L2 penalty)",
     )
     p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--averaging-epochs", type=int, default=4)
+    p.add_argument("--averaging-reps", type=int, default=4)
+    p.add_argument(
+        "--averaging-ref",
+        default=None,
+        help="also time the host-copy StochasticWeightAveraging of this "
+        "git commit (27042e6: keras-snapshot 0.3.0)",
+    )
     p.add_argument("--scaling-epochs", type=int, default=2)
     p.add_argument("--scaling-reps", type=int, default=2)
     p.add_argument(
@@ -737,6 +888,7 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.quick:
         args.images, args.epochs, args.reps = 1024, 4, 2
+        args.averaging_epochs, args.averaging_reps = 2, 2
         args.scaling_epochs, args.scaling_reps = 2, 1
         args.scaling_m = [1, 2, 4]
         args.batch_sizes, args.min_images, args.images_batch1 = [1, 64], 256, 16
@@ -765,6 +917,17 @@ def print_training(training) -> None:
         print(f"{key}: {main[key]:.3f}")
     for variant, seconds in main["seconds"].items():
         print(f"{variant}: median {median(seconds):.2f} s per fit {seconds}")
+    averaging = training["averaging"]
+    print(
+        f"weight averaging, {averaging['steps_per_fit']} steps per fit: "
+        f"plain median {averaging['plain_seconds_median']:.2f} s"
+    )
+    for row in averaging["rows"]:
+        print(
+            f"{row['variant']}: ratio {row['ratio']:.3f} (paired "
+            f"{row['ratio_paired_median']:.3f}), "
+            f"{row['ms_per_step_over_plain']:+.2f} ms per step"
+        )
 
 
 def main(argv=None):

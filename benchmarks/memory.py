@@ -44,6 +44,7 @@ def write_images(root: str, count: int, seed: int = 0):
         os.path.join(root, f"class_{label}", f"{i:06d}.png")
         for i, label in enumerate(labels)
     ]
+
     def write(path, image):
         written = tf.io.write_file(path, tf.io.encode_png(image))
         with tf.control_dependencies([written]):

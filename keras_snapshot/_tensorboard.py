@@ -13,7 +13,11 @@ looks for there:
   frozen), `num_averaged` (models in a `WeightAveraging` average).
 
 Without a `TensorBoard` callback nothing is written. Only the process that
-writes snapshots writes events (`_distribution.is_writer`).
+writes snapshots writes events (`_distribution.is_writer`). The events go
+through a writer of their own (a second event file in the run, which
+TensorBoard's default loader reads live), and are recorded whatever the
+`TensorBoard`'s `update_freq`: its `record_if` filter, which Keras leaves
+on between batches, would drop them otherwise.
 
 Example:
 
@@ -21,6 +25,7 @@ Example:
 log = TensorBoardLog()
 log.open(callback)                      # in on_train_begin
 log.scalar("snapshot", 1, step=400)
+steps = log.new_steps(start=0, step=400)  # 1..400, each step once
 log.close()                             # in on_train_end
 ```
 """
@@ -45,6 +50,8 @@ class TensorBoardLog:
     def __init__(self):
         self._writer = None
         self.log_dir = None
+        self._logged_step = None
+        self._last = {}
 
     @property
     def active(self) -> bool:
@@ -56,6 +63,7 @@ class TensorBoardLog:
         Call it from a hook of `callback` (it reads the call stack).
         """
         self.close()
+        self._logged_step, self._last = None, {}
         callbacks = fit_frame(callback)[1] or []
         boards = [
             c for c in callbacks if isinstance(c, keras.callbacks.TensorBoard)
@@ -68,25 +76,39 @@ class TensorBoardLog:
         self._writer = tf.summary.create_file_writer(self.log_dir)
         return True
 
+    def new_steps(self, start: int, step: int) -> np.ndarray:
+        """The steps after `start` up to `step` not yet returned since
+        `open` (`logged_steps`); empty when not logging."""
+        if self._writer is None:
+            return np.zeros(0, dtype=np.int64)
+        if self._logged_step is not None:
+            start = max(start, self._logged_step)
+        self._logged_step = max(start, step)
+        return logged_steps(start + 1, step)
+
     def scalars(self, tag: str, values, steps) -> None:
         """`values[i]` at optimizer step `steps[i]`, for each i."""
         if self._writer is None:
             return
         import tensorflow as tf
 
-        with self._writer.as_default():
+        with self._writer.as_default(), tf.summary.record_if(True):
             for value, step in zip(values, steps):
                 tf.summary.scalar(tag, float(value), step=int(step))
 
     def scalar(self, tag: str, value, step: int) -> None:
-        self.scalars(tag, [value], [step])
+        """`value` at `step`, unless the tag's last point is the same."""
+        point = (float(value), int(step))
+        if self._last.get(tag) != point:
+            self._last[tag] = point
+            self.scalars(tag, [value], [step])
 
     def text(self, tag: str, text: str, step: int) -> None:
         if self._writer is None:
             return
         import tensorflow as tf
 
-        with self._writer.as_default():
+        with self._writer.as_default(), tf.summary.record_if(True):
             tf.summary.text(tag, text, step=int(step))
 
     def close(self) -> None:

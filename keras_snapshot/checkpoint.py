@@ -20,7 +20,6 @@ from keras_snapshot._steps import check_schedule_counts_updates
 from keras_snapshot._steps import innermost_optimizer
 from keras_snapshot._steps import learning_rate_schedule
 from keras_snapshot._tensorboard import TensorBoardLog
-from keras_snapshot._tensorboard import logged_steps
 from keras_snapshot._tensorboard import update_rates
 from keras_snapshot.batchnorm import check_bounded_data
 from keras_snapshot.batchnorm import recalibrate_batchnorm
@@ -187,7 +186,6 @@ class SnapshotCheckpoint(keras.callbacks.Callback):
         self._epoch = 0
         self._steps = StepTracker(self)
         self._tensorboard = TensorBoardLog()
-        self._logged_step = None
         self._fit_start_step, self._fit_epochs = None, 0
 
     # Planning ----------------------------------------------------------------
@@ -392,7 +390,6 @@ class SnapshotCheckpoint(keras.callbacks.Callback):
         self._planned = False
         self._fit_start_step, self._fit_epochs = None, 0
         self._tensorboard.open(self)
-        self._logged_step = None
 
     def _plan_once(self, step: int) -> None:
         # Planned at the first epoch, after BackupAndRestore has restored
@@ -477,13 +474,11 @@ class SnapshotCheckpoint(keras.callbacks.Callback):
         """TensorBoard: the rate of every update since the last call."""
         if not self._tensorboard.active or self._fit_start_step is None:
             return
-        first = (self._logged_step or self._fit_start_step) + 1
-        steps = logged_steps(first, step)
+        steps = self._tensorboard.new_steps(self._fit_start_step, step)
         rates = update_rates(
             self.model.optimizer, steps, self._steps.accumulation
         )
         self._tensorboard.scalars("learning_rate", rates, steps)
-        self._logged_step = max(step, first - 1)
 
     def on_train_end(self, logs=None):
         try:

@@ -86,7 +86,6 @@ from keras_snapshot._io import print_msg
 from keras_snapshot._steps import StepTracker
 from keras_snapshot._steps import innermost_optimizer
 from keras_snapshot._tensorboard import TensorBoardLog
-from keras_snapshot._tensorboard import logged_steps
 from keras_snapshot._tensorboard import update_rates
 from keras_snapshot.checkpoint import SnapshotCheckpoint
 
@@ -877,7 +876,6 @@ class FreezeOut(keras.callbacks.Callback):
         self._steps = StepTracker(self)
         self._state = None
         self._tensorboard = TensorBoardLog()
-        self._logged_step = None
 
     def get_config(self) -> dict:
         groups = self.groups
@@ -1044,7 +1042,6 @@ class FreezeOut(keras.callbacks.Callback):
         self._printed_events = 0
         self._fit_start_step = None
         self._tensorboard.open(self)
-        self._logged_step = None
         if self.verbose:
             saving = estimate_speedup(
                 model, self.groups_, self.t0, self.scaling
@@ -1099,8 +1096,9 @@ class FreezeOut(keras.callbacks.Callback):
         """
         if self._fit_start_step is None:
             return
-        first = (self._logged_step or self._fit_start_step) + 1
-        steps = logged_steps(first, step)
+        steps = self._tensorboard.new_steps(self._fit_start_step, step)
+        if not len(steps):
+            return
         base = update_rates(
             self.model.optimizer, steps, self._steps.accumulation
         )
@@ -1111,7 +1109,6 @@ class FreezeOut(keras.callbacks.Callback):
             self._tensorboard.scalars(
                 f"learning_rate/group_{group}", base * factors, steps
             )
-        self._logged_step = max(step, first - 1)
 
     # Freezing -------------------------------------------------------------
 

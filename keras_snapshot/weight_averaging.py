@@ -658,6 +658,10 @@ class WeightAveraging(keras.callbacks.Callback):
     def on_epoch_end(self, epoch, logs=None):
         self._catch_up(epoch)
         self._epochs_done = epoch + 1
+        self._log_count()
+
+    def _log_count(self) -> None:
+        """TensorBoard: `num_averaged` at the step of the last update."""
         if self._count:
             self._tensorboard.scalar(
                 "num_averaged", self._count, self._last_step
@@ -665,12 +669,16 @@ class WeightAveraging(keras.callbacks.Callback):
 
     def on_train_end(self, logs=None):
         self._training = False
-        self._tensorboard.close()
         if self.model is None:
+            self._tensorboard.close()
             return
-        step = self._steps.read()
-        if self._every is not None:
-            self._take_due(step, self._epochs_done)
+        try:
+            step = self._steps.read()
+            if self._every is not None:
+                self._take_due(step, self._epochs_done)
+            self._log_count()
+        finally:
+            self._tensorboard.close()
         if self._count == 0:
             if self.filepath or self.set_weights_at_end:
                 warnings.warn(

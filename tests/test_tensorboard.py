@@ -5,19 +5,22 @@ import math
 import os
 
 import keras
+import numpy as np
 import pytest
 import tensorflow as tf
 from helpers import make_data
 from helpers import make_model
 
 import keras_snapshot
+from keras_snapshot._tensorboard import MAX_POINTS_PER_EPOCH
+from keras_snapshot._tensorboard import logged_steps
 from keras_snapshot.freezeout import group_rate_factor
 
 
-def read_events(log_dir):
-    """`{tag: {step: value}}` of every scalar and text in `log_dir/train`."""
+def read_events(log_dir, run="train"):
+    """`{tag: {step: value}}` of every scalar and text in `log_dir/run`."""
     found = {}
-    for path in glob.glob(os.path.join(log_dir, "train", "events.*")):
+    for path in glob.glob(os.path.join(log_dir, run, "events.*")):
         for event in tf.compat.v1.train.summary_iterator(path):
             for value in event.summary.value:
                 array = tf.make_ndarray(value.tensor)
@@ -29,9 +32,9 @@ def read_events(log_dir):
     return found
 
 
-def board(log_dir):
+def board(log_dir, **kwargs):
     return keras.callbacks.TensorBoard(
-        str(log_dir), write_graph=False, profile_batch=0
+        str(log_dir), write_graph=False, profile_batch=0, **kwargs
     )
 
 
@@ -128,3 +131,99 @@ def test_without_tensorboard_nothing_is_logged(tmp_path):
     model.fit(x, y, batch_size=16, epochs=2, verbose=0, callbacks=[checkpoint])
     assert not checkpoint._tensorboard.active
     assert sorted(os.listdir(tmp_path)) == ["s"]
+
+
+def test_events_are_kept_when_update_freq_skips_the_epoch_end(tmp_path):
+    # Keras leaves TensorBoard's `record_if(step % update_freq == 0)` on
+    # between batches: with 4 batches an epoch and update_freq=3, epoch-end
+    # summaries of epochs 1 and 2 would be dropped (tensorboard#4975).
+    x, y = make_data(n=64)
+    model = make_model()
+    schedule = keras_snapshot.SnapshotSchedule(0.1, 12, 3)
+    model.compile(
+        keras.optimizers.SGD(schedule), "sparse_categorical_crossentropy"
+    )
+    checkpoint = keras_snapshot.SnapshotCheckpoint(tmp_path / "s", verbose=0)
+    model.fit(
+        x,
+        y,
+        batch_size=16,
+        epochs=3,
+        verbose=0,
+        # The TensorBoard first: its hooks run before ours.
+        callbacks=[board(tmp_path / "logs", update_freq=3), checkpoint],
+    )
+    events = read_events(tmp_path / "logs")
+    assert sorted(events["learning_rate"]) == list(range(1, 13))
+    assert events["snapshot"] == {4: 1.0, 8: 2.0, 12: 3.0}
+
+
+@pytest.mark.filterwarnings("ignore:SnapshotCheckpoint")
+def test_a_resumed_fit_logs_each_step_once(tmp_path):
+    x, y = make_data(n=64)
+    model = make_model()
+    schedule = keras_snapshot.SnapshotSchedule(0.1, 12, 3)
+    model.compile(
+        keras.optimizers.SGD(schedule), "sparse_categorical_crossentropy"
+    )
+    checkpoint = keras_snapshot.SnapshotCheckpoint(tmp_path / "s", verbose=0)
+    for first, last in ((0, 1), (1, 3)):
+        model.fit(
+            x,
+            y,
+            batch_size=16,
+            initial_epoch=first,
+            epochs=last,
+            verbose=0,
+            callbacks=[checkpoint, board(tmp_path / "logs")],
+        )
+    points = []
+    for path in glob.glob(os.path.join(tmp_path, "logs", "train", "ev*")):
+        for event in tf.compat.v1.train.summary_iterator(path):
+            points += [
+                event.step
+                for v in event.summary.value
+                if v.tag == "learning_rate"
+            ]
+    assert sorted(points) == list(range(1, 13))
+
+
+def test_validation_scalars_are_the_averaged_models(tmp_path):
+    # validate_with_average=True: Keras's own validation scalars are the
+    # average's, at the epoch and at the optimizer step.
+    keras.utils.set_random_seed(0)
+    x, y = make_data(n=64)
+    model = make_model(batchnorm=False)
+    model.compile(keras.optimizers.SGD(0.1), "sparse_categorical_crossentropy")
+    ema = keras_snapshot.WeightAveraging(
+        mode="ema", decay=0.9, validate_with_average=True, verbose=0
+    )
+    model.fit(
+        x,
+        y,
+        batch_size=16,
+        epochs=2,
+        verbose=0,
+        validation_data=(x, y),
+        callbacks=[ema, board(tmp_path / "logs")],
+    )
+    val = read_events(tmp_path / "logs", "validation")
+    averaged = ema.averaged_model()
+    probabilities = keras.ops.convert_to_numpy(averaged(x))
+    loss = -np.mean(np.log(probabilities[np.arange(len(y)), y]))
+    assert val["epoch_loss"][1] == pytest.approx(loss, rel=1e-4)
+    assert val["evaluation_loss_vs_iterations"][8] == pytest.approx(
+        loss, rel=1e-4
+    )
+    assert read_events(tmp_path / "logs")["num_averaged"] == {4: 4.0, 8: 8.0}
+    trained = keras.ops.convert_to_numpy(model(x))
+    assert not np.allclose(trained, probabilities)
+
+
+def test_logged_steps_thin_a_long_epoch_and_keep_its_last_step():
+    steps = logged_steps(1, 10_000)
+    assert len(steps) == MAX_POINTS_PER_EPOCH
+    assert steps[0] == 1 and steps[-1] == 10_000
+    assert np.all(np.diff(steps) > 0)
+    assert list(logged_steps(3, 5)) == [3, 4, 5]
+    assert len(logged_steps(5, 4)) == 0

@@ -191,6 +191,7 @@ def train_run(kind, lr, data, epochs, batch_size, seed, **options):
         epochs=epochs,
         callbacks=list(options.get("callbacks", ())),
         verbose=0,
+        shuffle=False,  # The tf.data pipeline shuffles every epoch.
     )
     return model, time.perf_counter() - started
 

@@ -38,6 +38,54 @@ def board(log_dir, **kwargs):
     )
 
 
+def fit_with_snapshots(
+    tmp_path,
+    board_first=False,
+    accumulation=None,
+    fits=((0, 3),),
+    batch_size=16,
+    **board_kwargs,
+):
+    """Trains 12 optimizer updates with 3 snapshots and a TensorBoard; 64
+    samples, `fits` the `(initial_epoch, epochs)` of each `fit` call."""
+    x, y = make_data(n=64)
+    model = make_model()
+    schedule = keras_snapshot.SnapshotSchedule(
+        0.1, 12, 3, gradient_accumulation_steps=accumulation
+    )
+    optimizer = keras.optimizers.SGD(
+        schedule, gradient_accumulation_steps=accumulation
+    )
+    steps_per_execution = board_kwargs.pop("steps_per_execution", 1)
+    model.compile(
+        optimizer,
+        "sparse_categorical_crossentropy",
+        steps_per_execution=steps_per_execution,
+    )
+    checkpoint = keras_snapshot.SnapshotCheckpoint(tmp_path / "s", verbose=0)
+    tensorboard = board(tmp_path / "logs", **board_kwargs)
+    # The TensorBoard first: its hooks run before ours.
+    callbacks = (
+        [tensorboard, checkpoint]
+        if board_first
+        else [
+            checkpoint,
+            tensorboard,
+        ]
+    )
+    for first, last in fits:
+        model.fit(
+            x,
+            y,
+            batch_size=batch_size,
+            initial_epoch=first,
+            epochs=last,
+            verbose=0,
+            callbacks=callbacks,
+        )
+    return read_events(tmp_path / "logs")
+
+
 def snapshot_rate(step, lr0, total, count):
     """The paper's formula for the update that makes optimizer step `step`."""
     t = step - 1
@@ -48,22 +96,7 @@ def snapshot_rate(step, lr0, total, count):
 def test_snapshot_checkpoint_logs_every_updates_rate_and_each_snapshot(
     tmp_path,
 ):
-    x, y = make_data(n=64)
-    model = make_model()
-    schedule = keras_snapshot.SnapshotSchedule(0.1, 12, 3)
-    model.compile(
-        keras.optimizers.SGD(schedule), "sparse_categorical_crossentropy"
-    )
-    checkpoint = keras_snapshot.SnapshotCheckpoint(tmp_path / "s", verbose=0)
-    model.fit(
-        x,
-        y,
-        batch_size=16,
-        epochs=3,
-        verbose=0,
-        callbacks=[checkpoint, board(tmp_path / "logs")],
-    )
-    events = read_events(tmp_path / "logs")
+    events = fit_with_snapshots(tmp_path)
     rates = events["learning_rate"]
     assert sorted(rates) == list(range(1, 13))
     for step, value in rates.items():
@@ -72,6 +105,26 @@ def test_snapshot_checkpoint_logs_every_updates_rate_and_each_snapshot(
     assert events["snapshot_file"][8] == "snapshot-02.keras"
     # Keras's own scalars are still there, in the same run.
     assert "epoch_loss" in events
+
+
+@pytest.mark.parametrize(
+    "mode",
+    [
+        # 8 batches of 8 an epoch, one update per 2 batches.
+        dict(accumulation=2, batch_size=8),
+        # 4 batches an epoch, 2 per execution: the callbacks see steps 2, 4.
+        dict(steps_per_execution=2),
+        dict(steps_per_execution=3, board_first=True),
+    ],
+    ids=["gradient_accumulation", "steps_per_execution", "uneven_execution"],
+)
+def test_events_are_at_optimizer_updates_whatever_the_batching(tmp_path, mode):
+    events = fit_with_snapshots(tmp_path, **mode)
+    rates = events["learning_rate"]
+    assert sorted(rates) == list(range(1, 13))
+    for step, value in rates.items():
+        assert value == pytest.approx(snapshot_rate(step, 0.1, 12, 3), abs=1e-6)
+    assert events["snapshot"] == {4: 1.0, 8: 2.0, 12: 3.0}
 
 
 def test_freezeout_logs_each_groups_rate_and_the_freezes(tmp_path):
@@ -137,46 +190,14 @@ def test_events_are_kept_when_update_freq_skips_the_epoch_end(tmp_path):
     # Keras leaves TensorBoard's `record_if(step % update_freq == 0)` on
     # between batches: with 4 batches an epoch and update_freq=3, epoch-end
     # summaries of epochs 1 and 2 would be dropped (tensorboard#4975).
-    x, y = make_data(n=64)
-    model = make_model()
-    schedule = keras_snapshot.SnapshotSchedule(0.1, 12, 3)
-    model.compile(
-        keras.optimizers.SGD(schedule), "sparse_categorical_crossentropy"
-    )
-    checkpoint = keras_snapshot.SnapshotCheckpoint(tmp_path / "s", verbose=0)
-    model.fit(
-        x,
-        y,
-        batch_size=16,
-        epochs=3,
-        verbose=0,
-        # The TensorBoard first: its hooks run before ours.
-        callbacks=[board(tmp_path / "logs", update_freq=3), checkpoint],
-    )
-    events = read_events(tmp_path / "logs")
+    events = fit_with_snapshots(tmp_path, board_first=True, update_freq=3)
     assert sorted(events["learning_rate"]) == list(range(1, 13))
     assert events["snapshot"] == {4: 1.0, 8: 2.0, 12: 3.0}
 
 
 @pytest.mark.filterwarnings("ignore:SnapshotCheckpoint")
 def test_a_resumed_fit_logs_each_step_once(tmp_path):
-    x, y = make_data(n=64)
-    model = make_model()
-    schedule = keras_snapshot.SnapshotSchedule(0.1, 12, 3)
-    model.compile(
-        keras.optimizers.SGD(schedule), "sparse_categorical_crossentropy"
-    )
-    checkpoint = keras_snapshot.SnapshotCheckpoint(tmp_path / "s", verbose=0)
-    for first, last in ((0, 1), (1, 3)):
-        model.fit(
-            x,
-            y,
-            batch_size=16,
-            initial_epoch=first,
-            epochs=last,
-            verbose=0,
-            callbacks=[checkpoint, board(tmp_path / "logs")],
-        )
+    fit_with_snapshots(tmp_path, fits=((0, 1), (1, 3)))
     points = []
     for path in glob.glob(os.path.join(tmp_path, "logs", "train", "ev*")):
         for event in tf.compat.v1.train.summary_iterator(path):

@@ -37,6 +37,7 @@ import sys
 __version__ = "0.4.0"
 
 _EXPORTS = {
+    "AveragedModelCheckpoint": "weight_averaging",
     "FGESchedule": "fge",
     "FreezeOut": "freezeout",
     "SnapshotCheckpoint": "checkpoint",

@@ -12,6 +12,7 @@ restores it with the weights; BatchNorm recalibration stays apart
 (`recalibrate_batchnorm`), as PyTorch keeps `update_bn` apart.
 """
 
+import contextlib
 import os
 import warnings
 
@@ -313,6 +314,8 @@ class WeightAveraging(keras.callbacks.Callback):
         self._resumed = False
         self._training = False
         self._swapped = None  # The trained values while validating.
+        # ((count, last step), model values) of the last recalibration.
+        self._recalibrated = None
 
     @staticmethod
     def _check_schedule(mode, start_epoch, start_step, every_steps) -> None:
@@ -610,6 +613,7 @@ class WeightAveraging(keras.callbacks.Callback):
             )
         self._resumed = False
         self._training = True
+        self._recalibrated = None
         self._steps.attach()
         self._tensorboard.open(self)
 
@@ -628,19 +632,54 @@ class WeightAveraging(keras.callbacks.Callback):
             self._take_due(step, self._epochs_done)
 
     def on_test_begin(self, logs=None):
-        if not (self._training and self.validate_with_average):
-            return
-        self._catch_up(self._epoch)
-        if self._count == 0:
-            return  # Nothing averaged yet: validate the trained weights.
-        weights = self.model.weights
-        self._swapped = [ops.copy(v.value) for v in weights]
-        for variable, average in self._pairs:
-            _assign_copy(variable, average.value)
-        self._recalibrate(self.model)
+        if self._training and self.validate_with_average:
+            self._swap_in_average()
 
     def on_test_end(self, logs=None):
         self._restore_trained_weights(warn=False)
+
+    @contextlib.contextmanager
+    def average_in_model(self):
+        """A context in which the model holds the averaged weights.
+
+        Recalibrated when `recalibration_data` is set; the trained weights
+        are put back on exit. During `fit`, the update due at the end of the
+        current epoch is taken first. Before anything is averaged the model
+        keeps its trained weights.
+
+        Example:
+
+        ```python
+        with ema.average_in_model():
+            model.evaluate(x_test, y_test)
+        ```
+        """
+        self._swap_in_average()
+        try:
+            yield self.model
+        finally:
+            self._restore_trained_weights(warn=False)
+
+    def _swap_in_average(self) -> None:
+        """Keeps the trained values and puts the average into the model."""
+        if self._training:
+            self._catch_up(self._epoch)
+        if self._count == 0 or self._swapped is not None:
+            return  # Nothing averaged yet, or already swapped in.
+        weights = self.model.weights
+        self._swapped = [ops.copy(v.value) for v in weights]
+        key = (self._count, self._last_step)
+        if self._recalibrated is not None and self._recalibrated[0] == key:
+            # Recalibrated for this average already (validation, then a
+            # checkpoint of the same epoch): no second pass over the data.
+            for variable, value in zip(weights, self._recalibrated[1]):
+                variable.assign(value)
+            return
+        for variable, average in self._pairs:
+            _assign_copy(variable, average.value)
+        if self.recalibration_data is not None:
+            self._recalibrate(self.model)
+            self._recalibrated = (key, [ops.copy(v.value) for v in weights])
 
     def _restore_trained_weights(self, warn: bool) -> None:
         if self._swapped is None:
@@ -756,3 +795,86 @@ class WeightAveraging(keras.callbacks.Callback):
                 f"{self._label}: resumed at step {step} with the average of "
                 f"{self._count} models."
             )
+
+
+class AveragedModelCheckpoint(keras.callbacks.ModelCheckpoint):
+    """`keras.callbacks.ModelCheckpoint` that saves the averaged model.
+
+    Keras's `ModelCheckpoint` saves the trained weights, even when the
+    `val_*` metric it monitors was computed with the averaged weights
+    (`WeightAveraging(validate_with_average=True)`). This one saves the
+    average of `averaging` (recalibrated when its `recalibration_data` is
+    set) at the end of an epoch, so that `save_best_only=True` keeps the
+    averaged model that scored best: the one you ship. Training goes on
+    from the trained weights. Before the first averaged model it saves the
+    trained weights, which are then also the ones validated.
+
+    Every argument but `averaging` is `ModelCheckpoint`'s; `save_freq` is
+    `"epoch"` only (the average is validated at the end of an epoch). Pass
+    `averaging` in the same `fit` callbacks, in any order.
+
+    Args:
+        averaging: The `WeightAveraging` (or `StochasticWeightAveraging`)
+            callback of the same `fit`.
+        filepath: As `ModelCheckpoint`: a `.keras` path (or
+            `.weights.h5` with `save_weights_only=True`), which may hold
+            `{epoch}` and logged metrics.
+        **kwargs: `ModelCheckpoint`'s `monitor`, `mode`, `save_best_only`,
+            `save_weights_only`, `initial_value_threshold`, `verbose`.
+
+    Example:
+
+    ```python
+    ema = keras_snapshot.WeightAveraging(
+        mode="ema", decay=0.999, validate_with_average=True)
+    best = keras_snapshot.AveragedModelCheckpoint(
+        ema, "best_ema.keras", monitor="val_loss", save_best_only=True)
+    model.fit(x, y, validation_data=(x_val, y_val), epochs=20,
+              callbacks=[ema, best])
+    ```
+    """
+
+    def __init__(self, averaging, filepath, **kwargs):
+        if not isinstance(averaging, WeightAveraging):
+            raise TypeError(
+                "`averaging` must be the WeightAveraging callback whose "
+                "average to save. Received: "
+                f"averaging={type(averaging).__name__}."
+            )
+        save_freq = kwargs.pop("save_freq", "epoch")
+        if save_freq != "epoch":
+            raise ValueError(
+                "AveragedModelCheckpoint saves at the end of an epoch, when "
+                "the average was validated. Received: "
+                f"save_freq={save_freq!r}; leave it at 'epoch'."
+            )
+        super().__init__(filepath, **kwargs)
+        self.averaging = averaging
+
+    def on_train_begin(self, logs=None):
+        super().on_train_begin(logs)
+        if self.averaging.model is not self.model:
+            raise ValueError(
+                "AveragedModelCheckpoint needs its WeightAveraging in the "
+                "callbacks of the same `fit`. Received a WeightAveraging "
+                "that is not attached to this model; pass both: "
+                "callbacks=[averaging, AveragedModelCheckpoint(averaging, "
+                "...)]."
+            )
+        if (
+            self.save_best_only
+            and self.monitor.startswith("val_")
+            and not self.averaging.validate_with_average
+        ):
+            warnings.warn(
+                f"AveragedModelCheckpoint monitors {self.monitor!r}, but "
+                "the WeightAveraging validates the trained weights "
+                "(validate_with_average=False): the best epoch is chosen "
+                "by the trained model, the average is saved. Pass "
+                "validate_with_average=True.",
+                stacklevel=2,
+            )
+
+    def on_epoch_end(self, epoch, logs=None):
+        with self.averaging.average_in_model():
+            super().on_epoch_end(epoch, logs)

@@ -29,6 +29,7 @@ from helpers import script_output  # noqa: E402
 from helpers import start_script  # noqa: E402
 
 from keras_snapshot.averaging import greedy_soup  # noqa: E402
+from keras_snapshot.weight_averaging import AveragedModelCheckpoint  # noqa: E402
 from keras_snapshot.weight_averaging import WeightAveraging  # noqa: E402
 from keras_snapshot.weight_averaging import ema_weight  # noqa: E402
 
@@ -254,6 +255,106 @@ def test_validation_sees_the_average_and_training_the_trained_weights():
         np.testing.assert_allclose(g, w, rtol=1e-6, atol=1e-7)
 
 
+def test_averaged_checkpoint_saves_the_validated_average(tmp_path):
+    """Each epoch's file is the model that `val_loss` scored (the EMA,
+    BatchNorm recalibrated), the best file is the best epoch's, and training
+    goes on from the trained weights."""
+    x_val, y_val = make_data(n=80)
+    x_val, y_val = x_val[48:], y_val[48:]
+    x, _ = make_data(n=48)
+    averaging = WeightAveraging(
+        mode="ema",
+        decay=0.7,
+        validate_with_average=True,
+        recalibration_data=x,
+        verbose=0,
+    )
+    every = AveragedModelCheckpoint(averaging, str(tmp_path / "e{epoch}.keras"))
+    best = AveragedModelCheckpoint(
+        averaging,
+        str(tmp_path / "best.keras"),
+        monitor="val_loss",
+        save_best_only=True,
+    )
+    # The checkpoints before the averaging: the epoch's update is taken first.
+    model, _, history = fit_with(
+        averaging,
+        epochs=4,
+        batchnorm=True,
+        validation_data=(x_val, y_val),
+        callbacks=[every, best],
+    )
+    val_losses = history.history["val_loss"]
+    for epoch, val_loss in enumerate(val_losses, start=1):
+        saved = keras.saving.load_model(tmp_path / f"e{epoch}.keras")
+        got = saved.evaluate(x_val, y_val, verbose=0)
+        assert got == pytest.approx(val_loss, rel=1e-5)
+    best_epoch = int(np.argmin(val_losses)) + 1
+    kept = keras.saving.load_model(tmp_path / f"e{best_epoch}.keras")
+    for g, w in zip(
+        numpy_weights(keras.saving.load_model(tmp_path / "best.keras")),
+        numpy_weights(kept),
+    ):
+        np.testing.assert_array_equal(g, w)
+    plain, _, _ = fit_with(
+        WeightAveraging(mode="ema", verbose=0), epochs=4, batchnorm=True
+    )
+    for g, w in zip(numpy_weights(model), numpy_weights(plain)):
+        np.testing.assert_allclose(g, w, rtol=1e-6, atol=1e-7)
+
+
+def test_averaged_checkpoint_takes_the_epochs_last_update_first(tmp_path):
+    # No validation, the checkpoint listed first: the update of the epoch's
+    # last step (taken at epoch end) must be in the file.
+    averaging = WeightAveraging(mode="ema", decay=0.7, verbose=0)
+    every = AveragedModelCheckpoint(averaging, str(tmp_path / "e{epoch}.keras"))
+    _, recorder, _ = fit_with(averaging, epochs=2, callbacks=[every])
+    for epoch in (1, 2):
+        last_step, want = recorder.averages[6 * epoch]
+        assert last_step == 6 * epoch
+        saved = keras.saving.load_model(tmp_path / f"e{epoch}.keras")
+        for g, w in zip(numpy_weights(saved), want):
+            np.testing.assert_array_equal(g, w)
+
+
+def test_averaged_checkpoint_refuses_what_it_cannot_do(tmp_path):
+    averaging = WeightAveraging(mode="ema", verbose=0)
+    with pytest.raises(TypeError, match="Received: averaging=ModelCheckpoint"):
+        AveragedModelCheckpoint(
+            keras.callbacks.ModelCheckpoint(str(tmp_path / "a.keras")),
+            str(tmp_path / "b.keras"),
+        )
+    with pytest.raises(ValueError, match="save_freq=5"):
+        AveragedModelCheckpoint(
+            averaging, str(tmp_path / "a.keras"), save_freq=5
+        )
+    alone = AveragedModelCheckpoint(averaging, str(tmp_path / "a.keras"))
+    with pytest.raises(ValueError, match="same `fit`"):
+        fit_with(WeightAveraging(mode="ema", verbose=0), callbacks=[alone])
+    unvalidated = AveragedModelCheckpoint(
+        averaging, str(tmp_path / "a.keras"), save_best_only=True
+    )
+    with pytest.warns(UserWarning, match="validate_with_average=True"):
+        fit_with(
+            averaging,
+            epochs=1,
+            validation_data=make_data(n=16),
+            callbacks=[unvalidated],
+        )
+
+
+def test_average_in_model_evaluates_the_average_and_puts_weights_back():
+    averaging = WeightAveraging(mode="swa", start_epoch=2, verbose=0)
+    model, recorder, _ = fit_with(averaging)
+    trained = numpy_weights(model)
+    with averaging.average_in_model() as inside:
+        assert inside is model
+        for g, w in zip(numpy_weights(model), averaging.averaged_weights()):
+            np.testing.assert_array_equal(g, w)
+    for g, w in zip(numpy_weights(model), trained):
+        np.testing.assert_array_equal(g, w)
+
+
 def test_saved_files_load_into_the_plain_architecture(tmp_path):
     """The average rides on the optimizer: the model's and the optimizer's
     variable lists do not change, and `model.save` files load without it."""
@@ -421,7 +522,8 @@ def test_on_jax():
             "no:cacheprovider",
             os.path.abspath(__file__),
             "-k",
-            "matches_numpy or validation_sees or accumulation or carries",
+            "matches_numpy or validation_sees or accumulation or carries "
+            "or averaged_checkpoint_saves",
         ],
         capture_output=True,
         text=True,

@@ -16,8 +16,11 @@ Usage:
     python tests/distribute_script.py jax_single OUTDIR
 
 - `mirrored`: `MirroredStrategy` over 2 logical CPU devices, and the same
-  model (same initial weights) on one device with the same global batch.
-  Writes the snapshot directories `OUTDIR/mirrored` and `OUTDIR/single`.
+  model (same initial weights) on one device with the same global batch,
+  each with an EMA (`WeightAveraging`, validated with the average, saved by
+  `AveragedModelCheckpoint`). Writes the snapshot directories
+  `OUTDIR/mirrored` and `OUTDIR/single`, and the EMA files beside them
+  (`OUTDIR/mirrored-ema.keras`...).
 - `multiworker`: one worker of a `MultiWorkerMirroredStrategy` cluster
   described by `TF_CONFIG`, with the public-API workaround of
   `_multiworker_model`; every worker is given the same `SNAPSHOT_DIR`.
@@ -84,9 +87,19 @@ def _recording_checkpoint(directory, late_chief_seconds=0.0):
 
 
 def _train(
-    directory, model, epochs=EPOCHS, late_chief_seconds=0.0, after_compile=None
+    directory,
+    model,
+    epochs=EPOCHS,
+    late_chief_seconds=0.0,
+    after_compile=None,
+    averaging=False,
 ):
-    """Compiles and fits `model` with snapshots; returns the callback."""
+    """Compiles and fits `model` with snapshots; returns the callback.
+
+    With `averaging`, also an EMA validated with the average, saved at each
+    epoch end (`AveragedModelCheckpoint`, `directory-ema-{epoch}.keras`)
+    and at the end (`directory-ema.keras`); returns the History too.
+    """
     from helpers import compile_with_schedule
     from helpers import make_data
 
@@ -95,17 +108,34 @@ def _train(
     if after_compile is not None:
         after_compile(model)
     callback = _recording_checkpoint(directory, late_chief_seconds)
-    model.fit(
+    callbacks, validation = [callback], None
+    if averaging:
+        import keras_snapshot
+
+        ema = keras_snapshot.WeightAveraging(
+            mode="ema",
+            decay=0.9,
+            validate_with_average=True,
+            filepath=f"{directory}-ema.keras",
+            verbose=0,
+        )
+        every = keras_snapshot.AveragedModelCheckpoint(
+            ema, directory + "-ema-{epoch}.keras"
+        )
+        callbacks += [ema, every]
+        validation = make_data(n=16, seed=3)
+    history = model.fit(
         x,
         y,
         batch_size=BATCH_SIZE,
         epochs=epochs,
         shuffle=False,
-        callbacks=[callback],
+        callbacks=callbacks,
+        validation_data=validation,
         verbose=0,
     )
     sys.stdout.flush()
-    return callback
+    return (callback, history) if averaging else callback
 
 
 def _new_model():
@@ -131,17 +161,23 @@ def mirrored(outdir):
     keras.utils.set_random_seed(0)
     single = _new_model()
     initial = single.get_weights()
-    single_callback = _train(os.path.join(outdir, "single"), single)
+    single_callback, single_history = _train(
+        os.path.join(outdir, "single"), single, averaging=True
+    )
     strategy = get_strategy("mirrored", devices=["/cpu:0", "/cpu:1"])
     with strategy.scope():
         model = _new_model()
         model.set_weights(initial)
-        callback = _train(os.path.join(outdir, "mirrored"), model)
+        callback, history = _train(
+            os.path.join(outdir, "mirrored"), model, averaging=True
+        )
     result = {
         "replicas": strategy.num_replicas_in_sync,
         "variable": type(model.trainable_variables[0].value).__name__,
         "saved_steps": callback.saved_steps,
         "single_saved_steps": single_callback.saved_steps,
+        "val_loss": history.history["val_loss"],
+        "single_val_loss": single_history.history["val_loss"],
     }
     with open(os.path.join(outdir, "result.json"), "w") as f:
         json.dump(result, f)

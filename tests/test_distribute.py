@@ -153,6 +153,17 @@ def test_mirrored_strategy_on_two_cpus_matches_one_device(tmp_path):
         keras_snapshot.build_ensemble(single).predict(x, verbose=0),
         atol=1e-5,
     )
+    # The EMA kept on the mirrored variables is the single device's, in the
+    # validation logs and in the files saved during and after fit.
+    np.testing.assert_allclose(
+        result["val_loss"], result["single_val_loss"], rtol=1e-5
+    )
+    for name in ("-ema-1.keras", "-ema-2.keras", "-ema.keras"):
+        a = keras.saving.load_model(mirrored + name)
+        b = keras.saving.load_model(single + name)
+        np.testing.assert_allclose(
+            a.predict(x, verbose=0), b.predict(x, verbose=0), atol=1e-5
+        )
 
 
 def free_ports(count):

@@ -42,6 +42,7 @@ def fit_with_snapshots(
     tmp_path,
     board_first=False,
     accumulation=None,
+    steps_per_execution=1,
     fits=((0, 3),),
     batch_size=16,
     **board_kwargs,
@@ -56,7 +57,6 @@ def fit_with_snapshots(
     optimizer = keras.optimizers.SGD(
         schedule, gradient_accumulation_steps=accumulation
     )
-    steps_per_execution = board_kwargs.pop("steps_per_execution", 1)
     model.compile(
         optimizer,
         "sparse_categorical_crossentropy",

@@ -108,6 +108,12 @@ def parse_args(argv=None):
         help="peak and restart rate of fine-tuning (default: --lr / 10)",
     )
     parser.add_argument("--out", default=common.RESULTS)
+    parser.add_argument(
+        "--name",
+        default=None,
+        help="stem of the result files in --out (default: methods, or "
+        "methods_finetune with --scenario finetune)",
+    )
     args = parser.parse_args(argv)
     if args.finetune_lr is None:
         args.finetune_lr = args.lr / 10
@@ -798,7 +804,7 @@ def main(argv=None):
         res["finetune"] = {**summary, "per_seed": ft_per_seed}
     res["wall_seconds"] = seconds
     md = markdown(args, hardware, seconds, parts)
-    name = NAME if scratch else f"{NAME}_finetune"
+    name = args.name or (NAME if scratch else f"{NAME}_finetune")
     common.write_results(args.out, name, res, md)
     print(md)
 

@@ -19,6 +19,8 @@ Usage:
     python benchmarks/cost.py --training-only   # overhead ratios only, ~11 min
     python benchmarks/cost.py --training-only --averaging-ref 27042e6
         # and the 0.3.0 host-copy average: 13 min on 2 shared cores
+    python benchmarks/cost.py --averaging-only --averaging-ref 27042e6
+        # only the weight average's overhead, printed
 """
 
 import argparse
@@ -290,6 +292,26 @@ def host_copy_averaging(ref: str):
     return module.StochasticWeightAveraging
 
 
+def ms_per_update(callback, updates=200, repeats=5) -> float:
+    """Milliseconds of one update of the running average, timed directly.
+
+    The averaging callback of a finished `fit` (still attached to its
+    model) updates its average `updates` times in a row, `repeats` times;
+    the best run counts. This isolates the update from the noise of whole
+    fits, which on shared CPUs is larger than the update itself.
+    """
+    step = 10**6
+    callback._update(step, 0)  # Traces the compiled update, if any.
+    best = float("inf")
+    for _ in range(repeats):
+        started = time.perf_counter()
+        for _ in range(updates):
+            step += 1
+            callback._update(step, 0)
+        best = min(best, time.perf_counter() - started)
+    return 1000 * best / updates
+
+
 def averaging_overhead(args, dataset, steps_per_epoch) -> dict:
     """`fit` with a `WeightAveraging` callback against plain `fit`.
 
@@ -330,13 +352,15 @@ def averaging_overhead(args, dataset, steps_per_epoch) -> dict:
         warnings.filterwarnings("ignore", message=".*starting a new average")
         for name in names:  # warm-up: tracing
             timed_fit(model, dataset, 1, variants[name]())
+        last = {}  # The callbacks of each variant's last fit.
         for rep in range(args.averaging_reps):
             order = names[rep % len(names) :] + names[: rep % len(names)]
             if rep % 2:
                 order = order[::-1]
             for name in order:
+                last[name] = variants[name]()
                 times[name].append(
-                    timed_fit(model, dataset, epochs, variants[name]())
+                    timed_fit(model, dataset, epochs, last[name])
                 )
             print(
                 f"  averaging rep {rep + 1}/{args.averaging_reps}: "
@@ -354,6 +378,7 @@ def averaging_overhead(args, dataset, steps_per_epoch) -> dict:
                 [p / t for p, t in zip(times["plain"], seconds)]
             ),
             "ms_per_step_over_plain": 1000 * (median(seconds) - plain) / steps,
+            "ms_per_update": ms_per_update(last[name][0]),
         }
         for name, seconds in times.items()
         if name != "plain"
@@ -361,6 +386,8 @@ def averaging_overhead(args, dataset, steps_per_epoch) -> dict:
     return {
         "epochs_per_fit": epochs,
         "steps_per_fit": steps,
+        "params": model.count_params(),
+        "ms_per_step_plain": 1000 * plain / steps,
         "plain_seconds": times["plain"],
         "plain_seconds_median": plain,
         "rows": rows,
@@ -760,7 +787,14 @@ def averaging_markdown(av) -> list:
         f"the same fit without it (median {av['plain_seconds_median']:.2f}"
         f" s), {len(av['plain_seconds'])} interleaved repetitions of each, "
         "a fresh callback per fit (its one tracing included). Every step: "
-        "`every_steps=1` (EMA's default).",
+        "`every_steps=1` (EMA's default). One update is also timed "
+        "directly (best of 5 runs of 200 updates)"
+        + (
+            f": {av['ms_per_step_plain']:.1f} ms per training step of "
+            f"{av['params']} weights without averaging."
+            if "ms_per_update" in av["rows"][0]
+            else "."
+        ),
         "",
         md_table(
             [
@@ -769,6 +803,7 @@ def averaging_markdown(av) -> list:
                 "throughput ratio (vs plain)",
                 "paired median ratio",
                 "ms per step over plain",
+                "ms per update (direct)",
             ],
             [
                 [
@@ -777,6 +812,9 @@ def averaging_markdown(av) -> list:
                     f"{r['ratio']:.3f}",
                     f"{r['ratio_paired_median']:.3f}",
                     f"{r['ms_per_step_over_plain']:+.2f}",
+                    f"{r['ms_per_update']:.3f}"
+                    if "ms_per_update" in r
+                    else "-",
                 ]
                 for r in av["rows"]
             ],
@@ -849,6 +887,11 @@ def parse_args(argv=None):
         help="measure and print only the training overhead (no files)",
     )
     p.add_argument(
+        "--averaging-only",
+        action="store_true",
+        help="measure and print only the weight-averaging overhead (no files)",
+    )
+    p.add_argument(
         "--report-only",
         action="store_true",
         help="rewrite the table, plots and README block from cost.json",
@@ -917,16 +960,23 @@ def print_training(training) -> None:
         print(f"{key}: {main[key]:.3f}")
     for variant, seconds in main["seconds"].items():
         print(f"{variant}: median {median(seconds):.2f} s per fit {seconds}")
-    averaging = training["averaging"]
+    print_averaging(training["averaging"])
+
+
+def print_averaging(averaging) -> None:
+    """The figures of `averaging_overhead`, one per line."""
     print(
-        f"weight averaging, {averaging['steps_per_fit']} steps per fit: "
-        f"plain median {averaging['plain_seconds_median']:.2f} s"
+        f"weight averaging, {averaging['steps_per_fit']} steps per fit, "
+        f"{averaging['params']} weights: plain median "
+        f"{averaging['plain_seconds_median']:.2f} s, "
+        f"{averaging['ms_per_step_plain']:.2f} ms per step"
     )
     for row in averaging["rows"]:
         print(
             f"{row['variant']}: ratio {row['ratio']:.3f} (paired "
             f"{row['ratio_paired_median']:.3f}), "
-            f"{row['ms_per_step_over_plain']:+.2f} ms per step"
+            f"{row['ms_per_step_over_plain']:+.2f} ms per step; one update "
+            f"timed directly: {row['ms_per_update']:.3f} ms"
         )
 
 
@@ -941,6 +991,11 @@ def main(argv=None):
     x, y = data["x_train"][: args.images], data["y_train"][: args.images]
     workdir = tempfile.mkdtemp(prefix="keras_snapshot_cost_")
     try:
+        if args.averaging_only:
+            dataset = make_dataset(x, y, args.batch_size, shuffle=True, seed=0)
+            steps_per_epoch = common.steps_per_epoch(len(x), args.batch_size)
+            print_averaging(averaging_overhead(args, dataset, steps_per_epoch))
+            return
         print("Training overhead", flush=True)
         training = training_overhead(args, x, y, workdir)
         if args.training_only:

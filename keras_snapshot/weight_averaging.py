@@ -314,7 +314,8 @@ class WeightAveraging(keras.callbacks.Callback):
         self._resumed = False
         self._training = False
         self._swapped = None  # The trained values while validating.
-        # ((count, last step), model values) of the last recalibration.
+        # ((count, last step), BatchNorm statistics) of the last
+        # recalibration of the average.
         self._recalibrated = None
 
     @staticmethod
@@ -666,20 +667,25 @@ class WeightAveraging(keras.callbacks.Callback):
             self._catch_up(self._epoch)
         if self._count == 0 or self._swapped is not None:
             return  # Nothing averaged yet, or already swapped in.
-        weights = self.model.weights
-        self._swapped = [ops.copy(v.value) for v in weights]
+        self._swapped = [ops.copy(v.value) for v in self.model.weights]
+        for variable, average in self._pairs:
+            _assign_copy(variable, average.value)
+        if self.recalibration_data is None:
+            return
+        statistics = [
+            v
+            for layer in batchnorm_layers(self.model)
+            for v in (layer.moving_mean, layer.moving_variance)
+        ]
         key = (self._count, self._last_step)
         if self._recalibrated is not None and self._recalibrated[0] == key:
             # Recalibrated for this average already (validation, then a
             # checkpoint of the same epoch): no second pass over the data.
-            for variable, value in zip(weights, self._recalibrated[1]):
+            for variable, value in zip(statistics, self._recalibrated[1]):
                 variable.assign(value)
             return
-        for variable, average in self._pairs:
-            _assign_copy(variable, average.value)
-        if self.recalibration_data is not None:
-            self._recalibrate(self.model)
-            self._recalibrated = (key, [ops.copy(v.value) for v in weights])
+        self._recalibrate(self.model)
+        self._recalibrated = (key, [ops.copy(v.value) for v in statistics])
 
     def _restore_trained_weights(self, warn: bool) -> None:
         if self._swapped is None:

@@ -262,7 +262,15 @@ def test_averaged_checkpoint_saves_the_validated_average(tmp_path):
     x_val, y_val = make_data(n=80)
     x_val, y_val = x_val[48:], y_val[48:]
     x, _ = make_data(n=48)
-    averaging = WeightAveraging(
+
+    class CountingRecalibrations(WeightAveraging):
+        recalibrations = 0
+
+        def _recalibrate(self, model):
+            self.recalibrations += 1
+            super()._recalibrate(model)
+
+    averaging = CountingRecalibrations(
         mode="ema",
         decay=0.7,
         validate_with_average=True,
@@ -284,6 +292,8 @@ def test_averaged_checkpoint_saves_the_validated_average(tmp_path):
         validation_data=(x_val, y_val),
         callbacks=[every, best],
     )
+    # One recalibration per epoch, shared by validation and both checkpoints.
+    assert averaging.recalibrations == 4
     val_losses = history.history["val_loss"]
     for epoch, val_loss in enumerate(val_losses, start=1):
         saved = keras.saving.load_model(tmp_path / f"e{epoch}.keras")

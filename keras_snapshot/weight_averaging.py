@@ -655,23 +655,25 @@ class WeightAveraging(keras.callbacks.Callback):
             model.evaluate(x_test, y_test)
         ```
         """
-        self._swap_in_average()
+        swapped = self._swap_in_average()
         try:
             yield self.model
         finally:
-            self._restore_trained_weights(warn=False)
+            if swapped:  # Not when nested in another swap: that one restores.
+                self._restore_trained_weights(warn=False)
 
-    def _swap_in_average(self) -> None:
-        """Keeps the trained values and puts the average into the model."""
+    def _swap_in_average(self) -> bool:
+        """Keeps the trained values and puts the average into the model;
+        returns whether it did."""
         if self._training:
             self._catch_up(self._epoch)
         if self._count == 0 or self._swapped is not None:
-            return  # Nothing averaged yet, or already swapped in.
+            return False  # Nothing averaged yet, or already swapped in.
         self._swapped = [ops.copy(v.value) for v in self.model.weights]
         for variable, average in self._pairs:
             _assign_copy(variable, average.value)
         if self.recalibration_data is None:
-            return
+            return True
         statistics = [
             v
             for layer in batchnorm_layers(self.model)
@@ -683,9 +685,10 @@ class WeightAveraging(keras.callbacks.Callback):
             # checkpoint of the same epoch): no second pass over the data.
             for variable, value in zip(statistics, self._recalibrated[1]):
                 variable.assign(value)
-            return
+            return True
         self._recalibrate(self.model)
         self._recalibrated = (key, [ops.copy(v.value) for v in statistics])
+        return True
 
     def _restore_trained_weights(self, warn: bool) -> None:
         if self._swapped is None:

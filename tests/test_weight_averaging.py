@@ -359,6 +359,8 @@ def test_average_in_model_evaluates_the_average_and_puts_weights_back():
     trained = numpy_weights(model)
     with averaging.average_in_model() as inside:
         assert inside is model
+        with averaging.average_in_model():
+            pass  # A nested swap leaves the outer one in place.
         for g, w in zip(numpy_weights(model), averaging.averaged_weights()):
             np.testing.assert_array_equal(g, w)
     for g, w in zip(numpy_weights(model), trained):

@@ -13,6 +13,7 @@ restores it with the weights; BatchNorm recalibration stays apart
 """
 
 import contextlib
+import json
 import os
 import warnings
 
@@ -822,6 +823,13 @@ class AveragedModelCheckpoint(keras.callbacks.ModelCheckpoint):
     `"epoch"` only (the average is validated at the end of an epoch). Pass
     `averaging` in the same `fit` callbacks, in any order.
 
+    A run resumed by `BackupAndRestore` (in a new process: a disconnected
+    Colab session) keeps its best: with `save_best_only=True` and a
+    `filepath` without `{...}` fields, the best score is written beside the
+    file (`FILEPATH.best.json`) and read back when `fit` starts at an
+    optimizer step above 0, so a worse average does not overwrite the best
+    one. A run from step 0 starts a new best, as Keras's does.
+
     Args:
         averaging: The `WeightAveraging` (or `StochasticWeightAveraging`)
             callback of the same `fit`.
@@ -859,9 +867,18 @@ class AveragedModelCheckpoint(keras.callbacks.ModelCheckpoint):
             )
         super().__init__(filepath, **kwargs)
         self.averaging = averaging
+        self._best_checked = False
+
+    @property
+    def best_record_path(self) -> str | None:
+        """Where the best score is kept for a resumed run, if anywhere."""
+        if self.save_best_only and "{" not in self.filepath:
+            return f"{self.filepath}.best.json"
+        return None
 
     def on_train_begin(self, logs=None):
         super().on_train_begin(logs)
+        self._best_checked = False
         if self.averaging.model is not self.model:
             raise ValueError(
                 "AveragedModelCheckpoint needs its WeightAveraging in the "
@@ -884,6 +901,45 @@ class AveragedModelCheckpoint(keras.callbacks.ModelCheckpoint):
                 stacklevel=2,
             )
 
+    def on_epoch_begin(self, epoch, logs=None):
+        super().on_epoch_begin(epoch, logs)
+        if not self._best_checked:
+            # After every on_train_begin: BackupAndRestore has restored.
+            self._best_checked = True
+            self._resume_best()
+
+    def _resume_best(self) -> None:
+        path = self.best_record_path
+        if path is None or self.best is not None or not _fs.exists(path):
+            return
+        step = int(ops.convert_to_numpy(self.model.optimizer.iterations))
+        if step == 0:
+            return  # A new run: its own best.
+        record = json.loads(_fs.read_text(path))
+        if record.get("monitor") != self.monitor:
+            return
+        self.best = record["best"]
+        if self.verbose:
+            print_msg(
+                f"AveragedModelCheckpoint: resumed at step {step}; the best "
+                f"{self.monitor} so far is {self.best:.5f} (epoch "
+                f"{record.get('epoch')}, {self.filepath})."
+            )
+
     def on_epoch_end(self, epoch, logs=None):
+        best = self.best
         with self.averaging.average_in_model():
             super().on_epoch_end(epoch, logs)
+        path = self.best_record_path
+        if path is not None and self.best is not None and self.best != best:
+            _fs.write_json(
+                path,
+                {
+                    "monitor": self.monitor,
+                    "best": float(self.best),
+                    "epoch": epoch + 1,
+                    "step": int(
+                        ops.convert_to_numpy(self.model.optimizer.iterations)
+                    ),
+                },
+            )

@@ -6,6 +6,7 @@ the bottom), kills it with SIGKILL and runs it again.
 """
 
 import argparse
+import json
 import os
 import signal
 import subprocess
@@ -325,6 +326,66 @@ def test_averaged_checkpoint_takes_the_epochs_last_update_first(tmp_path):
         saved = keras.saving.load_model(tmp_path / f"e{epoch}.keras")
         for g, w in zip(numpy_weights(saved), want):
             np.testing.assert_array_equal(g, w)
+
+
+class Scores(keras.callbacks.Callback):
+    """Logs `score` = `scores[epoch]` (before the checkpoints that read it)."""
+
+    def __init__(self, scores):
+        super().__init__()
+        self.scores = scores
+
+    def on_epoch_end(self, epoch, logs=None):
+        logs["score"] = self.scores[epoch]
+
+
+class StopAtEpoch(keras.callbacks.Callback):
+    def __init__(self, epoch):
+        super().__init__()
+        self.epoch = epoch
+
+    def on_epoch_begin(self, epoch, logs=None):
+        if epoch == self.epoch:
+            raise RuntimeError("interrupted")
+
+
+def test_averaged_checkpoint_keeps_its_best_across_a_resume(tmp_path):
+    """A run resumed by BackupAndRestore with new callbacks (a new process)
+    does not overwrite the best average with a worse one; a new run does."""
+    path = str(tmp_path / "best.keras")
+    scores = [3.0, 1.0, 2.0, 1.5]  # Best at epoch 2; worse after the resume.
+
+    def callbacks(stop=None):
+        averaging = WeightAveraging(mode="ema", decay=0.7, verbose=0)
+        best = AveragedModelCheckpoint(
+            averaging, path, monitor="score", mode="min", save_best_only=True
+        )
+        backup = keras.callbacks.BackupAndRestore(str(tmp_path / "backup"))
+        extra = [StopAtEpoch(stop)] if stop is not None else []
+        return averaging, [backup, Scores(scores), best, *extra]
+
+    averaging, first = callbacks(stop=2)
+    with pytest.raises(RuntimeError, match="interrupted"):
+        fit_with(averaging, epochs=4, callbacks=first)
+    kept = numpy_weights(keras.saving.load_model(path))
+    with open(f"{path}.best.json") as f:
+        assert json.load(f) == {
+            "monitor": "score",
+            "best": 1.0,
+            "epoch": 2,
+            "step": 12,
+        }
+    averaging, resumed = callbacks()
+    fit_with(averaging, epochs=4, callbacks=resumed)
+    assert resumed[2].best == 1.0
+    for g, w in zip(numpy_weights(keras.saving.load_model(path)), kept):
+        np.testing.assert_array_equal(g, w)
+    # A new run (from step 0, no backup left) starts its own best.
+    averaging, fresh = callbacks()
+    fit_with(averaging, epochs=1, callbacks=fresh)
+    assert fresh[2].best == 3.0
+    with open(f"{path}.best.json") as f:
+        assert json.load(f)["epoch"] == 1
 
 
 def test_averaged_checkpoint_refuses_what_it_cannot_do(tmp_path):

@@ -35,6 +35,21 @@ def make_model(features=8, classes=3, batchnorm=True, name=None):
     return keras.Sequential(layers, name=name)
 
 
+class CrashAtEpochEnd(keras.callbacks.Callback):
+    """Raises `RuntimeError(message)` at the end of epoch `epoch` (0-based),
+    as a crash would stop `fit`: callbacks listed before it have ended the
+    epoch (a `BackupAndRestore` there has saved), those after it have not."""
+
+    def __init__(self, epoch, message="simulated crash"):
+        super().__init__()
+        self.epoch = epoch
+        self.message = message
+
+    def on_epoch_end(self, epoch, logs=None):
+        if epoch == self.epoch:
+            raise RuntimeError(self.message)
+
+
 def compile_with_schedule(model, total_steps, num_snapshots, lr=0.1):
     schedule = keras_snapshot.SnapshotSchedule(lr, total_steps, num_snapshots)
     model.compile(

@@ -5,6 +5,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from helpers import CrashAtEpochEnd
 from helpers import compile_with_schedule
 from helpers import make_data
 from helpers import make_model
@@ -157,16 +158,6 @@ def test_resume_with_initial_epoch_matches_one_run(tmp_path):
             np.testing.assert_allclose(wa, wb, rtol=1e-5, atol=1e-6)
 
 
-class _Crash(keras.callbacks.Callback):
-    def __init__(self, at_epoch):
-        super().__init__()
-        self.at_epoch = at_epoch
-
-    def on_epoch_end(self, epoch, logs=None):
-        if epoch == self.at_epoch:
-            raise RuntimeError("simulated crash")
-
-
 def test_backup_and_restore_resumes_without_duplicates(tmp_path):
     """Crash after snapshot 2 (mid-epoch 4) but before epoch 4's backup."""
     x, y = make_data()
@@ -182,7 +173,7 @@ def test_backup_and_restore_resumes_without_duplicates(tmp_path):
             SnapshotCheckpoint(directory, verbose=0),
         ]
         if crash_at is not None:
-            callbacks.insert(0, _Crash(crash_at))
+            callbacks.insert(0, CrashAtEpochEnd(crash_at))
         model.fit(x, y, batch_size=16, epochs=5, callbacks=callbacks, verbose=0)
         return model
 

@@ -11,6 +11,7 @@ import os
 import keras
 import numpy as np
 import pytest
+from helpers import CrashAtEpochEnd
 from helpers import make_data
 from helpers import make_model
 from helpers import saved_steps
@@ -114,16 +115,6 @@ def test_num_snapshots_keeps_the_first_restarts(tmp_path):
     assert [e["step"] for e in entries] == [4, 12]
 
 
-class _Crash(keras.callbacks.Callback):
-    def __init__(self, at_epoch):
-        super().__init__()
-        self.at_epoch = at_epoch
-
-    def on_epoch_end(self, epoch, logs=None):
-        if epoch == self.at_epoch:
-            raise RuntimeError("simulated crash")
-
-
 def test_backup_and_restore_resumes_without_duplicates(tmp_path):
     """Killed after the mid-epoch snapshot at step 28, before its backup."""
     directory = str(tmp_path / "snaps")
@@ -132,7 +123,7 @@ def test_backup_and_restore_resumes_without_duplicates(tmp_path):
     def fit(crash_at):
         callbacks = [keras.callbacks.BackupAndRestore(backup)]
         if crash_at is not None:
-            callbacks.insert(0, _Crash(crash_at))
+            callbacks.insert(0, CrashAtEpochEnd(crash_at))
         return fit_sgdr(directory, epochs=5, callbacks=callbacks)
 
     with pytest.raises(RuntimeError, match="simulated crash"):

@@ -17,6 +17,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from helpers import CrashAtEpochEnd
 from helpers import compile_with_schedule
 from helpers import make_data
 from helpers import make_model
@@ -149,12 +150,6 @@ def test_one_process_can_refit_into_its_own_folder(tmp_path):
 # 5. A rerun of a finished training.
 
 
-class _Crash(keras.callbacks.Callback):
-    def on_epoch_end(self, epoch, logs=None):
-        if epoch == 0:
-            raise RuntimeError("rerun crashed")
-
-
 def test_rerun_sets_old_snapshots_aside_and_a_crash_loses_nothing(tmp_path):
     directory = str(tmp_path / "snaps")
     first = fit(directory)
@@ -162,7 +157,7 @@ def test_rerun_sets_old_snapshots_aside_and_a_crash_loses_nothing(tmp_path):
     x, _ = make_data()
     with pytest.warns(UserWarning, match="were moved to"):
         with pytest.raises(RuntimeError, match="rerun crashed"):
-            fit(directory, callbacks=[_Crash()])
+            fit(directory, callbacks=[CrashAtEpochEnd(0, "rerun crashed")])
     aside = [
         os.path.join(directory, n)
         for n in os.listdir(directory)

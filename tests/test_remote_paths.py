@@ -19,6 +19,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from helpers import CrashAtEpochEnd
 from helpers import compile_with_schedule
 from helpers import make_data
 from helpers import make_model
@@ -114,18 +115,6 @@ def test_fit_writes_verified_snapshots_to_ram(snapshot_run):
     assert model.count_params() == ensemble.layers[1].count_params()
 
 
-class StopAt(keras.callbacks.Callback):
-    """Raises in the middle of `fit`, as a crash would stop it."""
-
-    def __init__(self, epoch):
-        super().__init__()
-        self.epoch = epoch
-
-    def on_epoch_end(self, epoch, logs=None):
-        if epoch == self.epoch:
-            raise RuntimeError("stopped")
-
-
 def fit_tiny(directory, backup, extra=(), epochs=5):
     """30 steps (6 per epoch, not shuffled), cycle ends at 10, 20 and 30."""
     keras.utils.set_random_seed(0)
@@ -207,7 +196,11 @@ def test_stop_in_an_epoch_resumes_in_process(tmp_path):
     """`fit` stopped after epoch 2 (snapshot 1 taken), then fit again."""
     remote = ram_folder()
     with pytest.raises(RuntimeError, match="stopped"):
-        fit_tiny(remote, str(tmp_path / "backup"), extra=[StopAt(epoch=1)])
+        fit_tiny(
+            remote,
+            str(tmp_path / "backup"),
+            extra=[CrashAtEpochEnd(1, "stopped")],
+        )
     assert manifest_values(remote, "step") == [10]
     fit_tiny(remote, str(tmp_path / "backup"))
     assert listed(remote) == [
@@ -449,7 +442,10 @@ def test_swa_resumes_from_a_remote_backup_dir(tmp_path):
     with pytest.raises(RuntimeError, match="stopped"):
         swa_fit(
             make_callback(),
-            extra=[keras.callbacks.BackupAndRestore(backup), StopAt(epoch=2)],
+            extra=[
+                keras.callbacks.BackupAndRestore(backup),
+                CrashAtEpochEnd(2, "stopped"),
+            ],
         )
     resumed = make_callback()
     swa_fit(resumed, extra=[keras.callbacks.BackupAndRestore(backup)])

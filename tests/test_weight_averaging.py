@@ -23,6 +23,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+from helpers import CrashAtEpochEnd  # noqa: E402
 from helpers import finish_script  # noqa: E402
 from helpers import make_data  # noqa: E402
 from helpers import make_model  # noqa: E402
@@ -339,16 +340,6 @@ class Scores(keras.callbacks.Callback):
         logs["score"] = self.scores[epoch]
 
 
-class StopAtEpoch(keras.callbacks.Callback):
-    def __init__(self, epoch):
-        super().__init__()
-        self.epoch = epoch
-
-    def on_epoch_begin(self, epoch, logs=None):
-        if epoch == self.epoch:
-            raise RuntimeError("interrupted")
-
-
 def test_averaged_checkpoint_keeps_its_best_across_a_resume(tmp_path):
     """A run resumed by BackupAndRestore with new callbacks (a new process)
     does not overwrite the best average with a worse one; a new run does."""
@@ -361,10 +352,10 @@ def test_averaged_checkpoint_keeps_its_best_across_a_resume(tmp_path):
             averaging, path, monitor="score", mode="min", save_best_only=True
         )
         backup = keras.callbacks.BackupAndRestore(str(tmp_path / "backup"))
-        extra = [StopAtEpoch(stop)] if stop is not None else []
+        extra = [] if stop is None else [CrashAtEpochEnd(stop, "interrupted")]
         return averaging, [backup, Scores(scores), best, *extra]
 
-    averaging, first = callbacks(stop=2)
+    averaging, first = callbacks(stop=1)
     with pytest.raises(RuntimeError, match="interrupted"):
         fit_with(averaging, epochs=4, callbacks=first)
     kept = numpy_weights(keras.saving.load_model(path))
@@ -455,11 +446,6 @@ def test_backup_and_restore_carries_the_average(tmp_path):
     """A `fit` stopped after epoch 2 and resumed by a new callback object on
     a new model equals a run never stopped."""
 
-    class StopAt(keras.callbacks.Callback):
-        def on_epoch_end(self, epoch, logs=None):
-            if epoch == 1:
-                raise RuntimeError("stopped")
-
     backup = keras.callbacks.BackupAndRestore(str(tmp_path / "backup"))
 
     def make():
@@ -467,7 +453,9 @@ def test_backup_and_restore_carries_the_average(tmp_path):
 
     first = make()
     with pytest.raises(RuntimeError, match="stopped"):
-        fit_with(first, epochs=4, callbacks=[backup, StopAt()])
+        fit_with(
+            first, epochs=4, callbacks=[backup, CrashAtEpochEnd(1, "stopped")]
+        )
     resumed, reference = make(), make()
     fit_with(resumed, epochs=4, callbacks=[backup])
     fit_with(reference, epochs=4)

@@ -348,6 +348,43 @@ def test_swa_steps_per_execution_refuses_unreachable_averages():
         fit_swa(swa, samples=40, spe=2)
 
 
+@pytest.mark.parametrize(
+    "mode",
+    [
+        dict(accumulation=2),
+        dict(mixed=True),
+        dict(samples=48, spe=2),
+    ],
+    ids=["gradient_accumulation", "loss_scaling", "steps_per_execution"],
+)
+def test_averaged_checkpoint_saves_the_epochs_average(tmp_path, mode):
+    """`AveragedModelCheckpoint` in each mode: the last epoch's file holds
+    the average of every due update, as the callback has it at the end."""
+    swa = keras_snapshot.StochasticWeightAveraging(
+        start_step=2, every_steps=2, verbose=0
+    )
+    checkpoint = keras_snapshot.AveragedModelCheckpoint(
+        swa, str(tmp_path / "avg-{epoch}.keras")
+    )
+    optimizer = keras.optimizers.SGD(
+        0.05, momentum=0.9, gradient_accumulation_steps=mode.get("accumulation")
+    )
+    train(
+        optimizer,
+        [checkpoint, swa],
+        mode.get("samples", 64),
+        mixed=mode.get("mixed", False),
+        steps_per_execution=mode.get("spe", 1),
+    )
+    saved = keras.saving.load_model(tmp_path / "avg-4.keras")
+    assert swa.num_averaged > 0
+    for got, want in zip(saved.get_weights(), swa.averaged_weights()):
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
+    assert sorted(os.listdir(tmp_path)) == [
+        f"avg-{e}.keras" for e in (1, 2, 3, 4)
+    ]
+
+
 # 8. The optimizer's EMA (`use_ema=True`) ------------------------------------
 
 

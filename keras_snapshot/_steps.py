@@ -19,9 +19,6 @@ batch hook only when the count may have reached the next step that is due
 (the count grows by at most one update per batch), so Keras's asynchronous
 dispatch stays on through a long cycle.
 
-The private Keras attribute that holds a learning-rate schedule is read
-here only (`learning_rate_schedule`).
-
 Example:
 
 ```python
@@ -34,27 +31,11 @@ if step == 400:
 ```
 """
 
-import keras
-from keras import ops
+import weakref
 
-
-def innermost_optimizer(optimizer):
-    """The optimizer that holds the learning rate (unwraps loss scaling)."""
-    while getattr(optimizer, "inner_optimizer", None) is not None:
-        optimizer = optimizer.inner_optimizer
-    return optimizer
-
-
-def learning_rate_schedule(optimizer):
-    """The `LearningRateSchedule` that drives `optimizer`, or None.
-
-    Keras keeps the schedule object only in a private attribute: this is
-    the one place that reads it.
-    """
-    rate = getattr(innermost_optimizer(optimizer), "_learning_rate", None)
-    if isinstance(rate, keras.optimizers.schedules.LearningRateSchedule):
-        return rate
-    return None
+from keras_snapshot import _keras_compat
+from keras_snapshot._keras_compat import innermost_optimizer
+from keras_snapshot._keras_compat import learning_rate_schedule
 
 
 def accumulation_steps(optimizer) -> int:
@@ -74,7 +55,7 @@ def optimizer_updates(model) -> int:
     under `LossScaleOptimizer` the inner optimizer's count, which skipped
     updates do not raise.
     """
-    return int(ops.convert_to_numpy(model.optimizer.iterations))
+    return _keras_compat.optimizer_iterations(model.optimizer)
 
 
 def check_schedule_counts_updates(owner: str, optimizer) -> None:
@@ -120,6 +101,34 @@ def check_schedule_counts_updates(owner: str, optimizer) -> None:
         )
 
 
+_FIT_CALLBACKS = weakref.WeakSet()
+"""This package's callbacks that have joined a `fit` (`join_fit`)."""
+
+
+def join_fit(callback) -> None:
+    """Introduces `callback` to this package's other callbacks in its `fit`.
+
+    Call it from `set_params`: Keras hands every callback of one `fit` the
+    same `params` dict, before any `on_train_begin`, so that dict names the
+    fit. Each pair of our callbacks in one fit meets once, and a callback
+    with a `check_fit_peer(other)` method may refuse the other there
+    (FreezeOut refuses a SnapshotCheckpoint).
+    """
+    params = callback.params
+    peers = [
+        c
+        for c in list(_FIT_CALLBACKS)
+        if c is not callback and c.params is params
+    ]
+    for first, second in [(p, callback) for p in peers] + [
+        (callback, p) for p in peers
+    ]:
+        check = getattr(first, "check_fit_peer", None)
+        if check is not None:
+            check(second)
+    _FIT_CALLBACKS.add(callback)
+
+
 class StepTracker:
     """Tells a callback the real optimizer step when a due step may be near.
 
@@ -144,6 +153,7 @@ class StepTracker:
 
     def attach(self) -> None:
         """Reads the training mode of the `fit` that begins."""
+        _keras_compat.check_backend()
         model, params = self.callback.model, self.callback.params
         self.steps_per_execution = int(
             getattr(model, "steps_per_execution", 1) or 1

@@ -1,7 +1,7 @@
 """What the callbacks add to TensorBoard, next to Keras's own scalars.
 
-When the `fit` that runs a callback also runs a `keras.callbacks.TensorBoard`
-(found with `_fit.fit_frame`), `TensorBoardLog` writes into that callback's
+Given the `log_dir` of the fit's `keras.callbacks.TensorBoard` (the
+callbacks' `log_dir` argument), `TensorBoardLog` writes into its
 `log_dir/train` run, at the optimizer step (`_steps`), what a Keras user
 looks for there:
 
@@ -12,7 +12,7 @@ looks for there:
   `snapshot_file` (text), `frozen_groups` (how many FreezeOut groups are
   frozen), `num_averaged` (models in a `WeightAveraging` average).
 
-Without a `TensorBoard` callback nothing is written. Only the process that
+Without a `log_dir` nothing is written. Only the process that
 writes snapshots writes events (`_distribution.is_writer`). The events go
 through a writer of their own (a second event file in the run, which
 TensorBoard's default loader reads live), and are recorded whatever the
@@ -23,7 +23,7 @@ Example:
 
 ```python
 log = TensorBoardLog()
-log.open(callback)                      # in on_train_begin
+log.open("logs", model)                 # in on_train_begin
 log.scalar("snapshot", 1, step=400)
 steps = log.new_steps(start=0, step=400)  # 1..400, each step once
 log.close()                             # in on_train_end
@@ -36,9 +36,8 @@ import keras
 import numpy as np
 
 from keras_snapshot._distribution import is_writer
-from keras_snapshot._fit import fit_frame
-from keras_snapshot._steps import innermost_optimizer
-from keras_snapshot._steps import learning_rate_schedule
+from keras_snapshot._keras_compat import innermost_optimizer
+from keras_snapshot._keras_compat import learning_rate_schedule
 
 MAX_POINTS_PER_EPOCH = 500
 """Most `learning_rate` points logged per epoch (evenly spaced steps)."""
@@ -57,22 +56,16 @@ class TensorBoardLog:
     def active(self) -> bool:
         return self._writer is not None
 
-    def open(self, callback) -> bool:
-        """Finds the fit's `TensorBoard`; returns whether it logs.
-
-        Call it from a hook of `callback` (it reads the call stack).
-        """
+    def open(self, log_dir, model) -> bool:
+        """Opens `log_dir/train` (None: no logging); returns whether it logs
+        (only the process that writes snapshots logs)."""
         self.close()
         self._logged_step, self._last = None, {}
-        callbacks = fit_frame(callback)[1] or []
-        boards = [
-            c for c in callbacks if isinstance(c, keras.callbacks.TensorBoard)
-        ]
-        if not boards or not is_writer(callback.model):
+        if log_dir is None or not is_writer(model):
             return False
         import tensorflow as tf
 
-        self.log_dir = os.path.join(os.fspath(boards[0].log_dir), "train")
+        self.log_dir = os.path.join(os.fspath(log_dir), "train")
         self._writer = tf.summary.create_file_writer(self.log_dir)
         return True
 
@@ -116,6 +109,19 @@ class TensorBoardLog:
             self._writer.flush()
             self._writer.close()
         self._writer = None
+
+
+def check_log_dir(log_dir):
+    """`log_dir` as a string, or None; refuses anything else in one line."""
+    if log_dir is None:
+        return None
+    if not isinstance(log_dir, (str, os.PathLike)) or not os.fspath(log_dir):
+        raise TypeError(
+            "`log_dir` must be the folder of the fit's "
+            "keras.callbacks.TensorBoard (its `log_dir`), or None. "
+            f"Received: log_dir={log_dir!r}"
+        )
+    return os.fspath(log_dir)
 
 
 def logged_steps(first: int, last: int) -> np.ndarray:

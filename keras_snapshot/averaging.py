@@ -427,6 +427,7 @@ class StochasticWeightAveraging(WeightAveraging):
         recalibration_data=None,
         recalibration_steps: int | None = None,
         verbose: int = 1,
+        log_dir: str | None = None,
     ):
         if backup_dir is not None:
             if not isinstance(backup_dir, (str, os.PathLike)) or not str(
@@ -454,6 +455,7 @@ class StochasticWeightAveraging(WeightAveraging):
             recalibration_steps=recalibration_steps,
             filepath=filepath,
             set_weights_at_end=set_weights_at_end,
+            log_dir=log_dir,
             verbose=verbose,
         )
         self.backup_dir = None if backup_dir is None else os.fspath(backup_dir)
@@ -468,5 +470,6 @@ class StochasticWeightAveraging(WeightAveraging):
             "backup_dir": self.backup_dir,
             "recalibration_data": self.recalibration_data,
             "recalibration_steps": self.recalibration_steps,
+            "log_dir": self.log_dir,
             "verbose": self.verbose,
         }

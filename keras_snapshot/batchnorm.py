@@ -6,6 +6,7 @@ from keras import ops
 
 from keras_snapshot._checks import check_positive_int
 from keras_snapshot._checks import is_endless
+from keras_snapshot._keras_compat import batchnorm_renorm
 
 
 def batchnorm_layers(model) -> list:
@@ -154,7 +155,7 @@ def recalibrate_batchnorm(
     bn_layers = [layer for layer in batchnorm_layers(model) if layer.trainable]
     if not bn_layers:
         return model
-    renorm = [layer.name for layer in bn_layers if layer.renorm]
+    renorm = [layer.name for layer in bn_layers if batchnorm_renorm(layer)]
     if renorm:
         raise ValueError(
             "recalibrate_batchnorm does not support batch renormalization "

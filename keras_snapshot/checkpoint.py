@@ -15,11 +15,14 @@ from keras_snapshot import manifest as manifest_lib
 from keras_snapshot._checks import check_positive_int
 from keras_snapshot._distribution import is_writer
 from keras_snapshot._io import print_msg
+from keras_snapshot._keras_compat import BACKUP_AND_RESTORE_FILES
+from keras_snapshot._keras_compat import innermost_optimizer
+from keras_snapshot._keras_compat import learning_rate_schedule
 from keras_snapshot._steps import StepTracker
 from keras_snapshot._steps import check_schedule_counts_updates
-from keras_snapshot._steps import innermost_optimizer
-from keras_snapshot._steps import learning_rate_schedule
+from keras_snapshot._steps import join_fit
 from keras_snapshot._tensorboard import TensorBoardLog
+from keras_snapshot._tensorboard import check_log_dir
 from keras_snapshot._tensorboard import update_rates
 from keras_snapshot.batchnorm import check_bounded_data
 from keras_snapshot.batchnorm import recalibrate_batchnorm
@@ -27,9 +30,6 @@ from keras_snapshot.batchnorm import restore_batchnorm_statistics
 from keras_snapshot.batchnorm import save_batchnorm_statistics
 from keras_snapshot.schedule import SnapshotSchedule
 from keras_snapshot.schedule import restart_steps
-
-# Files that `keras.callbacks.BackupAndRestore` keeps in its folder.
-_BACKUP_FILES = ("training_metadata.json", "latest.weights.h5")
 
 
 def _finite_number(value):
@@ -105,6 +105,10 @@ class SnapshotCheckpoint(keras.callbacks.Callback):
             the minimum the cycle reached, even when the optimizer keeps an
             EMA. True with an optimizer without EMA is refused.
         verbose: 1 prints one line per snapshot, 0 is silent.
+        log_dir: The `log_dir` of the fit's `keras.callbacks.TensorBoard`
+            (or any folder): the learning rate of every update and the
+            snapshots go into its `train` run, at the optimizer
+            step (docs/tensorboard.md). None logs nothing.
 
     Example:
 
@@ -134,6 +138,7 @@ class SnapshotCheckpoint(keras.callbacks.Callback):
         recalibration_steps: int | None = None,
         ema_weights: bool = False,
         verbose: int = 1,
+        log_dir: str | None = None,
     ):
         super().__init__()
         if not isinstance(directory, (str, os.PathLike)) or not str(directory):
@@ -177,6 +182,7 @@ class SnapshotCheckpoint(keras.callbacks.Callback):
                 f"Received: ema_weights={ema_weights!r}."
             )
         self.ema_weights = ema_weights
+        self.log_dir = check_log_dir(log_dir)
         self.verbose = verbose
         self._folder = manifest_lib.SnapshotDirectory(self.directory)
         self._cycle_ends = []
@@ -343,7 +349,7 @@ class SnapshotCheckpoint(keras.callbacks.Callback):
         while folder is not None:
             found = [
                 name
-                for name in _BACKUP_FILES
+                for name in BACKUP_AND_RESTORE_FILES
                 if _fs.exists(_fs.join(folder, name))
             ]
             if found:
@@ -358,6 +364,10 @@ class SnapshotCheckpoint(keras.callbacks.Callback):
             folder = _fs.parent(folder)
 
     # Keras hooks --------------------------------------------------------------
+
+    def set_params(self, params):
+        super().set_params(params)
+        join_fit(self)  # FreezeOut in the same fit refuses it here.
 
     def on_train_begin(self, logs=None):
         self._steps.attach()
@@ -389,7 +399,7 @@ class SnapshotCheckpoint(keras.callbacks.Callback):
         self._steps_due = {}
         self._planned = False
         self._fit_start_step, self._fit_epochs = None, 0
-        self._tensorboard.open(self)
+        self._tensorboard.open(self.log_dir, self.model)
 
     def _plan_once(self, step: int) -> None:
         # Planned at the first epoch, after BackupAndRestore has restored

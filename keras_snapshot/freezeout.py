@@ -33,12 +33,12 @@ Design (why a callback that attaches to the optimizer, and nothing else):
   (whose step does not scale with the gradient). For the training run the
   callback wraps `update_step` of the optimizer *instance* (and, on JAX,
   `stateless_apply`, so that the optimizer accepts the shrinking set of
-  trainable variables) and removes both wrappers at the end of `fit`. This
-  is the only place that touches optimizer internals: `_attach_rates`,
-  after `_check_optimizer_internals` has checked, before the first step,
-  that they are what it expects (or refused it, naming the Keras version).
-  A wrapper optimizer class would do the same with more code and would
-  put a custom class into every saved file. With a learning-rate schedule
+  trainable variables) and removes both wrappers at the end of `fit`. The
+  wrapping lives in `_keras_compat` (`attach_group_rates`, after
+  `check_optimizer_internals` has checked, before the first step, that the
+  internals are what it expects, or refused them naming the Keras
+  version). A wrapper optimizer class would do the same with more code and
+  would put a custom class into every saved file. With a learning-rate schedule
   in the optimizer, group `i`'s rate is `schedule(t) * factor_i(t)`.
 - Real freezing: at the freeze step the callback sets `layer.trainable =
   False` on the group's layers (Keras then runs BatchNorm in inference mode
@@ -55,23 +55,19 @@ Design (why a callback that attaches to the optimizer, and nothing else):
   no device sync per batch.
 - Whatever ends `fit`: Keras calls `on_train_end` only when `fit` returns.
   The changes of a `fit` ended by an exception or `KeyboardInterrupt` are
-  undone by the next use of the model or optimizer (`_FitState`): the
-  model's `make_train_function` (every `fit` and `train_on_batch`) and
+  undone by the next use of the model or optimizer (`_keras_compat.FitState`):
+  the model's `make_train_function` (every `fit` and `train_on_batch`) and
   `get_config` (`model.save`) are wrapped for that while FreezeOut trains,
-  and a `fit` has ended when its frame has left the call stack. The one
-  place that reads the stack is `_fit.fit_frame` (and `_FitState.running`);
-  it also finds the other callbacks of the `fit`, to refuse a
-  `SnapshotCheckpoint` next to FreezeOut.
+  and a `fit` has ended when its frame has left the call stack.
+- A `SnapshotCheckpoint` or a second FreezeOut in the same `fit` is refused
+  when `fit` hands the callbacks their `params` (`_steps.join_fit`).
 
 Decoupled weight decay (`AdamW`, `weight_decay=`) uses the group's rate,
 `w -= w * weight_decay * lr_i(t)`, like the rest of the update; L2
 regularizers go through the gradient. Both stop when the group freezes.
 """
 
-import inspect
 import math
-import sys
-import threading
 import warnings
 from collections.abc import Sequence
 
@@ -81,11 +77,18 @@ from keras import ops
 
 from keras_snapshot._checks import check_positive_int
 from keras_snapshot._checks import check_positive_number
-from keras_snapshot._fit import fit_frame
 from keras_snapshot._io import print_msg
+from keras_snapshot._keras_compat import FitState
+from keras_snapshot._keras_compat import attach_group_rates
+from keras_snapshot._keras_compat import check_optimizer_internals
+from keras_snapshot._keras_compat import fit_frame
+from keras_snapshot._keras_compat import fit_state_of
+from keras_snapshot._keras_compat import innermost_optimizer
+from keras_snapshot._keras_compat import nested_layers
 from keras_snapshot._steps import StepTracker
-from keras_snapshot._steps import innermost_optimizer
+from keras_snapshot._steps import join_fit
 from keras_snapshot._tensorboard import TensorBoardLog
+from keras_snapshot._tensorboard import check_log_dir
 from keras_snapshot._tensorboard import update_rates
 from keras_snapshot.checkpoint import SnapshotCheckpoint
 
@@ -369,21 +372,12 @@ def resolve_groups(model, groups=None) -> list[list]:
     return resolved
 
 
-def _layers_within(layer, include_self: bool = True) -> list:
-    """`layer` and the layers nested in it, at any depth, parents first.
-
-    Keras has no public list of a layer's nested layers: this is the one
-    place that reads it (`Layer._flatten_layers`).
-    """
-    return layer._flatten_layers(include_self=include_self, recursive=True)
-
-
 def _check_nesting(resolved, seen, groups) -> None:
     """Refuses a layer that is in one group while a layer around it (a
     nested model, a block) is in another."""
     for index, group in enumerate(resolved):
         for parent in group:
-            for inner in _layers_within(parent, include_self=False):
+            for inner in nested_layers(parent, include_self=False):
                 other = seen.get(id(inner))
                 if other is not None and other != index:
                     raise ValueError(
@@ -409,7 +403,7 @@ def _get_layer(model, layer):
                 f"groups entry {layer!r}"
             ) from None
     if isinstance(layer, keras.layers.Layer):
-        if not any(layer is own for own in _layers_within(model)):
+        if not any(layer is own for own in nested_layers(model)):
             raise ValueError(
                 f"Layer {layer.name!r} is not part of the model "
                 f"{model.name!r}. Received: groups entry {layer!r}"
@@ -489,275 +483,6 @@ def estimate_speedup(
     return float(1.0 - np.sum(costs * (1 + b * t)) / np.sum(costs * (1 + b)))
 
 
-_OPTIMIZER_INTERNALS = {
-    "update_step": ("gradient", "variable", "learning_rate"),
-    "_apply_weight_decay": ("variables",),
-    "stateless_apply": ("optimizer_variables", "grads", "trainable_variables"),
-    "_get_variable_index": ("variable",),
-    "_use_weight_decay": ("variable",),
-}
-"""The optimizer methods FreezeOut wraps or calls, and the arguments that
-Keras passes them (positionally)."""
-
-
-def _check_optimizer_internals(optimizer) -> None:
-    """Refuses an optimizer whose private methods are not what FreezeOut
-    wraps: each must exist and take the arguments Keras passes it,
-    `_get_variable_index` must give each variable the optimizer was built
-    with its position, and updates must go through `update_step`.
-
-    Raises:
-        ValueError: naming what is wrong and the Keras version.
-    """
-    problems = []
-    for name, arguments in _OPTIMIZER_INTERNALS.items():
-        method = getattr(optimizer, name, None)
-        if not callable(method):
-            problems.append(f"`{name}` is not callable (found {method!r})")
-            continue
-        try:
-            signature = inspect.signature(method)
-        except (TypeError, ValueError):
-            continue  # No signature to read (a builtin): trust it.
-        try:
-            signature.bind(*arguments)
-        except TypeError:
-            problems.append(
-                f"`{name}{signature}` does not take ({', '.join(arguments)})"
-            )
-    variables = getattr(optimizer, "_trainable_variables", None)
-    if not isinstance(variables, list):
-        problems.append(
-            "`_trainable_variables` is not the list of variables it was "
-            "built with"
-        )
-    elif callable(getattr(optimizer, "_get_variable_index", None)):
-        try:
-            misplaced = any(
-                optimizer._get_variable_index(v) != i
-                for i, v in enumerate(variables)
-            )
-        except Exception:  # Any failure is a mismatch to report.
-            misplaced = True
-        if misplaced:
-            problems.append(
-                "`_get_variable_index` does not give each variable its "
-                "position in `_trainable_variables`"
-            )
-    if hasattr(type(optimizer), "_parallel_update_step"):
-        problems.append(
-            "it updates all variables at once in `_parallel_update_step`, "
-            "without calling `update_step`"
-        )
-    if problems:
-        name = type(optimizer).__name__
-        raise ValueError(
-            f"FreezeOut cannot set each layer group's learning rate in "
-            f"{name}: {'; '.join(problems)}. FreezeOut wraps these private "
-            "methods of the optimizer, and they are not as it expects in "
-            f"Keras {keras.version()} ({keras.backend.backend()} backend). "
-            "Use a stock Keras optimizer (SGD, Adam, AdamW, ...) on the "
-            f"TensorFlow or JAX backend. Received: optimizer={name}."
-        )
-
-
-_WRAPPED = ("update_step", "_apply_weight_decay", "stateless_apply")
-"""The optimizer methods that `_attach_rates` wraps on the instance."""
-
-
-def _attach_rates(
-    optimizer, group_of, num_groups, factor, active_variables, state
-):
-    """Makes `optimizer` use a rate per group; returns an undo function.
-
-    The one place that touches optimizer internals, once
-    `_check_optimizer_internals` has checked them. Wraps, on this instance
-    only, `update_step` so that each variable is updated with
-    `learning_rate * factor(group)`, where `group = group_of[id(variable)]`
-    (variables of no group take the last group's, `num_groups - 1`) and
-    the variable is found by its position in the optimizer
-    (`_get_variable_index`, the lookup every Keras optimizer's
-    `update_step` uses for its slots).
-    Decoupled weight decay (`weight_decay=`, AdamW) moves into that step
-    too, with the same rate: Keras's own `_apply_weight_decay` pass, which
-    would use the optimizer's rate for every variable, is switched off. On
-    JAX, also wraps `stateless_apply`, which Keras's JAX trainer calls with
-    the model's current trainable variables: after a freeze those are fewer
-    than the optimizer was built with, and the wrapper applies the
-    gradients to them only (`active_variables()` names them).
-
-    Every wrapper first asks `state.ended()`: once the `fit` that attached
-    them no longer runs (it ended by an exception), that undoes them and
-    the optimizer's own method runs.
-    """
-    variable_groups = [
-        group_of.get(id(v), num_groups - 1)
-        for v in optimizer._trainable_variables
-    ]
-    before = {name: vars(optimizer).get(name) for name in _WRAPPED}
-    update_step = optimizer.update_step
-    stateless_apply = optimizer.stateless_apply
-
-    def detach():
-        for name in _WRAPPED:
-            if getattr(vars(optimizer).get(name), "freezeout", False):
-                if before[name] is None:
-                    delattr(optimizer, name)
-                else:
-                    setattr(optimizer, name, before[name])
-
-    def group_update_step(gradient, variable, learning_rate):
-        if state.ended():
-            return optimizer.update_step(gradient, variable, learning_rate)
-        index = optimizer._get_variable_index(variable)
-        learning_rate = ops.multiply(
-            ops.cast(learning_rate, "float32"), factor(variable_groups[index])
-        )
-        if optimizer.weight_decay is not None and optimizer._use_weight_decay(
-            variable
-        ):
-            # Keras's decoupled decay, `w -= w * weight_decay * lr`, with
-            # the group's rate (Keras's own pass is off while attached).
-            decay = ops.multiply(
-                ops.cast(optimizer.weight_decay, variable.dtype),
-                ops.cast(learning_rate, variable.dtype),
-            )
-            optimizer.assign_sub(variable, ops.multiply(variable, decay))
-        return update_step(gradient, variable, learning_rate)
-
-    def no_weight_decay_pass(variables):
-        """Decay is applied per variable in `group_update_step`."""
-        if state.ended():
-            optimizer._apply_weight_decay(variables)
-
-    def subset_stateless_apply(optimizer_variables, grads, trainable_values):
-        if state.ended():
-            return optimizer.stateless_apply(
-                optimizer_variables, grads, trainable_values
-            )
-        if len(trainable_values) == len(optimizer._trainable_variables):
-            return stateless_apply(optimizer_variables, grads, trainable_values)
-        variables = list(active_variables())
-        mapping = list(zip(variables, trainable_values)) + list(
-            zip(optimizer.variables, optimizer_variables)
-        )
-        with keras.StatelessScope(state_mapping=mapping) as scope:
-            optimizer.apply(grads, variables)
-        return (
-            [scope.get_current_value(v) for v in variables],
-            [scope.get_current_value(v) for v in optimizer.variables],
-        )
-
-    wrappers = [group_update_step, no_weight_decay_pass]
-    if keras.backend.backend() == "jax":  # Keras calls it on JAX only.
-        wrappers.append(subset_stateless_apply)
-    for name, wrapper in zip(_WRAPPED, wrappers):
-        wrapper.freezeout = True
-        wrapper.freezeout_state = state
-        setattr(optimizer, name, wrapper)
-    return detach
-
-
-class _FitState:
-    """What one FreezeOut `fit` changed on a model, and how to undo it.
-
-    The changes: the frozen layers' `trainable` flags, the wrapped
-    optimizer methods, the train function traced for them. Keras calls
-    `on_train_end` only when `fit` returns; after an exception or a
-    `KeyboardInterrupt` nothing is called. So the changes are undone by
-    `on_train_end`, or else by the first of these that runs once the `fit`
-    that made them no longer runs: the model's `make_train_function`
-    (which every `fit` and `train_on_batch` calls first) or `get_config`
-    (`model.save`, `to_json`), the optimizer's `update_step`, or a new
-    FreezeOut's `on_train_begin`. While that `fit` runs they are left
-    as they are (a checkpoint saved during training keeps the frozen
-    layers' flags).
-
-    Args:
-        model: The model being trained.
-        fit_frame: The frame of the `fit` that made the changes
-            (`_fit.fit_frame`): it runs while it is on the call stack.
-    """
-
-    def __init__(self, model, fit_frame):
-        self.model = model
-        self.fit_frame = fit_frame
-        self.thread = threading.get_ident()
-        self.flags = []  # (layer or variable, trainable) before the fit.
-        self.detach = None  # Undoes the optimizer's wrappers.
-        self.guarded = {}  # Model attribute -> its instance value before.
-        self.restored = False
-
-    def running(self) -> bool:
-        """Whether the `fit` is still running: its frame is on the stack of
-        the thread that runs it (a thread that ended runs nothing)."""
-        if threading.get_ident() == self.thread:
-            frame = inspect.currentframe()
-        else:  # Another thread (a replica of a distribution strategy ...).
-            frame = sys._current_frames().get(self.thread)
-        try:
-            while frame is not None:
-                if frame is self.fit_frame:
-                    return True
-                frame = frame.f_back
-            return False
-        finally:
-            del frame
-
-    def ended(self) -> bool:
-        """Whether the `fit` has ended; if so, its changes are undone."""
-        if not self.restored and not self.running():
-            self.restore()
-        return self.restored
-
-    def guard_model(self) -> None:
-        """Wraps the model's `make_train_function` and `get_config` so that
-        they undo the changes first once the `fit` has ended."""
-        model = self.model
-        for name in ("make_train_function", "get_config"):
-            self.guarded[name] = vars(model).get(name)
-            method = getattr(model, name)
-
-            def guarded(*args, _method=method, **kwargs):
-                self.ended()
-                return _method(*args, **kwargs)
-
-            guarded.freezeout = True
-            guarded.freezeout_state = self
-            setattr(model, name, guarded)
-
-    def restore(self) -> None:
-        """Puts the model and the optimizer back as they were."""
-        if self.restored:
-            return
-        self.restored = True
-        model = self.model
-        for name, before in self.guarded.items():
-            if getattr(vars(model).get(name), "freezeout", False):
-                if before is None:
-                    delattr(model, name)
-                else:
-                    setattr(model, name, before)
-        if self.detach is not None:
-            self.detach()
-        sync = getattr(model, "jax_state_sync", None)
-        if sync is not None:
-            sync()  # JAX: the running state into the variables, first.
-        for owner, flag in self.flags:  # Layers, parents first; variables.
-            owner.trainable = flag
-        model.make_train_function(force=True)
-        self.fit_frame = None
-
-
-def _state_of(owner):
-    """The `_FitState` whose wrappers `owner` (model or optimizer) holds."""
-    for name in ("make_train_function", "update_step"):
-        state = getattr(vars(owner).get(name), "freezeout_state", None)
-        if state is not None:
-            return state
-    return None
-
-
 @keras.saving.register_keras_serializable(package="keras_snapshot")
 class FreezeOut(keras.callbacks.Callback):
     """Anneals each layer group's learning rate to zero, then freezes it.
@@ -835,6 +560,9 @@ class FreezeOut(keras.callbacks.Callback):
             every group's rate is zero.
         verbose: 1 prints the plan before training and the freezes at the
             end of each epoch; 0 is silent.
+        log_dir: The `log_dir` of the fit's `keras.callbacks.TensorBoard`
+            (or any folder): each group's rate per update and the freezes
+            go into its `train` run. None logs nothing.
 
     Example:
 
@@ -853,6 +581,7 @@ class FreezeOut(keras.callbacks.Callback):
         groups=None,
         total_steps: int | None = None,
         verbose: int = 1,
+        log_dir: str | None = None,
     ):
         super().__init__()
         self.t0 = _check_t0(t0)
@@ -870,6 +599,7 @@ class FreezeOut(keras.callbacks.Callback):
             if total_steps is None
             else check_positive_int("total_steps", total_steps)
         )
+        self.log_dir = check_log_dir(log_dir)
         self.verbose = verbose
         self.freeze_events = []
         """`(step, [group indices])` of every freeze, in this `fit` call."""
@@ -892,6 +622,7 @@ class FreezeOut(keras.callbacks.Callback):
             "scale_lr": self.scale_lr,
             "groups": groups,
             "total_steps": self.total_steps,
+            "log_dir": self.log_dir,
             "verbose": self.verbose,
         }
 
@@ -926,28 +657,6 @@ class FreezeOut(keras.callbacks.Callback):
             )
         return int(epochs) * int(steps) // k
 
-    def _refuse_companions(self, callbacks) -> None:
-        """Refuses a `SnapshotCheckpoint` or a second FreezeOut in the fit."""
-        if not callbacks:
-            return
-        names = [type(c).__name__ for c in callbacks]
-        if any(isinstance(c, SnapshotCheckpoint) for c in callbacks):
-            raise ValueError(
-                "FreezeOut and SnapshotCheckpoint cannot share a fit: "
-                "FreezeOut anneals each layer group's rate to zero once and "
-                "freezes the group for good, while a snapshot ensemble "
-                "restarts the rate every cycle, so every snapshot after the "
-                "first freeze would share the frozen groups. Train a "
-                "FreezeOut model and a snapshot ensemble in separate fits. "
-                f"Received: callbacks={names}"
-            )
-        if any(isinstance(c, FreezeOut) and c is not self for c in callbacks):
-            raise ValueError(
-                "A fit can run one FreezeOut only: each would set the "
-                "layer groups' rates and freeze them. Pass one FreezeOut. "
-                f"Received: callbacks={names}"
-            )
-
     def _warn_if_fit_passes_total_steps(self, step: int, epoch: int) -> None:
         epochs, steps = self.params.get("epochs"), self.params.get("steps")
         if not epochs or not steps:
@@ -978,18 +687,37 @@ class FreezeOut(keras.callbacks.Callback):
 
     # Keras hooks ----------------------------------------------------------
 
-    def set_model(self, model):
-        super().set_model(model)
+    def set_params(self, params):
+        super().set_params(params)
         # Refused here, when `fit` makes its CallbackList: before any
         # callback's `on_train_begin` (and SnapshotCheckpoint's folder).
-        self._refuse_companions(fit_frame(self)[1])
+        join_fit(self)
+
+    def check_fit_peer(self, other) -> None:
+        """Refuses a `SnapshotCheckpoint` or a second FreezeOut in the fit
+        (`_steps.join_fit` calls it for each of our callbacks there)."""
+        if isinstance(other, SnapshotCheckpoint):
+            raise ValueError(
+                "FreezeOut and SnapshotCheckpoint cannot share a fit: "
+                "FreezeOut anneals each layer group's rate to zero once and "
+                "freezes the group for good, while a snapshot ensemble "
+                "restarts the rate every cycle, so every snapshot after the "
+                "first freeze would share the frozen groups. Train them in "
+                "separate fits. Received: callbacks=[FreezeOut, "
+                "SnapshotCheckpoint]"
+            )
+        if isinstance(other, FreezeOut):
+            raise ValueError(
+                "A fit can run one FreezeOut only: each would set the "
+                "layer groups' rates and freeze them. Pass one FreezeOut. "
+                "Received: callbacks=[FreezeOut, FreezeOut]"
+            )
 
     def on_train_begin(self, logs=None):
         model = self.model
-        frame, callbacks = fit_frame(self)
-        self._refuse_companions(callbacks)
+        frame = fit_frame(self)
         for owner in (model, innermost_optimizer(model.optimizer)):
-            left = _state_of(owner)  # Left by a fit that raised.
+            left = fit_state_of(owner)  # Left by a fit that raised.
             if left is not None and not left.ended():
                 raise ValueError(
                     "Another FreezeOut is training this model or optimizer "
@@ -1006,15 +734,15 @@ class FreezeOut(keras.callbacks.Callback):
         if not model.optimizer.built:
             model.optimizer.build(model.trainable_variables)
         optimizer = innermost_optimizer(model.optimizer)
-        _check_optimizer_internals(optimizer)
-        state = _FitState(model, frame)
+        check_optimizer_internals(optimizer)
+        state = FitState(model, frame)
         # Layers, parents before the layers inside them, then variables:
         # setting a layer's flag sets those of all it holds.
         layers = [
             nested
             for group in self.groups_
             for layer in group
-            for nested in _layers_within(layer)
+            for nested in nested_layers(layer)
         ]
         state.flags = [(la, la.trainable) for la in layers] + [
             (v, v.trainable) for la in layers for v in la.weights
@@ -1025,7 +753,7 @@ class FreezeOut(keras.callbacks.Callback):
             for layer in group
             for variable in layer.trainable_variables
         }
-        state.detach = _attach_rates(
+        state.detach = attach_group_rates(
             optimizer,
             group_of,
             len(self.groups_),
@@ -1041,7 +769,7 @@ class FreezeOut(keras.callbacks.Callback):
         self.freeze_events = []
         self._printed_events = 0
         self._fit_start_step = None
-        self._tensorboard.open(self)
+        self._tensorboard.open(self.log_dir, model)
         if self.verbose:
             saving = estimate_speedup(
                 model, self.groups_, self.t0, self.scaling

@@ -25,9 +25,12 @@ from keras_snapshot import _fs
 from keras_snapshot._checks import check_in_range
 from keras_snapshot._checks import check_positive_int
 from keras_snapshot._io import print_msg
+from keras_snapshot._keras_compat import innermost_optimizer
+from keras_snapshot._keras_compat import model_checkpoint_best
 from keras_snapshot._steps import StepTracker
-from keras_snapshot._steps import innermost_optimizer
+from keras_snapshot._steps import optimizer_updates
 from keras_snapshot._tensorboard import TensorBoardLog
+from keras_snapshot._tensorboard import check_log_dir
 from keras_snapshot.batchnorm import batchnorm_layers
 from keras_snapshot.batchnorm import recalibrate_batchnorm
 from keras_snapshot.loading import clone_model
@@ -230,6 +233,10 @@ class WeightAveraging(keras.callbacks.Callback):
             end of training (recalibrated if `recalibration_data` is set).
         verbose: 1 prints a line when training resumes an average and when
             the averaged model is saved; 0 is silent.
+        log_dir: The `log_dir` of the fit's `keras.callbacks.TensorBoard`
+            (or any folder): the number of models averaged goes into its
+            `train` run, at the optimizer step (docs/tensorboard.md). None
+            logs nothing.
 
     Example:
 
@@ -259,6 +266,7 @@ class WeightAveraging(keras.callbacks.Callback):
         filepath: str | None = None,
         set_weights_at_end: bool = False,
         verbose: int = 1,
+        log_dir: str | None = None,
     ):
         super().__init__()
         if mode not in MODES:
@@ -295,6 +303,7 @@ class WeightAveraging(keras.callbacks.Callback):
         self.validate_with_average = validate_with_average
         self.filepath = None if filepath is None else os.fspath(filepath)
         self.set_weights_at_end = set_weights_at_end
+        self.log_dir = check_log_dir(log_dir)
         self.verbose = verbose
         # The schedule in effect (the EMA defaults filled in).
         self._every = every_steps
@@ -617,7 +626,7 @@ class WeightAveraging(keras.callbacks.Callback):
         self._training = True
         self._recalibrated = None
         self._steps.attach()
-        self._tensorboard.open(self)
+        self._tensorboard.open(self.log_dir, self.model)
 
     def on_epoch_begin(self, epoch, logs=None):
         self._epoch = epoch
@@ -910,9 +919,13 @@ class AveragedModelCheckpoint(keras.callbacks.ModelCheckpoint):
 
     def _resume_best(self) -> None:
         path = self.best_record_path
-        if path is None or self.best is not None or not _fs.exists(path):
+        if (
+            path is None
+            or model_checkpoint_best(self) is not None
+            or not _fs.exists(path)
+        ):
             return
-        step = int(ops.convert_to_numpy(self.model.optimizer.iterations))
+        step = optimizer_updates(self.model)
         if step == 0:
             return  # A new run: its own best.
         record = json.loads(_fs.read_text(path))
@@ -938,8 +951,6 @@ class AveragedModelCheckpoint(keras.callbacks.ModelCheckpoint):
                     "monitor": self.monitor,
                     "best": float(self.best),
                     "epoch": epoch + 1,
-                    "step": int(
-                        ops.convert_to_numpy(self.model.optimizer.iterations)
-                    ),
+                    "step": optimizer_updates(self.model),
                 },
             )

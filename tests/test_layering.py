@@ -12,7 +12,7 @@ import keras_snapshot
 PACKAGE = os.path.dirname(keras_snapshot.__file__)
 CORE = {
     "_checks",
-    "_fit",
+    "_keras_compat",
     "_tensorboard",
     "_distribution",
     "_io",

@@ -19,6 +19,7 @@ from helpers import saved_steps
 
 import keras_snapshot
 from keras_snapshot import _steps
+from keras_snapshot._keras_compat import optimizer_iterations
 
 
 def snapshot_rate(lr0, step, cycle):
@@ -37,7 +38,8 @@ class UpdateRecorder(keras.callbacks.Callback):
     def on_train_batch_end(self, batch, logs=None):
         self.batches += 1
         optimizer = self.model.optimizer
-        step = int(keras.ops.convert_to_numpy(optimizer.iterations))
+        # Updates applied (Keras 3.8's LossScaleOptimizer counts inside).
+        step = optimizer_iterations(optimizer)
         self.weights[step] = [w.copy() for w in self.model.get_weights()]
         rate = float(keras.ops.convert_to_numpy(optimizer.learning_rate))
         self.rates.setdefault(step, set()).add(round(rate, 7))

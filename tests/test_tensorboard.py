@@ -62,7 +62,9 @@ def fit_with_snapshots(
         "sparse_categorical_crossentropy",
         steps_per_execution=steps_per_execution,
     )
-    checkpoint = keras_snapshot.SnapshotCheckpoint(tmp_path / "s", verbose=0)
+    checkpoint = keras_snapshot.SnapshotCheckpoint(
+        tmp_path / "s", log_dir=tmp_path / "logs", verbose=0
+    )
     tensorboard = board(tmp_path / "logs", **board_kwargs)
     # The TensorBoard first: its hooks run before ours.
     callbacks = (
@@ -132,7 +134,12 @@ def test_freezeout_logs_each_groups_rate_and_the_freezes(tmp_path):
     model = make_model(batchnorm=False)
     model.compile(keras.optimizers.SGD(0.1), "sparse_categorical_crossentropy")
     freeze = keras_snapshot.FreezeOut(
-        t0=0.5, scaling="linear", scale_lr=False, groups=2, verbose=0
+        t0=0.5,
+        scaling="linear",
+        scale_lr=False,
+        groups=2,
+        log_dir=tmp_path / "logs",
+        verbose=0,
     )
     model.fit(
         x,
@@ -160,7 +167,9 @@ def test_weight_averaging_logs_the_number_averaged(tmp_path):
     x, y = make_data(n=64)
     model = make_model()
     model.compile(keras.optimizers.SGD(0.1), "sparse_categorical_crossentropy")
-    ema = keras_snapshot.WeightAveraging(mode="ema", decay=0.9, verbose=0)
+    ema = keras_snapshot.WeightAveraging(
+        mode="ema", decay=0.9, log_dir=tmp_path / "logs", verbose=0
+    )
     model.fit(
         x,
         y,
@@ -173,7 +182,8 @@ def test_weight_averaging_logs_the_number_averaged(tmp_path):
     assert events["num_averaged"] == {4: 4.0, 8: 8.0, 12: 12.0}
 
 
-def test_without_tensorboard_nothing_is_logged(tmp_path):
+def test_without_log_dir_nothing_is_logged(tmp_path):
+    # A TensorBoard in the fit, but no `log_dir`: Keras's scalars only.
     x, y = make_data(n=32)
     model = make_model()
     model.compile(
@@ -181,9 +191,24 @@ def test_without_tensorboard_nothing_is_logged(tmp_path):
         "sparse_categorical_crossentropy",
     )
     checkpoint = keras_snapshot.SnapshotCheckpoint(tmp_path / "s", verbose=0)
-    model.fit(x, y, batch_size=16, epochs=2, verbose=0, callbacks=[checkpoint])
+    model.fit(
+        x,
+        y,
+        batch_size=16,
+        epochs=2,
+        verbose=0,
+        callbacks=[checkpoint, board(tmp_path / "logs")],
+    )
     assert not checkpoint._tensorboard.active
-    assert sorted(os.listdir(tmp_path)) == ["s"]
+    assert sorted(os.listdir(tmp_path)) == ["logs", "s"]
+    assert "learning_rate" not in read_events(tmp_path / "logs")
+    assert "epoch_loss" in read_events(tmp_path / "logs")
+
+
+@pytest.mark.parametrize("log_dir", [3, "", ["logs"]])
+def test_a_log_dir_that_is_not_a_folder_is_refused(log_dir):
+    with pytest.raises(TypeError, match=r"Received: log_dir="):
+        keras_snapshot.SnapshotCheckpoint("s", log_dir=log_dir)
 
 
 def test_events_are_kept_when_update_freq_skips_the_epoch_end(tmp_path):
@@ -217,7 +242,11 @@ def test_validation_scalars_are_the_averaged_models(tmp_path):
     model = make_model(batchnorm=False)
     model.compile(keras.optimizers.SGD(0.1), "sparse_categorical_crossentropy")
     ema = keras_snapshot.WeightAveraging(
-        mode="ema", decay=0.9, validate_with_average=True, verbose=0
+        mode="ema",
+        decay=0.9,
+        validate_with_average=True,
+        log_dir=tmp_path / "logs",
+        verbose=0,
     )
     model.fit(
         x,

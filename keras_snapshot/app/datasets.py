@@ -458,8 +458,42 @@ def _prepare_tfds(builder, name, download):
     builder.download_and_prepare()
 
 
+def _import_tfds(name):
+    """tensorflow_datasets, or a one-line ImportError naming the dataset.
+
+    It is an optional dependency (the `tensorflow`, `tensorflow-cpu` and
+    `datasets` extras, setup.py): only the tensorflow-datasets names need
+    it. The command it suggests names the installed TensorFlow with its
+    version: tensorflow-datasets pulls protobuf 6.33+, and pip would
+    upgrade protobuf under a TensorFlow 2.18-2.19 it was not asked to keep.
+    """
+    try:
+        import tensorflow_datasets as tfds
+    except ImportError:
+        command = "pip install tensorflow-datasets importlib_resources"
+        extra = "tensorflow"
+        try:
+            import importlib.metadata as metadata
+            import re
+
+            (dist,) = metadata.packages_distributions()["tensorflow"]
+            version = metadata.version(dist)
+            dist = re.sub(r"[-_.]+", "-", dist).lower()
+            command += f' "{dist}=={version}"'
+            extra = dist if dist in ("tensorflow", "tensorflow-cpu") else None
+        except Exception:  # No TensorFlow, or several: name none.
+            pass
+        checkout = f' (or, in a checkout, `pip install -e ".[{extra}]"`)'
+        raise ImportError(
+            f"The dataset {name!r} is a tensorflow-datasets dataset, which "
+            f"is not installed. Install it with `{command}`"
+            f"{checkout if extra else ''}. Received: name={name!r}."
+        ) from None
+    return tfds
+
+
 def _tfds_builder(name, data_dir):
-    import tensorflow_datasets as tfds
+    tfds = _import_tfds(name)
 
     try:
         return tfds.builder(name, data_dir=data_dir)
@@ -483,8 +517,7 @@ def _open_tfds(name, data_dir, fraction, seed, download):
     order and shuffled in a buffer of at most `_SHUFFLE_BUFFER` encoded
     images.
     """
-    import tensorflow_datasets as tfds
-
+    tfds = _import_tfds(name)
     builder = _tfds_builder(name, data_dir)
     keys = _image_label_keys(tfds, builder.info, name)
     _prepare_tfds(builder, name, download)

@@ -28,6 +28,7 @@ import time
 import keras
 
 from keras_snapshot import _fs
+from keras_snapshot._steps import optimizer_updates
 from keras_snapshot.app import distribute
 from keras_snapshot.app import run as run_lib
 from keras_snapshot.app.models import MODELS
@@ -270,9 +271,7 @@ class StopOnDivergence(keras.callbacks.Callback):
     def on_epoch_end(self, epoch, logs=None):
         loss = (logs or {}).get("loss")
         if loss is not None and not math.isfinite(float(loss)):
-            step = int(
-                keras.ops.convert_to_numpy(self.model.optimizer.iterations)
-            )
+            step = optimizer_updates(self.model)
             raise run_lib.UsageError(
                 f"training diverged: the loss is {float(loss)} at step {step}."
                 " Lower --lr (or --weight-decay) and start again with "

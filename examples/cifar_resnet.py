@@ -73,6 +73,7 @@ train = make_dataset(
 )
 test = make_dataset(data.x_test, data.y_test, 500)
 snapshots = os.path.join(args.output_dir, "snapshots")
+logs = os.path.join(args.output_dir, "logs")
 model.fit(
     train,
     epochs=args.epochs,
@@ -83,8 +84,8 @@ model.fit(
         keras.callbacks.BackupAndRestore(
             os.path.join(args.output_dir, "backup")
         ),
-        keras_snapshot.SnapshotCheckpoint(snapshots),
-        keras.callbacks.TensorBoard(os.path.join(args.output_dir, "logs")),
+        keras_snapshot.SnapshotCheckpoint(snapshots, log_dir=logs),
+        keras.callbacks.TensorBoard(logs),
     ],
 )
 members = keras_snapshot.load_snapshots(snapshots)

@@ -24,11 +24,12 @@ from keras_snapshot._checks import check_positive_int
 from keras_snapshot.batchnorm import recalibrate_batchnorm
 from keras_snapshot.ensemble import declares_probabilities
 from keras_snapshot.ensemble import normalize_weights
+from keras_snapshot.loading import assign_weights
 from keras_snapshot.loading import describe
 from keras_snapshot.loading import load_members
+from keras_snapshot.loading import model_with_weights
 from keras_snapshot.weight_averaging import WeightAveraging
 from keras_snapshot.weight_averaging import is_float as _is_float
-from keras_snapshot.weight_averaging import model_with_weights
 from keras_snapshot.weight_averaging import warn_batchnorm
 
 # Keys of a layer's config that do not change what its weights mean.
@@ -347,8 +348,7 @@ def greedy_soup(
     work = model_with_weights(members[0], values[0], safe_mode, custom_objects)
 
     def score(arrays) -> float:
-        for variable, array in zip(work.weights, arrays):
-            variable.assign(array.astype(variable.dtype))
+        assign_weights(work, arrays)
         if recalibration_data is not None:
             recalibrate_batchnorm(
                 work, recalibration_data, batch_size, recalibration_steps

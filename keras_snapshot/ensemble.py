@@ -17,9 +17,9 @@ from keras_snapshot import layers
 from keras_snapshot._checks import check_positive_int
 from keras_snapshot.batchnorm import recalibrate_batchnorm
 from keras_snapshot.loading import Member
-from keras_snapshot.loading import clone_model
 from keras_snapshot.loading import describe
 from keras_snapshot.loading import load_members
+from keras_snapshot.loading import model_with_weights
 
 EXTRA_OUTPUTS = ("entropy", "mutual_information")
 # The one name of the ensemble's output: its output layer, the key of its
@@ -342,6 +342,6 @@ def build_ensemble(
 
 def _private_copy(model, safe_mode: bool, custom_objects):
     """A copy of `model` whose weights can be changed without touching it."""
-    copy = clone_model(model, safe_mode, custom_objects)
-    copy.set_weights(model.get_weights())
-    return copy
+    return model_with_weights(
+        model, model.get_weights(), safe_mode, custom_objects
+    )

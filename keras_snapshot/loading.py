@@ -20,6 +20,7 @@ import numpy as np
 from keras_snapshot import _fs
 from keras_snapshot import manifest as manifest_lib
 from keras_snapshot._checks import check_positive_int
+from keras_snapshot._keras_compat import nested_layers
 
 Member = collections.namedtuple(
     "Member", ["name", "model", "source"], defaults=[None]
@@ -364,6 +365,55 @@ def clone_model(
         custom_objects={**classes, **(custom_objects or {})},
         safe_mode=False,
     )
+
+
+def model_with_weights(
+    template, arrays: list, safe_mode=True, custom_objects=None
+):
+    """A new model of `template`'s architecture holding `arrays`.
+
+    The one rebuild path of the package (averages, soups, recalibrated
+    ensemble members): `clone_model`, then `assign_weights`, so that the
+    copy predicts as a `.keras` reload of the same weights would.
+    """
+    model = clone_model(template, safe_mode, custom_objects)
+    if len(model.weights) != len(arrays):
+        raise ValueError(
+            f"Could not rebuild {template.name!r} with clone_model: the "
+            f"clone has {len(model.weights)} variables instead of "
+            f"{len(arrays)}. Build subclassed models before averaging."
+        )
+    assign_weights(model, arrays)
+    return model
+
+
+def assign_weights(model, arrays: list) -> None:
+    """Puts `arrays` into `model.weights` as loading a `.keras` file does.
+
+    Layers that derive state from their variables (an adapted
+    `Normalization`, `Discretization`, lookups) recompute it
+    (`finalize_state`); a traced predict function, which would hold the
+    old derived state as constants, is dropped.
+
+    Example:
+
+    ```python
+    assign_weights(copy, original.get_weights())
+    ```
+    """
+    for variable, array in zip(model.weights, arrays):
+        variable.assign(np.asarray(array).astype(variable.dtype))
+    derived = [
+        layer
+        for layer in nested_layers(model)
+        if callable(getattr(layer, "finalize_state", None))
+    ]
+    for layer in derived:
+        layer.finalize_state()
+    if derived:
+        for name in ("predict_function", "test_function"):
+            if getattr(model, name, None) is not None:
+                setattr(model, name, None)
 
 
 def weights_are_finite(model) -> bool:

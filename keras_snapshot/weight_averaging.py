@@ -18,7 +18,6 @@ import os
 import warnings
 
 import keras
-import numpy as np
 from keras import ops
 
 from keras_snapshot import _fs
@@ -33,7 +32,7 @@ from keras_snapshot._tensorboard import TensorBoardLog
 from keras_snapshot._tensorboard import check_log_dir
 from keras_snapshot.batchnorm import batchnorm_layers
 from keras_snapshot.batchnorm import recalibrate_batchnorm
-from keras_snapshot.loading import clone_model
+from keras_snapshot.loading import model_with_weights
 
 MODES = ("swa", "ema")
 DEFAULT_DECAY = 0.999
@@ -45,22 +44,6 @@ _STATE_ATTRIBUTE = "keras_snapshot_{mode}_average"
 
 def is_float(variable) -> bool:
     return "float" in str(variable.dtype)
-
-
-def model_with_weights(
-    template, arrays: list, safe_mode=True, custom_objects=None
-):
-    """A new model of `template`'s architecture holding `arrays`."""
-    model = clone_model(template, safe_mode, custom_objects)
-    if len(model.weights) != len(arrays):
-        raise ValueError(
-            f"Could not rebuild {template.name!r} with clone_model: the "
-            f"clone has {len(model.weights)} variables instead of "
-            f"{len(arrays)}. Build subclassed models before averaging."
-        )
-    for variable, array in zip(model.weights, arrays):
-        variable.assign(np.asarray(array).astype(variable.dtype))
-    return model
 
 
 def warn_batchnorm(model, averaged_statistics: bool, stacklevel=3) -> None:

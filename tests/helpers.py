@@ -13,6 +13,7 @@ import keras
 import numpy as np
 
 import keras_snapshot
+from keras_snapshot._keras_compat import optimizer_iterations
 
 
 def make_data(n=96, features=8, classes=3, seed=0):
@@ -85,9 +86,9 @@ def saved_steps(directory):
     for name in sorted(os.listdir(directory)):
         if name.endswith(".keras"):
             model = keras.saving.load_model(os.path.join(directory, name))
-            steps.append(
-                int(keras.ops.convert_to_numpy(model.optimizer.iterations))
-            )
+            # The inner count under loss scaling (Keras 3.8 keeps the
+            # LossScaleOptimizer's own at 0).
+            steps.append(optimizer_iterations(model.optimizer))
     return steps
 
 

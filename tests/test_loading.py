@@ -214,3 +214,97 @@ def test_every_loader_refuses_bad_loading_keywords(
 ):
     with pytest.raises(error, match=match):
         LOADERS[loader](snapshot_run[0], **kwargs)
+
+
+# Every path that rebuilds a model predicts as the original ------------------
+
+
+def model_with_state(x):
+    """Adapted Normalization (derived state), Dropout, BatchNorm inside a
+    nested model, integer variables (Normalization's count)."""
+    keras.utils.set_random_seed(0)
+    norm = keras.layers.Normalization()
+    norm.adapt(x)
+    block = keras.Sequential(
+        [
+            keras.Input((x.shape[1],)),
+            keras.layers.Dense(16),
+            keras.layers.BatchNormalization(),
+            keras.layers.Activation("relu"),
+        ],
+        name="block",
+    )
+    model = keras.Sequential(
+        [
+            keras.Input((x.shape[1],)),
+            norm,
+            block,
+            keras.layers.Dropout(0.5),
+            keras.layers.Dense(3, activation="softmax"),
+        ]
+    )
+    model.compile("sgd", "sparse_categorical_crossentropy")
+    y = np.arange(len(x)) % 3
+    model.fit(x, y, epochs=2, batch_size=16, verbose=0)
+    return model, y
+
+
+@pytest.fixture(scope="module")
+def stateful():
+    x = np.random.default_rng(0).normal(50, 20, size=(64, 8))
+    x = x.astype("float32")
+    model, y = model_with_state(x)
+    return model, x, y, model.predict(x, verbose=0)
+
+
+def test_model_with_weights_predicts_as_the_original(stateful):
+    from keras_snapshot.loading import model_with_weights
+
+    model, x, _, expected = stateful
+    copy = model_with_weights(model, model.get_weights())
+    np.testing.assert_allclose(copy.predict(x, verbose=0), expected, atol=1e-6)
+
+
+def test_averages_and_soups_of_one_model_predict_as_the_model(stateful):
+    model, x, y, expected = stateful
+    averaged = keras_snapshot.average_weights([model, model])
+    np.testing.assert_allclose(
+        averaged.predict(x, verbose=0), expected, atol=1e-6
+    )
+    soup, kept = keras_snapshot.greedy_soup(
+        [model, model], (x, y), metric="nll"
+    )
+    assert kept == [0, 1]
+    np.testing.assert_allclose(soup.predict(x, verbose=0), expected, atol=1e-6)
+
+
+def test_a_recalibrated_ensemble_member_predicts_as_its_reload(
+    stateful, tmp_path
+):
+    model, x, _, _ = stateful
+    path = str(tmp_path / "member.keras")
+    model.save(path)
+    reloaded = keras.saving.load_model(path)
+    keras_snapshot.recalibrate_batchnorm(reloaded, x)
+    expected = reloaded.predict(x, verbose=0)
+    ensemble = keras_snapshot.build_ensemble([path], recalibration_data=x)
+    np.testing.assert_allclose(
+        ensemble.predict(x, verbose=0), expected, atol=1e-5
+    )
+
+
+def test_the_running_average_of_one_model_predicts_as_the_model():
+    x = np.random.default_rng(1).normal(50, 20, size=(64, 8))
+    x = x.astype("float32")
+    model, y = model_with_state(x)
+    # 4 updates an epoch, 8 done: the average holds the final step only.
+    swa = keras_snapshot.WeightAveraging(
+        mode="swa", start_step=16, every_steps=16, verbose=0
+    )
+    model.fit(x, y, epochs=2, batch_size=16, verbose=0, callbacks=[swa])
+    assert swa.num_averaged == 1
+    np.testing.assert_allclose(
+        swa.averaged_model().predict(x, verbose=0),
+        model.predict(x, verbose=0),
+        atol=1e-6,
+    )

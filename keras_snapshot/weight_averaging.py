@@ -15,7 +15,9 @@ restores it with the weights; BatchNorm recalibration stays apart
 import contextlib
 import json
 import os
+import random
 import warnings
+import weakref
 
 import keras
 from keras import ops
@@ -27,6 +29,7 @@ from keras_snapshot._io import print_msg
 from keras_snapshot._keras_compat import innermost_optimizer
 from keras_snapshot._keras_compat import model_checkpoint_best
 from keras_snapshot._steps import StepTracker
+from keras_snapshot._steps import join_fit
 from keras_snapshot._steps import optimizer_updates
 from keras_snapshot._tensorboard import TensorBoardLog
 from keras_snapshot._tensorboard import check_log_dir
@@ -40,10 +43,26 @@ DEFAULT_DECAY = 0.999
 # `model.save_weights` (so `BackupAndRestore`) saves the optimizer's
 # attributes that are Keras objects, and a fresh model ignores the entry.
 _STATE_ATTRIBUTE = "keras_snapshot_{mode}_average"
+# The callback that keeps each state's average (a state left by another
+# callback, e.g. of an earlier fit, starts a new average).
+_OWNERS = weakref.WeakKeyDictionary()
 
 
 def is_float(variable) -> bool:
     return "float" in str(variable.dtype)
+
+
+def _check_writable(path: str, label: str) -> None:
+    """Refuses, before training, a `filepath` that cannot be written."""
+    try:
+        _fs.write_bytes(f"{path}.write-check", b"")
+        _fs.remove(f"{path}.write-check")
+    except OSError as e:
+        raise OSError(
+            f"{label} cannot write its averaged model to {path}: "
+            f"{e.strerror or e}. Pass a `filepath` in a writable folder. "
+            f"Received: filepath={path!r}."
+        ) from None
 
 
 def warn_batchnorm(model, averaged_statistics: bool, stacklevel=3) -> None:
@@ -93,7 +112,9 @@ class _AverageState(keras.layers.Layer):
     """The running average and its bookkeeping, as Keras variables.
 
     `count` (models in the average), `step` (the optimizer step of the last
-    update, -1 before any) and `epochs` (epochs done at the last update).
+    update, -1 before any), `epochs` (epochs done at the last update) and
+    `run` (a random number drawn when the average begins: it tells a run
+    resumed by `BackupAndRestore` from another run on the same files).
     It is set as an attribute of the optimizer, which does not list it in
     `optimizer.variables`, so neither the model's nor the optimizer's
     weight list changes, yet `model.save_weights` saves it.
@@ -115,6 +136,15 @@ class _AverageState(keras.layers.Layer):
         self.count = self._scalar("count", 0)
         self.step = self._scalar("step", -1)
         self.epochs = self._scalar("epochs", 0)
+        self.run = self._scalar("run", 0)
+
+    def begin(self) -> None:
+        """Starts a new, empty average with a new run number."""
+        self.write(0, -1, 0)
+        self.run.assign(random.SystemRandom().randrange(1, 2**31 - 1))
+
+    def run_number(self) -> int:
+        return int(ops.convert_to_numpy(self.run))
 
     def _scalar(self, name, value):
         return self.add_weight(
@@ -306,6 +336,7 @@ class WeightAveraging(keras.callbacks.Callback):
         self._update_fn = None
         self._resumed = False
         self._training = False
+        self._epoch_open = False
         self._swapped = None  # The trained values while validating.
         # ((count, last step), BatchNorm statistics) of the last
         # recalibration of the average.
@@ -394,6 +425,21 @@ class WeightAveraging(keras.callbacks.Callback):
         # state to restore whatever the order of the callbacks.
         self._attach_state(model)
 
+    def set_params(self, params):
+        super().set_params(params)
+        join_fit(self)
+
+    def check_fit_peer(self, other) -> None:
+        """Refuses a second averaging callback of the same mode in the fit:
+        both would keep one state (`_steps.join_fit` calls it)."""
+        if isinstance(other, WeightAveraging) and other.mode == self.mode:
+            raise ValueError(
+                f"One fit can run one {self.mode.upper()} average: two "
+                f"WeightAveraging(mode={self.mode!r}) callbacks would keep "
+                "the same state. Pass one. Received: callbacks=["
+                f"{self._label}, {other._label}]"
+            )
+
     def _attach_state(self, model) -> None:
         optimizer = getattr(model, "optimizer", None)
         if optimizer is None or not model.built:
@@ -410,6 +456,20 @@ class WeightAveraging(keras.callbacks.Callback):
             else:
                 state = _AverageState(variables, name=name)
             setattr(optimizer, name, state)
+            state.begin()
+        elif _OWNERS.get(state, lambda: None)() is not self:
+            # Left by another callback (an earlier fit): a new average.
+            # BackupAndRestore, which runs later, restores a saved one.
+            count = state.read()[0]
+            if count and self.verbose:
+                print_msg(
+                    f"{self._label}: the model holds an average of {count} "
+                    "models kept by another callback; starting a new "
+                    "average (pass the same callback to `fit` to continue "
+                    "one)."
+                )
+            state.begin()
+        _OWNERS[state] = weakref.ref(self)
         self._state = state
         self._pairs = list(zip(variables, state.average))
         self._update_fn = None
@@ -605,14 +665,18 @@ class WeightAveraging(keras.callbacks.Callback):
                 f"{self._label}(mode='ema', validate_with_average=True). "
                 "Received: use_ema=True."
             )
+        if self.filepath is not None:
+            _check_writable(self.filepath, self._label)
         self._resumed = False
         self._training = True
+        self._epoch_open = False
         self._recalibrated = None
         self._steps.attach()
         self._tensorboard.open(self.log_dir, self.model)
 
     def on_epoch_begin(self, epoch, logs=None):
         self._epoch = epoch
+        self._epoch_open = True
         step = self._steps.epoch_begin()
         if not self._resumed:
             # After every on_train_begin: BackupAndRestore has restored.
@@ -627,6 +691,7 @@ class WeightAveraging(keras.callbacks.Callback):
 
     def on_test_begin(self, logs=None):
         if self._training and self.validate_with_average:
+            self._end_epoch()  # Validation in `fit` follows the last batch.
             self._swap_in_average()
 
     def on_test_end(self, logs=None):
@@ -637,9 +702,9 @@ class WeightAveraging(keras.callbacks.Callback):
         """A context in which the model holds the averaged weights.
 
         Recalibrated when `recalibration_data` is set; the trained weights
-        are put back on exit. During `fit`, the update due at the end of the
-        current epoch is taken first. Before anything is averaged the model
-        keeps its trained weights.
+        are put back on exit. In the middle of an epoch it holds the average
+        as of the last update (no update is added). Before anything is
+        averaged the model keeps its trained weights.
 
         Example:
 
@@ -658,8 +723,6 @@ class WeightAveraging(keras.callbacks.Callback):
     def _swap_in_average(self) -> bool:
         """Keeps the trained values and puts the average into the model;
         returns whether it did."""
-        if self._training:
-            self._catch_up(self._epoch)
         if self._count == 0 or self._swapped is not None:
             return False  # Nothing averaged yet, or already swapped in.
         self._swapped = [ops.copy(v.value) for v in self.model.weights]
@@ -696,8 +759,16 @@ class WeightAveraging(keras.callbacks.Callback):
                 stacklevel=3,
             )
 
+    def _end_epoch(self) -> None:
+        """Takes the update due after the epoch's last batch, once per epoch
+        (validation, an `AveragedModelCheckpoint` and `on_epoch_end` may
+        each ask, in any order)."""
+        if self._training and self._epoch_open:
+            self._epoch_open = False
+            self._catch_up(self._epoch)
+
     def on_epoch_end(self, epoch, logs=None):
-        self._catch_up(epoch)
+        self._end_epoch()
         self._epochs_done = epoch + 1
         self._log_count()
 
@@ -732,11 +803,19 @@ class WeightAveraging(keras.callbacks.Callback):
         if self.filepath is not None:
             self._save_averaged(self.averaged_model())
         if self.set_weights_at_end:
+            # At this callback's `on_train_end`: a callback listed after it
+            # that also sets weights there (EarlyStopping(
+            # restore_best_weights=True)) has the last word.
             for variable, average in self._pairs:
                 _assign_copy(variable, average.value)
             self._recalibrate(self.model)
             if self.recalibration_data is None:
                 warn_batchnorm(self.model, self.average_batchnorm)
+            if self.verbose:
+                print_msg(
+                    f"{self._label}: put the average of {self._count} "
+                    "models into the model."
+                )
 
     def _save_averaged(self, model) -> None:
         with _fs.atomic_write(self.filepath) as local_path:
@@ -912,18 +991,27 @@ class AveragedModelCheckpoint(keras.callbacks.ModelCheckpoint):
         if step == 0:
             return  # A new run: its own best.
         record = json.loads(_fs.read_text(path))
-        if record.get("monitor") != self.monitor:
+        run = self.averaging._state.run_number()
+        if (
+            record.get("monitor") != self.monitor
+            or record.get("run") != run
+            or record.get("step", step + 1) > step
+        ):
+            print_msg(
+                f"AveragedModelCheckpoint: {path} was written by another "
+                "run; this run keeps its own best."
+            )
             return
         self.best = record["best"]
-        if self.verbose:
-            print_msg(
-                f"AveragedModelCheckpoint: resumed at step {step}; the best "
-                f"{self.monitor} so far is {self.best:.5f} (epoch "
-                f"{record.get('epoch')}, {self.filepath})."
-            )
+        print_msg(
+            f"AveragedModelCheckpoint: resumed at step {step}; the best "
+            f"{self.monitor} so far is {self.best:.5f} (epoch "
+            f"{record.get('epoch')}, step {record['step']}, {self.filepath})."
+        )
 
     def on_epoch_end(self, epoch, logs=None):
         best = self.best
+        self.averaging._end_epoch()  # Whatever the callbacks' order.
         with self.averaging.average_in_model():
             super().on_epoch_end(epoch, logs)
         path = self.best_record_path
@@ -935,5 +1023,6 @@ class AveragedModelCheckpoint(keras.callbacks.ModelCheckpoint):
                     "best": float(self.best),
                     "epoch": epoch + 1,
                     "step": optimizer_updates(self.model),
+                    "run": self.averaging._state.run_number(),
                 },
             )

@@ -360,12 +360,9 @@ def test_averaged_checkpoint_keeps_its_best_across_a_resume(tmp_path):
         fit_with(averaging, epochs=4, callbacks=first)
     kept = numpy_weights(keras.saving.load_model(path))
     with open(f"{path}.best.json") as f:
-        assert json.load(f) == {
-            "monitor": "score",
-            "best": 1.0,
-            "epoch": 2,
-            "step": 12,
-        }
+        record = json.load(f)
+    assert record.pop("run") == averaging._state.run_number() > 0
+    assert record == {"monitor": "score", "best": 1.0, "epoch": 2, "step": 12}
     averaging, resumed = callbacks()
     fit_with(averaging, epochs=4, callbacks=resumed)
     assert resumed[2].best == 1.0
@@ -377,6 +374,144 @@ def test_averaged_checkpoint_keeps_its_best_across_a_resume(tmp_path):
     assert fresh[2].best == 3.0
     with open(f"{path}.best.json") as f:
         assert json.load(f)["epoch"] == 1
+
+
+def test_a_best_record_of_another_run_is_not_used(tmp_path, capsys):
+    """A model trained on (step > 0) by new callbacks is another run: the
+    best score the first run left beside the file does not hold it back."""
+    path = str(tmp_path / "best.keras")
+
+    def checkpoint(averaging):
+        return AveragedModelCheckpoint(
+            averaging, path, monitor="score", mode="min", save_best_only=True
+        )
+
+    first = WeightAveraging(mode="ema", decay=0.7, verbose=0)
+    model, _, _ = fit_with(
+        first, epochs=2, callbacks=[Scores([1.0, 0.5]), checkpoint(first)]
+    )
+    second = WeightAveraging(
+        mode="ema", decay=0.7, start_step=13, every_steps=1, verbose=0
+    )
+    best = checkpoint(second)
+    x, y = make_data(n=48)
+    model.fit(
+        x,
+        y,
+        batch_size=8,
+        epochs=2,
+        verbose=0,
+        callbacks=[second, Scores([2.0, 3.0]), best],
+    )
+    assert best.best == 2.0
+    with open(f"{path}.best.json") as f:
+        record = json.load(f)
+    assert record["best"] == 2.0 and record["step"] == 18
+    assert record["run"] == second._state.run_number() != 0
+    assert "written by another run" in capsys.readouterr().out
+
+
+def test_two_averages_of_one_mode_in_a_fit_are_refused():
+    with pytest.raises(ValueError, match=r"one SWA average.*Received: callb"):
+        fit_with(
+            WeightAveraging(start_epoch=1, verbose=0),
+            callbacks=[WeightAveraging(start_epoch=2, verbose=0)],
+        )
+    swa = WeightAveraging(mode="swa", start_epoch=1, verbose=0)
+    ema = WeightAveraging(mode="ema", verbose=0)
+    fit_with(swa, callbacks=[ema])  # One of each mode: each its own.
+    assert (swa.num_averaged, ema.num_averaged) == (3, 18)
+
+
+def test_a_new_callback_starts_a_new_average_and_says_so(capsys):
+    first = WeightAveraging(mode="swa", start_epoch=1, verbose=0)
+    model, _, _ = fit_with(first, epochs=2)
+    assert first.num_averaged == 2
+    x, y = make_data(n=48)
+    second = WeightAveraging(mode="swa", start_epoch=1)
+    model.fit(x, y, batch_size=8, epochs=2, verbose=0, callbacks=[second])
+    assert second.num_averaged == 2  # Not 4: the first one's is not its.
+    assert "starting a new average" in capsys.readouterr().out
+    # The same callback in a later fit continues its own average.
+    model.fit(
+        x,
+        y,
+        batch_size=8,
+        initial_epoch=2,
+        epochs=4,
+        verbose=0,
+        callbacks=[second],
+    )
+    assert second.num_averaged == 4
+
+
+def test_average_in_model_in_the_middle_of_an_epoch_adds_no_update():
+    swa = WeightAveraging(mode="swa", start_epoch=1, verbose=0)
+    peeked = []
+
+    class Peek(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            with swa.average_in_model():
+                peeked.append(swa.num_averaged)
+
+    _, recorder, _ = fit_with(swa, epochs=3, callbacks=[Peek()])
+    assert swa.num_averaged == 3  # One per epoch, not one per peek.
+    assert peeked == [0] * 6 + [1] * 6 + [2] * 6
+    expected = numpy_average("swa", [recorder.by_step[s] for s in (6, 12, 18)])[
+        -1
+    ]
+    for got, want in zip(swa.averaged_weights(), expected):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("averaging_last", [True, False])
+def test_set_weights_at_end_and_early_stopping_the_last_listed_wins(
+    averaging_last,
+):
+    """Both set the weights in `on_train_end`; Keras runs the hooks in
+    list order, so the callback listed last decides (docs/averaging.md)."""
+    swa = WeightAveraging(
+        mode="swa", start_epoch=1, set_weights_at_end=True, verbose=0
+    )
+    stop = keras.callbacks.EarlyStopping(
+        "score", mode="min", patience=5, restore_best_weights=True
+    )
+    recorder = Recorder(swa)
+    keras.utils.set_random_seed(0)
+    x, y = make_data(n=48)
+    model = make_model(batchnorm=False)
+    model.compile(keras.optimizers.SGD(0.05, momentum=0.9), "mse")
+    model.fit(
+        x,
+        keras.utils.to_categorical(y, 3),
+        batch_size=8,
+        epochs=3,
+        shuffle=False,
+        verbose=0,
+        callbacks=[
+            recorder,
+            Scores([1.0, 2.0, 3.0]),  # Best at epoch 1 (step 6).
+            *([stop, swa] if averaging_last else [swa, stop]),
+        ],
+    )
+    expected = swa.averaged_weights() if averaging_last else recorder.by_step[6]
+    for got, want in zip(numpy_weights(model), expected):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    assert not np.allclose(swa.averaged_weights()[0], recorder.by_step[6][0])
+
+
+def test_a_filepath_that_cannot_be_written_is_refused_before_training(
+    tmp_path,
+):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    swa = WeightAveraging(
+        mode="swa", start_epoch=1, filepath=str(blocker / "swa.keras")
+    )
+    with pytest.raises(OSError, match=r"Received: filepath=") as info:
+        fit_with(swa)
+    assert len(str(info.value).splitlines()) == 1
+    assert swa.model.optimizer.iterations.numpy() == 0
 
 
 def test_averaged_checkpoint_refuses_what_it_cannot_do(tmp_path):

@@ -244,3 +244,42 @@ def resolve_steps_per_epoch(steps_per_epoch) -> int:
         "Pass the number of batches per epoch, or the finite "
         "`tf.data.Dataset` of batches you pass to `model.fit`.",
     )
+
+
+def check_labels(y, num_examples: int, num_classes: int, name: str = "y"):
+    """Validates labels against (n, k) and returns integer labels (n,)."""
+    arr = np.asarray(y)
+    expected = (
+        f"`{name}` must hold integer labels of shape ({num_examples},) or "
+        f"({num_examples}, 1), or one-hot labels of shape "
+        f"({num_examples}, {num_classes}), to match the predictions' shape "
+        f"({num_examples}, {num_classes})."
+    )
+    if arr.dtype.kind not in "biuf":
+        raise ValueError(f"{expected} Received: {name}.dtype={arr.dtype}.")
+    if arr.shape == (num_examples, num_classes):
+        if not (
+            np.all((arr == 0) | (arr == 1)) and np.all(arr.sum(axis=1) == 1)
+        ):
+            raise ValueError(
+                f"{expected} Received a {name} of shape {arr.shape} whose "
+                "rows are not one-hot (exactly one 1, zeros elsewhere). "
+                "Pass integer class labels or one-hot rows."
+            )
+        return np.argmax(arr, axis=1)
+    if arr.shape == (num_examples, 1):
+        arr = arr[:, 0]
+    if arr.shape != (num_examples,):
+        raise ValueError(f"{expected} Received: {name}.shape={arr.shape}.")
+    if arr.dtype.kind == "f" and not np.all(arr == np.round(arr)):
+        raise ValueError(
+            f"{expected} Received non-integer values in `{name}`, e.g. "
+            f"{arr[arr != np.round(arr)][0]!r}."
+        )
+    if arr.min() < 0 or arr.max() >= num_classes:
+        raise ValueError(
+            f"Labels in `{name}` must be between 0 and {num_classes - 1} "
+            f"(num_classes={num_classes}). Received: min={arr.min()}, "
+            f"max={arr.max()}."
+        )
+    return arr.astype(np.int64)

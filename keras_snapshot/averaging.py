@@ -14,12 +14,14 @@ BatchNorm recalibration to `recalibrate_batchnorm`, as PyTorch keeps
 """
 
 import json
+import math
 import os
 import warnings
 
 import numpy as np
 from keras import ops
 
+from keras_snapshot._checks import check_labels
 from keras_snapshot._checks import check_positive_int
 from keras_snapshot.batchnorm import recalibrate_batchnorm
 from keras_snapshot.ensemble import declares_probabilities
@@ -339,7 +341,6 @@ def greedy_soup(
             )
         from_logits = not declared
     x_val, y_val = validation_data
-    labels = np.asarray(y_val).reshape(-1).astype(np.int64)
     values = [
         [ops.convert_to_numpy(v).astype(np.float64) for v in m.weights]
         for m in members
@@ -354,10 +355,21 @@ def greedy_soup(
                 work, recalibration_data, batch_size, recalibration_steps
             )
         probs = _probabilities(work, x_val, batch_size, from_logits)
+        if not np.all(np.isfinite(probs)):
+            return math.nan  # Ranks last, never kept.
+        labels = check_labels(y_val, *probs.shape, name="y_val")
         return _soup_score(probs, labels, metric)
 
     own = [score(v) for v in values]
-    order = sorted(range(len(members)), key=lambda i: -own[i])
+    order = sorted(
+        range(len(members)), key=lambda i: (math.isnan(own[i]), -own[i])
+    )
+    if math.isnan(own[order[0]]):
+        raise ValueError(
+            "greedy_soup: every member predicts non-finite values (NaN or "
+            "inf) on `validation_data`, so none can be scored. Received: "
+            f"{len(members)} members, all non-finite."
+        )
     kept = [order[0]]
     soup, best = values[order[0]], own[order[0]]
     for i in order[1:]:

@@ -837,3 +837,38 @@ def main():
 
 if __name__ == "__main__":
     main()
+
+
+def overflowing(member):
+    """Finite weights whose predictions overflow to NaN."""
+    copy = keras.models.clone_model(member)
+    copy.set_weights([w * 1e30 for w in member.get_weights()])
+    return copy
+
+
+@pytest.mark.parametrize("metric", ["accuracy", "nll"])
+def test_greedy_soup_never_keeps_a_member_that_predicts_nan(metric):
+    members, (x_val, y_val) = soup_members()
+    bad = overflowing(members[0])
+    assert np.isnan(bad.predict(x_val, verbose=0)).any()
+    soup, kept = greedy_soup(
+        [bad, members[0], members[2]], (x_val, y_val), metric=metric
+    )
+    assert 0 not in kept
+    assert np.all(np.isfinite(soup.predict(x_val, verbose=0)))
+    with pytest.raises(ValueError, match="every member predicts non-finite"):
+        greedy_soup([bad, overflowing(members[2])], (x_val, y_val))
+
+
+def test_greedy_soup_labels_one_hot_or_refused_in_one_line():
+    members, (x_val, y_val) = soup_members()
+    _, kept = greedy_soup(members, (x_val, y_val))
+    one_hot = keras.utils.to_categorical(y_val, 3)
+    assert greedy_soup(members, (x_val, one_hot))[1] == kept
+    for bad, match in [
+        (np.where(y_val == 2, 7, y_val), r"between 0 and 2.*max=7"),
+        (one_hot[:, :2], r"shape=\(64, 2\)"),
+    ]:
+        with pytest.raises(ValueError, match=match) as info:
+            greedy_soup(members, (x_val, bad))
+        assert len(str(info.value).splitlines()) == 1

@@ -401,13 +401,39 @@ class FitState:
             self.guarded[name] = vars(model).get(name)
             method = getattr(model, name)
 
-            def guarded(*args, _method=method, **kwargs):
+            def guarded(*args, _method=method, _name=name, **kwargs):
                 self.ended()
-                return _method(*args, **kwargs)
+                result = _method(*args, **kwargs)
+                if _name == "make_train_function" and not self.restored:
+                    self._guard_train_function()
+                return result
 
             guarded.freezeout = True
             guarded.freezeout_state = self
             setattr(model, name, guarded)
+
+    def _guard_train_function(self) -> None:
+        """Wraps `model.train_function` (which `fit` reads at every step) so
+        that an exception inside a step (an error, a `KeyboardInterrupt`)
+        undoes the changes at once, before it leaves `fit`. The end of a
+        dataset of unknown length (`StopIteration`, `OutOfRangeError`),
+        which Keras catches to end the epoch, is let through."""
+        step = self.model.train_function
+        if step is None or getattr(step, "freezeout", False):
+            return
+
+        def guarded_step(*args, **kwargs):
+            try:
+                return step(*args, **kwargs)
+            except StopIteration:
+                raise
+            except BaseException as e:
+                if type(e).__name__ != "OutOfRangeError":
+                    self.restore()
+                raise
+
+        guarded_step.freezeout = True
+        self.model.train_function = guarded_step
 
     def restore(self) -> None:
         """Puts the model and the optimizer back as they were."""

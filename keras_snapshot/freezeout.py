@@ -54,8 +54,10 @@ Design (why a callback that attaches to the optimizer, and nothing else):
   `StepTracker` reads the step again only once the next freeze may be due:
   no device sync per batch.
 - Whatever ends `fit`: Keras calls `on_train_end` only when `fit` returns.
-  The changes of a `fit` ended by an exception or `KeyboardInterrupt` are
-  undone by the next use of the model or optimizer (`_keras_compat.FitState`):
+  An exception or `KeyboardInterrupt` inside a training step undoes the
+  changes at once (the train function is wrapped). One raised elsewhere
+  (by another callback) leaves them until the next use of the model or
+  optimizer (`_keras_compat.FitState`):
   the model's `make_train_function` (every `fit` and `train_on_batch`) and
   `get_config` (`model.save`) are wrapped for that while FreezeOut trains,
   and a `fit` has ended when its frame has left the call stack.

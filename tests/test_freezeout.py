@@ -831,6 +831,61 @@ def test_a_fit_ended_by_an_exception_saves_and_trains_as_before(
     assert_as_it_was(model)
 
 
+class RaiseInStep(keras.layers.Layer):
+    """Raises `error` in the forward pass of training step `calls` (the
+    model runs eagerly): an error or a Ctrl-C inside a step."""
+
+    def __init__(self, error, calls, **kwargs):
+        super().__init__(**kwargs)
+        self.error, self.calls, self.seen = error, calls, 0
+
+    def call(self, inputs, training=None):
+        if training:
+            self.seen += 1
+            if self.seen == self.calls:
+                raise self.error
+        return inputs
+
+
+@pytest.mark.parametrize(
+    "error", [RuntimeError("out of memory"), KeyboardInterrupt()]
+)
+def test_an_exception_inside_a_step_restores_the_model_at_once(error):
+    """What a custom GradientTape loop or clone_model reads right after the
+    exception: every layer trainable, no wrapper left."""
+    keras.utils.set_random_seed(0)
+    x, y = make_data()
+    model = keras.Sequential(
+        [
+            keras.Input((8,)),
+            RaiseInStep(error, calls=15),  # Step 14; group 0 froze at 12.
+            keras.layers.Dense(8, activation="relu"),
+            keras.layers.Dense(8, activation="relu"),
+            keras.layers.Dense(3, activation="softmax"),
+        ]
+    )
+    model.compile(
+        OPTIMIZERS["sgd"](), "sparse_categorical_crossentropy", run_eagerly=True
+    )
+    freeze = FreezeOut(t0=0.5, scaling="linear", verbose=0)
+    with pytest.raises(type(error)):
+        model.fit(
+            x,
+            y,
+            batch_size=BATCH,
+            epochs=4,
+            shuffle=False,
+            verbose=0,
+            callbacks=[freeze],
+        )
+    assert freeze.freeze_events == [(12, [0])]
+    assert all(layer.trainable for layer in model.layers)
+    assert len(model.trainable_variables) == 6
+    assert all(layer.get_config()["trainable"] for layer in model.layers[1:])
+    assert freezeout_markers(model) == []
+    assert freezeout_markers(model.optimizer) == []
+
+
 @pytest.mark.parametrize("thread", [False, True])
 def test_a_plain_fit_after_an_interrupted_one_trains_every_layer(thread):
     model, x, y = interrupted_fit(KeyboardInterrupt())

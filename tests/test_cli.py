@@ -122,7 +122,11 @@ def test_evaluate_and_export(cli_run, tmp_path, capsys):
     assert "val error" in capsys.readouterr().out
     out = str(tmp_path / "exported")
     assert cli.main(["export", cli_run, out, "--last", "1"]) == 0
-    assert sorted(os.listdir(out)) == ["ensemble.keras", "saved_model"]
+    assert sorted(os.listdir(out)) == [
+        "classes.json",
+        "ensemble.keras",
+        "saved_model",
+    ]
     data = load_dataset("digits")
     last = keras_snapshot.load_snapshots(
         os.path.join(cli_run, "snapshots"), last=1
@@ -244,9 +248,13 @@ def test_export_onto_an_existing_file_or_folder(cli_run, tmp_path, capsys):
         assert "--overwrite" in err and len(err.splitlines()) == 1
     assert blocker.read_text() == "keep me"
     assert sorted(os.listdir(folder)) == ["notes.txt"]
-    for output in (blocker, folder):
-        assert cli.main(["export", cli_run, str(output), "--overwrite"]) == 0
-        assert {"ensemble.keras", "saved_model"} <= set(os.listdir(output))
+    # A file is not an earlier export: even --overwrite keeps it.
+    assert cli.main(["export", cli_run, str(blocker), "--overwrite"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "never a file" in err and len(err.splitlines()) == 1
+    assert blocker.read_text() == "keep me"
+    assert cli.main(["export", cli_run, str(folder), "--overwrite"]) == 0
+    assert {"ensemble.keras", "saved_model"} <= set(os.listdir(folder))
     # --overwrite replaces the exported entries only.
     assert (folder / "notes.txt").read_text() == "keep me"
 
@@ -437,3 +445,66 @@ print("registered")
         [sys.executable, "-c", code], capture_output=True, text=True
     )
     assert "registered" in result.stdout, result.stderr[-2000:]
+
+
+# Issue 31, item 14: a --model file that does not load or does not fit is
+# refused in one line naming the file; the command line recompiles anyway.
+
+
+class _Doubler(keras.layers.Layer):
+    """A custom layer that is not registered as serializable."""
+
+    def call(self, x):
+        return 2.0 * x
+
+
+def _custom_loss(y_true, y_pred):
+    return keras.losses.sparse_categorical_crossentropy(y_true, y_pred)
+
+
+def _digits_model(path, custom_layer=False, output=(10,), loss=None):
+    inputs = keras.Input((8, 8, 1))
+    x = keras.layers.Flatten()(inputs)
+    if custom_layer:
+        x = _Doubler(name="doubler")(x)
+    x = keras.layers.Dense(int(np.prod(output)))(x)
+    if len(output) > 1:
+        x = keras.layers.Reshape(output)(x)
+    model = keras.Model(inputs, keras.layers.Softmax()(x))
+    if loss is not None:
+        model.compile("sgd", loss)
+    model.save(path)
+    return str(path)
+
+
+def test_model_file_with_a_custom_loss_trains(tmp_path):
+    path = _digits_model(tmp_path / "custom_loss.keras", loss=_custom_loss)
+    run_dir = str(tmp_path / "run")
+    argv = ["train", *SMALL, "--model", path, "--output-dir", run_dir]
+    assert cli.main(argv) == 0
+    assert os.path.isfile(os.path.join(run_dir, "ensemble.keras"))
+
+
+def test_model_files_that_cannot_be_trained_are_one_line(tmp_path, capsys):
+    custom = _digits_model(tmp_path / "custom.keras", custom_layer=True)
+    cube = _digits_model(tmp_path / "cube.keras", output=(4, 10))
+    text = tmp_path / "notes.keras"
+    text.write_text("not a model")
+    other = tmp_path / "notes.txt"
+    other.write_text("not a model")
+    cases = [
+        (custom, ["_Doubler", "register_keras_serializable"]),
+        (cube, ["(None, 4, 10)", "(batch, classes)"]),
+        (str(text), ["is not a Keras model file (.keras)"]),
+        (str(other), ["is not a Keras model file (.keras)"]),
+    ]
+    for path, words in cases:
+        run_dir = tmp_path / ("run_" + os.path.basename(path))
+        argv = ["train", *SMALL, "--model", path, "--output-dir", str(run_dir)]
+        assert cli.main(argv) == 2, path
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1, err
+        assert path in err and "Traceback" not in err, err
+        for word in words:
+            assert word in err, err
+        assert not run_dir.exists()

@@ -298,3 +298,235 @@ def test_the_cli_quiets_tensorflow_unless_the_user_set_a_level(monkeypatch):
     monkeypatch.setenv("TF_CPP_MIN_LOG_LEVEL", "0")
     cli.quiet_tensorflow()
     assert os.environ["TF_CPP_MIN_LOG_LEVEL"] == "0"
+
+
+# Issue 31, "Nothing silent" ------------------------------------------------
+
+
+def _input_model_file(path, first_layers=()):
+    inputs = keras.Input((6, 6, 1))
+    x = inputs
+    for layer in first_layers:
+        x = layer(x)
+    x = keras.layers.Flatten()(x)
+    outputs = keras.layers.Dense(3, activation="softmax")(x)
+    keras.Model(inputs, outputs).save(path)
+
+
+@pytest.mark.parametrize(
+    "first_layers, pixel_max, words",
+    [
+        (lambda: [keras.layers.Rescaling(1 / 255)], 255, "raw pixel values"),
+        (
+            lambda: [keras.layers.Normalization(mean=127.5, variance=5000.0)],
+            255,
+            "raw pixel values",
+        ),
+        (lambda: [], 1, "scaled to [0, 1]"),
+    ],
+    ids=["rescaling", "normalization", "plain"],
+)
+def test_a_model_that_scales_its_own_input_gets_raw_pixel_values(
+    tmp_path, monkeypatch, capsys, first_layers, pixel_max, words
+):
+    monkeypatch.chdir(tmp_path)
+    _easy_npz("blobs.npz")
+    _input_model_file("net.keras", first_layers())
+    argv = ["train", "--data", "blobs.npz", "--model", "net.keras"]
+    assert cli.main([*argv, *FAST, "--lr", "0.05"]) == 0
+    lines = [
+        line
+        for line in capsys.readouterr().out.splitlines()
+        if line.startswith("Inputs:")
+    ]
+    assert len(lines) == 1 and words in lines[0], lines
+    run_dir = tmp_path / "runs" / "blobs_net_seed0"
+    report = json.loads((run_dir / "report.json").read_text())
+    assert report["config"]["pixel_max"] == pixel_max
+    assert report["test"]["ensemble"]["error"] < 0.1
+    # The exported ensemble takes what the model was trained on.
+    x = np.load("blobs.npz")["x"][..., None].astype("float32")
+    x = x * (pixel_max / np.float32(255))
+    ensemble = keras.saving.load_model(run_dir / "ensemble.keras")
+    predicted = ensemble.predict(x, verbose=0).argmax(axis=1)
+    assert np.mean(predicted == np.load("blobs.npz")["y"]) > 0.9
+
+
+@pytest.mark.parametrize(
+    "first_layers, scales",
+    [
+        ([keras.layers.Rescaling(1 / 255)], True),
+        ([keras.layers.Normalization(mean=0.0, variance=1.0)], True),
+        (
+            [keras.layers.Resizing(6, 6), keras.layers.Rescaling(1 / 127.5)],
+            True,
+        ),
+        (
+            [
+                keras.Sequential([keras.layers.RandomFlip("horizontal")]),
+                keras.layers.Rescaling(1 / 255),
+            ],
+            True,
+        ),
+        ([], False),
+        ([keras.layers.Conv2D(2, 3), keras.layers.Rescaling(2.0)], False),
+    ],
+    ids=["rescaling", "normalization", "resize-then-rescale", "augment", "none"]
+    + ["rescaling-later"],
+)
+def test_which_models_scale_their_own_input(tmp_path, first_layers, scales):
+    path = str(tmp_path / "net.keras")
+    _input_model_file(path, first_layers)
+    model = keras.saving.load_model(path)
+    assert (pipeline.input_scaling_layer(model) is not None) == scales
+
+
+def test_an_ensemble_no_better_than_chance_is_flagged(
+    tmp_path, monkeypatch, capsys
+):
+    monkeypatch.chdir(tmp_path)
+    # Blank images: nothing to learn, every prediction is the same class.
+    y = np.repeat(np.arange(3), 30)
+    np.savez("blank.npz", x=np.zeros((90, 6, 6), np.uint8), y=y)
+    _model_file("net.keras", "softmax")
+    argv = ["train", "--data", "blank.npz", "--model", "net.keras", *FAST]
+    assert cli.main(argv) == 0
+    lines = [
+        line
+        for line in capsys.readouterr().out.splitlines()
+        if "chance" in line
+    ]
+    assert len(lines) == 1, lines
+    assert "66.67%" in lines[0] and "3 classes" in lines[0]
+    markdown = (tmp_path / "runs" / "blank_net_seed0" / "report.md").read_text()
+    assert "no better than chance" in markdown
+
+
+def test_the_class_names_are_recorded_and_exported(folder_run, tmp_path):
+    _, run_dir = folder_run
+    classes = ["cat", "dog", "eel"]
+    assert json.loads((run_dir / "run.json").read_text())["classes"] == classes
+    assert json.loads((run_dir / "classes.json").read_text()) == classes
+    assert "0: cat, 1: dog, 2: eel" in (run_dir / "report.md").read_text()
+    out = tmp_path / "out"
+    assert cli.main(["export", str(run_dir), str(out), "--last", "1"]) == 0
+    assert json.loads((out / "classes.json").read_text()) == classes
+
+
+def _npz(tmp_path, **arrays):
+    path = str(tmp_path / "data.npz")
+    np.savez(path, **arrays)
+    return path
+
+
+def test_npz_splits_are_scaled_by_one_rule(tmp_path):
+    from keras_snapshot.app.datasets import open_dataset
+
+    x = np.random.default_rng(0).integers(0, 256, (40, 4, 4), dtype=np.uint8)
+    y = np.arange(40) % 2
+    # uint8 train, float 0-255 test: both are 0-255.
+    path = _npz(
+        tmp_path,
+        x_train=x,
+        y_train=y,
+        x_test=x[:10].astype(np.float32),
+        y_test=y[:10],
+    )
+    data = open_dataset(path, validation_fraction=0)
+    np.testing.assert_allclose(data.x_train[..., 0], x / np.float32(255))
+    np.testing.assert_allclose(data.x_test, data.x_train[:10])
+
+
+@pytest.mark.parametrize(
+    "arrays, message",
+    [
+        (
+            {"y": np.r_[np.arange(10).repeat(3), 255]},
+            r"integers 0\.\.K-1.*Received: labels 0\.\.9 and 255 \(1 sample\)",
+        ),
+        (
+            {"y": np.array(["cat", "dog"] * 15 + ["cat"])},
+            r"class indices.*Received: labels of dtype <U3 \('cat', 'dog'\)",
+        ),
+        (
+            {"y": np.arange(31) % 3 + 1},
+            r"Received: labels 1\.\.3 \(31 samples\)",
+        ),
+        (
+            {
+                "x_train": np.full((31, 4, 4), 0.5, np.float32),
+                "x_test": np.full((4, 4, 4), 200.0, np.float32),
+            },
+            r"x_train.*in \[0, 1\].*x_test.*up to 200.*same way",
+        ),
+        (
+            {"x": np.full((31, 4, 4), -3.0, np.float32)},
+            r"pixel values in \[0, 1\] or \[0, 255\].*Received: .*-3",
+        ),
+    ],
+    ids=["255-among-0-9", "strings", "from-1", "mixed-scales", "negative"],
+)
+def test_bad_npz_values_are_refused_in_one_line(tmp_path, arrays, message):
+    from keras_snapshot.app.datasets import open_dataset
+
+    base = {"x": np.zeros((31, 4, 4), np.uint8), "y": np.arange(31) % 2}
+    if "x_train" in arrays:
+        base = {"y_train": np.arange(31) % 2, "y_test": np.arange(4) % 2}
+    path = _npz(tmp_path, **{**base, **arrays})
+    with pytest.raises(ValueError, match=message) as error:
+        open_dataset(path)
+    assert "\n" not in str(error.value) and path in str(error.value)
+
+
+@pytest.mark.parametrize(
+    "classes, count, message",
+    [
+        (("a", "b"), 1, r"no test images.*--test-fraction"),
+        (("a", "b", "c"), 2, r"no validation images.*--validation-fraction"),
+    ],
+    ids=["no-test-image", "no-validation-image"],
+)
+def test_too_few_images_are_refused_before_anything_is_written(
+    tmp_path, monkeypatch, capsys, classes, count, message
+):
+    monkeypatch.chdir(tmp_path)
+    write_image_folder("tiny", classes=classes, count=count, size=(16, 16))
+    assert cli.main(["train", "--data", "tiny", *FAST]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and __import__("re").search(message, err), err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_evaluate_and_export_warn_when_the_data_changed_since_training(
+    tmp_path, monkeypatch, capsys
+):
+    monkeypatch.chdir(tmp_path)
+    _easy_npz("blobs.npz")
+    _model_file("net.keras", "softmax")
+    argv = ["train", "--data", "blobs.npz", "--model", "net.keras", *FAST]
+    assert cli.main(argv) == 0
+    run_dir = tmp_path / "runs" / "blobs_net_seed0"
+    recorded = json.loads((run_dir / "run.json").read_text())
+    assert recorded["data_fingerprint"]["counts"] == {
+        "train": 65,
+        "val": 7,
+        "test": 18,
+    }
+    capsys.readouterr()
+
+    def warnings(out):
+        return [line for line in out.splitlines() if "changed" in line]
+
+    assert cli.main(["evaluate", str(run_dir)]) == 0
+    assert warnings(capsys.readouterr().out) == []
+    _easy_npz("blobs.npz", per_class=40)
+    assert cli.main(["evaluate", str(run_dir)]) == 0
+    (line,) = warnings(capsys.readouterr().out)
+    assert "blobs.npz has changed since training" in line
+    assert "test: 18 -> 24 images" in line and "labels differ" in line
+    evaluation = json.loads((run_dir / "evaluation_test.json").read_text())
+    assert evaluation["warnings"] == [line]
+    out = tmp_path / "out"
+    export = ["export", str(run_dir), str(out), "--select", "last_m"]
+    assert cli.main(export) == 0
+    assert len(warnings(capsys.readouterr().out)) == 1

@@ -397,7 +397,11 @@ def test_cli_export_formats_and_serving_layout(digits_run, tmp_path, capsys):
     out = tmp_path / "tflite"
     args = ["export", digits_run, str(out), "--format", "tflite"]
     assert cli.main([*args, "--quantization", "dynamic_range"]) == 0
-    assert sorted(os.listdir(out)) == ["ensemble.keras", "ensemble.tflite"]
+    assert sorted(os.listdir(out)) == [
+        "classes.json",
+        "ensemble.keras",
+        "ensemble.tflite",
+    ]
     by_signature, _, _ = run_tflite(str(out / "ensemble.tflite"), x)
     agree = np.mean(by_signature["probabilities"].argmax(1) == want.argmax(1))
     assert agree >= 0.9, agree
@@ -409,7 +413,11 @@ def test_cli_export_formats_and_serving_layout(digits_run, tmp_path, capsys):
         assert (
             cli.main(["export", digits_run, str(out), "--format", "onnx"]) == 0
         )
-        assert sorted(os.listdir(out)) == ["ensemble.keras", "ensemble.onnx"]
+        assert sorted(os.listdir(out)) == [
+            "classes.json",
+            "ensemble.keras",
+            "ensemble.onnx",
+        ]
         session = onnxruntime.InferenceSession(
             str(out / "ensemble.onnx"), providers=["CPUExecutionProvider"]
         )

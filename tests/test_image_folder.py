@@ -148,9 +148,23 @@ def test_image_size_resizes_and_grayscale_is_one_channel(tmp_path):
             lambda root: (
                 write_image_folder(os.path.join(root, "train")),
                 write_image_folder(os.path.join(root, "test")),
-                write_image_folder(os.path.join(root, "val")),
+                write_image_folder(os.path.join(root, "extra")),
             ),
-            r"train/ and test/ subfolders, and also \['val'\]",
+            r"split folders .*and also \['extra'\].*train/ \+ test/",
+        ),
+        (
+            lambda root: (
+                write_image_folder(os.path.join(root, "train")),
+                write_image_folder(os.path.join(root, "dev")),
+            ),
+            r"split folders .*and also \['dev'\].*train/ \+ val/",
+        ),
+        (
+            lambda root: (
+                write_image_folder(os.path.join(root, "Train")),
+                write_image_folder(os.path.join(root, "training")),
+            ),
+            r"\['Train', 'training'\], which are both the train split",
         ),
     ],
     ids=[
@@ -160,6 +174,8 @@ def test_image_size_resizes_and_grayscale_is_one_channel(tmp_path):
         "corrupt",
         "unknown-test-class",
         "extra-split-folder",
+        "unknown-split-folder",
+        "two-train-folders",
     ],
 )
 def test_bad_folders_are_refused_in_one_line(tmp_path, make, message):
@@ -175,3 +191,70 @@ def test_scan_reads_the_shape_of_every_file(tmp_path):
     listed = image_folder.list_image_folder(str(tmp_path))
     shapes = image_folder.scan_images(listed.paths)
     assert shapes.shape == (15, 3) and (shapes == [8, 6, 3]).all()
+
+
+def _png(path, shape=(8, 6, 3)):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tf.io.write_file(str(path), tf.io.encode_png(np.zeros(shape, np.uint8)))
+
+
+def test_hidden_files_and_folders_in_a_class_folder_are_skipped(tmp_path):
+    write_image_folder(tmp_path, classes=("cat", "dog"), count=2)
+    _png(tmp_path / "cat" / ".thumbnails" / "000.png")
+    (tmp_path / "dog" / "._000.png").write_bytes(b"macOS AppleDouble")
+    (tmp_path / "dog" / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")
+    listed = image_folder.list_image_folder(str(tmp_path))
+    assert [os.path.relpath(p, tmp_path) for p in listed.paths] == [
+        "cat/000.png",
+        "cat/001.png",
+        "dog/000.png",
+        "dog/001.png",
+    ]
+    data = open_dataset(str(tmp_path), validation_fraction=0)
+    assert sum(data.count(s) for s in SPLITS) == 4
+
+
+def test_class_names_are_kept_in_label_order(tmp_path):
+    # Sorted as strings: folder "10" is label 1, folder "2" label 2.
+    write_image_folder(tmp_path, classes=("1", "2", "10"), count=4)
+    data = open_dataset(str(tmp_path), validation_fraction=0)
+    assert data.class_names == ("1", "10", "2")
+
+
+@pytest.mark.parametrize(
+    "folders, counts",
+    [
+        ({"Training": 5, "Testing": 2}, (10, 0, 4)),
+        ({"train": 5, "test": 2}, (10, 0, 4)),
+        ({"train": 5, "val": 2}, (10, 0, 4)),
+        ({"TRAIN": 5, "Valid": 2}, (10, 0, 4)),
+        ({"train": 5, "validation": 3, "test": 2}, (10, 6, 4)),
+    ],
+    ids=["Training-Testing", "train-test", "train-val", "TRAIN-Valid", "3"],
+)
+def test_split_folders_are_the_splits_whatever_their_case(
+    tmp_path, folders, counts
+):
+    for seed, (name, count) in enumerate(folders.items()):
+        write_image_folder(
+            tmp_path / name, classes=("a", "b"), count=count, seed=seed
+        )
+    data = open_dataset(str(tmp_path), validation_fraction=0)
+    assert data.class_names == ("a", "b")
+    assert tuple(data.count(s) for s in SPLITS) == counts
+    for split in SPLITS:
+        assert set(data.labels(split)) <= {0, 1}
+
+
+def test_the_fingerprint_names_what_changed_in_a_folder(tmp_path):
+    from keras_snapshot.app.datasets import fingerprint_changes
+
+    write_image_folder(tmp_path, count=5)
+    before = open_dataset(str(tmp_path), validation_fraction=0).fingerprint()
+    again = open_dataset(str(tmp_path), validation_fraction=0).fingerprint()
+    assert before == again and fingerprint_changes(before, again) == []
+    _png(tmp_path / "cat" / "new.png")
+    after = open_dataset(str(tmp_path), validation_fraction=0).fingerprint()
+    changes = fingerprint_changes(before, after)
+    assert "train: 12 -> 13 images" in changes
+    assert "the files differ" in changes

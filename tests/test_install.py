@@ -6,6 +6,7 @@ so `pip install -e .` next to an installed TensorFlow must not bring it.
 """
 
 import os
+import re
 import sys
 from unittest import mock
 
@@ -30,8 +31,6 @@ def _setup_arguments():
 
 
 def _names(requirements):
-    import re
-
     return {re.split(r"[<>=!~;\[ ]", r, maxsplit=1)[0] for r in requirements}
 
 
@@ -47,9 +46,11 @@ def test_a_plain_install_leaves_tensorflow_and_protobuf_alone():
     }
     extras = arguments["extras_require"]
     for extra in ("tensorflow", "tensorflow-cpu", "datasets"):
-        assert {"tensorflow-datasets", "importlib_resources"} <= _names(
-            extras[extra]
-        ), extra
+        assert {
+            "tensorflow-datasets",
+            "importlib_resources",
+            "tensorflow-metadata",
+        } <= _names(extras[extra]), extra
     assert "tensorflow" in _names(extras["tensorflow"])
     assert "tensorflow-cpu" in _names(extras["tensorflow-cpu"])
 
@@ -70,9 +71,21 @@ def test_a_tfds_name_without_tfds_says_how_to_install_it(
     message = str(info.value)
     assert len(message.splitlines()) == 1
     assert "'cifar10' is a tensorflow-datasets dataset" in message
-    assert "pip install tensorflow-datasets" in message
+    assert "pip install tensorflow-datasets importlib_resources" in message
     assert "Received: name='cifar10'" in message
     assert info.value.__cause__ is None and info.value.__suppress_context__
+
+
+def test_the_install_command_keeps_the_installed_tensorflow(without_tfds):
+    # Named with its version, pip keeps it and resolves protobuf against
+    # it, instead of upgrading protobuf under TensorFlow 2.18-2.19.
+    import importlib.metadata as metadata
+
+    (dist,) = metadata.packages_distributions()["tensorflow"]
+    with pytest.raises(ImportError) as info:
+        open_dataset("cifar10", download=False)
+    name = re.sub(r"[-_.]+", "-", dist).lower()
+    assert f'"{name}=={metadata.version(dist)}"' in str(info.value)
 
 
 def test_the_bundled_data_needs_no_tfds(without_tfds):
@@ -81,11 +94,6 @@ def test_the_bundled_data_needs_no_tfds(without_tfds):
     assert load_dataset("digits").num_classes == 10
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="keras_snapshot/app/run.py's as_usage_error does not turn "
-    "ImportError into a UsageError yet (a traceback, exit code 1)",
-)
 def test_the_command_line_says_it_in_one_line(without_tfds, tmp_path, capsys):
     argv = ["train", "--dataset", "cifar10", "--output-dir", str(tmp_path)]
     assert cli.main(argv) == 2

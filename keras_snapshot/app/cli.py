@@ -161,10 +161,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--data",
         metavar="PATH",
         help="a folder of images in class subfolders (PATH/cat/1.png, ...; "
-        "or PATH/train/<class>/ and PATH/test/<class>/), streamed from disk; "
-        "or an .npz file with arrays x and y (or x_train, y_train, x_test, "
-        "y_test) of uint8 or float images and integer labels (default: "
-        "none, --dataset is used)",
+        "or split folders PATH/train/<class>/ with PATH/test/<class>/, "
+        "PATH/val/<class>/ or both, any case; val/ is the test split "
+        "without test/), streamed from disk; or an .npz file with arrays x "
+        "and y (or x_train, y_train, x_test, y_test) of uint8 or float "
+        "images (0-255 in every split if any value is above 1) and labels "
+        "0..K-1 (default: none, --dataset is used)",
     )
     data.add_argument(
         "--dataset",
@@ -204,7 +206,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--model",
         default="flat_cnn",
         help="flat_cnn, small_cnn, resnet20, resnet56, resnet110, densenet40, "
-        "wrn32_4, or the path of a .keras model file",
+        "wrn32_4, or the path of a .keras model file. A .keras model whose "
+        "first layer after the Input is Rescaling or Normalization (it "
+        "scales its own input) gets raw pixel values 0-255; any other "
+        "model gets pixel values in [0, 1]",
     )
     train.add_argument(
         "--epochs", type=_positive_int("epochs"), default=100, help="epochs"

@@ -15,10 +15,16 @@ bundled datasets, `.npz` files); a `StreamedDataset` holds only file names
 or record indices and labels, and decodes images batch by batch (image
 folders, tensorflow-datasets), so that its memory does not grow with the
 number of images.
+
+Both carry the class names (label i is `class_names[i]`), a
+`fingerprint()` that tells whether the data changed since a run was
+trained, and `pixel_max`: the images reach the model in `[0, pixel_max]`,
+1 by default, 255 for a model that scales its own input.
 """
 
 import dataclasses
 import gzip
+import hashlib
 import os
 import struct
 
@@ -33,6 +39,7 @@ __all__ = [
     "FASHION_MNIST_DIR",
     "Dataset",
     "StreamedDataset",
+    "fingerprint_changes",
     "load_dataset",
     "make_dataset",
     "open_dataset",
@@ -53,12 +60,33 @@ SPLITS = ("train", "val", "test")
 _PROBE_TIMEOUT = 10.0
 """Seconds to wait for a tensorflow-datasets download server to answer."""
 _PAD = 4
+_FASHION_CLASSES = (
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+)
 _FASHION_FILES = {
     "x_train": "train-images-idx3-ubyte.gz",
     "y_train": "train-labels-idx1-ubyte.gz",
     "x_test": "t10k-images-idx3-ubyte.gz",
     "y_test": "t10k-labels-idx1-ubyte.gz",
 }
+
+
+def _check_pixel_max(pixel_max) -> float:
+    if isinstance(pixel_max, bool) or pixel_max not in (1, 255):
+        raise ValueError(
+            "`pixel_max` must be 1 (images in [0, 1]) or 255 (raw pixel "
+            f"values). Received: pixel_max={pixel_max!r}"
+        )
+    return float(pixel_max)
 
 
 def _check_split(split: str) -> str:
@@ -75,8 +103,45 @@ class _Splits:
     A subclass provides `labels(split)` and `_stream(split)`: the
     elements of the split before decoding, the function that decodes one
     into `(float32 image in [0, 1], int32 label)` (or None) and how many
-    elements a shuffle holds at once.
+    elements a shuffle holds at once; and the fields `num_classes`,
+    `class_names` and `pixel_max`.
     """
+
+    @property
+    def classes(self) -> tuple:
+        """The class names, label i first: `class_names`, or "0", "1", ..."""
+        names = tuple(self.class_names)
+        return names or tuple(str(i) for i in range(self.num_classes))
+
+    def with_pixel_max(self, pixel_max: float):
+        """The same data, its images reaching the model in `[0, pixel_max]`.
+
+        `pixel_max=255` gives raw pixel values, for a model that scales
+        its own input (a `Rescaling` or `Normalization` first layer).
+        """
+        pixel_max = _check_pixel_max(pixel_max)
+        return dataclasses.replace(self, pixel_max=pixel_max)
+
+    def fingerprint(self) -> dict:
+        """What identifies the data a run was trained on, for `run.json`.
+
+        The number of examples of each split, a sha256 of their labels
+        and, for a folder of images, a sha256 of its sorted file list.
+        `fingerprint_changes` compares two fingerprints.
+        """
+        digest = hashlib.sha256()
+        for split in SPLITS:
+            labels = np.asarray(self.labels(split), dtype="<i4")
+            digest.update(f"{split}:{len(labels)}:".encode())
+            digest.update(labels.tobytes())
+        result = {
+            "counts": {split: self.count(split) for split in SPLITS},
+            "labels_sha256": digest.hexdigest(),
+        }
+        files = getattr(self, "files_sha256", None)
+        if files is not None:
+            result["files_sha256"] = files
+        return result
 
     def count(self, split: str) -> int:
         """Number of examples in `split` ("train", "val" or "test")."""
@@ -100,7 +165,14 @@ class _Splits:
         """
         elements, decode, buffer = self._stream(_check_split(split))
         return _pipeline(
-            elements, batch_size, shuffle, augment, seed, decode, buffer
+            elements,
+            batch_size,
+            shuffle,
+            augment,
+            seed,
+            decode,
+            buffer,
+            self.pixel_max,
         )
 
     def inputs(
@@ -113,7 +185,9 @@ class _Splits:
         elements, decode, _ = self._stream(_check_split(split))
         if limit is not None:
             elements = elements.take(limit)
-        ds = _pipeline(elements, batch_size, decode=decode)
+        ds = _pipeline(
+            elements, batch_size, decode=decode, scale=self.pixel_max
+        )
         return ds.map(lambda x, y: x)
 
     def describe(self) -> str:
@@ -140,7 +214,8 @@ class Dataset(_Splits):
 
     Images are float32 in `[0, 1]`, shaped `(N, height, width, channels)`;
     labels are int32 class indices in `[0, num_classes)`. The validation
-    arrays are carved from the original training split.
+    arrays are carved from the original training split. `batches`,
+    `inputs` and `arrays` give the images in `[0, pixel_max]`.
 
     Attributes:
         x_train: Training images.
@@ -152,6 +227,9 @@ class Dataset(_Splits):
         num_classes: Number of classes.
         input_shape: `(height, width, channels)` of one image.
         name: The name the data was loaded with.
+        class_names: The name of each class, label i first; empty for
+            "0", "1", ... (`classes`).
+        pixel_max: 1, or 255 for raw pixel values (`with_pixel_max`).
     """
 
     x_train: np.ndarray
@@ -163,6 +241,8 @@ class Dataset(_Splits):
     num_classes: int
     input_shape: tuple[int, int, int]
     name: str
+    class_names: tuple = ()
+    pixel_max: float = 1.0
 
     def labels(self, split: str) -> np.ndarray:
         """The int32 labels of `split` ("train", "val" or "test")."""
@@ -180,7 +260,7 @@ class StreamedDataset(_Splits):
 
     Holds the labels of each split and, per split, how to stream it:
     memory does not grow with the number of images. Images are float32
-    in `[0, 1]`, labels int32, as in `Dataset`.
+    in `[0, pixel_max]`, labels int32, as in `Dataset`.
 
     Attributes:
         name: The folder's path, or the tensorflow-datasets name.
@@ -188,6 +268,10 @@ class StreamedDataset(_Splits):
         input_shape: `(height, width, channels)` of one image.
         split_labels: `{split: int32 labels}`.
         streams: `{split: () -> (elements, decode, shuffle_buffer)}`.
+        class_names: The name of each class, label i first.
+        files_sha256: For a folder of images, a sha256 of its sorted
+            file list (`fingerprint`), else None.
+        pixel_max: 1, or 255 for raw pixel values (`with_pixel_max`).
     """
 
     name: str
@@ -195,6 +279,9 @@ class StreamedDataset(_Splits):
     input_shape: tuple[int, int, int]
     split_labels: dict
     streams: dict
+    class_names: tuple = ()
+    files_sha256: str | None = None
+    pixel_max: float = 1.0
 
     def labels(self, split: str) -> np.ndarray:
         """The int32 labels of `split` ("train", "val" or "test")."""
@@ -234,7 +321,15 @@ def _split(labels, fraction, seed):
 
 
 def _finish(
-    name, x_train, y_train, x_test, y_test, num_classes, fraction, seed
+    name,
+    x_train,
+    y_train,
+    x_test,
+    y_test,
+    num_classes,
+    fraction,
+    seed,
+    class_names=(),
 ):
     """Carves validation from train, casts, and returns the `Dataset`."""
     keep, held = _split(y_train, fraction, seed)
@@ -250,6 +345,7 @@ def _finish(
         num_classes=int(num_classes),
         input_shape=tuple(int(d) for d in x_train.shape[1:]),
         name=name,
+        class_names=tuple(class_names),
     )
 
 
@@ -320,6 +416,7 @@ def _load_fashion_mnist(data_dir, fraction, seed):
         10,
         fraction,
         seed,
+        _FASHION_CLASSES,
     )
 
 
@@ -352,6 +449,7 @@ def _load_fashion_mnist_small(data_dir, fraction, seed):
         10,
         fraction,
         seed,
+        _FASHION_CLASSES,
     )
 
 
@@ -463,14 +561,18 @@ def _import_tfds(name):
 
     It is an optional dependency (the `tensorflow`, `tensorflow-cpu` and
     `datasets` extras, setup.py): only the tensorflow-datasets names need
-    it. The command it suggests names the installed TensorFlow with its
-    version: tensorflow-datasets pulls protobuf 6.33+, and pip would
-    upgrade protobuf under a TensorFlow 2.18-2.19 it was not asked to keep.
+    it. The command it suggests is setup.py's `datasets` extra with the
+    installed TensorFlow and its version: tensorflow-datasets pulls
+    protobuf 6.33+, and pip would upgrade protobuf under a TensorFlow
+    2.18-2.19 it was not asked to keep.
     """
     try:
         import tensorflow_datasets as tfds
     except ImportError:
-        command = "pip install tensorflow-datasets importlib_resources"
+        command = (
+            "pip install tensorflow-datasets importlib_resources "
+            '"tensorflow-metadata<1.21"'
+        )
         extra = "tensorflow"
         try:
             import importlib.metadata as metadata
@@ -576,9 +678,11 @@ def _open_tfds(name, data_dir, fraction, seed, download):
             max(1, min(len(test_labels), _SHUFFLE_BUFFER)),
         )
 
+    label_feature = builder.info.features[keys[1]]
     return StreamedDataset(
         name=name,
-        num_classes=int(builder.info.features[keys[1]].num_classes),
+        num_classes=int(label_feature.num_classes),
+        class_names=tuple(label_feature.names),
         input_shape=tuple(int(d) for d in image_feature.shape),
         split_labels={
             "train": train_labels[keep],
@@ -606,6 +710,8 @@ def _in_memory(data) -> Dataset:
         num_classes=data.num_classes,
         input_shape=data.input_shape,
         name=data.name,
+        class_names=data.class_names,
+        pixel_max=data.pixel_max,
     )
 
 
@@ -616,9 +722,13 @@ def _open_image_folder(
     from keras_snapshot.app import image_folder
 
     listed = image_folder.list_image_folder(folder)
-    all_paths = listed.paths
-    if listed.test_paths is not None:
-        all_paths = np.concatenate([listed.paths, listed.test_paths])
+    all_paths = np.concatenate(
+        [
+            p
+            for p in (listed.paths, listed.val_paths, listed.test_paths)
+            if p is not None
+        ]
+    )
     shapes = image_folder.scan_images(all_paths)
     size, channels = image_folder.image_format(
         all_paths, shapes, image_size, channels
@@ -637,12 +747,26 @@ def _open_image_folder(
         paths, labels = paths[pool], labels[pool]
     else:
         test_paths, test_labels = listed.test_paths, listed.test_labels
-    keep, held = _split(labels, fraction, seed)
-    chosen = {
-        "train": (paths[keep], labels[keep]),
-        "val": (paths[held], labels[held]),
-        "test": (test_paths, test_labels),
-    }
+    if listed.val_paths is None:
+        keep, held = _split(labels, fraction, seed)
+        chosen = {
+            "train": (paths[keep], labels[keep]),
+            "val": (paths[held], labels[held]),
+        }
+    else:
+        chosen = {
+            "train": (paths, labels),
+            "val": (listed.val_paths, listed.val_labels),
+        }
+    chosen["test"] = (test_paths, test_labels)
+    _check_counts(
+        folder,
+        {split: len(y) for split, (_, y) in chosen.items()},
+        held_out_test=listed.test_paths is None,
+        held_out_val=listed.val_paths is None,
+        fraction=fraction,
+        test_fraction=test_fraction,
+    )
 
     def stream(split):
         files, split_labels = chosen[split]
@@ -655,16 +779,63 @@ def _open_image_folder(
 
         return make
 
+    names = sorted(os.path.relpath(p, folder) for p in all_paths)
     return StreamedDataset(
         name=folder,
         num_classes=len(listed.class_names),
         input_shape=(*size, channels),
         split_labels={split: y for split, (_, y) in chosen.items()},
         streams={split: stream(split) for split in SPLITS},
+        class_names=listed.class_names,
+        files_sha256=hashlib.sha256("\n".join(names).encode()).hexdigest(),
     )
 
 
+def _check_counts(
+    name, counts, held_out_test, held_out_val, fraction, test_fraction
+):
+    """Refuses a split too small to train or test on, before any training.
+
+    Every split needs an image; validation only where it was asked for
+    (`fraction` > 0 or a validation folder).
+    """
+    total = sum(counts.values())
+    if counts["test"] == 0 and held_out_test:
+        raise ValueError(
+            f"{name} has {total} images, so holding out `test_fraction` "
+            f"(--test-fraction) {test_fraction} of them leaves no test "
+            "images. Add images, or raise --test-fraction. Received: "
+            f"test_fraction={test_fraction}"
+        )
+    if counts["test"] == 0:
+        raise ValueError(
+            f"The test split of {name} holds no images: put the test images "
+            "in the class subfolders of its test folder."
+        )
+    if counts["val"] == 0 and held_out_val and fraction > 0:
+        pool = counts["train"] + counts["val"]
+        raise ValueError(
+            f"{name} has {pool} images to train on, so holding out "
+            f"`validation_fraction` (--validation-fraction) {fraction} of "
+            "them leaves no validation images. Add images, raise "
+            "--validation-fraction, or pass 0 to train without validation. "
+            f"Received: validation_fraction={fraction}"
+        )
+    if counts["val"] == 0 and not held_out_val:
+        raise ValueError(
+            f"The validation folder of {name} holds no images: put the "
+            "validation images in its class subfolders, or remove it."
+        )
+    if counts["train"] == 0:
+        raise ValueError(
+            f"{name} has no training images left once test and validation "
+            "are held out. Add images, or lower --test-fraction and "
+            f"--validation-fraction. Received: {counts}"
+        )
+
+
 def _npz_images(x, path, key):
+    """The images of `key`, checked: uint8, or float32 (not yet scaled)."""
     x = np.asarray(x)
     if x.ndim == 3:
         x = x[..., np.newaxis]
@@ -675,7 +846,7 @@ def _npz_images(x, path, key):
             f"{x.shape}."
         )
     if x.dtype == np.uint8:
-        return x.astype(np.float32) / np.float32(255)
+        return x
     if not np.issubdtype(x.dtype, np.floating):
         raise ValueError(
             f"`{key}` in {path} must be uint8 (0-255) or float images. "
@@ -687,7 +858,42 @@ def _npz_images(x, path, key):
     return x
 
 
+def _npz_scale(images: dict, path) -> np.float32:
+    """255 when any split holds a value above 1, else 1: one rule for all.
+
+    Every split is divided by the same number, decided from all splits,
+    so that a uint8 `x_train` and a float 0-255 `x_test` are both 0-255.
+    A float split in [0, 1] beside a split of values above 1 is refused:
+    one of them was scaled and the other not.
+    """
+    low = {key: float(x.min()) for key, x in images.items()}
+    high = {key: float(x.max()) for key, x in images.items()}
+    for key in images:
+        if low[key] < 0 or high[key] > 255:
+            raise ValueError(
+                f"The images in {path} must hold pixel values in [0, 1] or "
+                "[0, 255]. Rescale them. Received: values from "
+                f"{low[key]:g} to {high[key]:g} in `{key}`."
+            )
+    large = [key for key in images if high[key] > 1]
+    if not large:
+        return np.float32(1)
+    small = [
+        key
+        for key, x in images.items()
+        if x.dtype != np.uint8 and 0 < high[key] <= 1
+    ]
+    if small:
+        raise ValueError(
+            f"In {path}, {small[0]} holds values in [0, 1] and {large[0]} "
+            f"values up to {high[large[0]]:g}: scale every split the same "
+            "way (all 0-255 or all in [0, 1])."
+        )
+    return np.float32(255)
+
+
 def _npz_labels(y, path, key, count):
+    """The labels of `key`, checked to be integers (not yet their values)."""
     y = np.asarray(y)
     if y.ndim == 2 and y.shape[1] == 1:
         y = y[:, 0]
@@ -699,12 +905,82 @@ def _npz_labels(y, path, key, count):
         )
     if y.dtype.kind == "f" and np.all(np.mod(y, 1) == 0):
         y = y.astype(np.int64)
-    if y.dtype.kind not in "iu" or (len(y) and y.min() < 0):
+    if y.dtype.kind not in "iu":
+        found = np.unique(y)
+        examples = [repr(v.item()) for v in found[:3]]
+        examples += ["..."] if len(found) > 3 else []
         raise ValueError(
-            f"`{key}` in {path} must hold class indices 0, 1, 2, ... "
-            f"Received dtype {y.dtype}, min {y.min() if len(y) else None}."
+            f"`{key}` in {path} must hold class indices 0, 1, 2, ...: "
+            f"integers. Received: labels of dtype {y.dtype} "
+            f"({', '.join(examples)})."
         )
-    return y.astype(np.int32)
+    return y.astype(np.int64)
+
+
+def _label_words(values, counts, first: int) -> str:
+    """Labels in words, e.g. "0..9 and 255 (1 sample)".
+
+    `values[:first]` are 0..first-1; the others are listed in runs, with
+    how many samples hold them.
+    """
+    runs = []
+    for value, count in zip(values[first:], counts[first:], strict=True):
+        if runs and value == runs[-1][1] + 1:
+            runs[-1][1:] = [value, runs[-1][2] + count]
+        else:
+            runs.append([value, value, count])
+    words = [
+        (f"{a}..{b}" if a != b else f"{a}")
+        + f" ({n} sample{'s' if n > 1 else ''})"
+        for a, b, n in runs[:5]
+    ] + (["..."] if len(runs) > 5 else [])
+    good = f"0..{first - 1}" if first > 1 else "0"
+    return ", ".join(words) if not first else f"{good} and {', '.join(words)}"
+
+
+def _check_labels(y, y_test, path, key):
+    """The number of classes: `y` must hold each of 0..K-1, `y_test` no other.
+
+    Raises:
+        ValueError: naming the labels that are not 0..K-1 (a 255 among
+            0..9, labels from 1, negative labels) and how many samples
+            hold them.
+    """
+    values, counts = np.unique(y, return_counts=True)
+    present = values[values >= 0]
+    # 0, 1, ... up to the first gap are classes; any other label offends.
+    first = next((i for i, v in enumerate(present) if v != i), len(present))
+    good = (values >= 0) & (values < first)
+    values = np.r_[values[good], values[~good]]
+    counts = np.r_[counts[good], counts[~good]]
+    if len(values) > first:
+        raise ValueError(
+            f"`{key}` in {path} must hold class indices 0, 1, 2, ...: the "
+            "integers 0..K-1 for K classes, each at least once. Received: "
+            f"labels {_label_words(values, counts, first)}."
+        )
+    if first < 2:
+        raise ValueError(
+            f"The training labels of {path} hold one class ({int(y[0])}): a "
+            "classifier needs at least 2."
+        )
+    if y_test is not None:
+        outside = (y_test < 0) | (y_test >= first)
+        if np.any(outside):
+            found, many = np.unique(y_test[outside], return_counts=True)
+            received = f"Received: test labels {_label_words(found, many, 0)}."
+            if y_test.max() >= first:
+                raise ValueError(
+                    f"The test labels of {path} go up to "
+                    f"{int(y_test.max())}, but the training labels only to "
+                    f"{first - 1}: every test class must be a training "
+                    f"class. {received}"
+                )
+            raise ValueError(
+                f"The test labels of {path} must be class indices "
+                f"0..{first - 1}, as in training. {received}"
+            )
+    return first
 
 
 def _load_npz(path, fraction, seed, test_fraction):
@@ -726,6 +1002,10 @@ def _load_npz(path, fraction, seed, test_fraction):
                 f"In {path}, x_test's images are {x_test.shape[1:]} and "
                 f"x_train's {x.shape[1:]}: they must be the same shape."
             )
+        num_classes = _check_labels(y, y_test, path, "y_train")
+        scale = _npz_scale({"x_train": x, "x_test": x_test}, path)
+        x, x_test = x / scale, x_test / scale
+        held_out_test = False
     elif "x" in arrays and "y" in arrays:
         if not 0 < test_fraction < 1:
             raise ValueError(
@@ -735,6 +1015,8 @@ def _load_npz(path, fraction, seed, test_fraction):
             )
         images = _npz_images(arrays["x"], path, "x")
         labels = _npz_labels(arrays["y"], path, "y", len(images))
+        num_classes = _check_labels(labels, None, path, "y")
+        images = images / _npz_scale({"x": images}, path)
         train, test = _split(labels, test_fraction, _TEST_SEED)
         x, y, x_test, y_test = (
             images[train],
@@ -742,24 +1024,22 @@ def _load_npz(path, fraction, seed, test_fraction):
             images[test],
             labels[test],
         )
+        held_out_test = True
     else:
         raise ValueError(
             f"{path} must hold arrays `x` and `y`, or `x_train`, `y_train`, "
             f"`x_test` and `y_test`. Received arrays {sorted(arrays)}."
         )
-    num_classes = int(y.max()) + 1
-    if len(np.unique(y)) < 2:
-        raise ValueError(
-            f"The training labels of {path} hold one class ({int(y[0])}): a "
-            "classifier needs at least 2."
-        )
-    if len(y_test) and y_test.max() >= num_classes:
-        raise ValueError(
-            f"The test labels of {path} go up to {int(y_test.max())}, but "
-            f"the training labels only to {num_classes - 1}: every test "
-            "class must be a training class."
-        )
-    return _finish(path, x, y, x_test, y_test, num_classes, fraction, seed)
+    data = _finish(path, x, y, x_test, y_test, num_classes, fraction, seed)
+    _check_counts(
+        path,
+        {split: data.count(split) for split in SPLITS},
+        held_out_test=held_out_test,
+        held_out_val=True,
+        fraction=fraction,
+        test_fraction=test_fraction,
+    )
+    return data
 
 
 def open_dataset(
@@ -771,6 +1051,7 @@ def open_dataset(
     test_fraction: float = 0.2,
     image_size: tuple[int, int] | None = None,
     channels: int | None = None,
+    pixel_max: float = 1,
 ):
     """Opens a user's data or a named dataset, streamed where it can be.
 
@@ -778,20 +1059,25 @@ def open_dataset(
 
     - the path of a folder of images in class subfolders
       (`folder/<class>/*.png`, the layout of
-      `keras.utils.image_dataset_from_directory`), or of a folder with
-      `train/<class>/` and `test/<class>/`: a `StreamedDataset`. Every
+      `keras.utils.image_dataset_from_directory`; hidden files and
+      folders are skipped), or of a folder of split folders
+      (`image_folder.LAYOUTS`: `train/<class>/` with `test/<class>/`,
+      `val/<class>/` or both, in any case): a `StreamedDataset`. Every
       image is decoded once before training (`image_folder.scan_images`)
       so that a broken file or mixed sizes are refused first;
     - the path of an `.npz` file with `x` and `y` (or `x_train`,
-      `y_train`, `x_test`, `y_test`): uint8 (0-255) or float images,
-      integer labels; a `Dataset` in memory;
+      `y_train`, `x_test`, `y_test`): uint8 or float images, divided by
+      255 in every split when any split holds a value above 1; labels
+      the integers 0..K-1; a `Dataset` in memory;
     - a name: the embedded datasets are a `Dataset` (`load_dataset`), a
       tensorflow-datasets name a `StreamedDataset`.
 
     Where the data has no test split, `test_fraction` of it (stratified by
     class, always the same images whatever `seed`) is the test split.
     `validation_fraction` of the rest is carved into validation with
-    `seed`.
+    `seed`. A folder or `.npz` whose test split (or, with
+    `validation_fraction` > 0, validation split) would hold no image is
+    refused.
 
     Args:
         source: A path or a name, see above.
@@ -807,6 +1093,8 @@ def open_dataset(
             to; needed when they differ in size.
         channels: 1 or 3 for an image folder; None infers it (1 when every
             image is grayscale).
+        pixel_max: 1 for images in `[0, 1]`, 255 for raw pixel values
+            (for a model that scales its own input).
 
     Returns:
         A `Dataset` or a `StreamedDataset`: both have `count(split)`,
@@ -841,7 +1129,32 @@ def open_dataset(
         )
     if channels not in (None, 1, 3):
         raise ValueError(f"`channels` must be 1 or 3. Received: {channels!r}")
-    if is_folder:
+    pixel_max = _check_pixel_max(pixel_max)
+    data = _open_source(
+        source,
+        data_dir,
+        validation_fraction,
+        seed,
+        download,
+        test_fraction,
+        image_size,
+        channels,
+    )
+    return data if pixel_max == 1 else data.with_pixel_max(pixel_max)
+
+
+def _open_source(
+    source,
+    data_dir,
+    validation_fraction,
+    seed,
+    download,
+    test_fraction,
+    image_size,
+    channels,
+):
+    """`open_dataset` once its arguments are checked."""
+    if os.path.isdir(source):
         return _open_image_folder(
             source,
             validation_fraction,
@@ -869,6 +1182,28 @@ def open_dataset(
     if data_dir is not None:
         data_dir = os.fspath(data_dir)
     return _open_tfds(source, data_dir, validation_fraction, seed, download)
+
+
+def fingerprint_changes(recorded: dict, current: dict) -> list:
+    """What differs between two `fingerprint()`s, in words; [] if nothing.
+
+    Example:
+
+    ```python
+    fingerprint_changes(run["data_fingerprint"], data.fingerprint())
+    # ["test: 18 -> 24 images", "the labels differ"]
+    ```
+    """
+    changes = [
+        f"{split}: {recorded.get('counts', {}).get(split)} -> {count} images"
+        for split, count in current["counts"].items()
+        if recorded.get("counts", {}).get(split) != count
+    ]
+    if recorded.get("labels_sha256") != current["labels_sha256"]:
+        changes.append("the labels differ")
+    if recorded.get("files_sha256") != current.get("files_sha256"):
+        changes.append("the files differ")
+    return changes
 
 
 def _check_fraction(name, value, low):
@@ -1046,12 +1381,14 @@ def _pipeline(
     seed=None,
     decode=None,
     shuffle_buffer=1,
+    scale=1.0,
 ):
-    """Shuffles, decodes, augments, batches and prefetches `elements`.
+    """Shuffles, decodes, scales, augments, batches and prefetches.
 
     The one pipeline of `make_dataset` and of every `Dataset` and
     `StreamedDataset`: shuffling comes before decoding, so that a
-    streamed split shuffles file names, not images.
+    streamed split shuffles file names, not images. `scale` multiplies
+    the images (255 for raw pixel values).
     """
     batch_size = check_positive_int("batch_size", batch_size)
     ds = elements
@@ -1061,6 +1398,10 @@ def _pipeline(
         )
     if decode is not None:
         ds = ds.map(decode, num_parallel_calls=tf.data.AUTOTUNE)
+    if scale != 1:
+        ds = ds.map(
+            lambda x, y: (x * scale, y), num_parallel_calls=tf.data.AUTOTUNE
+        )
     if augment:
         # Two stateless seeds (crop, flip) per example, new each epoch.
         seeds = tf.data.Dataset.random(

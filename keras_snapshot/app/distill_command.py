@@ -14,7 +14,7 @@ import time
 
 from keras_snapshot.app import run as run_lib
 
-STUDENT_FILE = "student.keras"
+STUDENT_FILE = run_lib.STUDENT_FILE
 
 
 def distill_command(args) -> int:

@@ -19,6 +19,7 @@ from keras_snapshot import metrics
 from keras_snapshot import selection
 from keras_snapshot.app import report as report_lib
 from keras_snapshot.app import run as run_lib
+from keras_snapshot.app.pipeline import data_warning
 
 
 def evaluate_members(member_probs, y, single_probs=None) -> dict:
@@ -218,8 +219,13 @@ def evaluate_command(args) -> int:
     run_lib.check_has_ensemble(run, args.run_dir, "evaluate")
     run_lib.check_finished(run, args.run_dir, "evaluate", args.allow_unfinished)
     data = run_lib.load_data(run["config"], args.data_dir)
+    warning = data_warning(run, data)
+    if warning:
+        print(warning)
     scores, _ = evaluate_run(args.run_dir, data, splits=(args.split,))
     result = scores[args.split]
+    if warning:
+        result["warnings"] = [warning]
     path = os.path.join(args.run_dir, f"evaluation_{args.split}.json")
     _fs.write_json(path, result)
     print(

@@ -4,9 +4,10 @@ Writes `ensemble.keras` (reloads with `keras.saving.load_model`) and one
 serving format into one folder: `saved_model/` (TensorFlow SavedModel; with
 `--serving-version N`, `saved_model/N/` as TensorFlow Serving expects),
 `ensemble.tflite` or `ensemble.onnx`. Every format names its output
-`probabilities` (`keras_snapshot.export_ensemble`). `keras-snapshot train`
-exports a SavedModel into its run directory; `keras-snapshot export RUN OUT`
-into a new folder `OUT`.
+`probabilities` (`keras_snapshot.export_ensemble`), and `classes.json`
+beside them names the classes: entry i is the class of output i.
+`keras-snapshot train` exports a SavedModel into its run directory;
+`keras-snapshot export RUN OUT` into a new folder `OUT`.
 """
 
 import importlib.util
@@ -16,15 +17,19 @@ import tempfile
 
 import keras
 
+from keras_snapshot import _fs
 from keras_snapshot import build_ensemble
 from keras_snapshot import export_ensemble
 from keras_snapshot import selection
 from keras_snapshot import snapshot_paths
 from keras_snapshot.app import run as run_lib
 from keras_snapshot.app.evaluate import evaluate_run
+from keras_snapshot.app.pipeline import data_warning
 
 ENSEMBLE_FILE = "ensemble.keras"
 SAVED_MODEL_DIR = "saved_model"
+# The class names, a JSON list: entry i names output i of `probabilities`.
+CLASSES_FILE = "classes.json"
 # `--format` -> the entry written next to ENSEMBLE_FILE.
 FORMAT_ENTRIES = {
     "saved_model": SAVED_MODEL_DIR,
@@ -50,23 +55,76 @@ def chosen_snapshots(run_dir: str, weights=None):
     return paths, weights.tolist()
 
 
-def check_output(output: str, overwrite: bool) -> None:
-    """Refuses to write over an existing file or non-empty folder.
+def check_output(
+    output: str, overwrite: bool, format="saved_model", serving_version=None
+) -> None:
+    """Refuses an output an export must not write over, in one line.
 
-    With `overwrite`, a file at `output` is replaced by the output folder
-    and a folder keeps everything but the two exported entries, which are
-    replaced; in both cases only once the new export is complete
-    (`export_files`).
+    Without `overwrite`: a non-empty folder, or a symbolic link to nothing.
+    Even with `overwrite`: a file at `output` (an export is a folder, so
+    a file there was not written by it), and an entry of another kind
+    where the export writes its own (`_check_entries`). With `overwrite`,
+    a folder keeps everything but the exported entries, which are replaced
+    only once the new export is complete (`export_files`); a link to
+    nothing is replaced by the new folder, and said so.
     """
-    exists = os.path.isfile(output) or (
-        os.path.isdir(output) and os.listdir(output)
-    )
-    if exists and not overwrite:
-        kind = "file" if os.path.isfile(output) else "folder"
-        raise run_lib.UsageError(
-            f"the output {output} is an existing {kind}; choose a new path, "
-            "or pass --overwrite to replace it."
+    if os.path.islink(output) and not os.path.exists(output):
+        target = os.readlink(output)
+        if not overwrite:
+            raise run_lib.UsageError(
+                f"the output {output} is a symbolic link to {target}, which "
+                "does not exist; create that folder to export into it, or "
+                "pass --overwrite to replace the link with a new folder."
+            )
+        print(
+            f"Note: replacing the symbolic link {output} (to {target}, "
+            "which does not exist) with the export folder."
         )
+        return
+    if os.path.lexists(output) and not os.path.isdir(output):
+        raise run_lib.UsageError(
+            f"the output {output} is an existing file, and an export is a "
+            "folder: --overwrite replaces only an earlier export, never a "
+            "file. Choose a new path, or move the file away."
+        )
+    if not os.path.isdir(output):
+        return
+    _check_entries(output, format, serving_version)
+    if os.listdir(output) and not overwrite:
+        raise run_lib.UsageError(
+            f"the output {output} is an existing folder; choose a new path, "
+            "or pass --overwrite to replace the exported files in it."
+        )
+
+
+def _check_entries(output: str, format: str, serving_version) -> None:
+    """Refuses an entry of `output` that is not what an export writes there.
+
+    `ENSEMBLE_FILE` and the `.tflite` or `.onnx` entry are files, the
+    SavedModel entry (and its `--serving-version` folder) a folder: found
+    as another kind, or as a symbolic link to a folder, it was not written
+    by an export and is never replaced.
+    """
+    entry = format_entry(format, serving_version)
+    wanted = {ENSEMBLE_FILE: "file", entry: "file"}
+    if format == "saved_model":
+        wanted[SAVED_MODEL_DIR] = wanted[entry] = "folder"
+    for name, want in wanted.items():
+        path = os.path.join(output, name)
+        if not os.path.lexists(path):
+            continue
+        if os.path.islink(path) and (want == "folder" or os.path.isdir(path)):
+            found = "symbolic link"
+        elif os.path.isdir(path):
+            found = "folder"
+        else:
+            found = "file"
+        if found != want:
+            raise run_lib.UsageError(
+                f"{path} is a {found}, where the export writes a {want}: it "
+                "is not an earlier export, so even --overwrite keeps it. "
+                "Move it away, or choose another output."
+            )
 
 
 def _move_into_place(new: str, path: str) -> None:
@@ -131,23 +189,31 @@ def export_files(
     format: str = "saved_model",
     quantization=None,
     serving_version=None,
+    classes=None,
 ):
     """Builds the ensemble; writes `ENSEMBLE_FILE` and the format's entry.
 
-    Both are written into a scratch folder next to `output` first, and
-    moved into `output` only once both are complete: a failed export
-    (a full disk, a converter error) leaves what was there before. The
+    With `classes` (the class names, label i first), `CLASSES_FILE` too.
+
+    Both are written into a scratch folder (in `output` when it is a
+    folder, else beside it) first, and moved into `output` only once both
+    are complete: a failed export (a full disk, a converter error) leaves
+    what was there before. The
     entry (`format_entry`) replaces an existing one; with a
-    `serving_version`, other versions in `saved_model/` are kept. A file
-    at `output` is replaced by the folder.
+    `serving_version`, other versions in `saved_model/` are kept. A
+    symbolic link to a folder is that folder (the link is kept); a link
+    to nothing is replaced by the folder (`check_output` allowed it).
     """
     ensemble = build_ensemble(
         snapshots, weights=weights, temperature=temperature
     )
     output = os.path.normpath(output)
-    parent = os.path.dirname(output) or "."
-    os.makedirs(parent, exist_ok=True)
-    scratch = tempfile.mkdtemp(dir=parent, prefix=".export-")
+    _check_entries(output, format, serving_version)
+    # A folder (or a link to one) holds the scratch folder itself, so that
+    # the entries move within one file system; the link is kept.
+    parent = output if os.path.isdir(output) else os.path.dirname(output)
+    os.makedirs(parent or ".", exist_ok=True)
+    scratch = tempfile.mkdtemp(dir=parent or ".", prefix=".export-")
     try:
         entry = format_entry(format, serving_version)
         new_entry = os.path.join(scratch, entry)
@@ -156,14 +222,21 @@ def export_files(
             ensemble, new_entry, format=format, quantization=quantization
         )
         ensemble.save(os.path.join(scratch, ENSEMBLE_FILE))
-        if os.path.isfile(output) or os.path.islink(output):
-            os.remove(output)
+        if classes is not None:
+            _fs.write_json(os.path.join(scratch, CLASSES_FILE), list(classes))
+        if os.path.islink(output) and not os.path.exists(output):
+            os.remove(output)  # A link to nothing, with --overwrite.
         os.makedirs(output, exist_ok=True)
         _move_into_place(new_entry, os.path.join(output, entry))
         _move_into_place(
             os.path.join(scratch, ENSEMBLE_FILE),
             os.path.join(output, ENSEMBLE_FILE),
         )
+        if classes is not None:
+            _move_into_place(
+                os.path.join(scratch, CLASSES_FILE),
+                os.path.join(output, CLASSES_FILE),
+            )
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return ensemble
@@ -175,10 +248,13 @@ def export_command(args) -> int:
     run_lib.check_has_ensemble(run, args.run_dir, "export")
     run_lib.check_finished(run, args.run_dir, "export", args.allow_unfinished)
     check_format(args.format, args.quantization, args.serving_version)
-    check_output(args.output, args.overwrite)
+    check_output(args.output, args.overwrite, args.format, args.serving_version)
     weights = None
     if args.select != "all":
         data = run_lib.load_data(run["config"], args.data_dir)
+        warning = data_warning(run, data, "--select chooses on it as it is")
+        if warning:
+            print(warning)
         _, probs = evaluate_run(args.run_dir, data, splits=("val",))
         if "val" not in probs:
             raise run_lib.UsageError(
@@ -203,6 +279,7 @@ def export_command(args) -> int:
         format=args.format,
         quantization=args.quantization,
         serving_version=args.serving_version,
+        classes=run.get("classes"),
     )
     entry = format_entry(args.format, args.serving_version)
     print(

@@ -4,9 +4,12 @@ The layout `keras.utils.image_dataset_from_directory` reads:
 
     data/cat/001.png  data/cat/002.jpg  data/dog/003.png ...
 
-or, with a test split of its own, `data/train/<class>/...` and
-`data/test/<class>/...`. Only the file names and labels are held in memory;
-the images are decoded batch by batch while training (`read_image`).
+or, with splits of its own, `data/train/<class>/...` beside
+`data/test/<class>/...` and/or `data/val/<class>/...` (`SPLIT_FOLDERS`
+lists the names understood, in any case). Hidden files and folders (a
+name starting with ".") are skipped. Only the file names and labels are
+held in memory; the images are decoded batch by batch while training
+(`image_reader`).
 
 Before any training, `scan_images` decodes every image once, in parallel,
 so that what would stop training half-way is refused in one line first: a
@@ -31,20 +34,41 @@ import tensorflow as tf
 IMAGE_EXTENSIONS = (".bmp", ".gif", ".jpeg", ".jpg", ".png")
 """What `tf.io.decode_image` reads (the suffixes Keras's loader lists)."""
 
+SPLIT_FOLDERS = {
+    "train": "train",
+    "training": "train",
+    "test": "test",
+    "testing": "test",
+    "val": "val",
+    "valid": "val",
+    "validation": "val",
+}
+"""Top-level folder names (compared in lower case) -> the split they hold."""
+
+LAYOUTS = (
+    "train/ + test/ (validation carved from train/), "
+    "train/ + val/ (val/ is the test split, validation carved from "
+    "train/), train/ + val/ + test/ (val/ is the validation split)"
+)
+"""The split-folder layouts `list_image_folder` understands, in words."""
+
 
 @dataclasses.dataclass(frozen=True)
 class ImageFolder:
-    """The images of a folder: paths, labels and, if given, a test split.
+    """The images of a folder: paths, labels and the splits it gives.
 
     Attributes:
         path: The folder.
         class_names: The class subfolders, sorted; label i is
             `class_names[i]`.
-        paths: Training image paths (the whole folder when there is no
-            `test/`), sorted by class then name.
+        paths: Training image paths (the whole folder when it has no
+            split folders), sorted by class then name.
         labels: Their int32 labels.
-        test_paths: The `test/` images, or None.
+        test_paths: The test images (`test/`, or `val/` without `test/`),
+            or None.
         test_labels: Their labels, or None.
+        val_paths: The `val/` images beside `test/`, or None.
+        val_labels: Their labels, or None.
     """
 
     path: str
@@ -53,6 +77,8 @@ class ImageFolder:
     labels: np.ndarray
     test_paths: np.ndarray | None
     test_labels: np.ndarray | None
+    val_paths: np.ndarray | None = None
+    val_labels: np.ndarray | None = None
 
 
 def _subfolders(folder: str) -> list:
@@ -65,16 +91,21 @@ def _subfolders(folder: str) -> list:
 
 
 def _class_images(folder: str, class_names) -> tuple:
-    """Paths and labels of the images in each class subfolder (recursive)."""
+    """Paths and labels of the images in each class subfolder (recursive).
+
+    Hidden files and folders (`.thumbnails/`, macOS's `._x.jpg`) are
+    skipped: they are not images of the class.
+    """
     paths, labels = [], []
     for label, name in enumerate(class_names):
         found = []
         for root, dirs, files in os.walk(os.path.join(folder, name)):
-            dirs.sort()
+            dirs[:] = sorted(d for d in dirs if not d.startswith("."))
             found += [
                 os.path.join(root, f)
                 for f in sorted(files)
-                if f.lower().endswith(IMAGE_EXTENSIONS)
+                if not f.startswith(".")
+                and f.lower().endswith(IMAGE_EXTENSIONS)
             ]
         if not found:
             raise ValueError(
@@ -84,7 +115,7 @@ def _class_images(folder: str, class_names) -> tuple:
             )
         paths += found
         labels += [label] * len(found)
-    return np.array(paths), np.array(labels, dtype=np.int32)
+    return np.array(paths, dtype=str), np.array(labels, dtype=np.int32)
 
 
 def _check_classes(folder: str, class_names) -> None:
@@ -102,49 +133,102 @@ def _check_classes(folder: str, class_names) -> None:
         )
 
 
+def _split_folders(folder: str, names) -> dict | None:
+    """`{split: folder name}` of a folder laid out in splits, else None.
+
+    A folder looks laid out in splits when it has a train folder, or two
+    folders or more named as splits (`SPLIT_FOLDERS`); a single `test/` or
+    `valid/` beside other folders is a class. A folder that looks laid out
+    in splits but is not one of `LAYOUTS` is refused.
+    """
+    splits = {}
+    for name in names:
+        split = SPLIT_FOLDERS.get(name.lower())
+        if split is not None:
+            splits.setdefault(split, []).append(name)
+    found = [name for folders in splits.values() for name in folders]
+    if "train" not in splits and len(found) < 2:
+        return None
+    others = [name for name in names if name not in found]
+    twice = [(s, folders) for s, folders in splits.items() if len(folders) > 1]
+    problem = None
+    if others:
+        problem = f"has split folders {found} and also {others}"
+    elif twice:
+        problem = f"has {twice[0][1]}, which are both the {twice[0][0]} split"
+    elif "train" not in splits:
+        problem = f"has split folders {found} but no train folder"
+    elif len(splits) < 2:
+        problem = f"has a {found[0]} folder but no test or val folder"
+    if problem is not None:
+        raise ValueError(
+            f"{folder} {problem}: a folder of splits holds one folder per "
+            "split, each with the class subfolders. Layouts understood "
+            "(any case; training, testing, valid and validation too): "
+            f"{LAYOUTS}."
+        )
+    return {split: folders[0] for split, folders in splits.items()}
+
+
 def list_image_folder(folder: str) -> ImageFolder:
     """Lists the images of `folder` and their labels (no image is read).
 
-    A folder whose only subfolders are `train` and `test` (each holding
-    the class subfolders) has its own test split; any other folder is
-    one pool of class subfolders, and the caller holds out a test split.
+    A folder of split folders (`LAYOUTS`; names from `SPLIT_FOLDERS`, in
+    any case) has its own test split: `test/`, or `val/` where there is
+    no `test/` (as tensorflow-datasets' "validation" serves as test there);
+    beside `test/`, `val/` is the validation split. Each split folder holds
+    the class subfolders. Any other folder is one pool of class
+    subfolders, and the caller holds out a test split.
 
     Raises:
         ValueError: for a folder with fewer than 2 classes, an empty class,
-            or `test/` classes that `train/` does not have.
+            split folders in no understood layout, or test or validation
+            classes that the train folder does not have.
     """
     names = _subfolders(folder)
-    if {"train", "test"} <= set(names) and names != ["test", "train"]:
-        others = [n for n in names if n not in ("train", "test")]
-        raise ValueError(
-            f"{folder} has train/ and test/ subfolders, and also {others}: "
-            "with a test split of its own, the folder holds only train/ "
-            "and test/ (validation is carved from train/ by "
-            "--validation-fraction). Move the others out."
-        )
-    if names != ["test", "train"]:
+    splits = _split_folders(folder, names)
+    if splits is None:
         _check_classes(folder, names)
         paths, labels = _class_images(folder, names)
         return ImageFolder(folder, tuple(names), paths, labels, None, None)
-    train, test = (os.path.join(folder, n) for n in ("train", "test"))
+    train = os.path.join(folder, splits["train"])
     class_names = _subfolders(train)
     _check_classes(train, class_names)
-    unknown = sorted(set(_subfolders(test)) - set(class_names))
+    paths, labels = _class_images(train, class_names)
+    held = {}
+    for split in ("test", "val"):
+        if split in splits:
+            held[split] = _held_out(
+                os.path.join(folder, splits[split]), train, class_names
+            )
+    if "test" not in held:
+        held["test"] = held.pop("val")
+    val_paths, val_labels = held.get("val", (None, None))
+    return ImageFolder(
+        folder,
+        tuple(class_names),
+        paths,
+        labels,
+        *held["test"],
+        val_paths,
+        val_labels,
+    )
+
+
+def _held_out(split_dir: str, train: str, class_names) -> tuple:
+    """Paths and labels (those of the training classes) of a held-out split."""
+    names = _subfolders(split_dir)
+    unknown = sorted(set(names) - set(class_names))
     if unknown:
         raise ValueError(
-            f"{test} has classes that {train} does not have: {unknown}. "
-            "The test classes must be training classes."
+            f"{split_dir} has classes that {train} does not have: {unknown}. "
+            "The test and validation classes must be training classes."
         )
-    paths, labels = _class_images(train, class_names)
-    test_names = [n for n in class_names if n in _subfolders(test)]
-    test_paths, test_labels = _class_images(test, test_names)
-    # Labels follow the training classes, also where test lacks one.
-    test_labels = np.array(
-        [class_names.index(test_names[i]) for i in test_labels], np.int32
-    )
-    return ImageFolder(
-        folder, tuple(class_names), paths, labels, test_paths, test_labels
-    )
+    found = [n for n in class_names if n in names]
+    paths, labels = _class_images(split_dir, found)
+    # Labels follow the training classes, also where the split lacks one.
+    labels = np.array([class_names.index(found[i]) for i in labels], np.int32)
+    return paths, labels
 
 
 def _decoded(path, channels: int = 0):

@@ -19,6 +19,8 @@ use one or the other, not both.
 
 import functools
 import os
+import re
+import zipfile
 from collections.abc import Callable
 from collections.abc import Sequence
 
@@ -456,6 +458,46 @@ MODELS: dict[str, Callable[..., keras.Model]] = {
 `builder(input_shape, num_classes)`."""
 
 
+_UNKNOWN_OBJECT = re.compile(r"Could not locate (class|function) '([^']+)'")
+
+
+def _read_model_file(path: str) -> keras.Model:
+    """The model saved in `path`, uncompiled, or a one-line `ValueError`.
+
+    Loaded with `compile=False`: the command line compiles the model with
+    its own optimizer and loss, so a custom loss or metric saved with the
+    model needs no registration.
+    """
+    if not zipfile.is_zipfile(path) and not path.endswith((".h5", ".hdf5")):
+        raise ValueError(
+            f"{path} is not a Keras model file (.keras): a .keras file is a "
+            "zip archive saved by `model.save(...)`, and this one is not. "
+            f"Received: model={path!r}"
+        )
+    try:
+        return keras.saving.load_model(path, compile=False)
+    except (ValueError, TypeError, KeyError, OSError, zipfile.BadZipFile) as e:
+        chain, cause = [], e
+        while cause is not None and len(chain) < 8:
+            chain.append(str(cause))
+            cause = cause.__cause__ or cause.__context__
+        unknown = _UNKNOWN_OBJECT.search(" ".join(chain))
+        if unknown:
+            kind, name = unknown.groups()
+            raise ValueError(
+                f"The model in {path} uses the custom {kind} {name!r}, which "
+                "is not registered: register it with "
+                "`@keras.saving.register_keras_serializable()` where it is "
+                f"defined, or use stock Keras layers. Received: model={path!r}"
+            ) from e
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ValueError(
+            f"The model file {path} does not load with "
+            f"`keras.saving.load_model` ({first.rstrip('.')}). "
+            f"Received: model={path!r}"
+        ) from e
+
+
 def _load_model_file(
     path: str, input_shape: tuple[int, int, int], num_classes: int
 ) -> keras.Model:
@@ -464,7 +506,7 @@ def _load_model_file(
             f"No model file at {path!r}. Pass an existing `.keras` file "
             f"or one of the model names {sorted(MODELS)}."
         )
-    model = keras.saving.load_model(path)
+    model = _read_model_file(path)
     if len(model.outputs) != 1:
         names = ", ".join(getattr(model, "output_names", None) or [])
         raise ValueError(
@@ -473,7 +515,13 @@ def _load_model_file(
             "Save a model with one softmax or linear output."
         )
     outputs = model.output_shape
-    if not isinstance(outputs, tuple) or outputs[-1] != num_classes:
+    if not isinstance(outputs, tuple) or len(outputs) != 2:
+        raise ValueError(
+            f"The model in {path!r} has output shape {outputs}; a classifier "
+            "here outputs (batch, classes), one score per class. Flatten or "
+            f"pool the output to 2 dimensions. Received: output_shape={outputs}"
+        )
+    if outputs[-1] != num_classes:
         raise ValueError(
             f"The model in {path!r} has output shape {outputs}, but the "
             f"data has {num_classes} classes. Pass a model whose last layer "
@@ -518,8 +566,7 @@ def get_model(
         num_classes: Number of classes of the softmax output.
 
     Returns:
-        An uncompiled `keras.Model` (a loaded file keeps whatever compile
-        state it was saved with).
+        An uncompiled `keras.Model` (a file is loaded with `compile=False`).
 
     Raises:
         ValueError: If `name` is neither a known model nor a path, or the

@@ -5,9 +5,12 @@ the same way; only the callbacks of the method differ (`SnapshotCheckpoint`
 and its kin, or `keras_snapshot.FreezeOut`). The steps, in the order a job
 calls them:
 
-1. `run_config`: the settings, checked before any work.
+1. `run_config`: the settings, checked before any work, with the range
+   of the pixel values the model gets (`model_pixel_max`).
 2. `check_model`: the model fits the data, before a run is recorded.
-3. `start_run`: lock the run folder, then record a new run or resume one.
+3. `start_run`: lock the run folder, then record a new run or resume one;
+   `record_data` writes the data's classes and fingerprint in `run.json`
+   (`data_warning` says what changed since, for `evaluate` and `export`).
 4. `get_strategy`: the `--strategy` distribution.
 5. `train_model`: the model compiled with SGD (`compiled_model`), the
    backup checked (`check_backup`), `fit` (`fit`) with
@@ -94,7 +97,65 @@ def run_config(args) -> dict:
     }
     config["data"] = None if args.data is None else os.path.abspath(args.data)
     config["output_dir"] = args.output_dir or default_run_dir(args)
+    config["pixel_max"] = model_pixel_max(args.model)
     return config
+
+
+# Layers that keep the pixel values' scale: skipped on the way to the
+# model's first layer that uses the values.
+_SCALE_KEEPING_LAYERS = (
+    keras.layers.InputLayer,
+    keras.layers.Identity,
+    keras.layers.Resizing,
+    keras.layers.CenterCrop,
+    keras.layers.RandomCrop,
+    keras.layers.RandomFlip,
+    keras.layers.RandomRotation,
+    keras.layers.RandomTranslation,
+    keras.layers.RandomZoom,
+)
+
+
+def _flat_layers(model):
+    """The layers of `model` in order, those of nested models in place."""
+    for layer in model.layers:
+        if isinstance(layer, keras.Model):
+            yield from _flat_layers(layer)
+        else:
+            yield layer
+
+
+def input_scaling_layer(model):
+    """The layer that scales the model's input first thing, or None.
+
+    That is a `keras.layers.Rescaling` or `Normalization` layer met
+    before any other layer after the `Input`, past layers that keep the
+    values' scale (resizing, cropping, flips and other geometric
+    augmentation), also inside a nested model (a `keras.Sequential` of
+    augmentation layers first, as in the Keras tutorials).
+    """
+    for layer in _flat_layers(model):
+        if not isinstance(layer, _SCALE_KEEPING_LAYERS):
+            scaling = (keras.layers.Rescaling, keras.layers.Normalization)
+            return layer if isinstance(layer, scaling) else None
+    return None
+
+
+def model_pixel_max(name: str) -> int:
+    """255 for a `.keras` model that scales its own input, else 1.
+
+    A model whose first layer after the `Input` is a `Rescaling` or
+    `Normalization` (`input_scaling_layer`) gets raw pixel values 0-255,
+    as the Keras tutorials' models expect; the named models and any other
+    model get images in `[0, 1]`.
+    """
+    if name in MODELS or not os.path.isfile(name):
+        return 1
+    try:
+        model = keras.saving.load_model(name, compile=False)
+    except Exception:  # `check_model` reports it in one line.
+        return 1
+    return 255 if input_scaling_layer(model) is not None else 1
 
 
 DEFAULT_DATASET = "fashion_mnist_small"
@@ -192,7 +253,53 @@ def start_run(config: dict, overwrite: bool) -> dict:
     `run.start_or_resume` for what resuming accepts.
     """
     run_lib.lock_run_dir(config["output_dir"])
-    return run_lib.start_or_resume(config, overwrite=overwrite)
+    run = run_lib.start_or_resume(config, overwrite=overwrite)
+    trained_on = run["config"].get("pixel_max", 1)
+    if trained_on != config["pixel_max"]:
+        raise run_lib.UsageError(
+            f"{config['output_dir']} was trained on pixel values in [0, "
+            f"{trained_on}], and this version passes the model "
+            f"{config['model']} values in [0, {config['pixel_max']}]; start "
+            "over with --overwrite, or use another --output-dir."
+        )
+    return run
+
+
+def record_data(run: dict, run_dir: str, data):
+    """Writes the data's classes and fingerprint in `run.json`, once.
+
+    A run recorded already keeps what it has: the warning of
+    `data_warning` (or None) says whether the data changed since.
+    """
+    if "data_fingerprint" in run:
+        return data_warning(run, data)
+    run["classes"] = list(data.classes)
+    run["data_fingerprint"] = data.fingerprint()
+    run_lib.write_run(run_dir, run)
+    return None
+
+
+def data_warning(
+    run: dict, data, effect: str = "the scores are on it as it is now"
+):
+    """One line saying what changed in the data since training, or None.
+
+    Compares `data.fingerprint()` with the run's `data_fingerprint`
+    (`datasets.fingerprint_changes`); a run that has none is not checked.
+    `effect` ends the line: what the command does with the new data.
+    """
+    from keras_snapshot.app.datasets import fingerprint_changes
+
+    recorded = run.get("data_fingerprint")
+    if not recorded:
+        return None
+    changes = fingerprint_changes(recorded, data.fingerprint())
+    if not changes:
+        return None
+    return (
+        f"Warning: the data {run_lib.data_source(run['config'])} has changed "
+        f"since training ({'; '.join(changes)}): {effect}."
+    )
 
 
 def get_strategy(name: str):

@@ -6,6 +6,7 @@ plots. The plots use matplotlib's object-oriented API (`Figure` and
 `savefig`), which needs no backend and sets no global state.
 """
 
+import json
 import os
 
 import keras
@@ -164,6 +165,13 @@ def markdown_report(report: dict) -> str:
         f"{config['batch_size']}, seed {config['seed']}, "
         f"{report.get('steps', '?')} steps.{timing}",
     ]
+    if "pixel_max" in config:  # Older runs did not record it.
+        lines += ["", f"Inputs: {input_words(config)}."]
+    if report.get("classes"):
+        names = ", ".join(f"{i}: {n}" for i, n in enumerate(report["classes"]))
+        lines += ["", f"Classes (label: name): {names}."]
+    for warning in report.get("warnings") or []:
+        lines += ["", f"**{warning}**"]
     if "num_examples" in test:
         lines += [
             "",
@@ -379,9 +387,39 @@ def write_report(run_dir: str, report: dict, markdown: str | None = None):
     _fs.write_text(os.path.join(run_dir, "report.md"), markdown)
 
 
+def input_words(config: dict) -> str:
+    """What the model is fed: raw pixel values, or values in [0, 1]."""
+    if config.get("pixel_max", 1) == 255:
+        return (
+            "raw pixel values 0-255, as the model scales its own input (its "
+            "first layer is a Rescaling or Normalization layer)"
+        )
+    return "pixel values scaled to [0, 1]"
+
+
+def chance_warning(error: float, num_classes: int):
+    """One line when `error` is no better than chance, else None.
+
+    Chance is `1 - 1 / num_classes`, the error of always guessing one
+    class on balanced data: a run there has learnt nothing.
+    """
+    chance = 1 - 1 / num_classes
+    if error < chance - 1e-9:
+        return None
+    return (
+        f"Warning: the exported ensemble's test error ({_percent(error)}%) "
+        f"is no better than chance ({_percent(chance)}% for {num_classes} "
+        "classes): it has learnt nothing. Check the data, the scale of the "
+        "model's inputs and --lr."
+    )
+
+
 def plan(run_dir: str, data, schedule, config: dict) -> str:
     """The lines printed before training: directory, data and schedule."""
-    head = f"Run directory: {run_dir}\nData: {data.describe()}\n"
+    head = (
+        f"Run directory: {run_dir}\nData: {data.describe()}\n"
+        f"Inputs: {input_words(config)}\n"
+    )
     if hasattr(schedule, "describe"):
         return f"{head}Schedule: {schedule.describe()}"
     return (
@@ -402,6 +440,7 @@ def write_run_report(run_dir: str, report: dict, schedule, probs, y_test):
         probs: Snapshot predictions per split; `probs["test"]` is used.
         y_test: Test labels.
     """
+    _keep_student(run_dir, report)
     write_report(run_dir, report)
     plot_learning_rate(schedule, os.path.join(run_dir, "learning_rate.png"))
     plot_error_vs_snapshots(
@@ -420,6 +459,30 @@ def write_run_report(run_dir: str, report: dict, schedule, probs, y_test):
         report["test"]["disagreement"],
         os.path.join(run_dir, "disagreement.png"),
     )
+
+
+def _keep_student(run_dir: str, report: dict) -> None:
+    """Carries the distilled student's recorded scores into `report`.
+
+    `keras-snapshot distill` adds them to `report.json`; `train` run again
+    on the finished run rewrites the report, and keeps them while
+    `student.keras` is there. (The run's settings, hence its test split,
+    change only with `--overwrite`, which deletes the student.)
+    """
+    path = os.path.join(run_dir, "report.json")
+    if "student" in report["test"] or not os.path.isfile(
+        os.path.join(run_dir, run_lib.STUDENT_FILE)
+    ):
+        return
+    try:
+        with open(path) as f:
+            old = json.load(f)
+        scores = old["test"]["student"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return  # No recorded scores: the student is not reported.
+    report["test"]["student"] = scores
+    if "student" in old:
+        report["student"] = old["student"]
 
 
 def _figure(figsize):

@@ -22,6 +22,8 @@ SNAPSHOT_DIR = "snapshots"
 BASELINE_FILE = "baseline.keras"
 FREEZEOUT_FILE = "freezeout.keras"
 BACKUP_DIR = "backup"
+# Written by `keras-snapshot distill`; the report keeps it (`report.py`).
+STUDENT_FILE = "student.keras"
 # Everything a run writes into its folder: all that --overwrite may remove.
 RUN_OUTPUTS = (
     RUN_FILE,
@@ -31,6 +33,7 @@ RUN_OUTPUTS = (
     FREEZEOUT_FILE,
     "ensemble.keras",
     "saved_model",
+    "classes.json",
     "report.json",
     "report.md",
     "learning_rate.png",
@@ -39,7 +42,13 @@ RUN_OUTPUTS = (
     "disagreement.png",
     "swa.keras",
     "swa_state",
-    "student.keras",
+    STUDENT_FILE,
+    "ensemble.tflite",
+    "ensemble.onnx",
+    "evaluation_train.json",
+    "evaluation_val.json",
+    "evaluation_test.json",
+    "classes.json",
 )
 # Settings that define a run: resuming with other values is refused.
 RUN_KEYS = (
@@ -94,7 +103,9 @@ def as_usage_error():
     For calls of the public API on what the user typed (a dataset name, a
     model file, a snapshot folder): their `ValueError`,
     `FileNotFoundError` and `PermissionError` say what was wrong with the
-    input, so the command line shows them in one line, with exit code 2.
+    input, and an `ImportError` what to install for it (a
+    tensorflow-datasets name without tensorflow-datasets), so the command
+    line shows them in one line, with exit code 2.
     Wrap only such calls: elsewhere these errors are bugs.
 
     Example:
@@ -106,7 +117,7 @@ def as_usage_error():
     """
     try:
         yield
-    except (ValueError, FileNotFoundError, PermissionError) as e:
+    except (ValueError, FileNotFoundError, PermissionError, ImportError) as e:
         raise UsageError(str(e)) from e
 
 
@@ -236,10 +247,14 @@ def start_or_resume(config: dict, overwrite: bool) -> dict:
     """The run in `config["output_dir"]`: a new one, or the one to resume.
 
     Resuming with other settings (`RUN_KEYS`) is refused; `overwrite`
-    deletes the directory first.
+    first deletes the run's own files (`remove_run`: only in a folder that
+    holds a run, and never the user's other files), then starts anew.
     """
     run_dir = config["output_dir"]
-    if overwrite and os.path.lexists(run_dir):
+    # `remove_run` decides before it deletes: it refuses (and deletes
+    # nothing) unless the folder holds a run, then keeps the user's files.
+    removed = overwrite and os.path.lexists(run_dir)
+    if removed:
         remove_run(run_dir)
     if os.path.isfile(os.path.join(run_dir, RUN_FILE)):
         run = read_run(run_dir)
@@ -255,7 +270,7 @@ def start_or_resume(config: dict, overwrite: bool) -> dict:
                 + "). Use another --output-dir, or --overwrite to start over."
             )
         return run
-    if os.path.isdir(run_dir) and _contents(run_dir):
+    if not removed and os.path.isdir(run_dir) and _contents(run_dir):
         raise UsageError(
             f"the output directory {run_dir} exists and is not a "
             "keras-snapshot run; choose another --output-dir."
@@ -330,6 +345,8 @@ def load_data(config: dict, data_dir=None):
             test_fraction=config.get("test_fraction", 0.2),
             image_size=None if size is None else tuple(size),
             channels=config.get("channels"),
+            # 255 for a model that scales its own input (pipeline.py).
+            pixel_max=config.get("pixel_max", 1),
         )
 
 

@@ -69,8 +69,11 @@ def train_command(args) -> int:
     pipeline.check_model(config, data)
     run = pipeline.start_run(config, overwrite=args.overwrite)
     run_dir = config["output_dir"]
+    data_warning = pipeline.record_data(run, run_dir, data)
     strategy = pipeline.get_strategy(args.strategy)
     print(report_lib.plan(run_dir, data, schedule, config))
+    if data_warning:
+        print(data_warning)
 
     train_seconds = pipeline.train_model(
         run,
@@ -113,7 +116,7 @@ def train_command(args) -> int:
     snapshots, weights = methods_lib.exported_members(
         config, run_dir, snapshots, weights
     )
-    export_files(run_dir, snapshots, weights, temperature)
+    export_files(run_dir, snapshots, weights, temperature, classes=data.classes)
 
     scores["test"].update(methods_lib.method_scores(config, run_dir, data))
     report = {
@@ -132,6 +135,17 @@ def train_command(args) -> int:
             **({"temperature_fit": temperature_fit} if temperature_fit else {}),
         },
         "versions": pipeline.versions(),
+        "classes": list(data.classes),
+        "warnings": [
+            w
+            for w in (
+                data_warning,
+                report_lib.chance_warning(
+                    scores["test"]["ensemble"]["error"], data.num_classes
+                ),
+            )
+            if w
+        ],
     }
     if baseline_seconds is not None:
         report["baseline_train_seconds"] = round(baseline_seconds, 2)
@@ -140,6 +154,9 @@ def train_command(args) -> int:
     )
     print("\n" + report_lib.summary_table(report))
     print("\n" + report_lib.verdict(report))
+    for warning in report["warnings"]:
+        if warning != data_warning:  # Printed before training.
+            print("\n" + warning)
     print(
         f"\nReport: {os.path.join(run_dir, 'report.md')}\n"
         f"Ensemble: {os.path.join(run_dir, 'ensemble.keras')} and "

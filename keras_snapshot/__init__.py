@@ -34,7 +34,7 @@ import importlib.abc
 import importlib.util
 import sys
 
-__version__ = "0.4.0"
+__version__ = "0.5.0"
 
 _EXPORTS = {
     "AveragedModelCheckpoint": "weight_averaging",
@@ -66,8 +66,25 @@ KERAS_OBJECT_MODULES = ("schedule", "fge", "layers")
 __all__ = sorted([*_EXPORTS, *_MODULES])
 
 
+def require_tensorflow() -> None:
+    """Refuses, in one line, an environment without TensorFlow.
+
+    setup.py leaves TensorFlow to an extra (so that pip never adds a second
+    build beside `tensorflow-cpu` or a vendor build), so say how to get it.
+    """
+    if importlib.util.find_spec("tensorflow") is None:
+        raise ImportError(
+            "keras-snapshot needs TensorFlow 2.18 or newer (tf.data, "
+            "tf.io.gfile, SavedModel export, with either Keras backend), and "
+            "it is not installed. Install it with `pip install -e "
+            '".[tensorflow]"` in a checkout, or `pip install tensorflow` '
+            "(or tensorflow-cpu)."
+        )
+
+
 def import_all() -> None:
     """Imports every public name (and registers the Keras objects)."""
+    require_tensorflow()
     for name in _MODULES:
         globals()[name] = importlib.import_module(f"keras_snapshot.{name}")
     for name, module in _EXPORTS.items():

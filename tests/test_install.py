@@ -100,3 +100,27 @@ def test_the_command_line_says_it_in_one_line(without_tfds, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1
     assert "pip install tensorflow-datasets" in err
+
+
+def test_without_tensorflow_the_package_says_how_to_install_it(
+    monkeypatch, tmp_path, capsys
+):
+    import importlib.util
+
+    import keras_snapshot
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == "tensorflow" else real(name, *a),
+    )
+    with pytest.raises(ImportError, match=r"needs TensorFlow 2\.18") as info:
+        keras_snapshot.require_tensorflow()
+    assert len(str(info.value).splitlines()) == 1
+    assert cli.main(["train", "--output-dir", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert (
+        len(err.splitlines()) == 1 and 'pip install -e ".[tensorflow]"' in err
+    )
+    assert not (tmp_path / "run").exists()

@@ -18,6 +18,7 @@ import logging
 import os
 import sys
 
+import keras_snapshot
 from keras_snapshot._checks import check_in_range
 from keras_snapshot._checks import check_positive_int
 from keras_snapshot._checks import check_positive_number
@@ -488,6 +489,10 @@ def main(argv=None) -> int:
     # several snapshots) are noise on the command line.
     logging.getLogger("tensorflow").setLevel(logging.ERROR)
     try:
+        try:
+            keras_snapshot.require_tensorflow()
+        except ImportError as e:
+            raise UsageError(str(e)) from None
         # Importing the command imports Keras, and with it the package's
         # Keras objects (see `keras_snapshot/__init__.py`).
         module, function = _COMMANDS[args.command]

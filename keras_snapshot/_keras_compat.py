@@ -5,8 +5,9 @@ reliance on the installed Keras (CI: 3.8.0 and the newest) and fails when a
 release changes it. Version differences are feature-detected (`hasattr`, a
 signature), never read from version strings. What is here:
 
-- the supported stack: `check_backend` (TensorFlow or JAX, not torch) and
-  the Keras floor, checked when this module is imported;
+- the supported stack: the Keras floor, checked when this module is
+  imported, and `check_backend` (TensorFlow or JAX, not torch), checked
+  when a step-driven callback starts training (`_steps.StepTracker`);
 - `learning_rate_schedule`: the schedule object, kept only in the private
   `optimizer._learning_rate`;
 - `optimizer_iterations`: the update count under `LossScaleOptimizer`, whose

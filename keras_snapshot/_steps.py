@@ -130,12 +130,18 @@ def join_fit(callback) -> None:
 
 
 class StepTracker:
-    """Tells a callback the real optimizer step when a due step may be near.
+    """What every step-driven callback asks about the steps of its `fit`.
 
-    One per callback. `attach` in `on_train_begin`; `epoch_begin` in
-    `on_epoch_begin` (one device read per epoch); `poll(batch, due)` in
-    `on_train_batch_begin` returns the real step once it may have reached
-    `due`, and None (without reading the device) before.
+    One per callback (`SnapshotCheckpoint`, `WeightAveraging`,
+    `AveragedModelCheckpoint`, `FreezeOut`), so that each answer is written
+    once: `attach` in `on_train_begin`; `epoch_begin` in `on_epoch_begin`
+    (one device read per epoch; `starts_fit` is True at the first epoch of
+    the fit, after `BackupAndRestore` has restored the step: plan there,
+    once); `poll(batch, due)` in `on_train_batch_begin` returns the real
+    step once it may have reached `due`, and None (without reading the
+    device) before; `epoch_end` in `on_epoch_end`. `fit_updates` is the
+    fit's length in updates, `refuse_unreachable` the one refusal of steps
+    that no hook can see.
 
     Args:
         callback: The callback it serves. Its `model` is read through the
@@ -160,16 +166,58 @@ class StepTracker:
         )
         self.accumulation = accumulation_steps(model.optimizer)
         self.epoch_steps = (params or {}).get("steps")
+        self.epochs = (params or {}).get("epochs")
         self._step, self._batch = 0, 0
+        self.fit_start_step = None  # Set by the fit's first epoch_begin.
+        self.starts_fit = False
+        self.fit_epochs = 0  # Epochs this fit has ended.
 
     def read(self) -> int:
         """The real step now (a device read)."""
         return optimizer_updates(self.callback.model)
 
     def epoch_begin(self) -> int:
-        """The real step at the start of an epoch."""
+        """The real step at the start of an epoch; at the fit's first, also
+        `fit_start_step` (and `starts_fit` is True until the next)."""
         self._step, self._batch = self.read(), 0
+        self.starts_fit = self.fit_start_step is None
+        if self.starts_fit:
+            self.fit_start_step = self._step
         return self._step
+
+    def epoch_end(self) -> None:
+        self.fit_epochs += 1
+
+    def fit_updates(self, epoch: int = 0) -> int | None:
+        """Updates this fit runs from the start of epoch `epoch` (Keras's
+        index, `initial_epoch` counted) to its end; None when the epoch
+        length is unknown."""
+        if not self.epochs or not self.epoch_steps:
+            return None
+        return (self.epochs - epoch) * self.epoch_steps // self.accumulation
+
+    def updates_run(self) -> int | None:
+        """Updates the ended epochs of this fit ran (none skipped)."""
+        if not self.epoch_steps:
+            return None
+        return self.fit_epochs * self.epoch_steps // self.accumulation
+
+    def refuse_unreachable(
+        self, start_step: int, due_steps, epoch: int, what: str, fix: str
+    ) -> None:
+        """Refuses the `due_steps` that no hook of this fit sees exactly
+        (`unreachable`); `what` names them ("the snapshots"), `fix` says
+        what to change."""
+        epochs_left = (self.epochs or 0) - epoch
+        missed = self.unreachable(start_step, due_steps, epochs_left)
+        if missed:
+            shown = missed[:5] + (["..."] if len(missed) > 5 else [])
+            raise ValueError(
+                f"With steps_per_execution={self.steps_per_execution}, Keras "
+                "calls back only at batches 0, N, 2N, ... of each epoch "
+                f"({self.epoch_steps} batches) and at its end, so {what} due "
+                f"at steps {shown} cannot be taken at their step. {fix}"
+            )
 
     def poll(self, batch: int, due) -> int | None:
         """The real step at `on_train_batch_begin(batch)`, if it may be `due`.

@@ -35,6 +35,7 @@ import os
 import keras
 import numpy as np
 
+from keras_snapshot import _fs
 from keras_snapshot._distribution import is_writer
 from keras_snapshot._keras_compat import innermost_optimizer
 from keras_snapshot._keras_compat import learning_rate_schedule
@@ -63,6 +64,12 @@ class TensorBoardLog:
         self._logged_step, self._last = None, {}
         if log_dir is None or not is_writer(model):
             return False
+        if _fs.exists(log_dir) and not _fs.isdir(log_dir):
+            raise ValueError(
+                f"`log_dir` must be a folder, and {log_dir} is a file. Pass "
+                "the `log_dir` of your keras.callbacks.TensorBoard. "
+                f"Received: log_dir={log_dir!r}"
+            )
         import tensorflow as tf
 
         self.log_dir = os.path.join(os.fspath(log_dir), "train")

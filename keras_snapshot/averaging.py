@@ -355,6 +355,13 @@ def greedy_soup(
                 work, recalibration_data, batch_size, recalibration_steps
             )
         probs = _probabilities(work, x_val, batch_size, from_logits)
+        if probs.ndim != 2 or probs.shape[-1] < 2:
+            raise ValueError(
+                "greedy_soup scores classifiers with one output per class "
+                "(2 or more). Received outputs of shape "
+                f"{probs.shape}; for one sigmoid output, give the model a "
+                "2-way softmax."
+            )
         if not np.all(np.isfinite(probs)):
             return math.nan  # Ranks last, never kept.
         labels = check_labels(y_val, *probs.shape, name="y_val")

@@ -187,21 +187,12 @@ class SnapshotCheckpoint(keras.callbacks.Callback):
         self._folder = manifest_lib.SnapshotDirectory(self.directory)
         self._cycle_ends = []
         self._steps_due = {}
-        self._planned = False
         self._messages = []
         self._epoch = 0
         self._steps = StepTracker(self)
         self._tensorboard = TensorBoardLog()
-        self._fit_start_step, self._fit_epochs = None, 0
 
     # Planning ----------------------------------------------------------------
-
-    def _fit_steps(self, epochs_done: int = 0):
-        """Updates this `fit` call runs after `epochs_done`, if known."""
-        epochs, steps = self.params.get("epochs"), self.params.get("steps")
-        if not epochs or not steps:
-            return None
-        return (epochs - epochs_done) * steps // self._steps.accumulation
 
     def _find_cycle_ends(self) -> list:
         """The step counts after which snapshots 1..M are due."""
@@ -209,7 +200,7 @@ class SnapshotCheckpoint(keras.callbacks.Callback):
             return list(self.snapshot_steps)
         schedule = learning_rate_schedule(self.model.optimizer)
         if isinstance(schedule, keras.optimizers.schedules.CosineDecayRestarts):
-            total = self._fit_steps()
+            total = self._steps.fit_updates()
             if total is None:
                 raise ValueError(
                     "With a CosineDecayRestarts schedule and data of unknown "
@@ -240,7 +231,7 @@ class SnapshotCheckpoint(keras.callbacks.Callback):
             )
         count = self.num_snapshots
         if count is None:
-            total = self._fit_steps()
+            total = self._steps.fit_updates()
             if total is None:
                 raise ValueError(
                     "With `cycle_length` and a dataset of unknown length, "
@@ -302,23 +293,20 @@ class SnapshotCheckpoint(keras.callbacks.Callback):
             for index, end in enumerate(self._cycle_ends, start=1)
             if end >= step and end not in taken
         }
-        epochs = self.params.get("epochs") or 0
-        unreachable = self._steps.unreachable(step, due, epochs - self._epoch)
-        if unreachable:
-            raise ValueError(
-                f"With steps_per_execution={self._steps.steps_per_execution},"
-                " Keras calls back only at batches 0, N, 2N, ... of each "
-                f"epoch ({self.params.get('steps')} batches) and at its end, "
-                f"so the snapshots due at steps {unreachable} cannot be "
-                "taken at their step. Choose cycle ends that are a multiple "
-                "of steps_per_execution from the start of their epoch (e.g. "
-                "an epoch length that is a multiple of steps_per_execution), "
-                "or a smaller steps_per_execution."
-            )
+        self._steps.refuse_unreachable(
+            step,
+            due,
+            self._epoch,
+            what="the snapshots",
+            fix="Choose cycle ends that are a multiple of steps_per_execution "
+            "from the start of their epoch (e.g. an epoch length that is a "
+            "multiple of steps_per_execution), or a smaller "
+            "steps_per_execution.",
+        )
         return due
 
     def _warn_if_fit_misses_cycles(self, step: int) -> None:
-        left = self._fit_steps(self._epoch)
+        left = self._steps.fit_updates(self._epoch)
         if left is None:
             return
         last_step = step + left
@@ -397,16 +385,7 @@ class SnapshotCheckpoint(keras.callbacks.Callback):
                     f"write(s) left in {self.directory}."
                 )
         self._steps_due = {}
-        self._planned = False
-        self._fit_start_step, self._fit_epochs = None, 0
         self._tensorboard.open(self.log_dir, self.model)
-
-    def _plan_once(self, step: int) -> None:
-        # Planned at the first epoch, after BackupAndRestore has restored
-        # the optimizer's step, once per fit (all workers must agree).
-        if not self._planned:
-            self._steps_due = self._plan(step)
-            self._planned = True
 
     def _take_due(self, step: int, batch, logs) -> None:
         """Takes the snapshot due at `step`; reports the ones passed by."""
@@ -441,12 +420,12 @@ class SnapshotCheckpoint(keras.callbacks.Callback):
             or not epochs
             or not steps
             or self._epoch != epochs - 1
-            or self._fit_start_step is None
+            or self._steps.fit_start_step is None
         ):
             return
         due = self._cycle_ends[-1]
-        run = self._fit_epochs * steps // self._steps.accumulation
-        skipped = run - (step - self._fit_start_step)
+        run = self._steps.updates_run()
+        skipped = run - (step - self._steps.fit_start_step)
         if 0 < due - step <= skipped:
             warnings.warn(
                 f"SnapshotCheckpoint: {skipped} update(s) were skipped (loss "
@@ -462,9 +441,10 @@ class SnapshotCheckpoint(keras.callbacks.Callback):
         self._flush_messages()
         self._epoch = epoch
         step = self._steps.epoch_begin()
-        if self._fit_start_step is None:
-            self._fit_start_step, self._fit_epochs = step, 0
-        self._plan_once(step)
+        if self._steps.starts_fit:
+            # After BackupAndRestore has restored the optimizer's step,
+            # once per fit (all workers must agree).
+            self._steps_due = self._plan(step)
 
     def on_train_batch_begin(self, batch, logs=None):
         due = min(self._steps_due) if self._steps_due else None
@@ -473,7 +453,7 @@ class SnapshotCheckpoint(keras.callbacks.Callback):
             self._take_due(step, batch, None)
 
     def on_epoch_end(self, epoch, logs=None):
-        self._fit_epochs += 1
+        self._steps.epoch_end()
         step = self._steps.read()
         self._take_due(step, None, logs)
         self._log_learning_rates(step)
@@ -482,9 +462,10 @@ class SnapshotCheckpoint(keras.callbacks.Callback):
 
     def _log_learning_rates(self, step: int) -> None:
         """TensorBoard: the rate of every update since the last call."""
-        if not self._tensorboard.active or self._fit_start_step is None:
+        start = self._steps.fit_start_step
+        if not self._tensorboard.active or start is None:
             return
-        steps = self._tensorboard.new_steps(self._fit_start_step, step)
+        steps = self._tensorboard.new_steps(start, step)
         rates = update_rates(
             self.model.optimizer, steps, self._steps.accumulation
         )
@@ -493,8 +474,9 @@ class SnapshotCheckpoint(keras.callbacks.Callback):
     def on_train_end(self, logs=None):
         try:
             step = self._steps.read()
-            # A run restored at its very end runs no epoch: plan here.
-            self._plan_once(step)
+            if self._steps.fit_start_step is None:
+                # A run restored at its very end runs no epoch: plan here.
+                self._steps_due = self._plan(step)
             self._take_due(step, None, logs)
             self._take_last_if_short(step, logs)
             self._log_learning_rates(step)

@@ -646,10 +646,10 @@ class FreezeOut(keras.callbacks.Callback):
     def _resolve_total_steps(self) -> int:
         if self.total_steps is not None:
             return self.total_steps
-        epochs = self.params.get("epochs")
-        steps = self.params.get("steps")
-        k = self._steps.accumulation
-        if not epochs or not steps or int(epochs) * int(steps) < k:
+        total = self._steps.fit_updates()
+        if not total:
+            epochs, steps = self.params.get("epochs"), self.params.get("steps")
+            k = self._steps.accumulation
             raise ValueError(
                 "FreezeOut needs the number of optimizer updates, but this "
                 "`fit` call does not say how many steps an epoch has (or "
@@ -657,13 +657,12 @@ class FreezeOut(keras.callbacks.Callback):
                 f"`steps_per_epoch` to `fit`. Received: epochs={epochs}, "
                 f"steps={steps}, gradient_accumulation_steps={k}"
             )
-        return int(epochs) * int(steps) // k
+        return total
 
     def _warn_if_fit_passes_total_steps(self, step: int, epoch: int) -> None:
-        epochs, steps = self.params.get("epochs"), self.params.get("steps")
-        if not epochs or not steps:
+        run = self._steps.fit_updates(epoch)
+        if run is None:
             return
-        run = (epochs - epoch) * steps // self._steps.accumulation
         last, total = step + run, self.total_steps_
         if last <= total:
             return
@@ -770,7 +769,6 @@ class FreezeOut(keras.callbacks.Callback):
         self._frozen = [False] * len(self.groups_)
         self.freeze_events = []
         self._printed_events = 0
-        self._fit_start_step = None
         self._tensorboard.open(self.log_dir, model)
         if self.verbose:
             saving = estimate_speedup(
@@ -786,9 +784,8 @@ class FreezeOut(keras.callbacks.Callback):
 
     def on_epoch_begin(self, epoch, logs=None):
         step = self._steps.epoch_begin()
-        if self._fit_start_step is None:
+        if self._steps.starts_fit:
             # After BackupAndRestore has restored the step, once per fit.
-            self._fit_start_step = step
             self._warn_if_fit_passes_total_steps(step, epoch)
         self._freeze_through(step)
 
@@ -798,6 +795,7 @@ class FreezeOut(keras.callbacks.Callback):
             self._freeze_through(step)
 
     def on_epoch_end(self, epoch, logs=None):
+        self._steps.epoch_end()
         if self._tensorboard.active:
             self._log_learning_rates(self._steps.read())
         if self.verbose:
@@ -824,9 +822,9 @@ class FreezeOut(keras.callbacks.Callback):
         The update that makes step `s` runs at the optimizer's rate for it
         times the group's factor at `s - 1` (the update count it reads).
         """
-        if self._fit_start_step is None:
+        if self._steps.fit_start_step is None:
             return
-        steps = self._tensorboard.new_steps(self._fit_start_step, step)
+        steps = self._tensorboard.new_steps(self._steps.fit_start_step, step)
         if not len(steps):
             return
         base = update_rates(

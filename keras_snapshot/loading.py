@@ -390,10 +390,10 @@ def model_with_weights(
 def assign_weights(model, arrays: list) -> None:
     """Puts `arrays` into `model.weights` as loading a `.keras` file does.
 
-    Layers that derive state from their variables (an adapted
-    `Normalization`, `Discretization`, lookups) recompute it
-    (`finalize_state`); a traced predict function, which would hold the
-    old derived state as constants, is dropped.
+    A layer with its own `load_own_variables` (an adapted `Normalization`
+    recomputes its mean from its variables there) gets its variables
+    through it, as in a `.keras` reload; then a traced predict function,
+    which would hold the old derived state as constants, is dropped.
 
     Example:
 
@@ -403,14 +403,17 @@ def assign_weights(model, arrays: list) -> None:
     """
     for variable, array in zip(model.weights, arrays):
         variable.assign(np.asarray(array).astype(variable.dtype))
-    derived = [
+    own_loaders = [
         layer
         for layer in nested_layers(model)
-        if callable(getattr(layer, "finalize_state", None))
+        if type(layer).load_own_variables
+        is not keras.layers.Layer.load_own_variables
     ]
-    for layer in derived:
-        layer.finalize_state()
-    if derived:
+    for layer in own_loaders:
+        store = {}
+        layer.save_own_variables(store)
+        layer.load_own_variables(store)
+    if own_loaders:
         for name in ("predict_function", "test_function"):
             if getattr(model, name, None) is not None:
                 setattr(model, name, None)

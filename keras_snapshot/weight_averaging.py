@@ -14,6 +14,7 @@ restores it with the weights; BatchNorm recalibration stays apart
 
 import contextlib
 import json
+import math
 import os
 import random
 import warnings
@@ -52,17 +53,27 @@ def is_float(variable) -> bool:
     return "float" in str(variable.dtype)
 
 
-def _check_writable(path: str, label: str) -> None:
-    """Refuses, before training, a `filepath` that cannot be written."""
-    try:
-        _fs.write_bytes(f"{path}.write-check", b"")
-        _fs.remove(f"{path}.write-check")
-    except OSError as e:
-        raise OSError(
-            f"{label} cannot write its averaged model to {path}: "
-            f"{e.strerror or e}. Pass a `filepath` in a writable folder. "
-            f"Received: filepath={path!r}."
-        ) from None
+def check_writable(path: str, label: str) -> None:
+    """Refuses, before training, a file path that cannot be written (its
+    folder is created if needed)."""
+    folder = _fs.parent(_fs.absolute(path))
+    above = folder
+    while above is not None and not _fs.exists(above):
+        above = _fs.parent(above)
+    if above is not None and not _fs.isdir(above):
+        reason = f"{above} is a file, not a folder"
+    else:
+        probe = _fs.join(folder, f".write-check-{os.getpid()}")
+        try:
+            _fs.write_bytes(probe, b"")
+            _fs.remove(probe)
+            return
+        except OSError as e:
+            reason = str(e.strerror or e)
+    raise OSError(
+        f"{label} cannot write {path}: {reason}. Pass a path in a writable "
+        f"folder. Received: filepath={path!r}."
+    )
 
 
 def warn_batchnorm(model, averaged_statistics: bool, stacklevel=3) -> None:
@@ -334,9 +345,9 @@ class WeightAveraging(keras.callbacks.Callback):
         self._steps = StepTracker(self)
         self._tensorboard = TensorBoardLog()
         self._update_fn = None
-        self._resumed = False
         self._training = False
         self._epoch_open = False
+        self._replaced = 0  # Models in another callback's average, replaced.
         self._swapped = None  # The trained values while validating.
         # ((count, last step), BatchNorm statistics) of the last
         # recalibration of the average.
@@ -459,15 +470,9 @@ class WeightAveraging(keras.callbacks.Callback):
             state.begin()
         elif _OWNERS.get(state, lambda: None)() is not self:
             # Left by another callback (an earlier fit): a new average.
-            # BackupAndRestore, which runs later, restores a saved one.
-            count = state.read()[0]
-            if count and self.verbose:
-                print_msg(
-                    f"{self._label}: the model holds an average of {count} "
-                    "models kept by another callback; starting a new "
-                    "average (pass the same callback to `fit` to continue "
-                    "one)."
-                )
+            # BackupAndRestore, which runs later, restores a saved one
+            # (`_resume` says which happened).
+            self._replaced = state.read()[0]
             state.begin()
         _OWNERS[state] = weakref.ref(self)
         self._state = state
@@ -597,31 +602,20 @@ class WeightAveraging(keras.callbacks.Callback):
 
     def _check_reachable(self, step: int, epoch: int) -> None:
         """Refuses averages due at steps no batch hook of this fit sees."""
-        epochs, length = self.params.get("epochs"), self.params.get("steps")
-        if (
-            self._every is None
-            or self._steps.steps_per_execution == 1
-            or not epochs
-            or not length
-        ):
+        left = self._steps.fit_updates(epoch)
+        if self._every is None or left is None:
             return
-        end = step + (epochs - epoch) * length // self._steps.accumulation
         first = max(self._start, self._next_due() or step)
-        due = range(first, end + 1, self._every)
-        missed = self._steps.unreachable(step, due, epochs - epoch)
-        if missed:
-            shown = missed[:5] + (["..."] if len(missed) > 5 else [])
-            raise ValueError(
-                f"With steps_per_execution={self._steps.steps_per_execution},"
-                " Keras calls back only at batches 0, N, 2N, ... of each "
-                f"epoch ({length} batches) and at its end, so "
-                f"{len(missed)} of the averages due every {self._every} "
-                f"steps from step {self._start} (at steps {shown}) cannot "
-                "be taken at their step. Choose `start_step` and "
-                "`every_steps` that are multiples of steps_per_execution "
-                "with an epoch length that is one too, or average per epoch "
-                "(`start_epoch`)."
-            )
+        self._steps.refuse_unreachable(
+            step,
+            range(first, step + left + 1, self._every),
+            epoch,
+            what=f"the averages (every {self._every} steps from step "
+            f"{self._start})",
+            fix="Choose `start_step` and `every_steps` that are multiples of "
+            "steps_per_execution with an epoch length that is one too, or "
+            "average per epoch (`start_epoch`).",
+        )
 
     def _take_due(self, step: int, epochs_done: int) -> None:
         due = self._next_due()
@@ -666,8 +660,7 @@ class WeightAveraging(keras.callbacks.Callback):
                 "Received: use_ema=True."
             )
         if self.filepath is not None:
-            _check_writable(self.filepath, self._label)
-        self._resumed = False
+            check_writable(self.filepath, self._label)
         self._training = True
         self._epoch_open = False
         self._recalibrated = None
@@ -678,11 +671,10 @@ class WeightAveraging(keras.callbacks.Callback):
         self._epoch = epoch
         self._epoch_open = True
         step = self._steps.epoch_begin()
-        if not self._resumed:
+        if self._steps.starts_fit:
             # After every on_train_begin: BackupAndRestore has restored.
             self._resume(step, epoch)
             self._check_reachable(step, epoch)
-            self._resumed = True
 
     def on_train_batch_begin(self, batch, logs=None):
         step = self._steps.poll(batch, self._next_due())
@@ -769,6 +761,7 @@ class WeightAveraging(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch, logs=None):
         self._end_epoch()
+        self._steps.epoch_end()
         self._epochs_done = epoch + 1
         self._log_count()
 
@@ -833,6 +826,14 @@ class WeightAveraging(keras.callbacks.Callback):
         (BackupAndRestore restores both together) and redoes an update due
         exactly at `step` that a kill lost."""
         count, last, done = self._state.read()
+        if self._replaced and not count and self.verbose:
+            print_msg(
+                f"{self._label}: the model held an average of "
+                f"{self._replaced} models kept by another callback; this "
+                "one starts a new average (pass the same callback to `fit` "
+                "to continue one)."
+            )
+        self._replaced = 0
         if count and last > step:
             warnings.warn(
                 f"{self._label}: the model's average was last updated at "
@@ -859,6 +860,23 @@ class WeightAveraging(keras.callbacks.Callback):
             ]
             redo = missing == [step]
             what = f"step(s) {missing}"
+        if missing and not redo and self.mode == "ema" and not count:
+            # A new EMA on a model trained before it: it starts here (an
+            # EMA forgets its start anyway); a new SWA would silently miss
+            # models it was asked for, and is refused below.
+            now = epoch if self._every is None else step
+            earlier = [m for m in missing if m < now]
+            if self._every is None:
+                self._epochs_done = max(earlier)
+            else:
+                self._last_step = max(earlier)
+            redo = now in missing
+            missing = [now] if redo else []
+            if self.verbose:
+                print_msg(
+                    f"{self._label}: the model is at step {step}, past the "
+                    f"average's start; the average starts here."
+                )
         if missing and not redo:
             raise ValueError(
                 f"{self._label} should have averaged the model at {what}, "
@@ -938,7 +956,7 @@ class AveragedModelCheckpoint(keras.callbacks.ModelCheckpoint):
             )
         super().__init__(filepath, **kwargs)
         self.averaging = averaging
-        self._best_checked = False
+        self._steps = StepTracker(self)
 
     @property
     def best_record_path(self) -> str | None:
@@ -949,7 +967,9 @@ class AveragedModelCheckpoint(keras.callbacks.ModelCheckpoint):
 
     def on_train_begin(self, logs=None):
         super().on_train_begin(logs)
-        self._best_checked = False
+        self._steps.attach()
+        if "{" not in os.path.dirname(self.filepath):
+            check_writable(self.filepath, "AveragedModelCheckpoint")
         if self.averaging.model is not self.model:
             raise ValueError(
                 "AveragedModelCheckpoint needs its WeightAveraging in the "
@@ -974,12 +994,12 @@ class AveragedModelCheckpoint(keras.callbacks.ModelCheckpoint):
 
     def on_epoch_begin(self, epoch, logs=None):
         super().on_epoch_begin(epoch, logs)
-        if not self._best_checked:
+        step = self._steps.epoch_begin()
+        if self._steps.starts_fit:
             # After every on_train_begin: BackupAndRestore has restored.
-            self._best_checked = True
-            self._resume_best()
+            self._resume_best(step)
 
-    def _resume_best(self) -> None:
+    def _resume_best(self, step: int) -> None:
         path = self.best_record_path
         if (
             path is None
@@ -987,22 +1007,31 @@ class AveragedModelCheckpoint(keras.callbacks.ModelCheckpoint):
             or not _fs.exists(path)
         ):
             return
-        step = optimizer_updates(self.model)
         if step == 0:
             return  # A new run: its own best.
-        record = json.loads(_fs.read_text(path))
-        run = self.averaging._state.run_number()
-        if (
-            record.get("monitor") != self.monitor
-            or record.get("run") != run
-            or record.get("step", step + 1) > step
-        ):
+        try:
+            record = json.loads(_fs.read_text(path))
+            best, at = float(record["best"]), int(record["step"])
+            same = (
+                record.get("monitor") == self.monitor
+                and record.get("run") == self.averaging._state.run_number()
+                and at <= step
+            )
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
             print_msg(
-                f"AveragedModelCheckpoint: {path} was written by another "
-                "run; this run keeps its own best."
+                f"AveragedModelCheckpoint: ignoring {path}, which is not a "
+                f"record of a best score ({type(e).__name__}: {e}); this run "
+                "keeps its own best."
             )
             return
-        self.best = record["best"]
+        if not same or not math.isfinite(best):
+            print_msg(
+                f"AveragedModelCheckpoint: {path} was written by another "
+                "run (or an older keras-snapshot); this run keeps its own "
+                "best."
+            )
+            return
+        self.best = best
         print_msg(
             f"AveragedModelCheckpoint: resumed at step {step}; the best "
             f"{self.monitor} so far is {self.best:.5f} (epoch "

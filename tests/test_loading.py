@@ -220,29 +220,30 @@ def test_every_loader_refuses_bad_loading_keywords(
 
 
 def model_with_state(x):
-    """Adapted Normalization (derived state), Dropout, BatchNorm inside a
-    nested model, integer variables (Normalization's count)."""
+    """Adapted Normalization (derived state), an adapted Discretization
+    (state outside its variables), Dropout, BatchNorm inside a nested
+    model, integer variables (Normalization's count)."""
     keras.utils.set_random_seed(0)
     norm = keras.layers.Normalization()
     norm.adapt(x)
+    bins = keras.layers.Discretization(num_bins=4)
+    bins.adapt(x)
+    inputs = keras.Input((x.shape[1],))
+    embedded = keras.layers.Embedding(4, 2)(bins(inputs))
+    features = keras.layers.Concatenate()(
+        [norm(inputs), keras.layers.Flatten()(embedded)]
+    )
     block = keras.Sequential(
         [
-            keras.Input((x.shape[1],)),
             keras.layers.Dense(16),
             keras.layers.BatchNormalization(),
             keras.layers.Activation("relu"),
         ],
         name="block",
     )
-    model = keras.Sequential(
-        [
-            keras.Input((x.shape[1],)),
-            norm,
-            block,
-            keras.layers.Dropout(0.5),
-            keras.layers.Dense(3, activation="softmax"),
-        ]
-    )
+    hidden = keras.layers.Dropout(0.5)(block(features))
+    outputs = keras.layers.Dense(3, activation="softmax")(hidden)
+    model = keras.Model(inputs, outputs)
     model.compile("sgd", "sparse_categorical_crossentropy")
     y = np.arange(len(x)) % 3
     model.fit(x, y, epochs=2, batch_size=16, verbose=0)

@@ -277,3 +277,10 @@ def test_logged_steps_thin_a_long_epoch_and_keep_its_last_step():
     assert np.all(np.diff(steps) > 0)
     assert list(logged_steps(3, 5)) == [3, 4, 5]
     assert len(logged_steps(5, 4)) == 0
+
+
+def test_a_log_dir_that_is_a_file_is_refused_in_one_line(tmp_path):
+    (tmp_path / "logs").write_text("a file")
+    with pytest.raises(ValueError, match=r"is a file") as info:
+        fit_with_snapshots(tmp_path)
+    assert len(str(info.value).splitlines()) == 1

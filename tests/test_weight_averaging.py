@@ -872,3 +872,106 @@ def test_greedy_soup_labels_one_hot_or_refused_in_one_line():
         with pytest.raises(ValueError, match=match) as info:
             greedy_soup(members, (x_val, bad))
         assert len(str(info.value).splitlines()) == 1
+
+
+def test_a_new_ema_on_a_trained_model_starts_where_the_model_is(capsys):
+    """EMA forgets its start: on a model trained before (fine-tuning) it
+    begins at the current step. (A new SWA whose start is in the past is
+    refused: tests/test_averaging.py.)"""
+    keras.utils.set_random_seed(0)
+    x, y = make_data(n=48)
+    model = make_model(batchnorm=False)
+    model.compile(keras.optimizers.SGD(0.05), "sparse_categorical_crossentropy")
+    model.fit(x, y, batch_size=8, epochs=1, verbose=0)  # Step 6.
+    ema = WeightAveraging(mode="ema", decay=0.5)
+    model.fit(x, y, batch_size=8, epochs=1, verbose=0, callbacks=[ema])
+    assert ema.num_averaged == 7  # Steps 6 (where it starts) to 12.
+    assert ema._last_step == 12
+    assert "the average starts here" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["{", "", '{"best": 1.0}', "[1]", '{"best": 1.0, "step": "x"}'],
+    ids=["truncated", "empty", "no_step", "list", "bad_step"],
+)
+def test_a_best_record_that_is_not_one_is_ignored(tmp_path, capsys, text):
+    path = str(tmp_path / "best.keras")
+    averaging = WeightAveraging(mode="ema", decay=0.7, verbose=0)
+
+    def checkpoint():
+        return AveragedModelCheckpoint(
+            averaging, path, monitor="score", mode="min", save_best_only=True
+        )
+
+    model, _, _ = fit_with(
+        averaging, epochs=1, callbacks=[Scores([1.0]), checkpoint()]
+    )
+    with open(f"{path}.best.json", "w") as f:
+        f.write(text)
+    best = checkpoint()
+    x, y = make_data(n=48)
+    model.fit(
+        x,
+        y,
+        batch_size=8,
+        initial_epoch=1,
+        epochs=2,
+        verbose=0,
+        callbacks=[averaging, Scores([0.0, 2.0]), best],
+    )
+    assert best.best == 2.0  # Its own best, not a crash.
+    assert "is not a record of a best score" in capsys.readouterr().out
+
+
+def test_an_averaged_checkpoint_that_cannot_be_written_is_refused_first(
+    tmp_path,
+):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    averaging = WeightAveraging(mode="ema", verbose=0)
+    best = AveragedModelCheckpoint(averaging, str(blocker / "best.keras"))
+    with pytest.raises(OSError, match=r"a_file is a file, not a folder"):
+        fit_with(averaging, callbacks=[best])
+    assert averaging.model.optimizer.iterations.numpy() == 0
+
+
+def test_a_resume_with_fresh_callbacks_says_resumed_only(tmp_path, capsys):
+    backup = str(tmp_path / "backup")
+    first = WeightAveraging(mode="swa", start_epoch=1, verbose=0)
+    with pytest.raises(RuntimeError):
+        fit_with(
+            first,
+            epochs=3,
+            callbacks=[
+                keras.callbacks.BackupAndRestore(backup),
+                CrashAtEpochEnd(1),
+            ],
+        )
+    model = first.model
+    resumed = WeightAveraging(mode="swa", start_epoch=1)
+    x, y = make_data(n=48)
+    model.fit(
+        x,
+        y,
+        batch_size=8,
+        epochs=3,
+        shuffle=False,
+        verbose=0,
+        callbacks=[keras.callbacks.BackupAndRestore(backup), resumed],
+    )
+    out = capsys.readouterr().out
+    assert resumed.num_averaged == 3
+    assert "resumed at step 12 with the average of 2 models" in out
+    assert "new average" not in out
+
+
+def test_greedy_soup_refuses_a_single_output_model():
+    keras.utils.set_random_seed(0)
+    x, y = make_data(n=32, classes=2)
+    model = keras.Sequential(
+        [keras.Input((8,)), keras.layers.Dense(1, activation="sigmoid")]
+    )
+    with pytest.raises(ValueError, match=r"one output per class") as info:
+        greedy_soup([model, model], (x, y), from_logits=False)
+    assert len(str(info.value).splitlines()) == 1

@@ -48,7 +48,6 @@ RUN_OUTPUTS = (
     "evaluation_train.json",
     "evaluation_val.json",
     "evaluation_test.json",
-    "classes.json",
 )
 # Settings that define a run: resuming with other values is refused.
 RUN_KEYS = (

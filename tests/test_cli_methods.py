@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 
 import keras
 import numpy as np
@@ -187,3 +188,12 @@ def test_resuming_with_another_method_exits_2(swa_run, capsys):
     )
     assert code == 2
     assert "--method swa" in capsys.readouterr().err
+
+
+def test_another_method_with_overwrite_starts_over(swa_run, tmp_path):
+    run_dir = str(tmp_path / "run")
+    shutil.copytree(swa_run[0], run_dir)
+    argv = ["train", *SMALL, "--method", "fge", "--output-dir", run_dir]
+    assert cli.main([*argv, "--overwrite"]) == 0
+    with open(os.path.join(run_dir, "run.json")) as f:
+        assert json.load(f)["config"]["method"] == "fge"

@@ -65,7 +65,8 @@ def train_command(args) -> int:
     data = run_lib.load_data(config, args.data_dir)
     # Checks M against the budget before anything is written.
     schedule = methods_lib.make_schedule(config, data)
-    methods_lib.check_resume(config)
+    if not args.overwrite:  # --overwrite starts over, whatever the method.
+        methods_lib.check_resume(config)
     pipeline.check_model(config, data)
     run = pipeline.start_run(config, overwrite=args.overwrite)
     run_dir = config["output_dir"]

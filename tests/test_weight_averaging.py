@@ -431,7 +431,7 @@ def test_a_new_callback_starts_a_new_average_and_says_so(capsys):
     second = WeightAveraging(mode="swa", start_epoch=1)
     model.fit(x, y, batch_size=8, epochs=2, verbose=0, callbacks=[second])
     assert second.num_averaged == 2  # Not 4: the first one's is not its.
-    assert "starting a new average" in capsys.readouterr().out
+    assert "starts a new average" in capsys.readouterr().out
     # The same callback in a later fit continues its own average.
     model.fit(
         x,

@@ -111,6 +111,29 @@ def test_evaluate_and_export_refuse_an_unfinished_run(
         run_file.write_text(saved)
 
 
+def test_export_overwrite_keeps_a_classes_json_folder_or_link(
+    folder_run, tmp_path, capsys
+):
+    _, run_dir = folder_run
+    precious = tmp_path / "precious.json"
+    precious.write_text("[]")
+    for kind, make in (
+        ("folder", lambda p: (p.mkdir(), (p / "keep.txt").write_text("x"))),
+        ("symbolic link", lambda p: p.symlink_to(precious)),
+    ):
+        out = tmp_path / f"out_{kind[0]}"
+        out.mkdir()
+        make(out / "classes.json")
+        argv = ["export", str(run_dir), str(out), "--overwrite"]
+        assert cli.main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert f"classes.json is a {kind}" in err and "\n" not in err, err
+        assert sorted(os.listdir(out)) == ["classes.json"]
+    assert (tmp_path / "out_f" / "classes.json" / "keep.txt").exists()
+    assert os.path.islink(tmp_path / "out_s" / "classes.json")
+    assert precious.read_text() == "[]"
+
+
 def _members(path):
     model = keras.saving.load_model(path)
     return sorted(
@@ -162,6 +185,51 @@ def _model_file(path, activation, outputs=1):
         for i in range(outputs)
     ]
     keras.Model(inputs, heads if outputs > 1 else heads[0]).save(path)
+
+
+def test_a_model_file_is_recorded_by_its_absolute_path(
+    tmp_path, monkeypatch, capsys
+):
+    monkeypatch.chdir(tmp_path)
+    _easy_npz("blobs.npz")
+    _model_file("net.keras", "softmax")
+    run_dir = tmp_path / "runs" / "blobs_net_seed0"
+    argv = ["train", "--data", "blobs.npz", "--model", "net.keras", *FAST]
+    assert cli.main(argv) == 0
+    run_file = run_dir / "run.json"
+    run = json.loads(run_file.read_text())
+    assert run["config"]["model"] == str(tmp_path / "net.keras")
+    # The same run, named from another folder, resumes.
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    again = ["train", "--data", "../blobs.npz", "--model", "../net.keras"]
+    assert cli.main([*again, "--output-dir", str(run_dir), *FAST]) == 0
+    assert "Training already finished" in capsys.readouterr().out
+    # A run.json of an earlier version, with the path as typed, too.
+    run["config"]["model"] = "net.keras"
+    run_file.write_text(json.dumps(run))
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(argv) == 0
+    assert "Training already finished" in capsys.readouterr().out
+
+
+def test_a_model_file_that_now_scales_its_input_is_refused_on_resume(
+    tmp_path, monkeypatch, capsys
+):
+    monkeypatch.chdir(tmp_path)
+    _easy_npz("blobs.npz")
+    _input_model_file("swap.keras")
+    argv = ["train", "--data", "blobs.npz", "--model", "swap.keras", *FAST]
+    assert cli.main(argv) == 0
+    capsys.readouterr()
+    _input_model_file("swap.keras", [keras.layers.Rescaling(1 / 255)])
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err, err
+    assert (
+        "runs/blobs_swap_seed0 was trained with pixel values in [0, 1], but "
+        f"the model file {tmp_path / 'swap.keras'} now takes [0, 255]"
+    ) in err, err
 
 
 def test_a_logits_model_file_trains_with_from_logits_on_an_npz(
@@ -303,8 +371,8 @@ def test_the_cli_quiets_tensorflow_unless_the_user_set_a_level(monkeypatch):
 # Issue 31, "Nothing silent" ------------------------------------------------
 
 
-def _input_model_file(path, first_layers=()):
-    inputs = keras.Input((6, 6, 1))
+def _input_model_file(path, first_layers=(), channels=1):
+    inputs = keras.Input((6, 6, channels))
     x = inputs
     for layer in first_layers:
         x = layer(x)
@@ -356,7 +424,7 @@ def test_a_model_that_scales_its_own_input_gets_raw_pixel_values(
     "first_layers, scales",
     [
         ([keras.layers.Rescaling(1 / 255)], True),
-        ([keras.layers.Normalization(mean=0.0, variance=1.0)], True),
+        ([keras.layers.Normalization(mean=127.5, variance=5000.0)], True),
         (
             [keras.layers.Resizing(6, 6), keras.layers.Rescaling(1 / 127.5)],
             True,
@@ -368,17 +436,35 @@ def test_a_model_that_scales_its_own_input_gets_raw_pixel_values(
             ],
             True,
         ),
+        (
+            [
+                keras.layers.RandomContrast(0.2),
+                keras.layers.RandomBrightness(0.1, value_range=(0, 255)),
+                keras.layers.Rescaling(1 / 255, offset=-1),
+            ],
+            True,
+        ),
         ([], False),
         ([keras.layers.Conv2D(2, 3), keras.layers.Rescaling(2.0)], False),
+        # Scales [0, 1] to [-1, 1] or centers it: expects [0, 1].
+        ([keras.layers.Rescaling(2.0, offset=-1)], False),
+        ([keras.layers.Rescaling(1.0, offset=-0.5)], False),
+        ([keras.layers.Normalization(mean=0.5, variance=0.25)], False),
+        (
+            [keras.layers.Normalization(mean=[0.4, 0.5, 3], variance=[1] * 3)],
+            True,
+        ),
     ],
-    ids=["rescaling", "normalization", "resize-then-rescale", "augment", "none"]
-    + ["rescaling-later"],
+    ids=["rescaling", "normalization", "resize-then-rescale", "augment"]
+    + ["contrast-brightness", "none", "rescaling-later", "rescaling-to-pm1"]
+    + ["rescaling-center", "normalization-01", "normalization-per-channel"],
 )
 def test_which_models_scale_their_own_input(tmp_path, first_layers, scales):
     path = str(tmp_path / "net.keras")
-    _input_model_file(path, first_layers)
+    _input_model_file(path, first_layers, channels=3)
     model = keras.saving.load_model(path)
     assert (pipeline.input_scaling_layer(model) is not None) == scales
+    assert pipeline.model_pixel_max(path) == (255 if scales else 1)
 
 
 def test_an_ensemble_no_better_than_chance_is_flagged(
@@ -407,10 +493,21 @@ def test_the_class_names_are_recorded_and_exported(folder_run, tmp_path):
     classes = ["cat", "dog", "eel"]
     assert json.loads((run_dir / "run.json").read_text())["classes"] == classes
     assert json.loads((run_dir / "classes.json").read_text()) == classes
-    assert "0: cat, 1: dog, 2: eel" in (run_dir / "report.md").read_text()
+    assert '0: "cat", 1: "dog", 2: "eel"' in (run_dir / "report.md").read_text()
     out = tmp_path / "out"
     assert cli.main(["export", str(run_dir), str(out), "--last", "1"]) == 0
     assert json.loads((out / "classes.json").read_text()) == classes
+
+
+def test_class_names_with_commas_or_newlines_stay_one_line(folder_run):
+    from keras_snapshot.app import report as report_lib
+
+    _, run_dir = folder_run
+    report = json.loads((run_dir / "report.json").read_text())
+    report["classes"] = ["a, 1: b", "c\nd", 'e"']
+    lines = report_lib.markdown_report(report).splitlines()
+    (line,) = [line for line in lines if line.startswith("Classes")]
+    assert line == 'Classes (label: name): 0: "a, 1: b", 1: "c\\nd", 2: "e\\"".'
 
 
 def _npz(tmp_path, **arrays):

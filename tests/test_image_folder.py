@@ -258,3 +258,78 @@ def test_the_fingerprint_names_what_changed_in_a_folder(tmp_path):
     changes = fingerprint_changes(before, after)
     assert "train: 12 -> 13 images" in changes
     assert "the files differ" in changes
+
+
+def test_the_fingerprint_sees_a_file_whose_contents_changed(tmp_path):
+    from keras_snapshot.app.datasets import fingerprint_changes
+
+    write_image_folder(tmp_path, count=5)
+    before = open_dataset(str(tmp_path), validation_fraction=0).fingerprint()
+    # Same names, same labels: only the contents of cat/000.png change.
+    _png(tmp_path / "cat" / "000.png", shape=(8, 6, 3))
+    os.utime(tmp_path / "cat" / "000.png", ns=(1, 1))
+    after = open_dataset(str(tmp_path), validation_fraction=0).fingerprint()
+    assert fingerprint_changes(before, after) == ["the files differ"]
+    # A run.json written before the file sizes and times were recorded.
+    old = {k: v for k, v in before.items() if k != "file_stats_sha256"}
+    assert fingerprint_changes(old, after) == []
+
+
+def test_the_fingerprint_sees_changed_npz_images(tmp_path):
+    from keras_snapshot.app.datasets import fingerprint_changes
+
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 255, (40, 8, 8), dtype=np.uint8)
+    y = np.repeat(np.arange(2), 20)
+    path = str(tmp_path / "d.npz")
+    np.savez(path, x_train=x, y_train=y, x_test=x[:10], y_test=y[:10])
+    before = open_dataset(path).fingerprint()
+    assert open_dataset(path).fingerprint() == before
+    np.savez(path, x_train=x, y_train=y, x_test=255 - x[:10], y_test=y[:10])
+    after = open_dataset(path).fingerprint()
+    assert fingerprint_changes(before, after) == ["the images differ"]
+    old = {k: v for k, v in before.items() if k != "images_sha256"}
+    assert fingerprint_changes(old, after) == []
+
+
+@pytest.mark.parametrize("name", ["train", "Test", "VALIDATION"])
+def test_split_folders_inside_class_folders_are_refused(tmp_path, name):
+    write_image_folder(tmp_path / "cat" / name, classes=("a",), count=2)
+    write_image_folder(tmp_path, classes=("dog",), count=2)
+    message = rf"cat holds split folders.*train/<class>/.*\['{name}'\]"
+    with pytest.raises(ValueError, match=message) as e:
+        open_dataset(str(tmp_path))
+    assert "\n" not in str(e.value)
+
+
+def test_a_test_folder_of_the_class_names_is_a_split_not_a_class(tmp_path):
+    write_image_folder(tmp_path, classes=("cat", "dog"), count=4)
+    write_image_folder(tmp_path / "test", classes=("cat", "dog"), count=2)
+    with pytest.raises(ValueError, match=r"test.*cat.*train/ \+ test/") as e:
+        open_dataset(str(tmp_path))
+    assert "\n" not in str(e.value)
+    # A test/ folder of other subfolders stays a class.
+    other = tmp_path / "other"
+    write_image_folder(other, classes=("cat", "dog"), count=4)
+    write_image_folder(other / "test", classes=("misc",), count=4)
+    listed = image_folder.list_image_folder(str(other))
+    assert listed.class_names == ("cat", "dog", "test")
+
+
+def test_symlinked_subfolders_of_a_class_are_followed_once(tmp_path):
+    write_image_folder(tmp_path / "data", classes=("cat", "dog"), count=2)
+    write_image_folder(tmp_path / "elsewhere", classes=("more",), count=3)
+    os.symlink(tmp_path / "elsewhere" / "more", tmp_path / "data" / "cat" / "m")
+    # A cycle: a link back to the class folder itself.
+    os.symlink(tmp_path / "data" / "cat", tmp_path / "data" / "cat" / "loop")
+    listed = image_folder.list_image_folder(str(tmp_path / "data"))
+    names = [os.path.relpath(p, tmp_path / "data") for p in listed.paths]
+    assert names == [
+        "cat/000.png",
+        "cat/001.png",
+        "cat/m/000.png",
+        "cat/m/001.png",
+        "cat/m/002.png",
+        "dog/000.png",
+        "dog/001.png",
+    ]

@@ -208,9 +208,10 @@ def build_parser() -> argparse.ArgumentParser:
         default="flat_cnn",
         help="flat_cnn, small_cnn, resnet20, resnet56, resnet110, densenet40, "
         "wrn32_4, or the path of a .keras model file. A .keras model whose "
-        "first layer after the Input is Rescaling or Normalization (it "
-        "scales its own input) gets raw pixel values 0-255; any other "
-        "model gets pixel values in [0, 1]",
+        "first layer after the Input (past resizing, cropping and "
+        "augmentation) scales 0-255 down (Rescaling with |scale| <= 0.05, "
+        "e.g. 1/255, or Normalization with a mean above 2) gets raw pixel "
+        "values 0-255; any other model gets pixel values in [0, 1]",
     )
     train.add_argument(
         "--epochs", type=_positive_int("epochs"), default=100, help="epochs"

@@ -60,18 +60,6 @@ SPLITS = ("train", "val", "test")
 _PROBE_TIMEOUT = 10.0
 """Seconds to wait for a tensorflow-datasets download server to answer."""
 _PAD = 4
-_FASHION_CLASSES = (
-    "T-shirt/top",
-    "Trouser",
-    "Pullover",
-    "Dress",
-    "Coat",
-    "Sandal",
-    "Shirt",
-    "Sneaker",
-    "Bag",
-    "Ankle boot",
-)
 _FASHION_FILES = {
     "x_train": "train-images-idx3-ubyte.gz",
     "y_train": "train-labels-idx1-ubyte.gz",
@@ -125,9 +113,11 @@ class _Splits:
     def fingerprint(self) -> dict:
         """What identifies the data a run was trained on, for `run.json`.
 
-        The number of examples of each split, a sha256 of their labels
-        and, for a folder of images, a sha256 of its sorted file list.
-        `fingerprint_changes` compares two fingerprints.
+        The number of examples of each split, a sha256 of their labels,
+        for an `.npz` a sha256 of each split's images and, for a folder of
+        images, a sha256 of its sorted file list and one of each file's
+        size and modification time. `fingerprint_changes` compares two
+        fingerprints.
         """
         digest = hashlib.sha256()
         for split in SPLITS:
@@ -138,9 +128,10 @@ class _Splits:
             "counts": {split: self.count(split) for split in SPLITS},
             "labels_sha256": digest.hexdigest(),
         }
-        files = getattr(self, "files_sha256", None)
-        if files is not None:
-            result["files_sha256"] = files
+        for key in ("files_sha256", "file_stats_sha256", "images_sha256"):
+            value = getattr(self, key, None)
+            if value is not None:
+                result[key] = value
         return result
 
     def count(self, split: str) -> int:
@@ -230,6 +221,8 @@ class Dataset(_Splits):
         class_names: The name of each class, label i first; empty for
             "0", "1", ... (`classes`).
         pixel_max: 1, or 255 for raw pixel values (`with_pixel_max`).
+        images_sha256: For an `.npz`, a sha256 of the images of each
+            split (`fingerprint`), else None.
     """
 
     x_train: np.ndarray
@@ -243,6 +236,7 @@ class Dataset(_Splits):
     name: str
     class_names: tuple = ()
     pixel_max: float = 1.0
+    images_sha256: str | None = None
 
     def labels(self, split: str) -> np.ndarray:
         """The int32 labels of `split` ("train", "val" or "test")."""
@@ -271,6 +265,8 @@ class StreamedDataset(_Splits):
         class_names: The name of each class, label i first.
         files_sha256: For a folder of images, a sha256 of its sorted
             file list (`fingerprint`), else None.
+        file_stats_sha256: For a folder of images, a sha256 of each
+            file's size and modification time (`fingerprint`), else None.
         pixel_max: 1, or 255 for raw pixel values (`with_pixel_max`).
     """
 
@@ -282,6 +278,7 @@ class StreamedDataset(_Splits):
     class_names: tuple = ()
     files_sha256: str | None = None
     pixel_max: float = 1.0
+    file_stats_sha256: str | None = None
 
     def labels(self, split: str) -> np.ndarray:
         """The int32 labels of `split` ("train", "val" or "test")."""
@@ -416,7 +413,7 @@ def _load_fashion_mnist(data_dir, fraction, seed):
         10,
         fraction,
         seed,
-        _FASHION_CLASSES,
+        example_data.CLASS_NAMES,
     )
 
 
@@ -449,7 +446,7 @@ def _load_fashion_mnist_small(data_dir, fraction, seed):
         10,
         fraction,
         seed,
-        _FASHION_CLASSES,
+        example_data.CLASS_NAMES,
     )
 
 
@@ -780,6 +777,10 @@ def _open_image_folder(
         return make
 
     names = sorted(os.path.relpath(p, folder) for p in all_paths)
+    stats = hashlib.sha256()
+    for name in names:
+        info = os.stat(os.path.join(folder, name))
+        stats.update(f"{name}\t{info.st_size}\t{info.st_mtime_ns}\n".encode())
     return StreamedDataset(
         name=folder,
         num_classes=len(listed.class_names),
@@ -788,6 +789,7 @@ def _open_image_folder(
         streams={split: stream(split) for split in SPLITS},
         class_names=listed.class_names,
         files_sha256=hashlib.sha256("\n".join(names).encode()).hexdigest(),
+        file_stats_sha256=stats.hexdigest(),
     )
 
 
@@ -1031,6 +1033,11 @@ def _load_npz(path, fraction, seed, test_fraction):
             f"`x_test` and `y_test`. Received arrays {sorted(arrays)}."
         )
     data = _finish(path, x, y, x_test, y_test, num_classes, fraction, seed)
+    images = hashlib.sha256()
+    for split in SPLITS:
+        images.update(f"{split}:".encode())
+        images.update(np.ascontiguousarray(getattr(data, f"x_{split}")).data)
+    data = dataclasses.replace(data, images_sha256=images.hexdigest())
     _check_counts(
         path,
         {split: data.count(split) for split in SPLITS},
@@ -1199,9 +1206,17 @@ def fingerprint_changes(recorded: dict, current: dict) -> list:
         for split, count in current["counts"].items()
         if recorded.get("counts", {}).get(split) != count
     ]
-    if recorded.get("labels_sha256") != current["labels_sha256"]:
+
+    def differ(key):
+        # Only keys both have: an older run.json lacks the newer ones.
+        both = key in recorded and key in current
+        return both and recorded[key] != current[key]
+
+    if differ("labels_sha256"):
         changes.append("the labels differ")
-    if recorded.get("files_sha256") != current.get("files_sha256"):
+    if differ("images_sha256"):
+        changes.append("the images differ")
+    if differ("files_sha256") or differ("file_stats_sha256"):
         changes.append("the files differ")
     return changes
 

@@ -103,17 +103,20 @@ def _check_entries(output: str, format: str, serving_version) -> None:
     `ENSEMBLE_FILE` and the `.tflite` or `.onnx` entry are files, the
     SavedModel entry (and its `--serving-version` folder) a folder: found
     as another kind, or as a symbolic link to a folder, it was not written
-    by an export and is never replaced.
+    by an export and is never replaced. `CLASSES_FILE` is a plain file:
+    a folder or any symbolic link there is the user's.
     """
     entry = format_entry(format, serving_version)
-    wanted = {ENSEMBLE_FILE: "file", entry: "file"}
+    wanted = {ENSEMBLE_FILE: "file", entry: "file", CLASSES_FILE: "file"}
     if format == "saved_model":
         wanted[SAVED_MODEL_DIR] = wanted[entry] = "folder"
     for name, want in wanted.items():
         path = os.path.join(output, name)
         if not os.path.lexists(path):
             continue
-        if os.path.islink(path) and (want == "folder" or os.path.isdir(path)):
+        if os.path.islink(path) and (
+            want == "folder" or os.path.isdir(path) or name == CLASSES_FILE
+        ):
             found = "symbolic link"
         elif os.path.isdir(path):
             found = "folder"

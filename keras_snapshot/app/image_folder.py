@@ -94,13 +94,26 @@ def _class_images(folder: str, class_names) -> tuple:
     """Paths and labels of the images in each class subfolder (recursive).
 
     Hidden files and folders (`.thumbnails/`, macOS's `._x.jpg`) are
-    skipped: they are not images of the class.
+    skipped: they are not images of the class. Symlinked folders are
+    followed, each real folder once (a link back up is no cycle).
     """
     paths, labels = [], []
     for label, name in enumerate(class_names):
-        found = []
-        for root, dirs, files in os.walk(os.path.join(folder, name)):
-            dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        class_dir = os.path.join(folder, name)
+        _check_no_split_inside(folder, name)
+        found, visited = [], set()
+        for root, dirs, files in os.walk(class_dir, followlinks=True):
+            real = os.path.realpath(root)
+            if real in visited:
+                dirs[:] = []
+                continue
+            visited.add(real)
+            dirs[:] = sorted(
+                d
+                for d in dirs
+                if not d.startswith(".")
+                and os.path.realpath(os.path.join(root, d)) not in visited
+            )
             found += [
                 os.path.join(root, f)
                 for f in sorted(files)
@@ -109,13 +122,29 @@ def _class_images(folder: str, class_names) -> tuple:
             ]
         if not found:
             raise ValueError(
-                f"The class folder {os.path.join(folder, name)} holds no "
+                f"The class folder {class_dir} holds no "
                 f"images ({', '.join(IMAGE_EXTENSIONS)}). Remove it, or put "
                 "the images of that class in it."
             )
         paths += found
         labels += [label] * len(found)
     return np.array(paths, dtype=str), np.array(labels, dtype=np.int32)
+
+
+def _check_no_split_inside(folder: str, name: str) -> None:
+    """Refuses a class folder of split folders (`cat/train/`, `cat/test/`)."""
+    inside = [
+        d
+        for d in _subfolders(os.path.join(folder, name))
+        if d.lower() in SPLIT_FOLDERS
+    ]
+    if inside:
+        raise ValueError(
+            f"The class folder {os.path.join(folder, name)} holds split "
+            f"folders: splits go above the classes (train/<class>/ beside "
+            "test/<class>/ or val/<class>/), not inside them. Received: "
+            f"{inside}."
+        )
 
 
 def _check_classes(folder: str, class_names) -> None:
@@ -148,6 +177,8 @@ def _split_folders(folder: str, names) -> dict | None:
             splits.setdefault(split, []).append(name)
     found = [name for folders in splits.values() for name in folders]
     if "train" not in splits and len(found) < 2:
+        if found:
+            _check_lone_split(folder, found[0], names)
         return None
     others = [name for name in names if name not in found]
     twice = [(s, folders) for s, folders in splits.items() if len(folders) > 1]
@@ -168,6 +199,25 @@ def _split_folders(folder: str, names) -> dict | None:
             f"{LAYOUTS}."
         )
     return {split: folders[0] for split, folders in splits.items()}
+
+
+def _check_lone_split(folder: str, name: str, names) -> None:
+    """Refuses a lone `test/` (or val) whose subfolders are its siblings.
+
+    `data/cat/`, `data/dog/`, `data/test/cat/`, `data/test/dog/` is a test
+    split beside classes, not a class named "test"; a `test/` of other
+    subfolders stays a class.
+    """
+    inside = _subfolders(os.path.join(folder, name))
+    if inside and set(inside) <= set(names) - {name}:
+        raise ValueError(
+            f"{os.path.join(folder, name)} holds the other class folders "
+            f"({', '.join(inside)}), so it is a split, but the training "
+            "images are not in a train folder. Layouts understood: class "
+            "folders only (a test split is held out), or split folders "
+            f"each holding the class folders: {LAYOUTS}. Received: "
+            f"{sorted(names)}."
+        )
 
 
 def list_image_folder(folder: str) -> ImageFolder:

@@ -29,6 +29,7 @@ import shutil
 import time
 
 import keras
+import numpy as np
 
 from keras_snapshot import _fs
 from keras_snapshot._steps import optimizer_updates
@@ -96,6 +97,8 @@ def run_config(args) -> dict:
         if key != "data"
     }
     config["data"] = None if args.data is None else os.path.abspath(args.data)
+    if args.model not in MODELS:  # A file: found again from any folder.
+        config["model"] = os.path.abspath(args.model)
     config["output_dir"] = args.output_dir or default_run_dir(args)
     config["pixel_max"] = model_pixel_max(args.model)
     return config
@@ -113,6 +116,8 @@ _SCALE_KEEPING_LAYERS = (
     keras.layers.RandomRotation,
     keras.layers.RandomTranslation,
     keras.layers.RandomZoom,
+    keras.layers.RandomContrast,
+    keras.layers.RandomBrightness,
 )
 
 
@@ -126,28 +131,46 @@ def _flat_layers(model):
 
 
 def input_scaling_layer(model):
-    """The layer that scales the model's input first thing, or None.
+    """The layer that scales the model's 0-255 input first thing, or None.
 
-    That is a `keras.layers.Rescaling` or `Normalization` layer met
-    before any other layer after the `Input`, past layers that keep the
-    values' scale (resizing, cropping, flips and other geometric
-    augmentation), also inside a nested model (a `keras.Sequential` of
-    augmentation layers first, as in the Keras tutorials).
+    That is a `keras.layers.Rescaling` that scales down (|scale| <= 0.05,
+    as 1/255 and 1/127.5 do) or a `Normalization` whose mean has a value
+    above 2, met before any other layer after the `Input`, past layers
+    that keep the values' scale (resizing, cropping, flips, contrast,
+    brightness and other augmentation), also inside a nested model (a
+    `keras.Sequential` of augmentation layers first, as in the Keras
+    tutorials). A `Rescaling(2.0, offset=-1)` or a `Normalization` of
+    mean 0.5 expects values in [0, 1]: None.
     """
     for layer in _flat_layers(model):
         if not isinstance(layer, _SCALE_KEEPING_LAYERS):
-            scaling = (keras.layers.Rescaling, keras.layers.Normalization)
-            return layer if isinstance(layer, scaling) else None
+            return layer if _expects_0_255(layer) else None
     return None
+
+
+def _expects_0_255(layer) -> bool:
+    if isinstance(layer, keras.layers.Rescaling):
+        scale = np.abs(np.asarray(layer.scale, dtype="float64"))
+        return bool(scale.size) and bool(np.all(scale <= 0.05))
+    if isinstance(layer, keras.layers.Normalization):
+        mean = getattr(layer, "mean", None)
+        if mean is None:
+            mean = getattr(layer, "input_mean", None)
+        if mean is None:
+            return False
+        mean = np.asarray(keras.ops.convert_to_numpy(mean), dtype="float64")
+        return bool(np.any(mean > 2))
+    return False
 
 
 def model_pixel_max(name: str) -> int:
     """255 for a `.keras` model that scales its own input, else 1.
 
-    A model whose first layer after the `Input` is a `Rescaling` or
-    `Normalization` (`input_scaling_layer`) gets raw pixel values 0-255,
-    as the Keras tutorials' models expect; the named models and any other
-    model get images in `[0, 1]`.
+    A model whose first layer after the `Input` is a `Rescaling` that
+    scales 0-255 down or a `Normalization` of mean above 2
+    (`input_scaling_layer`) gets raw pixel values 0-255, as the Keras
+    tutorials' models expect; the named models and any other model get
+    images in `[0, 1]`.
     """
     if name in MODELS or not os.path.isfile(name):
         return 1
@@ -257,9 +280,9 @@ def start_run(config: dict, overwrite: bool) -> dict:
     trained_on = run["config"].get("pixel_max", 1)
     if trained_on != config["pixel_max"]:
         raise run_lib.UsageError(
-            f"{config['output_dir']} was trained on pixel values in [0, "
-            f"{trained_on}], and this version passes the model "
-            f"{config['model']} values in [0, {config['pixel_max']}]; start "
+            f"{config['output_dir']} was trained with pixel values in [0, "
+            f"{trained_on}], but the model file {config['model']} now takes "
+            f"[0, {config['pixel_max']}] (its first layer changed); start "
             "over with --overwrite, or use another --output-dir."
         )
     return run

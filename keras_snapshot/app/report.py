@@ -168,7 +168,11 @@ def markdown_report(report: dict) -> str:
     if "pixel_max" in config:  # Older runs did not record it.
         lines += ["", f"Inputs: {input_words(config)}."]
     if report.get("classes"):
-        names = ", ".join(f"{i}: {n}" for i, n in enumerate(report["classes"]))
+        # Quoted, so that a comma or newline in a name stays unambiguous.
+        names = ", ".join(
+            f"{i}: {json.dumps(n, ensure_ascii=False)}"
+            for i, n in enumerate(report["classes"])
+        )
         lines += ["", f"Classes (label: name): {names}."]
     for warning in report.get("warnings") or []:
         lines += ["", f"**{warning}**"]

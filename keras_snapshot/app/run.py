@@ -242,6 +242,25 @@ def release_run_dirs() -> None:
         _LOCKED.pop().release()
 
 
+def _same_setting(key: str, recorded: dict, config: dict) -> bool:
+    """Whether a run's recorded `key` is `config[key]`.
+
+    A model file recorded as typed (before paths were made absolute) is
+    the same as its absolute path from the current folder.
+    """
+    old = recorded.get(key, RUN_KEY_DEFAULTS.get(key))
+    new = config[key]
+    if old == new:
+        return True
+    return (
+        key == "model"
+        and isinstance(old, str)
+        and not os.path.isabs(old)
+        and os.path.isabs(new)
+        and os.path.abspath(old) == new
+    )
+
+
 def start_or_resume(config: dict, overwrite: bool) -> dict:
     """The run in `config["output_dir"]`: a new one, or the one to resume.
 
@@ -260,7 +279,7 @@ def start_or_resume(config: dict, overwrite: bool) -> dict:
         differ = [
             f"{key}: {run['config'].get(key)!r} != {config[key]!r}"
             for key in RUN_KEYS
-            if run["config"].get(key, RUN_KEY_DEFAULTS.get(key)) != config[key]
+            if not _same_setting(key, run["config"], config)
         ]
         if differ:
             raise UsageError(

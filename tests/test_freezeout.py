@@ -758,12 +758,9 @@ def freezeout_markers(obj):
     ]
 
 
-def interrupted_fit(error, step=14):
-    """A FreezeOut fit (group 0 due at step 12) that `error` ends at `step`."""
-    keras.utils.set_random_seed(0)
-    x, y = make_data()
-    model = make_model(3, batchnorm=True, probe=False)
-    model.compile(OPTIMIZERS["sgd"](), "sparse_categorical_crossentropy")
+def fit_raising(model, x, y, error, callbacks=()):
+    """A FreezeOut fit (group 0 due at step 12) that `error` ends; returns
+    the FreezeOut."""
     freeze = FreezeOut(t0=0.5, scaling="linear", verbose=0)
     with pytest.raises(type(error)):
         model.fit(
@@ -773,8 +770,18 @@ def interrupted_fit(error, step=14):
             epochs=4,
             shuffle=False,
             verbose=0,
-            callbacks=[freeze, Interrupt(error, step)],
+            callbacks=[freeze, *callbacks],
         )
+    return freeze
+
+
+def interrupted_fit(error, step=14):
+    """A FreezeOut fit (group 0 due at step 12) that `error` ends at `step`."""
+    keras.utils.set_random_seed(0)
+    x, y = make_data()
+    model = make_model(3, batchnorm=True, probe=False)
+    model.compile(OPTIMIZERS["sgd"](), "sparse_categorical_crossentropy")
+    freeze = fit_raising(model, x, y, error, [Interrupt(error, step)])
     # Keras did not call `on_train_end`: the fit ended with group 0 frozen.
     assert freeze.freeze_events == [(12, [0])]
     return model, x, y
@@ -867,17 +874,7 @@ def test_an_exception_inside_a_step_restores_the_model_at_once(error):
     model.compile(
         OPTIMIZERS["sgd"](), "sparse_categorical_crossentropy", run_eagerly=True
     )
-    freeze = FreezeOut(t0=0.5, scaling="linear", verbose=0)
-    with pytest.raises(type(error)):
-        model.fit(
-            x,
-            y,
-            batch_size=BATCH,
-            epochs=4,
-            shuffle=False,
-            verbose=0,
-            callbacks=[freeze],
-        )
+    freeze = fit_raising(model, x, y, error)
     assert freeze.freeze_events == [(12, [0])]
     assert all(layer.trainable for layer in model.layers)
     assert len(model.trainable_variables) == 6

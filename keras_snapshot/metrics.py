@@ -1,35 +1,45 @@
 """Metrics for ensemble predictions: accuracy, calibration and diversity.
 
-Snapshot Ensembles (Huang et al. 2017, arXiv:1704.00109) average the softmax
-outputs of the snapshots taken at the end of each cosine cycle. The functions
-here score such averaged probabilities (error, negative log-likelihood, Brier
-score, expected calibration error), measure how different the snapshots are
-(pairwise disagreement and the correlation of softmax outputs that Section 4.3
-of the paper uses), and give per-example uncertainty (predictive entropy and
-mutual information); two more say whether two models' test errors differ beyond
-chance (`mcnemar_test`, `error_interval`, with `scipy.stats`).
+The public functions (`__all__`), each returning plain numpy or Python
+numbers:
 
-Everything is plain numpy (and scipy for the two tests). Predictions are
-probabilities, not logits: `probs` has shape `(num_examples, num_classes)`
-and each row sums to 1; `member_probs` stacks the predictions of several
-members (snapshots) into shape `(num_members, num_examples, num_classes)`.
-Labels `y` are integer class indices of shape `(num_examples,)` (or
-`(num_examples, 1)`, as returned by `keras.datasets.cifar10.load_data()`),
-or one-hot of shape `(num_examples, num_classes)`. Entropies use the
-natural logarithm (nats).
+- `evaluate_predictions(probs, y)`: error (with its exact 95% interval),
+  negative log-likelihood, Brier score and expected calibration error;
+- `error_interval(num_errors, num_examples)`: the error's exact interval;
+- `reliability_curve(probs, y)`: confidence and accuracy per bin;
+- `mcnemar_test(probs_a, probs_b, y)`: whether two models' errors differ;
+- `diversity(member_probs)`: pairwise disagreement and the correlation of
+  softmax outputs (Section 4.3 of Huang et al. 2017, arXiv:1704.00109);
+- `uncertainty(member_probs)`: per-example predictive entropy and mutual
+  information.
+
+Predictions are probabilities, not logits: `probs` has shape
+`(num_examples, num_classes)` with rows summing to 1; `member_probs` stacks
+several members into `(num_members, num_examples, num_classes)`. Labels `y`
+are integers of shape `(num_examples,)` or `(num_examples, 1)`, or one-hot.
+Entropies are in nats.
 """
 
 import numpy as np
 from numpy.typing import ArrayLike
 from scipy import stats
 
+from keras_snapshot import _scoring
 from keras_snapshot._checks import check_in_range
 from keras_snapshot._checks import check_labels as _check_labels
 from keras_snapshot._checks import check_non_negative_int
 from keras_snapshot._checks import check_positive_int
+from keras_snapshot._deprecation import module_getattr
 
-# Default floor on probabilities inside logarithms (NLL, log-probs).
-_EPS = 1e-12
+__all__ = [
+    "diversity",
+    "error_interval",
+    "evaluate_predictions",
+    "mcnemar_test",
+    "reliability_curve",
+    "uncertainty",
+]
+
 # Rows of `probs` may be off by float32 rounding; anything further off is
 # almost surely logits or unnormalised scores.
 _ROW_SUM_ATOL = 1e-3
@@ -88,24 +98,7 @@ def _check_inputs(probs: ArrayLike, y: ArrayLike):
     return probs, _check_labels(y, *probs.shape)
 
 
-def _check_eps(eps: float) -> float:
-    return check_in_range(
-        "eps", eps, 0.0, 1.0, "A small floor, e.g. 1e-12.", include_low=False
-    )
-
-
-# Kernels on validated arrays. They accept any leading batch axes, so
-# `probs` may be (n, k) or (c, n, k) with `labels` of shape (n,); selection
-# uses this to score many candidate ensembles at once.
-
-
-def _error(probs: np.ndarray, labels: np.ndarray) -> np.ndarray:
-    return np.mean(np.argmax(probs, axis=-1) != labels, axis=-1)
-
-
-def _nll(probs: np.ndarray, labels: np.ndarray, eps: float) -> np.ndarray:
-    true_class = probs[..., np.arange(labels.shape[0]), labels]
-    return -np.mean(np.log(np.clip(true_class, eps, None)), axis=-1)
+# Kernels on validated arrays (error and NLL are `_scoring`'s).
 
 
 def _brier(probs: np.ndarray, labels: np.ndarray) -> np.ndarray:
@@ -142,88 +135,34 @@ def _ece(probs: np.ndarray, labels: np.ndarray, num_bins: int) -> float:
     return float(np.sum(count[full] * gap) / probs.shape[0])
 
 
-def error_rate(probs: ArrayLike, y: ArrayLike) -> float:
-    """Fraction of examples whose most probable class is wrong.
+def evaluate_predictions(
+    probs: ArrayLike, y: ArrayLike, num_bins: int = 15
+) -> dict[str, float]:
+    """Error, NLL, Brier score and ECE, in one call.
 
-    The predicted class is the argmax of each row of `probs` (the first
-    class on ties). This is the test error that Huang et al. 2017
-    (arXiv:1704.00109) report for Snapshot Ensembles, as a fraction.
-
-    Args:
-        probs: Predicted probabilities of shape `(num_examples, num_classes)`.
-        y: Integer labels of shape `(num_examples,)` or `(num_examples, 1)`,
-            or one-hot labels of shape `(num_examples, num_classes)`.
-
-    Returns:
-        A Python float in `[0, 1]`.
+    - `error`: fraction of examples whose argmax is wrong (the first class
+      wins ties), as in Huang et al. 2017;
+    - `nll`: `-mean(log(probs[i, y[i]]))`, probabilities clipped at 1e-12;
+    - `brier`: mean squared distance to the one-hot label, in `[0, 2]`;
+    - `ece`: `sum_b (count_b / n) * |accuracy_b - confidence_b|` over
+      `num_bins` equal-width confidence bins (Guo et al. 2017).
 
     Example:
 
     ```python
-    probs = np.array([[0.9, 0.1], [0.4, 0.6], [0.8, 0.2]])
-    error_rate(probs, np.array([0, 1, 1]))  # 1 / 3
+    probs = np.array([[0.9, 0.1], [0.2, 0.8]])
+    evaluate_predictions(probs, np.array([0, 1]))
+    # {'error': 0.0, 'nll': 0.164..., 'brier': 0.05, 'ece': 0.15}
     ```
     """
     probs, labels = _check_inputs(probs, y)
-    return float(_error(probs, labels))
-
-
-def negative_log_likelihood(
-    probs: ArrayLike, y: ArrayLike, eps: float = 1e-12
-) -> float:
-    """Mean negative log-likelihood of the true class.
-
-    Computes `-mean(log(probs[i, y[i]]))`, the cross-entropy of the
-    predictions. Probabilities are clipped below at `eps` so that a
-    confidently wrong prediction gives a large finite loss rather than
-    infinity. Uniform predictions over `k` classes give `log(k)`.
-
-    Args:
-        probs: Predicted probabilities of shape `(num_examples, num_classes)`.
-        y: Integer labels of shape `(num_examples,)` or `(num_examples, 1)`,
-            or one-hot labels of shape `(num_examples, num_classes)`.
-        eps: Smallest probability used inside the logarithm. Defaults to
-            `1e-12`.
-
-    Returns:
-        A non-negative Python float, in nats.
-
-    Example:
-
-    ```python
-    probs = np.full((4, 10), 0.1)
-    negative_log_likelihood(probs, np.arange(4))  # log(10) = 2.3026
-    ```
-    """
-    probs, labels = _check_inputs(probs, y)
-    return float(_nll(probs, labels, _check_eps(eps)))
-
-
-def brier_score(probs: ArrayLike, y: ArrayLike) -> float:
-    """Mean Brier score: squared distance to the one-hot label.
-
-    For each example, sums `(probs[i, c] - onehot(y)[i, c]) ** 2` over the
-    classes `c`, then averages over examples. It ranges from 0 (confident
-    and correct) to 2 (confident and wrong) and, unlike the error rate,
-    rewards well-calibrated probabilities.
-
-    Args:
-        probs: Predicted probabilities of shape `(num_examples, num_classes)`.
-        y: Integer labels of shape `(num_examples,)` or `(num_examples, 1)`,
-            or one-hot labels of shape `(num_examples, num_classes)`.
-
-    Returns:
-        A Python float in `[0, 2]`.
-
-    Example:
-
-    ```python
-    probs = np.array([[1.0, 0.0], [0.5, 0.5]])
-    brier_score(probs, np.array([0, 0]))  # (0 + 0.5) / 2 = 0.25
-    ```
-    """
-    probs, labels = _check_inputs(probs, y)
-    return float(_brier(probs, labels))
+    num_bins = check_positive_int("num_bins", num_bins)
+    return {
+        "error": float(_scoring.error(probs, labels)),
+        "nll": float(_scoring.nll(probs, labels)),
+        "brier": float(_brier(probs, labels)),
+        "ece": _ece(probs, labels, num_bins),
+    }
 
 
 def reliability_curve(
@@ -231,24 +170,9 @@ def reliability_curve(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per-bin confidence, accuracy and count for a reliability diagram.
 
-    Each example's confidence is its largest predicted probability. The
-    interval `[0, 1]` is cut into `num_bins` bins of equal width, bin `b`
-    holding confidences in `(b / num_bins, (b + 1) / num_bins]`, as in
-    Guo et al. 2017, "On Calibration of Modern Neural Networks". A
-    calibrated model has accuracy equal to confidence in every bin. The bin
-    edges are `np.linspace(0, 1, num_bins + 1)`.
-
-    Args:
-        probs: Predicted probabilities of shape `(num_examples, num_classes)`.
-        y: Integer labels of shape `(num_examples,)` or `(num_examples, 1)`,
-            or one-hot labels of shape `(num_examples, num_classes)`.
-        num_bins: Number of equal-width confidence bins. Defaults to `15`.
-
-    Returns:
-        A tuple `(confidence, accuracy, count)` of arrays of shape
-        `(num_bins,)`: the mean confidence and the accuracy of the examples
-        in each bin (NaN for an empty bin), and the number of examples in
-        each bin (integers).
+    Confidence is each example's largest probability; bin `b` holds
+    confidences in `(b / num_bins, (b + 1) / num_bins]` (Guo et al. 2017).
+    An empty bin has NaN confidence and accuracy.
 
     Example:
 
@@ -264,88 +188,14 @@ def reliability_curve(
     return _reliability(probs, labels, check_positive_int("num_bins", num_bins))
 
 
-def expected_calibration_error(
-    probs: ArrayLike, y: ArrayLike, num_bins: int = 15
-) -> float:
-    """Expected calibration error (ECE) over equal-width confidence bins.
+def diversity(member_probs: ArrayLike) -> dict[str, np.ndarray]:
+    """How different the members are, pair by pair.
 
-    Computes `sum_b (count_b / n) * |accuracy_b - confidence_b|` over the
-    non-empty bins of `reliability_curve`, the standard estimate of
-    Guo et al. 2017, "On Calibration of Modern Neural Networks" (15 bins by
-    default). Ensembles such as Snapshot Ensembles (Huang et al. 2017,
-    arXiv:1704.00109) are usually better calibrated than a single snapshot.
-
-    Args:
-        probs: Predicted probabilities of shape `(num_examples, num_classes)`.
-        y: Integer labels of shape `(num_examples,)` or `(num_examples, 1)`,
-            or one-hot labels of shape `(num_examples, num_classes)`.
-        num_bins: Number of equal-width confidence bins. Defaults to `15`.
-
-    Returns:
-        A Python float in `[0, 1]`.
-
-    Example:
-
-    ```python
-    probs = np.array([[0.9, 0.1], [0.9, 0.1]])
-    expected_calibration_error(probs, np.array([0, 1]))  # |0.5 - 0.9| = 0.4
-    ```
-    """
-    probs, labels = _check_inputs(probs, y)
-    return _ece(probs, labels, check_positive_int("num_bins", num_bins))
-
-
-def evaluate_predictions(
-    probs: ArrayLike, y: ArrayLike, num_bins: int = 15
-) -> dict[str, float]:
-    """Error, NLL, Brier score and ECE of predictions in one call.
-
-    Validates the inputs once and computes `error_rate`,
-    `negative_log_likelihood`, `brier_score` and
-    `expected_calibration_error`.
-
-    Args:
-        probs: Predicted probabilities of shape `(num_examples, num_classes)`.
-        y: Integer labels of shape `(num_examples,)` or `(num_examples, 1)`,
-            or one-hot labels of shape `(num_examples, num_classes)`.
-        num_bins: Number of confidence bins for the ECE. Defaults to `15`.
-
-    Returns:
-        A dict with the Python float entries `"error"`, `"nll"`, `"brier"`
-        and `"ece"`.
-
-    Example:
-
-    ```python
-    probs = np.array([[0.9, 0.1], [0.2, 0.8]])
-    evaluate_predictions(probs, np.array([0, 1]))
-    # {'error': 0.0, 'nll': 0.164..., 'brier': 0.05, 'ece': 0.15}
-    ```
-    """
-    probs, labels = _check_inputs(probs, y)
-    return {
-        "error": float(_error(probs, labels)),
-        "nll": float(_nll(probs, labels, _EPS)),
-        "brier": float(_brier(probs, labels)),
-        "ece": _ece(probs, labels, check_positive_int("num_bins", num_bins)),
-    }
-
-
-def pairwise_disagreement(member_probs: ArrayLike) -> np.ndarray:
-    """Fraction of examples on which each pair of members disagrees.
-
-    Entry `(i, j)` is the fraction of examples whose predicted class
-    (argmax) differs between member `i` and member `j`. Snapshot Ensembles
-    (Huang et al. 2017, arXiv:1704.00109) help only when snapshots disagree;
-    a larger restart learning rate gives more diverse snapshots.
-
-    Args:
-        member_probs: Predicted probabilities of each member, of shape
-            `(num_members, num_examples, num_classes)`.
-
-    Returns:
-        A symmetric array of shape `(num_members, num_members)` with values
-        in `[0, 1]` and zeros on the diagonal.
+    - `disagreement[i, j]`: fraction of examples whose argmax differs
+      between members `i` and `j`;
+    - `correlation[i, j]`: Pearson correlation of the two members' flattened
+      softmax outputs, as in Section 4.3 of Huang et al. 2017 (NaN for a
+      member whose outputs are constant).
 
     Example:
 
@@ -354,103 +204,44 @@ def pairwise_disagreement(member_probs: ArrayLike) -> np.ndarray:
         [[0.9, 0.1], [0.8, 0.2]],
         [[0.9, 0.1], [0.3, 0.7]],
     ])
-    pairwise_disagreement(member_probs)  # [[0, 0.5], [0.5, 0]]
+    diversity(member_probs)["disagreement"]  # [[0, 0.5], [0.5, 0]]
     ```
     """
     member_probs = _check_member_probs(member_probs)
     preds = np.argmax(member_probs, axis=-1)
-    return np.stack([np.mean(p != preds, axis=1) for p in preds])
-
-
-def prediction_correlation(member_probs: ArrayLike) -> np.ndarray:
-    """Pearson correlation between the softmax outputs of each pair.
-
-    Each member's probabilities are flattened into one vector of length
-    `num_examples * num_classes` and entry `(i, j)` is the Pearson
-    correlation between the vectors of members `i` and `j`. Section 4.3 of
-    Huang et al. 2017 (arXiv:1704.00109) uses this correlation of softmax
-    outputs to show that snapshots from different cycles are diverse.
-
-    Args:
-        member_probs: Predicted probabilities of each member, of shape
-            `(num_members, num_examples, num_classes)`.
-
-    Returns:
-        A symmetric array of shape `(num_members, num_members)` with values
-        in `[-1, 1]` and ones on the diagonal. A member whose probabilities
-        are all equal has no defined correlation: its row and column are
-        NaN.
-
-    Example:
-
-    ```python
-    member_probs = np.array([
-        [[0.9, 0.1], [0.2, 0.8]],
-        [[0.8, 0.2], [0.3, 0.7]],
-    ])
-    prediction_correlation(member_probs)  # [[1, 0.998], [0.998, 1]]
-    ```
-    """
-    member_probs = _check_member_probs(member_probs)
+    disagreement = np.stack([np.mean(p != preds, axis=1) for p in preds])
     flat = member_probs.reshape(member_probs.shape[0], -1)
     centered = flat - flat.mean(axis=1, keepdims=True)
     norms = np.sqrt(np.sum(centered**2, axis=1))
     with np.errstate(invalid="ignore", divide="ignore"):
-        corr = (centered @ centered.T) / np.outer(norms, norms)
-    corr = np.clip(corr, -1.0, 1.0)
-    np.fill_diagonal(corr, np.where(norms > 0, 1.0, np.nan))
-    return corr
+        correlation = (centered @ centered.T) / np.outer(norms, norms)
+    correlation = np.clip(correlation, -1.0, 1.0)
+    np.fill_diagonal(correlation, np.where(norms > 0, 1.0, np.nan))
+    return {"disagreement": disagreement, "correlation": correlation}
 
 
-def predictive_entropy(probs: ArrayLike) -> np.ndarray:
-    """Entropy of each example's predictive distribution, in nats.
+def uncertainty(member_probs: ArrayLike) -> dict[str, np.ndarray]:
+    """Per-example uncertainty of the members' average, in nats.
 
-    Computes `-sum_c probs[i, c] * log(probs[i, c])` (with `0 * log 0 = 0`).
-    It is 0 for a one-hot prediction and `log(num_classes)` for a uniform
-    one. Applied to the ensemble average, it measures the total uncertainty.
-
-    Args:
-        probs: Predicted probabilities of shape `(num_examples, num_classes)`.
-
-    Returns:
-        An array of shape `(num_examples,)`.
-
-    Example:
-
-    ```python
-    predictive_entropy(np.array([[1.0, 0.0], [0.5, 0.5]]))  # [0, log(2)]
-    ```
-    """
-    return _entropy(_check_probs(probs))
-
-
-def mutual_information(member_probs: ArrayLike) -> np.ndarray:
-    """Mutual information between prediction and member, per example (BALD).
-
-    Computes the entropy of the members' average prediction minus the
-    average of the members' entropies (Houlsby et al. 2011, "Bayesian
-    Active Learning by Disagreement"). It is 0 when all members predict the
-    same distribution and grows as they disagree, so it isolates the part
-    of the uncertainty that comes from the ensemble's diversity. Tiny
-    negative values from floating-point rounding are returned as 0.
-
-    Args:
-        member_probs: Predicted probabilities of each member, of shape
-            `(num_members, num_examples, num_classes)`.
-
-    Returns:
-        A non-negative array of shape `(num_examples,)`, in nats.
+    - `entropy`: entropy of the average prediction (total uncertainty);
+    - `mutual_information`: that entropy minus the members' mean entropy
+      (BALD, Houlsby et al. 2011): the part due to the members' diversity,
+      never below 0.
 
     Example:
 
     ```python
     member_probs = np.array([[[1.0, 0.0]], [[0.0, 1.0]]])
-    mutual_information(member_probs)  # [log(2)]
+    uncertainty(member_probs)  # entropy [log 2], mutual_information [log 2]
     ```
     """
     member_probs = _check_member_probs(member_probs)
+    entropy = _entropy(member_probs.mean(axis=0))
     mean_entropy = np.mean(_entropy(member_probs), axis=0)
-    return np.maximum(_entropy(member_probs.mean(axis=0)) - mean_entropy, 0.0)
+    return {
+        "entropy": entropy,
+        "mutual_information": np.maximum(entropy - mean_entropy, 0.0),
+    }
 
 
 def mcnemar_test(probs_a: ArrayLike, probs_b: ArrayLike, y: ArrayLike) -> dict:
@@ -512,21 +303,8 @@ def error_interval(
 ) -> tuple[float, float]:
     """Exact (Clopper-Pearson) confidence interval of an error rate.
 
-    A test error measured on `num_examples` images is a binomial
-    proportion: `num_errors / num_examples` with a resolution of one image
-    (`1 / num_examples`). The interval is
-    `scipy.stats.binomtest(num_errors, num_examples).proportion_ci(
-    confidence, method="exact")`, which shows how far apart two errors
-    must be before the test set can tell them apart.
-
-    Args:
-        num_errors: Number of misclassified examples, `0 <= num_errors <=
-            num_examples`.
-        num_examples: Number of test examples, a positive integer.
-        confidence: Confidence level in `(0, 1)`. Defaults to `0.95`.
-
-    Returns:
-        A tuple `(low, high)` of Python floats in `[0, 1]`.
+    A test error is a binomial proportion; the interval says how far apart
+    two errors on this test set must be before it can tell them apart.
 
     Example:
 
@@ -535,14 +313,11 @@ def error_interval(
     ```
     """
     num_examples = check_positive_int("num_examples", num_examples)
-    between = f"between 0 and `num_examples` ({num_examples})"
-    num_errors = check_non_negative_int(
-        "num_errors", num_errors, f"It must be {between}."
-    )
+    num_errors = check_non_negative_int("num_errors", num_errors)
     if num_errors > num_examples:
         raise ValueError(
-            f"`num_errors` must be an integer {between}. Received: "
-            f"num_errors={num_errors!r}."
+            "`num_errors` must be at most `num_examples`. Received: "
+            f"num_errors={num_errors!r}, num_examples={num_examples!r}."
         )
     confidence = check_in_range(
         "confidence", confidence, 0.0, 1.0, "e.g. 0.95.", include_low=False
@@ -551,3 +326,64 @@ def error_interval(
         confidence, method="exact"
     )
     return float(ci.low), float(ci.high)
+
+
+# Names of 0.5, for one more release.
+def _error_rate(probs, y):
+    return evaluate_predictions(probs, y)["error"]
+
+
+def _negative_log_likelihood(probs, y, eps=_scoring.EPS):
+    probs, labels = _check_inputs(probs, y)
+    eps = check_in_range("eps", eps, 0.0, 1.0, "e.g. 1e-12.", include_low=False)
+    return float(_scoring.nll(probs, labels, eps))
+
+
+def _brier_score(probs, y):
+    return evaluate_predictions(probs, y)["brier"]
+
+
+def _expected_calibration_error(probs, y, num_bins=15):
+    return evaluate_predictions(probs, y, num_bins)["ece"]
+
+
+def _predictive_entropy(probs):
+    return _entropy(_check_probs(probs))
+
+
+_OLD = "keras_snapshot.metrics."
+OLD_NAMES = {
+    "error_rate": (
+        _OLD + "evaluate_predictions(probs, y)['error']",
+        _error_rate,
+    ),
+    "negative_log_likelihood": (
+        _OLD + "evaluate_predictions(probs, y)['nll']",
+        _negative_log_likelihood,
+    ),
+    "brier_score": (
+        _OLD + "evaluate_predictions(probs, y)['brier']",
+        _brier_score,
+    ),
+    "expected_calibration_error": (
+        _OLD + "evaluate_predictions(probs, y)['ece']",
+        _expected_calibration_error,
+    ),
+    "pairwise_disagreement": (
+        _OLD + "diversity(member_probs)['disagreement']",
+        lambda member_probs: diversity(member_probs)["disagreement"],
+    ),
+    "prediction_correlation": (
+        _OLD + "diversity(member_probs)['correlation']",
+        lambda member_probs: diversity(member_probs)["correlation"],
+    ),
+    "predictive_entropy": (
+        _OLD + "uncertainty(member_probs)['entropy']",
+        _predictive_entropy,
+    ),
+    "mutual_information": (
+        _OLD + "uncertainty(member_probs)['mutual_information']",
+        lambda member_probs: uncertainty(member_probs)["mutual_information"],
+    ),
+}
+__getattr__ = module_getattr(__name__, OLD_NAMES)

@@ -36,6 +36,7 @@ from numpy.typing import ArrayLike
 from scipy import optimize
 from scipy import special
 
+from keras_snapshot import _scoring
 from keras_snapshot import layers
 from keras_snapshot import metrics
 from keras_snapshot._checks import check_positive_int
@@ -47,7 +48,6 @@ from keras_snapshot.ensemble import resolve_from_logits
 from keras_snapshot.loading import Member
 from keras_snapshot.loading import load_members
 
-_METRICS = ("nll", "error")
 # Temperatures are searched in [0.05, 20], on a log scale: beyond these,
 # a validation split is telling more about its own size than about
 # calibration (a split with no errors pushes T towards 0).
@@ -60,14 +60,6 @@ _LOG_T_AT_BOUND = 1e-3
 MIN_NLL_GAIN = 0.01
 
 
-def _check_metric(metric: str) -> str:
-    if metric not in _METRICS:
-        raise ValueError(
-            f"`metric` must be one of {_METRICS}. Received: metric={metric!r}."
-        )
-    return metric
-
-
 def _check_selection_inputs(member_probs, y_val, metric):
     """Checked `(member_probs, labels, metric)` for the selection functions."""
     member_probs = metrics._check_member_probs(member_probs)
@@ -75,18 +67,7 @@ def _check_selection_inputs(member_probs, y_val, metric):
     labels = metrics._check_labels(
         y_val, num_examples, num_classes, name="y_val"
     )
-    return member_probs, labels, _check_metric(metric)
-
-
-def _score_keys(probs: np.ndarray, labels: np.ndarray, metric: str):
-    """Sort keys of shape (..., num_keys); lexicographically smaller wins.
-
-    "nll" is scored by NLL alone; "error" by error, ties broken by NLL.
-    """
-    nll = metrics._nll(probs, labels, metrics._EPS)
-    if metric == "nll":
-        return nll[..., None]
-    return np.stack([metrics._error(probs, labels), nll], axis=-1)
+    return member_probs, labels, _scoring.check_metric(metric)
 
 
 def _argbest(keys: np.ndarray) -> int:
@@ -158,7 +139,7 @@ def greedy_selection(
     best = None
     for size in range(1, max_size + 1):
         candidates = (total + member_probs) / size
-        keys = _score_keys(candidates, labels, metric)
+        keys = _scoring.score_keys(candidates, labels, metric)
         index = _argbest(keys)
         if best is not None and not tuple(keys[index]) < best:
             break
@@ -214,7 +195,7 @@ def best_last_m(
     # Row i averages the last i + 1 members.
     sizes = np.arange(1, num_members + 1)[:, None, None]
     averages = np.cumsum(member_probs[::-1], axis=0) / sizes
-    m = _argbest(_score_keys(averages, labels, metric)) + 1
+    m = _argbest(_scoring.score_keys(averages, labels, metric)) + 1
     weights = np.zeros(num_members)
     weights[num_members - m :] = 1.0
     return m, normalize_weights(weights, num_members)
@@ -522,14 +503,6 @@ def _resolve_probabilities(members: list, from_logits) -> bool:
     return resolve_from_logits(named, from_logits)
 
 
-def _to_probabilities(outputs: np.ndarray, from_logits: bool) -> np.ndarray:
-    if not from_logits:
-        return outputs
-    return layers.temperature_softmax(
-        np.asarray(outputs, dtype=np.float64), 1.0, from_logits=True
-    )
-
-
 def _dataset_batches(data, name: str, with_labels: bool):
     """Yields `(x, y)` per batch of a finite dataset (`y` None if unused).
 
@@ -642,7 +615,7 @@ def predict_members(
                 for m in members
             ]
         )
-    return _to_probabilities(outputs, from_logits)
+    return _scoring.probabilities(outputs, from_logits)
 
 
 def _check_labelled_data(data, name: str) -> None:
@@ -717,7 +690,7 @@ def _predictions_and_labels(members, data, batch_size, from_logits, name):
     from_logits = _resolve_probabilities(members, from_logits)
     batches = _dataset_batches(data, name, with_labels=True)
     outputs, labels = _predict_batches(members, batches, name)
-    return _to_probabilities(outputs, from_logits), labels
+    return _scoring.probabilities(outputs, from_logits), labels
 
 
 class SnapshotSelection:
@@ -895,7 +868,7 @@ def select_snapshots(
     ```
     """
     _check_method(method)
-    metric = _check_metric(metric)
+    metric = _scoring.check_metric(metric)
     # Refused before any snapshot is loaded.
     _check_labelled_data(validation_data, "validation_data")
     loaded = load_members(

@@ -80,38 +80,40 @@ def _ref_entropy(p):
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_scalar_metrics_match_loop_references(seed):
     probs, labels = _random_probs(seed)
-    assert metrics.error_rate(probs, labels) == pytest.approx(
-        _ref_error(probs, labels)
-    )
-    assert metrics.negative_log_likelihood(probs, labels) == pytest.approx(
+    assert metrics.evaluate_predictions(probs, labels)[
+        "error"
+    ] == pytest.approx(_ref_error(probs, labels))
+    assert metrics.evaluate_predictions(probs, labels)["nll"] == pytest.approx(
         _ref_nll(probs, labels)
     )
-    assert metrics.brier_score(probs, labels) == pytest.approx(
-        _ref_brier(probs, labels)
-    )
+    assert metrics.evaluate_predictions(probs, labels)[
+        "brier"
+    ] == pytest.approx(_ref_brier(probs, labels))
     for num_bins in (1, 5, 15):
-        assert metrics.expected_calibration_error(
-            probs, labels, num_bins=num_bins
-        ) == pytest.approx(_ref_ece(probs, labels, num_bins))
+        assert metrics.evaluate_predictions(probs, labels, num_bins=num_bins)[
+            "ece"
+        ] == pytest.approx(_ref_ece(probs, labels, num_bins))
 
 
 def test_hand_checked_values():
     probs = np.array([[0.9, 0.1], [0.4, 0.6], [0.8, 0.2], [0.5, 0.5]])
     labels = np.array([0, 1, 1, 1])
     # Row 3 is a tie: argmax picks class 0, which is wrong.
-    assert metrics.error_rate(probs, labels) == pytest.approx(0.5)
-    assert metrics.negative_log_likelihood(probs, labels) == pytest.approx(
+    assert metrics.evaluate_predictions(probs, labels)[
+        "error"
+    ] == pytest.approx(0.5)
+    assert metrics.evaluate_predictions(probs, labels)["nll"] == pytest.approx(
         -(math.log(0.9) + math.log(0.6) + math.log(0.2) + math.log(0.5)) / 4
     )
-    assert metrics.brier_score(probs, labels) == pytest.approx(
-        (0.02 + 0.32 + 1.28 + 0.5) / 4
-    )
+    assert metrics.evaluate_predictions(probs, labels)[
+        "brier"
+    ] == pytest.approx((0.02 + 0.32 + 1.28 + 0.5) / 4)
     # 2 bins, [0, 0.5] and (0.5, 1]; confidences 0.9, 0.6, 0.8, 0.5.
     # Bin 0: conf 0.5, acc 0; bin 1: conf (0.9 + 0.6 + 0.8) / 3, acc 2 / 3.
     expected = 0.25 * 0.5 + 0.75 * abs(2 / 3 - 2.3 / 3)
-    assert metrics.expected_calibration_error(
-        probs, labels, num_bins=2
-    ) == pytest.approx(expected)
+    assert metrics.evaluate_predictions(probs, labels, num_bins=2)[
+        "ece"
+    ] == pytest.approx(expected)
 
 
 def test_confident_and_correct_is_perfect():
@@ -126,29 +128,32 @@ def test_confident_and_correct_is_perfect():
 def test_confident_and_wrong():
     labels = np.array([0, 1])
     probs = np.eye(2)[1 - labels]
-    assert metrics.error_rate(probs, labels) == 1.0
-    assert metrics.brier_score(probs, labels) == pytest.approx(2.0)
-    assert metrics.expected_calibration_error(probs, labels) == pytest.approx(
+    assert metrics.evaluate_predictions(probs, labels)["error"] == 1.0
+    assert metrics.evaluate_predictions(probs, labels)[
+        "brier"
+    ] == pytest.approx(2.0)
+    assert metrics.evaluate_predictions(probs, labels)["ece"] == pytest.approx(
         1.0
     )
     # Clipping keeps the NLL finite: -log(eps).
-    assert metrics.negative_log_likelihood(
-        probs, labels, eps=1e-6
-    ) == pytest.approx(-math.log(1e-6))
+    assert metrics.evaluate_predictions(probs, labels)[
+        "nll"
+    ] == pytest.approx(-math.log(1e-12))
 
 
 @pytest.mark.parametrize("num_classes", [2, 10, 100])
 def test_uniform_predictions(num_classes):
     probs = np.full((7, num_classes), 1.0 / num_classes)
     labels = np.arange(7) % num_classes
-    assert metrics.negative_log_likelihood(probs, labels) == pytest.approx(
+    assert metrics.evaluate_predictions(probs, labels)["nll"] == pytest.approx(
         math.log(num_classes)
     )
-    assert metrics.brier_score(probs, labels) == pytest.approx(
-        1.0 - 1.0 / num_classes
-    )
+    assert metrics.evaluate_predictions(probs, labels)[
+        "brier"
+    ] == pytest.approx(1.0 - 1.0 / num_classes)
     np.testing.assert_allclose(
-        metrics.predictive_entropy(probs), math.log(num_classes)
+        metrics.uncertainty(np.asarray(probs)[None])["entropy"],
+        math.log(num_classes),
     )
 
 
@@ -195,17 +200,22 @@ def test_evaluate_predictions_matches_individual_metrics():
     result = metrics.evaluate_predictions(probs, labels, num_bins=10)
     assert set(result) == {"error", "nll", "brier", "ece"}
     assert all(isinstance(v, float) for v in result.values())
-    assert result["error"] == metrics.error_rate(probs, labels)
-    assert result["nll"] == metrics.negative_log_likelihood(probs, labels)
-    assert result["brier"] == metrics.brier_score(probs, labels)
-    assert result["ece"] == metrics.expected_calibration_error(
-        probs, labels, num_bins=10
+    assert (
+        result["error"] == metrics.evaluate_predictions(probs, labels)["error"]
+    )
+    assert result["nll"] == metrics.evaluate_predictions(probs, labels)["nll"]
+    assert (
+        result["brier"] == metrics.evaluate_predictions(probs, labels)["brier"]
+    )
+    assert (
+        result["ece"]
+        == metrics.evaluate_predictions(probs, labels, num_bins=10)["ece"]
     )
 
 
 def test_pairwise_disagreement():
     member_probs, _ = _random_probs(6, num_members=5, num_classes=3)
-    result = metrics.pairwise_disagreement(member_probs)
+    result = metrics.diversity(member_probs)["disagreement"]
     assert result.shape == (5, 5)
     np.testing.assert_array_equal(result, result.T)
     np.testing.assert_array_equal(np.diag(result), 0.0)
@@ -229,13 +239,13 @@ def test_pairwise_disagreement_hand_checked():
         ]
     )
     np.testing.assert_allclose(
-        metrics.pairwise_disagreement(member_probs), [[0, 0.5], [0.5, 0]]
+        metrics.diversity(member_probs)["disagreement"], [[0, 0.5], [0.5, 0]]
     )
 
 
 def test_prediction_correlation():
     member_probs, _ = _random_probs(7, num_members=4, num_classes=3)
-    result = metrics.prediction_correlation(member_probs)
+    result = metrics.diversity(member_probs)["correlation"]
     flat = member_probs.reshape(4, -1)
     ref = np.zeros((4, 4))
     for i in range(4):
@@ -253,7 +263,7 @@ def test_prediction_correlation_of_affine_copies_and_constant_member():
     # 0.5 * base + 0.25 is an affine copy: correlation 1; a uniform member
     # has no variance, so its correlations are undefined.
     member_probs = np.stack([base, 0.5 * base + 0.25, np.full((3, 2), 0.5)])
-    result = metrics.prediction_correlation(member_probs)
+    result = metrics.diversity(member_probs)["correlation"]
     np.testing.assert_allclose(result[:2, :2], 1.0)
     assert np.all(np.isnan(result[2])) and np.all(np.isnan(result[:, 2]))
 
@@ -261,7 +271,7 @@ def test_prediction_correlation_of_affine_copies_and_constant_member():
 def test_predictive_entropy_matches_loop():
     probs, _ = _random_probs(8)
     probs[0] = [1.0, 0.0, 0.0, 0.0]
-    result = metrics.predictive_entropy(probs)
+    result = metrics.uncertainty(np.asarray(probs)[None])["entropy"]
     assert result.shape == (probs.shape[0],)
     np.testing.assert_allclose(result, [_ref_entropy(p) for p in probs])
     assert result[0] == 0.0
@@ -269,7 +279,7 @@ def test_predictive_entropy_matches_loop():
 
 def test_mutual_information_matches_loop():
     member_probs, _ = _random_probs(9, num_members=3)
-    result = metrics.mutual_information(member_probs)
+    result = metrics.uncertainty(member_probs)["mutual_information"]
     ref = []
     for n in range(member_probs.shape[1]):
         members = member_probs[:, n]
@@ -283,14 +293,14 @@ def test_mutual_information_is_zero_when_members_agree():
     probs, _ = _random_probs(10)
     member_probs = np.stack([probs, probs, probs])
     np.testing.assert_allclose(
-        metrics.mutual_information(member_probs), 0.0, atol=1e-12
+        metrics.uncertainty(member_probs)["mutual_information"], 0.0, atol=1e-12
     )
 
 
 def test_mutual_information_of_opposite_confident_members():
     member_probs = np.array([[[1.0, 0.0]], [[0.0, 1.0]]])
     np.testing.assert_allclose(
-        metrics.mutual_information(member_probs), [math.log(2)]
+        metrics.uncertainty(member_probs)["mutual_information"], [math.log(2)]
     )
 
 
@@ -314,39 +324,74 @@ def test_mutual_information_of_opposite_confident_members():
     ],
 )
 def test_bad_inputs_raise(probs, y, match):
-    for fn in (
-        metrics.error_rate,
-        metrics.negative_log_likelihood,
-        metrics.brier_score,
-        metrics.expected_calibration_error,
-        metrics.reliability_curve,
-        metrics.evaluate_predictions,
-    ):
+    for fn in (metrics.reliability_curve, metrics.evaluate_predictions):
         with pytest.raises(ValueError, match=match):
             fn(probs, y)
 
 
 def test_bad_member_probs_raise():
-    for fn in (
-        metrics.pairwise_disagreement,
-        metrics.prediction_correlation,
-        metrics.mutual_information,
-    ):
+    for fn in (metrics.diversity, metrics.uncertainty):
         with pytest.raises(ValueError, match=r"member_probs.shape=\(3, 2\)"):
             fn(np.full((3, 2), 0.5))
-    with pytest.raises(ValueError, match=r"probs.shape=\(1, 3, 2\)"):
-        metrics.predictive_entropy(np.full((1, 3, 2), 0.5))
 
 
 @pytest.mark.parametrize("num_bins", [0, -3, 2.5, True])
 def test_bad_num_bins_raise(num_bins):
     probs, labels = _random_probs(11)
     with pytest.raises(ValueError, match="num_bins"):
-        metrics.expected_calibration_error(probs, labels, num_bins=num_bins)
+        metrics.evaluate_predictions(probs, labels, num_bins=num_bins)
 
 
-@pytest.mark.parametrize("eps", [0.0, -1e-3, 1.0])
-def test_bad_eps_raise(eps):
-    probs, labels = _random_probs(12)
-    with pytest.raises(ValueError, match="eps"):
-        metrics.negative_log_likelihood(probs, labels, eps=eps)
+OLD_METRICS = [
+    ("error_rate", "error"),
+    ("negative_log_likelihood", "nll"),
+    ("brier_score", "brier"),
+    ("expected_calibration_error", "ece"),
+]
+
+
+@pytest.mark.parametrize("old, key", OLD_METRICS)
+def test_old_metric_names_warn_and_agree(old, key):
+    probs, labels = _random_probs(13)
+    with pytest.warns(DeprecationWarning, match="evaluate_predictions"):
+        old_function = getattr(metrics, old)
+    expected = metrics.evaluate_predictions(probs, labels)[key]
+    assert old_function(probs, labels) == expected
+
+
+def test_old_diversity_names_warn_and_agree():
+    member_probs = np.random.default_rng(14).dirichlet(np.ones(3), (4, 20))
+    new = {
+        **metrics.diversity(member_probs),
+        **metrics.uncertainty(member_probs),
+    }
+    for old, key in [
+        ("pairwise_disagreement", "disagreement"),
+        ("prediction_correlation", "correlation"),
+        ("mutual_information", "mutual_information"),
+    ]:
+        with pytest.warns(DeprecationWarning, match=key):
+            np.testing.assert_array_equal(
+                getattr(metrics, old)(member_probs), new[key]
+            )
+    with pytest.warns(DeprecationWarning, match="uncertainty"):
+        entropy = metrics.predictive_entropy(member_probs.mean(axis=0))
+    np.testing.assert_array_equal(entropy, new["entropy"])
+    with (
+        pytest.warns(DeprecationWarning),
+        pytest.raises(ValueError, match="eps"),
+    ):
+        metrics.negative_log_likelihood(*_random_probs(12), eps=0.0)
+    with pytest.raises(AttributeError, match="no attribute 'f1_score'"):
+        metrics.f1_score  # noqa: B018
+
+
+def test_public_names():
+    assert metrics.__all__ == [
+        "diversity",
+        "error_interval",
+        "evaluate_predictions",
+        "mcnemar_test",
+        "reliability_curve",
+        "uncertainty",
+    ]

@@ -55,7 +55,7 @@ def _labels(n=500, num_classes=10, seed=0):
     return np.random.default_rng(seed).integers(0, num_classes, size=n)
 
 
-# metrics.mcnemar_test and metrics.error_interval ----------------------------
+# metrics.mcnemar_test and the error interval ----------------------------
 
 
 def _ref_mcnemar(probs_a, probs_b, labels):

@@ -50,7 +50,9 @@ def evaluate_members(member_probs, y, single_probs=None) -> dict:
             )
             for m in range(1, count + 1)
         ],
-        "disagreement": metrics.pairwise_disagreement(member_probs).tolist(),
+        "disagreement": metrics.diversity(member_probs)[
+            "disagreement"
+        ].tolist(),
     }
     result.update(compare_singles(member_probs, y, baseline_probs=single_probs))
     return result

@@ -646,7 +646,7 @@ def plot_reliability(single_probs, ensemble_probs, y, path: str) -> None:
             probs, y, num_bins
         )
         minimum = min_bin_images(int(count.sum()))
-        ece = metrics.expected_calibration_error(probs, y, num_bins)
+        ece = metrics.evaluate_predictions(probs, y, num_bins)["ece"]
         top.plot(
             confidence[keep],
             accuracy[keep],

@@ -34,6 +34,8 @@ import importlib.abc
 import importlib.util
 import sys
 
+from keras_snapshot import _deprecation
+
 __version__ = "0.5.0"
 
 _EXPORTS = {
@@ -41,17 +43,15 @@ _EXPORTS = {
     "FGESchedule": "fge",
     "FreezeOut": "freezeout",
     "SnapshotCheckpoint": "checkpoint",
-    "SnapshotDirectory": "manifest",
     "SnapshotSchedule": "schedule",
-    "SnapshotSelection": "selection",
     "StochasticWeightAveraging": "averaging",
     "WeightAveraging": "weight_averaging",
     "average_weights": "averaging",
     "build_ensemble": "ensemble",
-    "combine_members": "ensemble",
     "distill": "distill",
     "estimate_speedup": "freezeout",
     "export_ensemble": "export",
+    "fit_temperature": "selection",
     "greedy_soup": "averaging",
     "load_example_data": "example_data",
     "load_snapshots": "loading",
@@ -60,7 +60,7 @@ _EXPORTS = {
     "select_snapshots": "selection",
     "snapshot_paths": "loading",
 }
-_MODULES = ("metrics", "selection")
+_MODULES = ("metrics",)
 # The modules that define the objects `.keras` files refer to by name.
 KERAS_OBJECT_MODULES = ("schedule", "fge", "layers")
 __all__ = sorted([*_EXPORTS, *_MODULES])
@@ -92,11 +92,38 @@ def import_all() -> None:
         globals()[name] = getattr(module, name)
 
 
+# Public names of 0.5 that are not public any more (docs/api.md).
+OLD_NAMES = {
+    "combine_members": (
+        "keras_snapshot.build_ensemble(models, weights=...)",
+        "ensemble:combine_members",
+    ),
+    "SnapshotDirectory": (
+        "keras_snapshot.read_manifest or keras_snapshot.snapshot_paths",
+        "manifest:SnapshotDirectory",
+    ),
+    "SnapshotSelection": (
+        "the result of keras_snapshot.select_snapshots",
+        "selection:SnapshotSelection",
+    ),
+    "greedy_soup": (
+        "keras_snapshot.average_weights(models, method='greedy', "
+        "validation_data=...)",
+        "averaging:greedy_soup",
+    ),
+    "StochasticWeightAveraging": (
+        "keras_snapshot.WeightAveraging(mode='swa', average_batchnorm=True)",
+        None,
+    ),
+}
+_old_name = _deprecation.module_getattr(__name__, OLD_NAMES)
+
+
 def __getattr__(name):
     if name in _EXPORTS or name in _MODULES:
         import_all()
         return globals()[name]
-    raise AttributeError(f"module 'keras_snapshot' has no attribute {name!r}")
+    return _old_name(name)
 
 
 class _RegisterAfterKeras(importlib.abc.MetaPathFinder):

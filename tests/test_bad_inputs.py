@@ -15,11 +15,11 @@ import pytest
 from helpers import make_data
 from helpers import make_model
 
-import keras_snapshot
 from keras_snapshot import SnapshotCheckpoint
 from keras_snapshot import SnapshotSchedule
 from keras_snapshot import build_ensemble
 from keras_snapshot import load_snapshots
+from keras_snapshot import manifest as manifest_lib
 from keras_snapshot import recalibrate_batchnorm
 from keras_snapshot import select_snapshots
 from keras_snapshot import snapshot_paths
@@ -182,7 +182,7 @@ def _other_schedules_directory(tmp_path):
     from keras_snapshot.manifest import SnapshotEntry
 
     entry = SnapshotEntry(index=1, file="snapshot-01.keras", step=5)
-    folder = keras_snapshot.SnapshotDirectory(str(directory))
+    folder = manifest_lib.SnapshotDirectory(str(directory))
     folder.write(Manifest(cycle_end_steps=[5, 10], entries=[entry]))
     return {"directory": str(directory)}, [
         "another schedule",

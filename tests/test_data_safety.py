@@ -94,7 +94,7 @@ def test_snapshots_inside_the_backup_folder_are_refused(tmp_path, layout):
             callbacks=[keras.callbacks.BackupAndRestore(backup)],
         )
     # Refused before Keras's on_train_end could remove the folder.
-    assert keras_snapshot.SnapshotDirectory(directory).has_manifest()
+    assert manifest_lib.SnapshotDirectory(directory).has_manifest()
 
 
 # 4. Two writers in one folder.
@@ -124,7 +124,7 @@ def test_second_writer_is_refused_and_a_killed_one_leaves_no_lock(tmp_path):
         assert holder.stdout.readline().strip() == "locked"
         with pytest.raises(RuntimeError, match="is being written by process"):
             fit(directory)
-        assert not keras_snapshot.SnapshotDirectory(directory).has_manifest()
+        assert not manifest_lib.SnapshotDirectory(directory).has_manifest()
     finally:
         holder.send_signal(signal.SIGKILL)
         holder.wait(timeout=60)

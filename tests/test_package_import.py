@@ -174,3 +174,67 @@ def test_the_hook_imports_only_modules_that_import_no_keras_module():
     for name in keras_snapshot.KERAS_OBJECT_MODULES:
         path = os.path.join(PACKAGE, f"{name}.py")
         assert imported_modules(path) <= {"_checks"}, name
+
+
+# The public API (docs/api.md) and the names of 0.5 ------------------------
+
+PUBLIC = [
+    "AveragedModelCheckpoint",
+    "FGESchedule",
+    "FreezeOut",
+    "SnapshotCheckpoint",
+    "SnapshotSchedule",
+    "WeightAveraging",
+    "average_weights",
+    "build_ensemble",
+    "distill",
+    "estimate_speedup",
+    "export_ensemble",
+    "fit_temperature",
+    "load_example_data",
+    "load_snapshots",
+    "metrics",
+    "read_manifest",
+    "recalibrate_batchnorm",
+    "select_snapshots",
+    "snapshot_paths",
+]
+
+
+def test_the_public_api_is_the_table_in_docs_api_md():
+    assert keras_snapshot.__all__ == PUBLIC
+    names = [f"`{n}`" for n in PUBLIC if n != "metrics"]
+    names += [f"`metrics.{n}`" for n in keras_snapshot.metrics.__all__]
+    with open(os.path.join(ROOT, "docs", "api.md")) as f:
+        table = [line for line in f if line.startswith("| ")]
+    in_table = {line.split("|")[2].strip() for line in table[1:]}
+    assert set(names) <= in_table
+    assert len(names) <= 25
+
+
+@pytest.mark.parametrize(
+    "old, new",
+    [
+        ("combine_members", "build_ensemble"),
+        ("SnapshotDirectory", "read_manifest"),
+        ("SnapshotSelection", "select_snapshots"),
+        ("greedy_soup", "method='greedy'"),
+    ],
+)
+def test_old_names_warn_and_name_the_new_one(old, new):
+    with pytest.warns(DeprecationWarning, match=new):
+        assert callable(getattr(keras_snapshot, old))
+
+
+def test_a_removed_name_says_what_to_write():
+    with pytest.raises(AttributeError, match="average_batchnorm=True"):
+        keras_snapshot.StochasticWeightAveraging  # noqa: B018
+    with pytest.raises(AttributeError, match="no attribute 'nothing'"):
+        keras_snapshot.nothing  # noqa: B018
+
+
+def test_old_names_of_the_package_give_the_new_objects():
+    with pytest.warns(DeprecationWarning):
+        assert keras_snapshot.combine_members(
+            [keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])]
+        ).output_shape == (None, 2)

@@ -36,7 +36,7 @@ import sys
 
 from keras_snapshot import _deprecation
 
-__version__ = "0.5.0"
+__version__ = "0.6.0"
 
 _EXPORTS = {
     "AveragedModelCheckpoint": "weight_averaging",

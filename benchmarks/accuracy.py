@@ -348,7 +348,7 @@ def analyze(args, runs, cache_dir) -> dict:
                 [
                     float(
                         _mean_offdiag(
-                            metrics.pairwise_disagreement(to_probs(mt))
+                            metrics.diversity(to_probs(mt))["disagreement"]
                         )
                     )
                     for mt in members_test
@@ -360,7 +360,7 @@ def analyze(args, runs, cache_dir) -> dict:
     if len(finals) >= 2:
         res["disagreement_independent"] = float(
             _mean_offdiag(
-                metrics.pairwise_disagreement(to_probs(np.stack(finals)))
+                metrics.diversity(to_probs(np.stack(finals)))["disagreement"]
             )
         )
     # Selection (issue 6) ------------------------------------------------------
@@ -914,8 +914,12 @@ def main(argv=None):
             last = out.get(
                 "snap_test", out.get(f"nocycle{args.snapshots[0]}_test")
             )
-            e = metrics.error_rate(to_probs(last[-1]), data["y_test"])
-            ens = metrics.error_rate(average(last), data["y_test"])
+            e = metrics.evaluate_predictions(
+                to_probs(last[-1]), data["y_test"]
+            )["error"]
+            ens = metrics.evaluate_predictions(average(last), data["y_test"])[
+                "error"
+            ]
             print(
                 f"[{i}/{len(todo)}] {run.name}: "
                 f"train {out['train_seconds']:.0f}s "

@@ -147,7 +147,7 @@ def scores(probs_list, y, seconds, extra_seconds=0.0):
     result = metrics.evaluate_predictions(probs.mean(axis=0), y)
     disagreement = None
     if len(probs) > 1:
-        matrix = metrics.pairwise_disagreement(probs)
+        matrix = metrics.diversity(probs)["disagreement"]
         disagreement = float(matrix[~np.eye(len(probs), dtype=bool)].mean())
     result.update(
         disagreement=disagreement,

@@ -89,11 +89,11 @@ model.fit(
     ],
 )
 members = keras_snapshot.load_snapshots(snapshots)
-probs = keras_snapshot.selection.predict_members(members, data.x_test)
+probs = np.stack([m.predict(data.x_test, verbose=0) for m in members])
 for m in range(1, len(members) + 1):
-    error = keras_snapshot.metrics.error_rate(
+    error = keras_snapshot.metrics.evaluate_predictions(
         probs[-m:].mean(axis=0), data.y_test
-    )
+    )["error"]
     print(f"ensemble of the last {m} snapshots: test error {100 * error:.2f}%")
 ensemble = keras_snapshot.build_ensemble(snapshots)
 ensemble.save(os.path.join(args.output_dir, "ensemble.keras"))

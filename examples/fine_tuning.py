@@ -79,9 +79,8 @@ def scores(model_or_probs, x, y):
     probs = model_or_probs
     if hasattr(model_or_probs, "predict"):
         probs = model_or_probs.predict(x, batch_size=256, verbose=0)
-    return 100 * metrics.error_rate(probs, y), metrics.negative_log_likelihood(
-        probs, y
-    )
+    result = metrics.evaluate_predictions(probs, y)
+    return 100 * result["error"], result["nll"]
 
 
 def main():

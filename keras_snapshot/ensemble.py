@@ -1,12 +1,8 @@
-"""Combining loaded members into one functional Keras model.
+"""Members averaged in one functional Keras model.
 
-The second half of turning a snapshot run into an ensemble:
-`combine_members` averages members' probabilities with stock Keras layers
-(`Average`, or `Rescaling` and `Add` with weights), optionally followed by
-temperature scaling and uncertainty outputs. `build_ensemble` is the
-one-line path: `keras_snapshot.loading` loads, BatchNorm is recalibrated if
-asked, and `combine_members` combines. `keras_snapshot.export` serves the
-result.
+Public: `build_ensemble`. The rest (`combine_members`, the weight and
+`from_logits` checks) is internal, shared with selection, export and the
+command line.
 """
 
 import keras
@@ -28,25 +24,10 @@ OUTPUT_NAME = "probabilities"
 
 
 def normalize_weights(weights: ArrayLike, num_members: int) -> np.ndarray:
-    """Checks ensemble weights and scales them to sum to 1.
+    """Checked weights, one per member, as float64 scaled to sum to 1.
 
-    Weighted Snapshot Ensembles average member probabilities with these
-    weights. This is the one place where weights are validated: they must
-    be finite, non-negative, not all zero, and one per member.
-
-    Args:
-        weights: A 1-D sequence of `num_members` non-negative numbers, such
-            as member counts from `greedy_selection`.
-        num_members: The number of ensemble members.
-
-    Returns:
-        A float64 array of shape `(num_members,)` that sums to 1.
-
-    Example:
-
-    ```python
-    normalize_weights([2, 1, 1], num_members=3)  # [0.5, 0.25, 0.25]
-    ```
+    The one place weights are validated: finite, non-negative, not all zero.
+    `normalize_weights([2, 1, 1], 3)` is `[0.5, 0.25, 0.25]`.
     """
     num_members = check_positive_int("num_members", num_members)
     try:
@@ -77,12 +58,7 @@ def normalize_weights(weights: ArrayLike, num_members: int) -> np.ndarray:
 
 
 def declares_probabilities(model) -> bool | None:
-    """Whether `model`'s output layer declares probabilities (softmax).
-
-    True for a final `Softmax` layer or a layer with `activation="softmax"`,
-    False for a linear output (logits), None when it cannot tell (then pass
-    `from_logits` explicitly).
-    """
+    """True for a softmax output layer, False for a linear one, else None."""
     if not getattr(model, "layers", None):
         return None
     last = model.layers[-1]
@@ -98,6 +74,10 @@ def declares_probabilities(model) -> bool | None:
 
 
 def resolve_from_logits(members: list, from_logits) -> bool:
+    """`from_logits` checked, or (for None) read from the members' outputs.
+
+    Members (`Member`s) whose output is unknown, or that disagree, are refused.
+    """
     if from_logits is not None:
         if not isinstance(from_logits, bool):
             raise ValueError(
@@ -124,11 +104,7 @@ def resolve_from_logits(members: list, from_logits) -> bool:
 
 
 def check_members(members: list) -> None:
-    """Checks that members can be averaged: one input, same shapes.
-
-    Raises:
-        ValueError: naming the offending member.
-    """
+    """Refuses members that are not one-input, one-output with equal shapes."""
     reference = None
     for member in members:
         model, name = member.model, describe(member)
@@ -161,31 +137,10 @@ def combine_members(
     extra_outputs: tuple | list = (),
     name: str = "snapshot_ensemble",
 ):
-    """Averages members' probabilities in one functional Keras model.
+    """`build_ensemble` for loaded members (models or `Member`s).
 
-    Args:
-        members: Keras models, or `Member(name, model)` pairs from
-            `keras_snapshot.loading.load_members` (their names become the
-            sub-model names).
-        weights: Optional non-negative weight per member, normalised to
-            sum to one.
-        from_logits: Whether members output logits (a softmax is then
-            applied to each before averaging). `None` reads it from each
-            member's output layer.
-        temperature: Optional temperature for the averaged probabilities.
-        extra_outputs: `"entropy"` and/or `"mutual_information"`: the model
-            then returns a dict with `"probabilities"` and these.
-        name: Name of the ensemble model.
-
-    Returns:
-        A `keras.Model` whose output layer is called `probabilities`.
-
-    Example:
-
-    ```python
-    members = keras_snapshot.load_snapshots("snapshots")
-    ensemble = keras_snapshot.ensemble.combine_members(members)
-    ```
+    The output layer is `probabilities`; with `extra_outputs` the model
+    returns a dict of it and those outputs.
     """
     members = [
         m if isinstance(m, Member) else Member(f"snapshot_{i}", m)
@@ -267,18 +222,11 @@ def build_ensemble(
     allow_nonfinite: bool = False,
     name: str = "snapshot_ensemble",
 ):
-    """Loads snapshots and averages them in one functional Keras model.
+    """Loads snapshots and averages their probabilities in one Keras model.
 
-    The prediction of a Snapshot Ensemble (Huang et al. 2017,
-    arXiv:1704.00109) is the average of its members' softmax outputs. This
-    is the one-line path: `keras_snapshot.loading.load_members` (sources,
-    `last`, verification, safe mode), optional BatchNorm recalibration of
-    copies, then `combine_members` (weights, logits, temperature, extra
-    outputs). Members are sub-models named after their snapshot index
-    (`snapshot_3`). Only built-in Keras layers are used unless `temperature`
-    or `extra_outputs` are set, so the ensemble saves to `.keras` and
-    reloads without importing keras_snapshot; `ensemble.export(path)` writes
-    a TensorFlow SavedModel.
+    Members are sub-models named after their snapshot (`snapshot_3`). Only
+    built-in Keras layers are used unless `temperature` or `extra_outputs`
+    are set, so the ensemble reloads from `.keras` without keras_snapshot.
 
     Args:
         snapshots: A directory written by `SnapshotCheckpoint`, a `.keras`
@@ -291,10 +239,9 @@ def build_ensemble(
         recalibration_data: Optional training inputs; each member's
             BatchNorm statistics are recomputed on it (on copies).
         safe_mode, skip_invalid, custom_objects, allow_nonfinite: How the
-            snapshots are loaded, the same for every loader: see
-            `keras_snapshot.loading.LoadOptions`.
+            snapshots are loaded, as for `load_snapshots`.
         temperature: Optional temperature for the averaged probabilities
-            (`softmax(log(p) / T)`); see `selection.fit_temperature`.
+            (`softmax(log(p) / T)`); see `keras_snapshot.fit_temperature`.
         extra_outputs: `"entropy"` and/or `"mutual_information"`.
         name: Name of the ensemble model.
 
@@ -306,8 +253,6 @@ def build_ensemble(
     ```python
     ensemble = keras_snapshot.build_ensemble("snapshots", last=3)
     probabilities = ensemble.predict(x_test)
-    ensemble.save("ensemble.keras")
-    ensemble.export("ensemble_savedmodel")  # TensorFlow SavedModel
     ```
     """
     members = load_members(

@@ -1,27 +1,16 @@
-"""Metrics for ensemble predictions: accuracy, calibration and diversity.
+"""Metrics of ensemble predictions: accuracy, calibration and diversity.
 
-The public functions (`__all__`), each returning plain numpy or Python
-numbers:
-
-- `evaluate_predictions(probs, y)`: error (with its exact 95% interval),
-  negative log-likelihood, Brier score and expected calibration error;
-- `error_interval(num_errors, num_examples)`: the error's exact interval;
-- `reliability_curve(probs, y)`: confidence and accuracy per bin;
-- `mcnemar_test(probs_a, probs_b, y)`: whether two models' errors differ;
-- `diversity(member_probs)`: pairwise disagreement and the correlation of
-  softmax outputs (Section 4.3 of Huang et al. 2017, arXiv:1704.00109);
-- `uncertainty(member_probs)`: per-example predictive entropy and mutual
-  information.
-
-Predictions are probabilities, not logits: `probs` has shape
-`(num_examples, num_classes)` with rows summing to 1; `member_probs` stacks
-several members into `(num_members, num_examples, num_classes)`. Labels `y`
-are integers of shape `(num_examples,)` or `(num_examples, 1)`, or one-hot.
-Entropies are in nats.
+Public (`__all__`): `evaluate_predictions`, `error_interval`,
+`reliability_curve`, `mcnemar_test`, `diversity` and `uncertainty`; the
+rest is internal. `probs` are probabilities of shape
+`(num_examples, num_classes)`, `member_probs` of shape
+`(num_members, num_examples, num_classes)`; labels are integers of shape
+`(num_examples,)` or `(num_examples, 1)`, or one-hot. Entropies are in nats.
 """
 
 import numpy as np
 from numpy.typing import ArrayLike
+from scipy import special
 from scipy import stats
 
 from keras_snapshot import _scoring
@@ -79,10 +68,10 @@ def _check_probs(probs: ArrayLike, name: str = "probs", ndim: int = 2):
     if arr.min() < 0 or np.any(np.abs(row_sums - 1.0) > _ROW_SUM_ATOL):
         raise ValueError(
             f"Each row of `{name}` must be a probability distribution "
-            "(non-negative, summing to 1 over the last axis). Received: "
+            "(non-negative, summing to 1 over the last axis); apply a "
+            "softmax to logits first. Received: "
             f"min value={arr.min():.4g}, row sums between "
-            f"{row_sums.min():.4g} and {row_sums.max():.4g}. If these are "
-            "logits, apply a softmax first."
+            f"{row_sums.min():.4g} and {row_sums.max():.4g}."
         )
     return arr
 
@@ -102,19 +91,18 @@ def _check_inputs(probs: ArrayLike, y: ArrayLike):
 
 
 def _brier(probs: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Mean squared distance to the one-hot labels, per leading index."""
     one_hot = np.eye(probs.shape[-1])[labels]
     return np.mean(np.sum((probs - one_hot) ** 2, axis=-1), axis=-1)
 
 
 def _entropy(probs: np.ndarray) -> np.ndarray:
-    # 0 * log(0) is taken as 0.
-    # `0.0 - x` rather than `-x`, so that zero entropy is +0.0, not -0.0.
-    return 0.0 - np.sum(
-        probs * np.log(np.where(probs > 0, probs, 1.0)), axis=-1
-    )
+    """Entropy over the last axis, in nats (`0 * log(0)` is 0)."""
+    return np.sum(special.entr(probs), axis=-1)
 
 
 def _reliability(probs: np.ndarray, labels: np.ndarray, num_bins: int):
+    """`reliability_curve` on validated arrays."""
     confidence = np.max(probs, axis=1)
     correct = (np.argmax(probs, axis=1) == labels).astype(np.float64)
     # Bin b holds confidences in (b / num_bins, (b + 1) / num_bins]; the
@@ -129,6 +117,7 @@ def _reliability(probs: np.ndarray, labels: np.ndarray, num_bins: int):
 
 
 def _ece(probs: np.ndarray, labels: np.ndarray, num_bins: int) -> float:
+    """Expected calibration error on validated arrays."""
     conf, acc, count = _reliability(probs, labels, num_bins)
     full = count > 0
     gap = np.abs(acc[full] - conf[full])
@@ -247,24 +236,14 @@ def uncertainty(member_probs: ArrayLike) -> dict[str, np.ndarray]:
 def mcnemar_test(probs_a: ArrayLike, probs_b: ArrayLike, y: ArrayLike) -> dict:
     """Exact McNemar test: do two models' errors differ beyond chance?
 
-    Two models scored on the same test images are paired: only the images
-    that exactly one of them gets right (the discordant pairs) carry
-    information about which is better. Under the null hypothesis that both
-    have the same error rate, each discordant image is equally likely to
-    favour either model, so the count `a_only` of images that only model A
-    gets right is Binomial(`a_only + b_only`, 1/2). The two-sided p-value
-    is `scipy.stats.binomtest(a_only, a_only + b_only, 0.5).pvalue`, and 1
-    when there are no discordant pairs (McNemar 1947; Dietterich 1998,
-    "Approximate Statistical Tests for Comparing Supervised Classification
-    Learning Algorithms"). Use it to say whether a Snapshot Ensemble
-    (Huang et al. 2017, arXiv:1704.00109) beats a single model on a test
-    set, rather than reading a difference of a few images as a gain.
+    Only the examples exactly one model gets right count: under the null
+    hypothesis, `a_only` is Binomial(`a_only + b_only`, 1/2), and the
+    p-value is the two-sided binomial test's (1 without such examples).
 
     Args:
         probs_a: Predictions of model A, shape `(num_examples, num_classes)`.
         probs_b: Predictions of model B on the same examples, same shape.
-        y: Integer labels of shape `(num_examples,)` or `(num_examples, 1)`,
-            or one-hot labels of shape `(num_examples, num_classes)`.
+        y: Labels, integer or one-hot.
 
     Returns:
         A dict with `"a_only"` and `"b_only"` (Python ints: examples that
@@ -303,8 +282,8 @@ def error_interval(
 ) -> tuple[float, float]:
     """Exact (Clopper-Pearson) confidence interval of an error rate.
 
-    A test error is a binomial proportion; the interval says how far apart
-    two errors on this test set must be before it can tell them apart.
+    The interval says how far apart two errors on this test set must be
+    before it can tell them apart.
 
     Example:
 

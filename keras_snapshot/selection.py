@@ -1,32 +1,10 @@
 """Choosing and calibrating ensemble members on validation predictions.
 
-Snapshot Ensembles (Huang et al. 2017, arXiv:1704.00109) average the softmax
-outputs of all snapshots, or of the last `m` only: early snapshots can be
-weak, and averaging them in can make the ensemble worse. This module picks
-members and weights from predictions, in plain numpy:
-
-- `greedy_selection`: greedy forward selection with replacement
-  (Caruana et al. 2004, "Ensemble Selection from Libraries of Models").
-- `best_last_m`: the number `m` of most recent snapshots to average.
-- `fit_temperature` and `apply_temperature`: temperature scaling
-  (Guo et al. 2017, "On Calibration of Modern Neural Networks");
-  `calibrate_temperature` also says whether validation identified the
-  temperature or fell back to `T = 1`.
-- `choose_members`: the one function that turns a selection method
-  (`"greedy"`, `"last_m"` or `"all"`) into member weights, and
-  `members_and_weights`, which drops the members a choice left out.
-- `predict_members` and `predict_members_and_labels`: the members'
-  probabilities (a softmax for logits members) on arrays or on a finite
-  `tf.data.Dataset`, read once, with the labels of the same pass.
-
-All choices must be fitted on validation data, held out from training and
-distinct from the test set. Choosing members, `m` or a temperature on the
-test set makes the reported test numbers optimistic and meaningless.
-
-Member predictions have shape `(num_members, num_examples, num_classes)`,
-in snapshot order (oldest first), and labels are as in
-`keras_snapshot.metrics`: integer labels of shape `(num_examples,)` or
-`(num_examples, 1)`, or one-hot labels.
+Public: `select_snapshots` and `fit_temperature`. The rest (greedy and
+last-m selection, temperature fits, member predictions) is internal, shared
+with the command line. Fit every choice on validation data, never on the
+test set. Member predictions have shape
+`(num_members, num_examples, num_classes)`, oldest snapshot first.
 """
 
 import dataclasses
@@ -82,49 +60,11 @@ def greedy_selection(
     metric: str = "nll",
     max_size: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Greedy forward selection of members, with replacement, on validation.
+    """Greedy forward selection with replacement (Caruana et al. 2004).
 
-    Implements ensemble selection of Caruana et al. 2004 ("Ensemble Selection
-    from Libraries of Models", ICML) for the snapshots of a Snapshot
-    Ensemble (Huang et al. 2017, arXiv:1704.00109). Starting from an empty
-    ensemble, each step adds the member (a member may be added again) whose
-    addition gives the best validation `metric` for the average of the
-    selected members' probabilities. Selection stops as soon as no addition
-    strictly improves the metric, or after `max_size` additions. Adding a
-    member several times gives it a proportionally larger weight. On ties,
-    the member with the lowest index is added.
-
-    Fit this on validation data only, never on the test set: the weights
-    are tuned to the data they are chosen on.
-
-    Args:
-        member_probs: Validation predictions of each member, of shape
-            `(num_members, num_examples, num_classes)`.
-        y_val: Validation labels: integers of shape `(num_examples,)` or
-            `(num_examples, 1)`, or one-hot of shape
-            `(num_examples, num_classes)`.
-        metric: `"nll"` (negative log-likelihood) or `"error"` (error rate,
-            ties broken by NLL, since the error alone rarely changes with
-            one addition). Defaults to `"nll"`.
-        max_size: The largest number of additions, counting repeats.
-            Defaults to `2 * num_members`, enough to give some members
-            double weight while keeping the selection cheap.
-
-    Returns:
-        A tuple `(weights, counts)`: `weights` is a float64 array of shape
-        `(num_members,)` summing to 1 (zero for unselected members) and
-        `counts` an integer array of shape `(num_members,)` with how often
-        each member was added; `counts.sum()` is the ensemble size.
-
-    Example:
-
-    ```python
-    rng = np.random.default_rng(0)
-    member_probs = rng.dirichlet(np.ones(10), size=(5, 100))
-    y_val = rng.integers(0, 10, size=100)
-    weights, counts = greedy_selection(member_probs, y_val, metric="nll")
-    ensemble_probs = np.tensordot(weights, member_probs, axes=1)
-    ```
+    Adds the member that most improves the validation `metric` of the
+    average, until none does or after `max_size` (default `2 * num_members`)
+    additions; the lowest index wins ties. Returns `(weights, counts)`.
     """
     member_probs, labels, metric = _check_selection_inputs(
         member_probs, y_val, metric
@@ -152,40 +92,10 @@ def greedy_selection(
 def best_last_m(
     member_probs: ArrayLike, y_val: ArrayLike, metric: str = "nll"
 ) -> tuple[int, np.ndarray]:
-    """Number `m` of most recent snapshots whose average is best on validation.
+    """The number `m` of most recent members whose average is best.
 
-    Huang et al. 2017 (arXiv:1704.00109) report ensembles of the last `m`
-    snapshots; when early snapshots are weak (for example with a small
-    restart learning rate) the last few do better than all of them. This
-    scores the average of the last `m` members for every `m` from 1 to
-    `num_members` and keeps the best. On ties, the smaller `m` wins, since
-    it is cheaper at inference time.
-
-    Fit this on validation data only, never on the test set.
-
-    Args:
-        member_probs: Validation predictions of each member, of shape
-            `(num_members, num_examples, num_classes)`, oldest snapshot
-            first.
-        y_val: Validation labels: integers of shape `(num_examples,)` or
-            `(num_examples, 1)`, or one-hot of shape
-            `(num_examples, num_classes)`.
-        metric: `"nll"` (negative log-likelihood) or `"error"` (error rate,
-            ties broken by NLL). Defaults to `"nll"`.
-
-    Returns:
-        A tuple `(m, weights)`: the chosen Python int `m` and a float64
-        array of shape `(num_members,)` with `1 / m` on the last `m`
-        members and zeros elsewhere.
-
-    Example:
-
-    ```python
-    rng = np.random.default_rng(0)
-    member_probs = rng.dirichlet(np.ones(10), size=(6, 100))
-    y_val = rng.integers(0, 10, size=100)
-    m, weights = best_last_m(member_probs, y_val)
-    ```
+    The smaller `m` wins ties. Returns `(m, weights)`, with `1 / m` on the
+    last `m` members.
     """
     member_probs, labels, metric = _check_selection_inputs(
         member_probs, y_val, metric
@@ -223,6 +133,7 @@ def _check_scores(logits_or_probs: ArrayLike, from_logits: bool, ndim: int):
 
 
 def _check_temperature(temperature: float) -> float:
+    """A positive temperature, or an error."""
     return check_positive_number(
         "temperature", temperature, "e.g. the output of `fit_temperature`."
     )
@@ -239,19 +150,8 @@ def _scaled_nll(logits: np.ndarray, labels: np.ndarray, log_t: float):
 class TemperatureFit:
     """What `calibrate_temperature` found on the validation split.
 
-    Attributes:
-        temperature: The temperature to use: the fitted one, or `1.0` when
-            validation could not identify it.
-        fitted: The minimiser of validation NLL within `bounds`.
-        status: `"fitted"`, or why `T = 1` was kept: `"no_errors"` (the
-            validation error is 0, so the NLL falls as `T -> 0` and has no
-            interior minimum), `"at_bound"` (the minimiser lies on a
-            bound) or `"flat"` (the NLL improves by less than
-            `min_nll_gain`, relative).
-        nll: Validation NLL at `T = 1`.
-        fitted_nll: Validation NLL at `fitted`.
-        bounds: The `(low, high)` temperatures searched.
-        min_nll_gain: The relative NLL gain below which `T = 1` is kept.
+    `temperature` is the one to use: `fitted`, or 1.0 when `status` is
+    `"no_errors"`, `"at_bound"` or `"flat"` rather than `"fitted"`.
     """
 
     temperature: float
@@ -294,50 +194,9 @@ def calibrate_temperature(
 ) -> TemperatureFit:
     """Fits a temperature on validation data, or keeps `T = 1`.
 
-    Temperature scaling (Guo et al. 2017, "On Calibration of Modern Neural
-    Networks") divides the logits by one scalar `T` before the softmax.
-    The minimiser of validation NLL is searched in `bounds` (bounded Brent
-    search over `log T`, `scipy.optimize.minimize_scalar`). A validation
-    split cannot always identify `T`: when it has no errors, NLL falls
-    without end as `T -> 0`, and a split with a handful of errors makes
-    the optimum a statement about those few images. Such a temperature
-    can make test NLL several times worse, so `T = 1` is kept, and the
-    result says why, when:
-
-    - the validation error is 0 (`status="no_errors"`);
-    - the minimiser lies on a bound (`status="at_bound"`);
-    - the NLL at the minimiser is less than `min_nll_gain` (relative)
-      below the NLL at `T = 1` (`status="flat"`).
-
-    Fit this on validation data only, never on the test set.
-
-    Args:
-        logits_or_probs: Validation predictions of shape
-            `(num_examples, num_classes)`: probabilities, or logits if
-            `from_logits=True`.
-        y_val: Validation labels: integers of shape `(num_examples,)` or
-            `(num_examples, 1)`, or one-hot of shape
-            `(num_examples, num_classes)`.
-        from_logits: Whether `logits_or_probs` holds logits. Defaults to
-            `False`.
-        bounds: `(low, high)` temperatures searched, `0 < low < 1 < high`.
-            Defaults to `(0.05, 20.0)`.
-        min_nll_gain: Smallest relative improvement of validation NLL
-            over `T = 1` that counts as identified. Defaults to `0.01`.
-
-    Returns:
-        A `TemperatureFit`; its `temperature` is the one to use and its
-        `message` says what happened.
-
-    Example:
-
-    ```python
-    probs_val = np.array([[0.99, 0.01], [0.99, 0.01], [0.01, 0.99]])
-    fit = calibrate_temperature(probs_val, np.array([0, 1, 1]))
-    fit.temperature, fit.status  # (> 1, "fitted"): overconfident
-    fit = calibrate_temperature(probs_val, np.array([0, 0, 1]))
-    fit.temperature, fit.status  # (1.0, "no_errors")
-    ```
+    `T = 1` is kept when validation cannot identify it: no validation
+    errors, the optimum on a `bounds` edge, or NLL less than `min_nll_gain`
+    (relative) below `T = 1`'s. The result's `message` says which.
     """
     # The logits at T = 1 (log-probabilities for probabilities).
     logits = layers.temperature_logits(
@@ -379,6 +238,7 @@ def calibrate_temperature(
 
 
 def _check_bounds(bounds) -> tuple[float, float]:
+    """`bounds` as floats `(low, high)`, `0 < low < 1 < high`, or an error."""
     try:
         low, high = (float(b) for b in bounds)
     except (TypeError, ValueError):
@@ -397,42 +257,29 @@ def fit_temperature(
 ) -> float:
     """Fits the temperature that minimises validation NLL, or returns 1.
 
-    Temperature scaling (Guo et al. 2017, "On Calibration of Modern Neural
-    Networks") divides the logits by a single scalar `T` before the
-    softmax: `T > 1` softens overconfident predictions, `T < 1` sharpens
-    them, and the predicted class never changes. For probabilities, such as
-    the averaged output of a Snapshot Ensemble (Huang et al. 2017,
-    arXiv:1704.00109), `log(probs)` serves as the logits (probabilities
-    below 1e-12 are clipped first). The NLL is convex in `1 / T`, hence
-    unimodal in `log T`: `scipy.optimize.minimize_scalar` (bounded Brent
-    search over `log T`) finds its minimum in `[0.05, 20]`.
-
-    When validation cannot identify `T` (no validation errors, the optimum
-    on a bound, or less than 1% lower NLL than at `T = 1`), returns `1.0`:
-    `calibrate_temperature` does the fit and says which case happened.
-
-    Fit this on validation data only, never on the test set.
+    Temperature scaling (Guo et al. 2017) divides the logits by one scalar
+    `T` before the softmax (for probabilities, `log(probs)` are the
+    logits); the predicted class never changes. `T` is searched in
+    `[0.05, 20]`. When validation cannot identify it (no validation errors,
+    the optimum on a bound, or under 1% lower NLL than at `T = 1`), the
+    result is `1.0`. Fit it on validation data, never on the test set.
 
     Args:
         logits_or_probs: Validation predictions of shape
             `(num_examples, num_classes)`: probabilities, or logits if
             `from_logits=True`.
-        y_val: Validation labels: integers of shape `(num_examples,)` or
-            `(num_examples, 1)`, or one-hot of shape
-            `(num_examples, num_classes)`.
-        from_logits: Whether `logits_or_probs` holds logits. Defaults to
-            `False`.
+        y_val: Validation labels, integer or one-hot.
+        from_logits: Whether `logits_or_probs` holds logits.
 
     Returns:
-        The fitted temperature (or `1.0`), a positive Python float.
+        The temperature, a positive Python float.
 
     Example:
 
     ```python
-    probs_val = np.array([[0.99, 0.01], [0.99, 0.01], [0.01, 0.99]])
-    y_val = np.array([0, 1, 1])
-    temperature = fit_temperature(probs_val, y_val)  # > 1: overconfident
-    calibrated = apply_temperature(probs_val, temperature)
+    ensemble = keras_snapshot.build_ensemble(
+        snapshots, temperature=keras_snapshot.fit_temperature(p_val, y_val)
+    )
     ```
     """
     return calibrate_temperature(
@@ -443,30 +290,10 @@ def fit_temperature(
 def apply_temperature(
     logits_or_probs: ArrayLike, temperature: float, from_logits: bool = False
 ) -> np.ndarray:
-    """Rescales predictions by a temperature: `softmax(logits / T)`.
+    """Predictions at temperature `T`: `softmax(logits / T)`.
 
-    The calibration step of temperature scaling (Guo et al. 2017, "On
-    Calibration of Modern Neural Networks"), with `T` from
-    `fit_temperature`. For probabilities, `log(probs)` serves as the logits,
-    so the result is `probs ** (1 / T)` renormalised. The predicted class
-    is unchanged.
-
-    Args:
-        logits_or_probs: Predictions of shape `(num_examples, num_classes)`
-            or `(num_members, num_examples, num_classes)`: probabilities, or
-            logits if `from_logits=True`.
-        temperature: A positive float.
-        from_logits: Whether `logits_or_probs` holds logits. Defaults to
-            `False`.
-
-    Returns:
-        Probabilities of the same shape as `logits_or_probs`.
-
-    Example:
-
-    ```python
-    apply_temperature(np.array([[0.8, 0.2]]), temperature=2.0)  # [[2/3, 1/3]]
-    ```
+    For probabilities this is `probs ** (1 / T)` renormalised; 2-D or
+    stacked 3-D predictions keep their shape.
     """
     temperature = _check_temperature(temperature)
     ndim = 3 if np.ndim(logits_or_probs) == 3 else 2
@@ -481,19 +308,14 @@ def _check_finite_dataset(data, name: str) -> None:
     """Refuses an endless dataset, which would be predicted forever."""
     if is_endless(data):
         raise ValueError(
-            f"`{name}` is an endless dataset (its cardinality is INFINITE, "
-            "e.g. it ends in `.repeat()`), so predicting it would never "
-            "finish. Pass one finite pass over the data: drop `.repeat()` "
-            f"or add `.take(num_batches)`. Received: {name}={data!r}."
+            f"`{name}` is an endless dataset (cardinality INFINITE, e.g. "
+            "`.repeat()`); drop `.repeat()` or add `.take(num_batches)`. "
+            f"Received: {name}={data!r}."
         )
 
 
 def _resolve_probabilities(members: list, from_logits) -> bool:
-    """Whether the members' outputs are logits, as `build_ensemble` decides.
-
-    `None` reads each member's output layer; members that disagree are
-    refused (see `keras_snapshot.ensemble.combine_members`).
-    """
+    """Whether the members output logits, decided as `build_ensemble` does."""
     if from_logits is False:
         return False
     named = [
@@ -506,24 +328,21 @@ def _resolve_probabilities(members: list, from_logits) -> bool:
 def _dataset_batches(data, name: str, with_labels: bool):
     """Yields `(x, y)` per batch of a finite dataset (`y` None if unused).
 
-    The element structure is checked on `element_spec` before any batch
-    is read.
+    The element structure is checked before any batch is read.
     """
     _check_finite_dataset(data, name)
     spec = data.element_spec
     is_tuple = isinstance(spec, (tuple, list))
     if with_labels and not (is_tuple and len(spec) == 2):
         raise ValueError(
-            f"`{name}` must be a dataset of `(x, y)` batches (inputs and "
-            "labels). Received a dataset whose elements are "
-            f"{spec!r}. Sample weights are not used for selection: drop "
-            "them, e.g. `data.map(lambda x, y, w: (x, y))`."
+            f"`{name}` must be a dataset of `(x, y)` batches; drop sample "
+            "weights, e.g. `data.map(lambda x, y, w: (x, y))`. Received: "
+            f"element_spec={spec!r}."
         )
     if isinstance(spec, dict) or (is_tuple and isinstance(spec[0], dict)):
         raise ValueError(
             f"`{name}` must yield batches of one input array (the members "
-            "have one input). Received a dataset whose elements are "
-            f"{spec!r}."
+            f"have one input). Received: element_spec={spec!r}."
         )
     for batch in data:
         if isinstance(batch, (tuple, list)):
@@ -533,12 +352,10 @@ def _dataset_batches(data, name: str, with_labels: bool):
 
 
 def _predict_batches(members: list, batches, name: str):
-    """`(outputs (m, n, k), labels or None)`, from one pass over `batches`.
+    """`(outputs (m, n, k), labels or None)` from one pass over `batches`.
 
-    Each batch is predicted by every member before the next is read, so
-    the labels are those of the same pass as the predictions (even when
-    the dataset reshuffles on every pass), and only one batch of inputs is
-    held at a time.
+    Every member predicts a batch before the next is read, so labels match
+    even when the dataset reshuffles on every pass.
     """
     import keras
 
@@ -556,8 +373,8 @@ def _predict_batches(members: list, batches, name: str):
             labels.append(np.asarray(y))
     if not outputs[0]:
         raise ValueError(
-            f"`{name}` is an empty dataset: it yielded no batch to predict. "
-            "Pass a dataset with at least one batch."
+            f"`{name}` is an empty dataset: pass a dataset with at least one "
+            f"batch. Received: {name} with 0 batches."
         )
     stacked = np.stack([np.concatenate(out) for out in outputs])
     return stacked, (np.concatenate(labels) if labels else None)
@@ -569,39 +386,11 @@ def predict_members(
     batch_size: int = 256,
     from_logits: bool | None = False,
 ) -> np.ndarray:
-    """Stacks the predictions of Keras models: shape `(m, n, k)`.
+    """The members' probabilities on `x`, of shape `(m, n, k)`.
 
-    The members of a Snapshot Ensemble (Huang et al. 2017,
-    arXiv:1704.00109) are predicted on the same inputs, in order, for the
-    selection functions of this module. `x` is an array, or a finite
-    `tf.data.Dataset` of input batches (or of `(x, y)` batches, whose
-    labels are ignored): a dataset is read once, every member predicting
-    each batch in turn (`predict_on_batch`), so a dataset that reshuffles
-    on every pass still gives every member the same order, and the inputs
-    are never held in memory all at once.
-
-    Args:
-        members: Keras models with one input and one output.
-        x: Inputs: an array, or a finite `tf.data.Dataset` of batches of
-            inputs or of `(x, y)`. An endless dataset (`.repeat()`) is
-            refused.
-        batch_size: Batch size for arrays; a dataset keeps its own batches.
-        from_logits: Whether the members output logits, which then get a
-            softmax, so that the result is probabilities. `None` reads it
-            from the members' output layers, as `build_ensemble` does.
-            Defaults to `False`: the outputs as they are.
-
-    Returns:
-        A numpy array of shape `(num_members, num_examples, num_classes)`.
-
-    Example:
-
-    ```python
-    member_probs = predict_members(load_snapshots("snapshots"), x_val)
-    # The same from a pipeline, batch by batch:
-    batches = tf.data.Dataset.from_tensor_slices(x_val).batch(256)
-    member_probs = predict_members(load_snapshots("snapshots"), batches)
-    ```
+    `x` is an array or a finite `tf.data.Dataset` (read once, batch by
+    batch). `from_logits=True` applies a softmax; `None` decides as
+    `build_ensemble` does.
     """
     members = list(members)
     from_logits = _resolve_probabilities(members, from_logits)
@@ -641,38 +430,10 @@ def predict_members_and_labels(
     batch_size: int = 256,
     from_logits: bool | None = False,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Member predictions and the labels they belong to, from one pass.
+    """`(member_probs, labels)` from one pass over `data`.
 
-    What `select_snapshots` and the command line need from validation
-    data to choose the members of a Snapshot Ensemble (Huang et al. 2017,
-    arXiv:1704.00109): every member's predictions and the labels, in the
-    same order. For a `tf.data.Dataset` of `(x, y)` batches, the labels are
-    collected in the same pass as the predictions (each batch is predicted
-    by every member before the next is read), so they match even when the
-    dataset reshuffles on every pass, and only the predictions and labels
-    (small) are kept, never all the inputs.
-
-    Args:
-        members: Keras models with one input and one output.
-        data: `(x, y)` arrays, or a finite `tf.data.Dataset` of `(x, y)`
-            batches. An endless dataset (`.repeat()`) is refused.
-        batch_size: Batch size for arrays; a dataset keeps its own batches.
-        from_logits: Whether the members output logits (a softmax is then
-            applied); `None` reads it from their output layers, as
-            `build_ensemble` does. Defaults to `False`.
-
-    Returns:
-        A tuple `(member_probs, labels)`: an array of shape
-        `(num_members, num_examples, num_classes)` and the labels, of
-        shape `(num_examples,)`, `(num_examples, 1)` or one-hot.
-
-    Example:
-
-    ```python
-    val = tf.data.Dataset.from_tensor_slices((x_val, y_val)).batch(128)
-    member_probs, labels = predict_members_and_labels(members, val)
-    weights = choose_members(member_probs, labels, method="greedy")
-    ```
+    `data` is `(x, y)` or a finite `tf.data.Dataset` of `(x, y)` batches;
+    labels come from the same pass, so they match a reshuffling dataset.
     """
     return _predictions_and_labels(
         list(members), data, batch_size, from_logits, "data"
@@ -694,15 +455,8 @@ def _predictions_and_labels(members, data, batch_size, from_logits, name):
 
 
 class SnapshotSelection:
-    """Members and weights chosen on validation data by `select_snapshots`.
-
-    Attributes:
-        snapshots: The chosen members (paths or models), oldest first;
-            members with weight zero are left out.
-        weights: Their normalised weights, for `build_ensemble(weights=)`.
-        method: How they were chosen.
-        validation_scores: `keras_snapshot.metrics.evaluate_predictions` of
-            the chosen ensemble on the validation data.
+    """What `select_snapshots` chose: `snapshots`, `weights`, `method` and
+    `validation_scores` (`metrics.evaluate_predictions` of the ensemble).
     """
 
     def __init__(self, snapshots, weights, method, validation_scores):
@@ -723,6 +477,7 @@ _SELECTION_METHODS = ("greedy", "last_m", "all")
 
 
 def _check_method(method: str) -> str:
+    """`method` if it is a selection method, or an error."""
     if method not in _SELECTION_METHODS:
         raise ValueError(
             f"`method` must be one of {_SELECTION_METHODS}. "
@@ -737,35 +492,10 @@ def choose_members(
     method: str = "greedy",
     metric: str = "nll",
 ) -> np.ndarray:
-    """Member weights chosen on validation predictions by `method`.
+    """Member weights (zeros for those left out) chosen by `method`.
 
-    The one place where a selection method becomes weights, for
-    `select_snapshots` and the `keras-snapshot` command line alike:
-    `"greedy"` is `greedy_selection` (Caruana et al. 2004), `"last_m"` is
-    `best_last_m` (the ensembles of the last m snapshots of Huang et al.
-    2017, arXiv:1704.00109) and `"all"` the uniform average.
-
-    Fit this on validation data only, never on the test set.
-
-    Args:
-        member_probs: Validation predictions of shape
-            `(num_members, num_examples, num_classes)`, oldest first.
-        y_val: Validation labels, integer or one-hot.
-        method: `"greedy"`, `"last_m"` or `"all"`. Defaults to `"greedy"`.
-        metric: `"nll"` or `"error"`, the validation score to optimise.
-
-    Returns:
-        A float64 array of shape `(num_members,)` summing to 1, with zeros
-        for the members left out (see `members_and_weights`).
-
-    Example:
-
-    ```python
-    rng = np.random.default_rng(0)
-    member_probs = rng.dirichlet(np.ones(10), size=(4, 100))
-    y_val = rng.integers(0, 10, size=100)
-    weights = choose_members(member_probs, y_val, method="last_m")
-    ```
+    `"greedy"` is `greedy_selection`, `"last_m"` `best_last_m`, `"all"` the
+    uniform average; shared by `select_snapshots` and the command line.
     """
     _check_method(method)
     member_probs, _, metric = _check_selection_inputs(
@@ -782,15 +512,7 @@ def choose_members(
 
 
 def members_and_weights(members, weights) -> tuple[list, np.ndarray]:
-    """The members with a positive weight, and their renormalised weights.
-
-    Example:
-
-    ```python
-    members_and_weights(["a", "b", "c"], [0.0, 0.5, 0.5])
-    # (["b", "c"], array([0.5, 0.5]))
-    ```
-    """
+    """The members with a positive weight, and their renormalised weights."""
     members = list(members)
     weights = normalize_weights(weights, len(members))
     keep = [i for i, w in enumerate(weights) if w > 0]
@@ -814,40 +536,24 @@ def select_snapshots(
 ) -> SnapshotSelection:
     """Chooses snapshots and weights on held-out validation data.
 
-    Averaging every snapshot of a Snapshot Ensemble (Huang et al. 2017,
-    arXiv:1704.00109) can be worse than averaging the last few, since early
-    snapshots may be weak. This picks members on validation data: `"greedy"`
-    is forward selection with replacement (Caruana et al. 2004), `"last_m"`
-    the best number of most recent snapshots, `"all"` the uniform average.
-
-    It takes what `build_ensemble` takes: members that output logits get a
-    softmax before they are scored (the ensemble averages probabilities),
-    so a model with a linear output is chosen exactly as its twin with a
-    softmax output. `validation_data` may be a finite `tf.data.Dataset`
-    of `(x, y)` batches: it is read once, each batch predicted by every
-    member, with the labels taken from the same pass (see
-    `predict_members_and_labels`).
-
-    `validation_data` is keyword-only on purpose: it must be data held out
-    from training and kept apart from the test set. Selecting on the test
-    set makes the reported test numbers optimistic.
+    Early snapshots can be weak, so averaging all of them can be worse than
+    averaging some. Members that output logits get a softmax before they
+    are scored. Select on validation data, never on the test set.
 
     Args:
         snapshots: A snapshot directory, a list of `.keras` paths or a list
             of Keras models.
         validation_data: `(x_val, y_val)` with integer or one-hot labels,
-            or a finite `tf.data.Dataset` of `(x, y)` batches (not an
-            endless `.repeat()` one).
-        method: `"greedy"`, `"last_m"` or `"all"`.
+            or a finite `tf.data.Dataset` of `(x, y)` batches.
+        method: `"greedy"` (forward selection with replacement, Caruana et
+            al. 2004), `"last_m"` (the best number of most recent
+            snapshots) or `"all"` (the uniform average).
         metric: `"nll"` or `"error"`, the validation score to optimise.
-        batch_size: Batch size for the members' predictions of arrays; a
-            dataset keeps its own batches.
+        batch_size: Batch size for predicting arrays.
         from_logits: Whether members output logits; `None` reads it from
-            their output layer (softmax or linear), as `build_ensemble`
-            does, and refuses members that disagree.
+            their output layer.
         safe_mode, skip_invalid, custom_objects, allow_nonfinite: How the
-            snapshots are loaded, the same for every loader: see
-            `keras_snapshot.loading.LoadOptions`.
+            snapshots are loaded, as for `load_snapshots`.
 
     Returns:
         A `SnapshotSelection` whose `snapshots` and `weights` go to
@@ -857,14 +563,11 @@ def select_snapshots(
 
     ```python
     choice = keras_snapshot.select_snapshots(
-        "snapshots", validation_data=(x_val, y_val), method="greedy"
+        "snapshots", validation_data=(x_val, y_val)
     )
     ensemble = keras_snapshot.build_ensemble(
         choice.snapshots, weights=choice.weights
     )
-    # The same from a tf.data pipeline of (x, y) batches:
-    val = tf.data.Dataset.from_tensor_slices((x_val, y_val)).batch(256)
-    choice = keras_snapshot.select_snapshots("snapshots", validation_data=val)
     ```
     """
     _check_method(method)

@@ -207,59 +207,36 @@ class _AverageState(keras.layers.Layer):
 class WeightAveraging(keras.callbacks.Callback):
     """Keeps a running average of the weights during training (SWA or EMA).
 
-    After each averaged optimizer update the callback sets, on the device,
-    `avg <- avg + w_t (x - avg)` for every averaged variable `x`:
+    After each averaged optimizer update (`optimizer.iterations`: updates
+    really applied, so with gradient accumulation or loss scaling too) it
+    folds every averaged variable `x` into its average on the device,
+    `avg <- avg + w_t (x - avg)` (`fold`):
 
     - `mode="swa"`: Stochastic Weight Averaging (Izmailov et al. 2018,
-      arXiv:1803.05407), `w_t = 1 / (n + 1)` with `n` the models already
-      averaged: the equal-weight mean of the weights visited in the final
-      (constant or cyclic rate) phase. Averages at the end of every epoch
-      from `start_epoch` on, or every `every_steps` optimizer steps from
-      step `start_step` on.
-    - `mode="ema"`: an exponential moving average (Polyak averaging),
-      `w_t = 1 - decay_t`, the first update a copy. With `warmup=True`,
-      `decay_t = min(decay, (1 + n) / (10 + n))` (TensorFlow's
-      `ExponentialMovingAverage` with `num_updates`), so that the early,
-      poor weights are forgotten quickly. By default every optimizer
-      update is averaged (`every_steps=1`).
+      arXiv:1803.05407), `w_t = 1 / (n + 1)` with `n` models averaged: the
+      mean of the weights at the end of every epoch from `start_epoch` on,
+      or every `every_steps` steps from step `start_step` on.
+    - `mode="ema"`: an exponential moving average, `w_t = 1 - decay_t`
+      (`ema_weight`; the first update a copy; `warmup=True` forgets the
+      early weights fast). By default every update is averaged.
 
-    Steps are optimizer updates (`optimizer.iterations`): with
-    `gradient_accumulation_steps=k` one update per k batches, and updates
-    skipped by loss scaling are not counted.
+    The average lives in Keras variables of a small state layer set as an
+    attribute of the optimizer, so `keras.callbacks.BackupAndRestore`
+    saves it with the weights and a killed run resumes with the average of
+    the restored weights; the model's and optimizer's variable lists do not
+    change, and `.keras` files saved meanwhile load into the plain
+    architecture. Use one `WeightAveraging` per mode on a model.
 
-    The average lives in Keras variables (float32, float64 for float64
-    variables) of a small state layer that the callback sets as an
-    attribute of the optimizer. `model.save_weights`, hence
-    `keras.callbacks.BackupAndRestore`, saves it with the weights, so a
-    killed run resumes with the average that belongs to the restored
-    weights (an update due at the restored step that the kill lost is
-    redone). The model's and the optimizer's variable lists do not change,
-    and `.keras` files saved during training (`SnapshotCheckpoint`,
-    `model.save`) still load into the plain architecture, which ignores
-    the extra entry. Use one `WeightAveraging` per mode on a model.
-
-    BatchNorm moving statistics are not averaged by default: they belong
-    to weights, not to an average of them. Pass `recalibration_data` to
-    recompute them for the averaged weights with `recalibrate_batchnorm`,
-    or `average_batchnorm=True` to average them like the other variables.
-
-    With `validate_with_average=True`, Keras's validation inside `fit` runs
-    on the averaged weights (recalibrated when `recalibration_data` is
-    set): the callback swaps them in at `on_test_begin` and the trained
-    weights back at `on_test_end`, as `keras.callbacks.SwapEMAWeights`
-    does, so `val_*` logs and callbacks that read them (`EarlyStopping`,
-    `ModelCheckpoint(monitor=...)`) judge the average while training
-    continues from the trained weights. An update due at the end of the
-    epoch is taken before validation. Keras's own `use_ema=True` keeps an
-    EMA inside the optimizer and writes it into the model every
-    `ema_overwrite_frequency` steps and at the end of `fit`; this callback
-    refuses `validate_with_average=True` with such an optimizer (use
-    `SwapEMAWeights` there, or this callback with `mode="ema"` instead).
-
-    At the end of training the average can be saved (`filepath`, a
-    `.keras` file written atomically, without optimizer) and/or put into
-    the model (`set_weights_at_end`). `averaged_model()` returns it at any
-    time.
+    BatchNorm moving statistics are not averaged unless
+    `average_batchnorm=True`: pass `recalibration_data` to recompute them
+    for the averaged weights (`recalibrate_batchnorm`). With
+    `validate_with_average=True`, validation inside `fit` runs on the
+    average, swapped in and out as `keras.callbacks.SwapEMAWeights` does,
+    so `val_*` logs judge the average while training continues from the
+    trained weights (refused with an optimizer's own `use_ema=True`). At
+    the end of training the average can be saved (`filepath`, written
+    atomically) and/or put into the model (`set_weights_at_end`);
+    `averaged_model()` returns it at any time.
 
     Args:
         mode: `"swa"` or `"ema"`.
@@ -925,24 +902,18 @@ class AveragedModelCheckpoint(keras.callbacks.ModelCheckpoint):
     """`keras.callbacks.ModelCheckpoint` that saves the averaged model.
 
     Keras's `ModelCheckpoint` saves the trained weights, even when the
-    `val_*` metric it monitors was computed with the averaged weights
+    `val_*` metric it monitors was computed with the average
     (`WeightAveraging(validate_with_average=True)`). This one saves the
-    average of `averaging` (recalibrated when its `recalibration_data` is
-    set) at the end of an epoch, so that `save_best_only=True` keeps the
-    averaged model that scored best: the one you ship. Training goes on
-    from the trained weights. Before the first averaged model it saves the
-    trained weights, which are then also the ones validated.
+    average of `averaging` (recalibrated if set) at the end of an epoch, so
+    that `save_best_only=True` keeps the averaged model that scored best.
+    Before the first averaged model it saves the trained weights. Pass
+    `averaging` in the same `fit` callbacks, in any order; `save_freq` is
+    `"epoch"` only.
 
-    Every argument but `averaging` is `ModelCheckpoint`'s; `save_freq` is
-    `"epoch"` only (the average is validated at the end of an epoch). Pass
-    `averaging` in the same `fit` callbacks, in any order.
-
-    A run resumed by `BackupAndRestore` (in a new process: a disconnected
-    Colab session) keeps its best: with `save_best_only=True` and a
-    `filepath` without `{...}` fields, the best score is written beside the
-    file (`FILEPATH.best.json`) and read back when `fit` starts at an
-    optimizer step above 0, so a worse average does not overwrite the best
-    one. A run from step 0 starts a new best, as Keras's does.
+    A run resumed by `BackupAndRestore` in a new process keeps its best:
+    with `save_best_only=True` and a `filepath` without `{...}` fields, the
+    best score is written beside the file (`FILEPATH.best.json`) and read
+    back when `fit` starts above step 0. A run from step 0 starts anew.
 
     Args:
         averaging: The `WeightAveraging` callback of the same `fit`.
@@ -1224,25 +1195,20 @@ def average_weights(
     """One model whose weights are an average of the members' weights.
 
     `method="uniform"` is SWA over snapshots (Izmailov et al. 2018,
-    arXiv:1803.05407): every float variable becomes `sum_k a_k w_k` with
-    `a_k = weights[k] / sum(weights)` (equal by default); the snapshots of
-    one run lie in one basin, and their average often predicts about as
-    well as their ensemble, at the cost of one model. `method="greedy"` is
-    the greedy soup of Wortsman et al. 2022 (arXiv:2203.05482): sort the
-    members by their own score on `validation_data`, best first, start
-    with the best and add each next one (to an equal-weight mean) only if
-    the soup's score does not get worse, so that a member from another
-    basin (a diverged run) is left out. Scores are `metric` ("error" or
-    "nll", lower is better, as in `select_snapshots`); a member predicting
-    NaN or inf ranks last and is never kept.
+    arXiv:1803.05407): every float variable becomes `sum_k a_k w_k`, `a_k =
+    weights[k] / sum(weights)` (equal by default); snapshots of one run lie
+    in one basin, and their average predicts about as well as their
+    ensemble at the cost of one model. `method="greedy"` is the greedy soup
+    (Wortsman et al. 2022, arXiv:2203.05482): members sorted by their own
+    `metric` on `validation_data` ("error" or "nll", lower is better, as in
+    `select_snapshots`), each joins the equal-weight soup only if its score
+    does not get worse, so a member from another basin is left out (one
+    predicting NaN or inf is never kept).
 
-    The BatchNorm moving statistics are averaged like the other variables
-    (a warning says they do not fit the averaged weights): pass
-    `recalibration_data` to recompute them, for every candidate soup too
-    (`recalibrate_batchnorm`). The members must share an architecture (the
-    first that does not is named); the result is a new, uncompiled model
-    (`keras_snapshot.loading.model_with_weights`); the members are not
-    changed.
+    BatchNorm statistics are averaged too (a warning says they do not fit):
+    `recalibration_data` recomputes them, for every candidate soup too. The
+    members must share an architecture (the first that does not is named);
+    the result is a new, uncompiled model; the members are not changed.
 
     Args:
         snapshots: A directory written by `SnapshotCheckpoint`, a list of
@@ -1299,12 +1265,16 @@ def average_weights(
         for m in members
     ]
     floats = [is_float(v) for v in members[0].weights]
+    model = model_with_weights(members[0], values[0], safe_mode, custom_objects)
 
-    def recalibrate(model):
+    def holding(arrays):
+        """`model` with `arrays`, BatchNorm recalibrated if asked."""
+        assign_weights(model, arrays)
         if recalibration_data is not None:
             recalibrate_batchnorm(
                 model, recalibration_data, batch_size, recalibration_steps
             )
+        return model
 
     if method == "uniform":
         coefficients = (
@@ -1312,78 +1282,53 @@ def average_weights(
             if weights is None
             else normalize_weights(weights, len(members))
         )
-        kept, soup, total = [], None, 0.0
-        for i, coefficient in enumerate(coefficients):
-            if coefficient > 0:
-                total += coefficient
-                kept.append(i)
-                soup = (
-                    values[i]
-                    if soup is None
-                    else _fold_member(
-                        soup, values[i], coefficient / total, floats
-                    )
-                )
+        kept = [i for i, c in enumerate(coefficients) if c > 0]
+        soup, total = values[kept[0]], coefficients[kept[0]]
+        for i in kept[1:]:
+            total += coefficients[i]
+            soup = _fold_member(
+                soup, values[i], coefficients[i] / total, floats
+            )
     else:
-        kept, soup = _greedy(
-            members[0],
-            values,
-            floats,
-            validation_data,
-            metric,
-            from_logits,
-            recalibrate,
-            batch_size,
-            (safe_mode, custom_objects),
-        )
-    model = model_with_weights(members[0], soup, safe_mode, custom_objects)
-    recalibrate(model)
+        if from_logits is None:
+            from_logits = not _declares_probabilities(members[0])
+        x_val, y_val = validation_data
+
+        def scored(arrays) -> float:
+            outputs = holding(arrays).predict(x_val, batch_size, verbose=0)
+            if outputs.ndim != 2 or outputs.shape[-1] < 2:
+                raise ValueError(
+                    "The greedy soup scores classifiers with one output per "
+                    "class (2 or more); give a sigmoid model a 2-way "
+                    f"softmax. Received outputs of shape {outputs.shape}."
+                )
+            if not np.all(np.isfinite(outputs)):
+                return math.nan  # Ranks last, never kept.
+            labels = check_labels(y_val, *outputs.shape, name="y_val")
+            return float(score(outputs, labels, metric, from_logits))
+
+        kept, soup = _greedy(values, floats, scored)
+        model.soup_members = kept
+    holding(soup)
     if recalibration_data is None and len(kept) > 1:
         warn_batchnorm(model, averaged_statistics=True)
-    if method == "greedy":
-        model.soup_members = kept
     return model
 
 
-def _greedy(
-    first,
-    values,
-    floats,
-    validation_data,
-    metric,
-    from_logits,
-    recalibrate,
-    batch_size,
-    rebuild,
-):
-    """`(kept, soup arrays)` of the greedy soup (see `average_weights`)."""
-    if from_logits is None:
-        declared = declares_probabilities(first)
-        if declared is None:
-            raise ValueError(
-                "Cannot tell whether the models output probabilities or "
-                "logits: their last layer declares neither a softmax nor a "
-                "linear activation. Pass `from_logits=True` or `False`."
-            )
-        from_logits = not declared
-    x_val, y_val = validation_data
-    work = model_with_weights(first, values[0], *rebuild)
+def _declares_probabilities(model) -> bool:
+    declared = declares_probabilities(model)
+    if declared is None:
+        raise ValueError(
+            "Cannot tell whether the models output probabilities or logits: "
+            "their last layer declares neither a softmax nor a linear "
+            "activation. Pass `from_logits=True` or `from_logits=False`."
+        )
+    return declared
 
-    def scored(arrays) -> float:
-        assign_weights(work, arrays)
-        recalibrate(work)
-        outputs = work.predict(x_val, batch_size=batch_size, verbose=0)
-        if outputs.ndim != 2 or outputs.shape[-1] < 2:
-            raise ValueError(
-                "The greedy soup scores classifiers with one output per "
-                "class (2 or more); give a sigmoid model a 2-way softmax. "
-                f"Received outputs of shape {outputs.shape}."
-            )
-        if not np.all(np.isfinite(outputs)):
-            return math.nan  # Ranks last, never kept.
-        labels = check_labels(y_val, *outputs.shape, name="y_val")
-        return float(score(outputs, labels, metric, from_logits))
 
+def _greedy(values: list, floats: list, scored) -> tuple:
+    """`(kept, soup)`: the greedy soup of the members' `values`, `scored`
+    lower is better (NaN ranks last and never joins; a tie joins)."""
     own = [scored(v) for v in values]
     order = sorted(
         range(len(values)), key=lambda i: (math.isnan(own[i]), own[i])
@@ -1396,9 +1341,9 @@ def _greedy(
         )
     kept, soup, best = [order[0]], values[order[0]], own[order[0]]
     for i in order[1:]:
-        candidate = _fold_member(soup, values[i], 1.0 / (len(kept) + 1), floats)
+        candidate = _fold_member(soup, values[i], 1 / (len(kept) + 1), floats)
         candidate_score = scored(candidate)
-        if candidate_score <= best:  # Ties join, as in the paper.
+        if candidate_score <= best:
             kept.append(i)
             soup, best = candidate, candidate_score
     return kept, soup

@@ -7,11 +7,11 @@ decay), its EMA (`WeightAveraging(mode="ema", warmup=True)`, BatchNorm
 recalibrated), the snapshot ensemble (best last m on validation), SGDR
 snapshots (t_mul=2), FGE, the uniform soup of the snapshots (=
 `average_weights`, i.e. SWA of the snapshots) and of the FGE snapshots,
-the greedy soup of the snapshots (`greedy_soup` on the validation split;
-Wortsman et al. 2022), running SWA, the distilled student of the best 1x
-ensemble, and true ensembles of 2 and 4 independently trained models. The
-recipes are those of `keras-snapshot train --method ...`
-(`keras_snapshot.app.methods`).
+the greedy soup of the snapshots (`average_weights(method="greedy")` on
+the validation split; Wortsman et al. 2022), running SWA, the distilled
+student of the best 1x ensemble, and true ensembles of 2 and 4
+independently trained models. The recipes are those of `keras-snapshot
+train --method ...` (`keras_snapshot.app.methods`).
 
 Fine-tuning (`--scenario finetune`, or with `all`): for each seed, the CNN
 is pretrained on classes 0-4 (the training and the test images of those
@@ -90,7 +90,7 @@ def parse_args(argv=None):
     )
     parser.add_argument(
         "--soup-metric",
-        choices=("nll", "accuracy"),
+        choices=("nll", "error"),
         default="nll",
         help="validation metric of the greedy soup (nll: finer on the "
         "small validation split)",
@@ -159,15 +159,19 @@ def scores(probs_list, y, seconds, extra_seconds=0.0):
 
 def soup_scores(folder, validation, recal, metric, x_test, y_test, seconds):
     """Scores of the greedy soup of `folder`'s snapshots, with `kept`."""
-    from keras_snapshot import greedy_soup
+    from keras_snapshot import average_weights
 
     started = time.perf_counter()
-    soup, kept = greedy_soup(
-        folder, validation, metric=metric, recalibration_data=recal
+    soup = average_weights(
+        folder,
+        method="greedy",
+        validation_data=validation,
+        metric=metric,
+        recalibration_data=recal,
     )
     extra = time.perf_counter() - started
     result = scores(member_probs([soup], x_test), y_test, seconds, extra)
-    result["kept"] = [int(k) for k in kept]
+    result["kept"] = [int(k) for k in soup.soup_members]
     return result
 
 
@@ -177,7 +181,6 @@ def run_seed(seed, args, data, workdir):
     import numpy as np
 
     from keras_snapshot import SnapshotCheckpoint
-    from keras_snapshot import StochasticWeightAveraging
     from keras_snapshot import WeightAveraging
     from keras_snapshot import average_weights
     from keras_snapshot import distill
@@ -277,7 +280,9 @@ def run_seed(seed, args, data, workdir):
 
     # Running SWA during training.
     swa_plan = methods.plan("swa", args.lr, args.epochs, steps, args.snapshots)
-    swa = StochasticWeightAveraging(
+    swa = WeightAveraging(
+        mode="swa",
+        average_batchnorm=True,
         start_epoch=swa_plan.swa_start_epoch,
         recalibration_data=recal,
         verbose=0,
@@ -553,7 +558,10 @@ def _recipe(row: str) -> str:
     """How to get a row's predictor with the package."""
     for key, recipe in (
         ("EMA", '`WeightAveraging(mode="ema", warmup=True)`'),
-        ("greedy soup", "`--method snapshot`, then `greedy_soup`"),
+        (
+            "greedy soup",
+            "`--method snapshot`, then `average_weights(method='greedy')`",
+        ),
         ("uniform soup of FGE", "`--method fge`, then `average_weights`"),
         ("uniform soup", "`--method snapshot`, then `average_weights`"),
         ("FGE", "`--method fge`"),
@@ -654,7 +662,8 @@ def scratch_markdown(rows, goals, args, sizes) -> list:
         "warm-up `min(decay, (1 + n) / (10 + n))`). The uniform soup "
         "averages all the snapshots of the snapshot run (`average_weights`,"
         " the same as SWA of the snapshots); the greedy soup "
-        f"(`greedy_soup`, metric {args.soup_metric} on the validation "
+        "(`average_weights(method='greedy')`, metric "
+        f"{args.soup_metric} on the validation "
         "split) adds a snapshot only if the validation score does not get "
         "worse.",
         "",
@@ -692,7 +701,8 @@ def finetune_markdown(finetune, args, sizes_a, sizes_b) -> list:
         f"{args.snapshots} `SnapshotSchedule` cycles, each restarting at "
         f"{args.finetune_lr} (the small restart rate keeps the cycles near "
         "the pretrained point); ensemble of all the snapshots, uniform "
-        "soup (`average_weights`) and greedy soup (`greedy_soup`, metric "
+        "soup (`average_weights`) and greedy soup "
+        "(`average_weights(method='greedy')`, metric "
         f"{args.soup_metric} on task B's validation images), BatchNorm "
         "recalibrated on task B's training images.",
         "",

@@ -12,8 +12,8 @@ the bundled Fashion-MNIST subset (`keras_snapshot.load_example_data()`):
      small restart rate (short cycles stay in the pretrained basin), then
      the snapshot ensemble (`build_ensemble`), the uniform soup of the
      snapshots (`average_weights`: one model) and the greedy soup
-     (`greedy_soup`, Wortsman et al. 2022: a snapshot joins only if the
-     validation accuracy does not drop);
+     (`average_weights(method="greedy")`, Wortsman et al. 2022: a snapshot
+     joins only if the validation error does not rise);
 3. print test error and NLL of each.
 
     python examples/fine_tuning.py            # about 1-2 minutes on 2 CPU cores
@@ -167,11 +167,13 @@ def main():
         uniform = keras_snapshot.average_weights(
             snapshot_dir, recalibration_data=xb_train
         )
-        greedy, kept = keras_snapshot.greedy_soup(
+        greedy = keras_snapshot.average_weights(
             snapshot_dir,
+            method="greedy",
             validation_data=(xb_val, yb_val),
             recalibration_data=xb_train,
         )
+        kept = greedy.soup_members
         rows = [
             ("plain fine-tuning (1 model)", plain),
             (

@@ -7,7 +7,7 @@ end of every cycle, and average the snapshots' softmax outputs (Huang et al.
 Layers, bottom to top (imports only go down; `tests/test_layering.py`):
 
 - core: `schedule`, `checkpoint`, `manifest`, `loading`, `ensemble`, `export`,
-  `batchnorm`, `layers`, `weight_averaging`, `averaging`, `fge`, `distill`,
+  `batchnorm`, `layers`, `averaging`, `fge`, `distill`,
   `freezeout`;
 - analysis: `metrics`, `selection`;
 - application: `keras_snapshot.app` (command line, report, data, models).
@@ -39,20 +39,18 @@ from keras_snapshot import _deprecation
 __version__ = "0.6.0"
 
 _EXPORTS = {
-    "AveragedModelCheckpoint": "weight_averaging",
+    "AveragedModelCheckpoint": "averaging",
     "FGESchedule": "fge",
     "FreezeOut": "freezeout",
     "SnapshotCheckpoint": "checkpoint",
     "SnapshotSchedule": "schedule",
-    "StochasticWeightAveraging": "averaging",
-    "WeightAveraging": "weight_averaging",
+    "WeightAveraging": "averaging",
     "average_weights": "averaging",
     "build_ensemble": "ensemble",
     "distill": "distill",
     "estimate_speedup": "freezeout",
     "export_ensemble": "export",
     "fit_temperature": "selection",
-    "greedy_soup": "averaging",
     "load_example_data": "example_data",
     "load_snapshots": "loading",
     "read_manifest": "manifest",

@@ -1,6 +1,6 @@
 """The optimizer's real update count, for every step-driven callback.
 
-`SnapshotCheckpoint`, `StochasticWeightAveraging` and `FreezeOut` act at
+`SnapshotCheckpoint`, `WeightAveraging` and `FreezeOut` act at
 given optimizer steps. A batch is not an optimizer update:
 
 - with `gradient_accumulation_steps=k`, the optimizer updates the weights

@@ -419,12 +419,17 @@ def assign_weights(model, arrays: list) -> None:
                 setattr(model, name, None)
 
 
+def is_float(variable) -> bool:
+    """Whether `variable` holds floats (the package's one such test)."""
+    return "float" in str(variable.dtype)
+
+
 def weights_are_finite(model) -> bool:
     """Whether every floating-point weight of `model` is finite."""
     return all(
         np.all(np.isfinite(keras.ops.convert_to_numpy(w)))
         for w in model.weights
-        if "float" in str(w.dtype)
+        if is_float(w)
     )
 
 

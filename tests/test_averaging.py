@@ -1,8 +1,9 @@
-"""Weight averaging: `average_weights` and `StochasticWeightAveraging`.
+"""`average_weights` (uniform, greedy soup) and SWA with `WeightAveraging`.
 
 The resume test runs this file as a script in a subprocess (see `main` at
 the bottom), kills it with SIGKILL and runs the same command again, as
-`tests/test_resume.py` does with `tests/train_script.py`.
+`tests/test_resume.py` does with `tests/train_script.py`. The numpy
+references of the running averages are in `tests/test_weight_averaging.py`.
 """
 
 import argparse
@@ -26,8 +27,9 @@ from helpers import make_model  # noqa: E402
 from helpers import script_output  # noqa: E402
 from helpers import start_script  # noqa: E402
 
-from keras_snapshot.averaging import StochasticWeightAveraging  # noqa: E402
+from keras_snapshot.averaging import WeightAveraging  # noqa: E402
 from keras_snapshot.averaging import average_weights  # noqa: E402
+from keras_snapshot.batchnorm import recalibrate_batchnorm  # noqa: E402
 
 
 def numpy_weights(model):
@@ -50,7 +52,14 @@ def trained_members(count=3, batchnorm=True):
 # average_weights ------------------------------------------------------------
 
 
-def test_average_is_the_numpy_mean_of_every_variable(tmp_path):
+@pytest.mark.parametrize(
+    "kwargs, coefficients",
+    [({}, [1, 1, 1]), ({"weights": [3, 1, 0]}, [3, 1, 0]), ({"last": 2}, None)],
+    ids=["uniform", "weights", "last"],
+)
+def test_average_is_the_numpy_mean_of_every_variable(
+    kwargs, coefficients, tmp_path
+):
     members, _ = trained_members()
     paths = []
     for i, member in enumerate(members):
@@ -58,8 +67,12 @@ def test_average_is_the_numpy_mean_of_every_variable(tmp_path):
         member.save(paths[-1])
     before = [numpy_weights(m) for m in members]
     with pytest.warns(UserWarning, match="recalibration_data"):
-        averaged = average_weights(paths)
-    expected = [np.mean(arrays, axis=0) for arrays in zip(*before)]
+        averaged = average_weights(paths, **kwargs)
+    used = before if coefficients else before[1:]  # `last=2`: the last two.
+    expected = [
+        np.average(np.array(arrays, np.float64), axis=0, weights=coefficients)
+        for arrays in zip(*used)
+    ]
     assert len(averaged.weights) == len(expected) == 8  # BN stats included.
     for got, want in zip(numpy_weights(averaged), expected):
         np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
@@ -70,67 +83,31 @@ def test_average_is_the_numpy_mean_of_every_variable(tmp_path):
     assert all(averaged is not m for m in members)
 
 
-def test_weighted_average_and_last():
-    members, _ = trained_members(batchnorm=False)
-    arrays = [numpy_weights(m) for m in members]
-    averaged = average_weights(members, weights=[3, 1, 0])
-    for i, got in enumerate(numpy_weights(averaged)):
-        want = 0.75 * arrays[0][i] + 0.25 * arrays[1][i]
-        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
-    last_two = average_weights(members, last=2)
-    for i, got in enumerate(numpy_weights(last_two)):
-        want = (arrays[1][i] + arrays[2][i]) / 2
-        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
-
-
 def test_snapshot_directory(snapshot_run):
     directory, _ = snapshot_run
-    members = [
-        keras.saving.load_model(os.path.join(directory, f"snapshot-0{i}.keras"))
-        for i in (2, 3)
-    ]
+    paths = [os.path.join(directory, f"snapshot-0{i}.keras") for i in (2, 3)]
     with pytest.warns(UserWarning):
-        averaged = average_weights(directory, last=2)
-    for got, a, b in zip(
-        numpy_weights(averaged), *(numpy_weights(m) for m in members)
+        from_directory = average_weights(directory, last=2)
+        from_paths = average_weights(paths)
+    for got, want in zip(
+        numpy_weights(from_directory), numpy_weights(from_paths)
     ):
-        np.testing.assert_allclose(got, (a + b) / 2, rtol=1e-6, atol=1e-7)
+        np.testing.assert_array_equal(got, want)
 
 
-def test_swa_with_batchnorm_recalibration_matches_numpy():
+def test_recalibration_data_recalibrates_the_average():
+    """`recalibration_data` is `recalibrate_batchnorm` of the average
+    (checked against numpy in tests/test_batchnorm.py)."""
     members, x = trained_members()
     averaged = average_weights(members, recalibration_data=x, batch_size=24)
-    dense, bn = averaged.layers[0], averaged.layers[1]
-    kernel = np.mean(
-        [keras.ops.convert_to_numpy(m.layers[0].kernel) for m in members],
-        axis=0,
-    )
-    bias = np.mean(
-        [keras.ops.convert_to_numpy(m.layers[0].bias) for m in members], axis=0
-    )
-    np.testing.assert_allclose(
-        keras.ops.convert_to_numpy(dense.kernel), kernel, rtol=1e-6, atol=1e-7
-    )
-    # BN statistics are the moments of the averaged layer's inputs, not the
-    # mean of the members' statistics.
-    features = x @ kernel + bias
-    np.testing.assert_allclose(
-        keras.ops.convert_to_numpy(bn.moving_mean),
-        features.mean(0),
-        rtol=1e-5,
-        atol=1e-6,
-    )
-    np.testing.assert_allclose(
-        keras.ops.convert_to_numpy(bn.moving_variance),
-        features.var(0),
-        rtol=1e-4,
-        atol=1e-6,
-    )
-    mean_of_stats = np.mean(
-        [keras.ops.convert_to_numpy(m.layers[1].moving_mean) for m in members],
-        axis=0,
-    )
-    assert not np.allclose(mean_of_stats, features.mean(0), atol=1e-3)
+    with pytest.warns(UserWarning, match="recalibration_data"):
+        want = average_weights(members)
+    mean_of_stats = numpy_weights(want)[4]
+    recalibrate_batchnorm(want, x, 24)
+    for got, w in zip(numpy_weights(averaged), numpy_weights(want)):
+        np.testing.assert_allclose(got, w, rtol=1e-6, atol=1e-7)
+    moving_mean = keras.ops.convert_to_numpy(averaged.layers[1].moving_mean)
+    assert not np.allclose(moving_mean, mean_of_stats, atol=1e-3)
 
 
 def wide_model():
@@ -173,6 +150,10 @@ def test_refuses_members_of_another_architecture(make_other, match, tmp_path):
     assert path in str(info.value)
 
 
+VALIDATION = (np.zeros((4, 8), "float32"), np.zeros(4, "int32"))
+GREEDY = {"method": "greedy", "validation_data": VALIDATION}
+
+
 @pytest.mark.parametrize(
     "kwargs, error, match",
     [
@@ -184,13 +165,19 @@ def test_refuses_members_of_another_architecture(make_other, match, tmp_path):
         ({"batch_size": 0}, ValueError, "batch_size=0"),
         ({"recalibration_steps": -2}, ValueError, "recalibration_steps=-2"),
         ({"last": 5}, ValueError, "last=5"),
+        ({"method": "mean"}, ValueError, "Received: method='mean'"),
+        ({"validation_data": VALIDATION}, ValueError, "method='uniform', v"),
+        ({**GREEDY, "weights": [1, 2]}, ValueError, r"weights=\[1, 2\]"),
+        ({"method": "greedy"}, ValueError, "validation_data of type None"),
+        ({**GREEDY, "metric": "accuracy"}, ValueError, "metric='accuracy'"),
     ],
 )
 def test_bad_inputs(kwargs, error, match, tmp_path):
     members = [make_model(batchnorm=False), make_model(batchnorm=False)]
     arguments = {"snapshots": members, **kwargs}
-    with pytest.raises(error, match=match):
+    with pytest.raises(error, match=match) as info:
         average_weights(**arguments)
+    assert len(str(info.value).splitlines()) == 1
 
 
 def test_missing_directory(tmp_path):
@@ -198,19 +185,12 @@ def test_missing_directory(tmp_path):
         average_weights(str(tmp_path / "nowhere"))
 
 
-# StochasticWeightAveraging -------------------------------------------------
+# WeightAveraging(mode="swa", average_batchnorm=True) ------------------------
 
 
-class WeightRecorder(keras.callbacks.Callback):
-    """The float weights after every optimizer step (in a batch-end hook)."""
-
-    def __init__(self):
-        super().__init__()
-        self.by_step = {}
-
-    def on_train_batch_end(self, batch, logs=None):
-        step = int(keras.ops.convert_to_numpy(self.model.optimizer.iterations))
-        self.by_step[step] = [w.copy() for w in numpy_weights(self.model)]
+def swa(**kwargs):
+    """SWA as the removed `StochasticWeightAveraging` did it."""
+    return WeightAveraging(mode="swa", average_batchnorm=True, **kwargs)
 
 
 def fit_with(callback, epochs=4, batchnorm=True):
@@ -221,7 +201,6 @@ def fit_with(callback, epochs=4, batchnorm=True):
         keras.optimizers.SGD(0.05, momentum=0.9),
         "sparse_categorical_crossentropy",
     )
-    recorder = WeightRecorder()
     model.fit(
         x,
         y,
@@ -229,84 +208,56 @@ def fit_with(callback, epochs=4, batchnorm=True):
         epochs=epochs,
         shuffle=False,
         verbose=0,
-        callbacks=[recorder, callback],
+        callbacks=[callback],
     )
-    return model, recorder, x
+    return model
 
 
 @pytest.mark.parametrize(
-    "kwargs, steps",
+    "kwargs, count",
     [
-        ({"start_epoch": 2}, [12, 18, 24]),  # 6 steps per epoch.
-        ({"start_step": 5, "every_steps": 7}, [5, 12, 19]),
+        ({"start_epoch": 2}, 3),  # 6 steps per epoch: 12, 18, 24.
+        ({"start_step": 5, "every_steps": 7}, 3),  # 5, 12, 19.
     ],
 )
-def test_running_average_equals_numpy_mean(kwargs, steps, tmp_path):
+def test_the_file_the_model_and_averaged_model_hold_the_average(
+    kwargs, count, tmp_path
+):
+    """The numbers are checked against numpy in test_weight_averaging.py;
+    here every way out holds them."""
     path = str(tmp_path / "swa.keras")
-    swa = StochasticWeightAveraging(**kwargs, filepath=path, verbose=0)
+    averaging = swa(**kwargs, filepath=path, verbose=0)
     with pytest.warns(UserWarning, match="recalibration_data"):
-        swa_set = StochasticWeightAveraging(
-            **kwargs, set_weights_at_end=True, verbose=0
-        )
-        model, recorder, _ = fit_with(swa)
-        model_set, _, _ = fit_with(swa_set)
-    assert swa.num_averaged == len(steps)
-    expected = [
-        np.mean(a, axis=0) for a in zip(*(recorder.by_step[s] for s in steps))
-    ]
-    saved = keras.saving.load_model(path)
+        model_set = fit_with(swa(**kwargs, set_weights_at_end=True, verbose=0))
+    model = fit_with(averaging)
+    assert averaging.num_averaged == count
+    trained = numpy_weights(model)
+    expected = averaging.averaged_weights()
     for got in (
-        numpy_weights(saved),
-        numpy_weights(swa.averaged_model()),
+        numpy_weights(keras.saving.load_model(path)),
+        numpy_weights(averaging.averaged_model()),
         numpy_weights(model_set),
     ):
         for g, w in zip(got, expected):
-            np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6)
+            np.testing.assert_allclose(g, w, rtol=1e-6, atol=1e-7)
     # Without set_weights_at_end the model keeps its last weights.
-    for g, w in zip(numpy_weights(model), recorder.by_step[24]):
-        np.testing.assert_array_equal(g, w)
-
-
-def test_recalibrated_average_matches_numpy(tmp_path):
-    x, _ = make_data(n=48)
-    swa = StochasticWeightAveraging(
-        start_epoch=3, recalibration_data=x, set_weights_at_end=True, verbose=0
-    )
-    model, recorder, x = fit_with(swa)
-    kernel = np.mean([recorder.by_step[s][0] for s in (18, 24)], axis=0)
-    bias = np.mean([recorder.by_step[s][1] for s in (18, 24)], axis=0)
-    features = x @ kernel + bias
-    bn = model.layers[1]
-    np.testing.assert_allclose(
-        keras.ops.convert_to_numpy(bn.moving_mean),
-        features.mean(0),
-        rtol=1e-5,
-        atol=1e-6,
-    )
-    np.testing.assert_allclose(
-        keras.ops.convert_to_numpy(bn.moving_variance),
-        features.var(0),
-        rtol=1e-4,
-        atol=1e-6,
-    )
+    assert not np.allclose(trained[0], expected[0])
 
 
 def test_nothing_averaged_warns(tmp_path):
-    swa = StochasticWeightAveraging(
+    averaging = swa(
         start_epoch=9, filepath=str(tmp_path / "swa.keras"), verbose=0
     )
     with pytest.warns(UserWarning, match="averaged no weights"):
-        fit_with(swa, epochs=1)
+        fit_with(averaging, epochs=1)
     assert not os.path.exists(tmp_path / "swa.keras")
     with pytest.raises(ValueError, match="end of epoch 9"):
-        swa.averaged_model()
+        averaging.averaged_model()
 
 
 @pytest.mark.parametrize(
     "kwargs, match",
     [
-        ({}, "start_epoch=None, start_step=None"),
-        ({"start_epoch": 0}, "start_epoch=0"),
         ({"start_step": 3}, "start_step=3, every_steps=None"),
         ({"every_steps": 3}, "start_step=None, every_steps=3"),
         ({"start_step": 3, "every_steps": 0}, "every_steps=0"),
@@ -316,13 +267,12 @@ def test_nothing_averaged_warns(tmp_path):
             "start_epoch=2, every_steps=2",
         ),
         ({"start_epoch": 1, "filepath": "swa.h5"}, "filepath='swa.h5'"),
-        ({"start_epoch": 1, "backup_dir": ""}, "backup_dir=''"),
         ({"start_epoch": 1, "recalibration_steps": 0}, "recalibration_steps=0"),
     ],
 )
 def test_callback_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match="Received") as info:
-        StochasticWeightAveraging(**kwargs)
+        swa(**kwargs)
     assert info.match(match)
 
 
@@ -332,7 +282,7 @@ def test_start_in_the_past_without_a_saved_average_is_refused():
     model = make_model()
     model.compile("sgd", "sparse_categorical_crossentropy")
     model.fit(x, y, batch_size=8, epochs=2, verbose=0)  # Step 12.
-    swa = StochasticWeightAveraging(start_step=4, every_steps=4, verbose=0)
+    averaging = swa(start_step=4, every_steps=4, verbose=0)
     with pytest.raises(ValueError, match=r"step\(s\) \[4, 8, 12\]"):
         model.fit(
             x,
@@ -341,7 +291,7 @@ def test_start_in_the_past_without_a_saved_average_is_refused():
             epochs=3,
             initial_epoch=2,
             verbose=0,
-            callbacks=[swa],
+            callbacks=[averaging],
         )
 
 
@@ -349,7 +299,7 @@ def test_start_in_the_past_without_a_saved_average_is_refused():
 
 SCRIPT = os.path.abspath(__file__)
 FAULT_VARIABLE = "SWA_SCRIPT_FAULT"
-# A prefix for the average's `filepath` and `backup_dir` (`file://`: the
+# A prefix for the average's `filepath` (`file://`: the
 # `tf.io.gfile` code path of remote storage, on a disk processes share).
 URL_VARIABLE = "SWA_SCRIPT_URL_PREFIX"
 TIMEOUT = 300
@@ -447,11 +397,12 @@ def main():
         "sparse_categorical_crossentropy",
     )
     prefix = os.environ.get(URL_VARIABLE, "")
-    swa = StochasticWeightAveraging(
+    swa = WeightAveraging(
+        mode="swa",
+        average_batchnorm=True,
         start_step=8,
         every_steps=4,
         filepath=prefix + os.path.join(args.workdir, "swa.keras"),
-        backup_dir=prefix + os.path.join(args.workdir, "swa_state"),
     )
     model.fit(
         x,

@@ -19,6 +19,8 @@ CORE = {
     "_fs",
     "_steps",
     "_lock",
+    "_deprecation",
+    "_scoring",
     "schedule",
     "checkpoint",
     "manifest",
@@ -27,7 +29,7 @@ CORE = {
     "export",
     "batchnorm",
     "layers",
-    "weight_averaging",
+    "weight_averaging",  # A shim: the old names of `averaging`.
     "averaging",
     "fge",
     "distill",

@@ -290,10 +290,10 @@ def test_averages_and_soups_of_one_model_predict_as_the_model(stateful):
     np.testing.assert_allclose(
         averaged.predict(x, verbose=0), expected, atol=1e-6
     )
-    soup, kept = keras_snapshot.greedy_soup(
-        [model, model], (x, y), metric="nll"
+    soup = keras_snapshot.average_weights(
+        [model, model], method="greedy", validation_data=(x, y), metric="nll"
     )
-    assert kept == [0, 1]
+    assert soup.soup_members == [0, 1]
     np.testing.assert_allclose(soup.predict(x, verbose=0), expected, atol=1e-6)
 
 

@@ -144,7 +144,7 @@ def test_a_public_name_is_the_first_use_of_keras():
     "statement",
     [
         "from keras_snapshot.checkpoint import SnapshotCheckpoint",
-        "from keras_snapshot.averaging import StochasticWeightAveraging",
+        "from keras_snapshot.averaging import WeightAveraging",
         "from keras_snapshot.freezeout import FreezeOut",
         "from keras_snapshot.schedule import SnapshotSchedule",
         "from keras_snapshot import FreezeOut",

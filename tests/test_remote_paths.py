@@ -365,7 +365,7 @@ def test_killed_processes_resume_through_gfile(tmp_path):
     )
 
 
-# StochasticWeightAveraging on remote storage ---------------------------------
+# WeightAveraging(mode="swa") on remote storage -------------------------------
 
 
 def swa_fit(callback, epochs=5, extra=()):
@@ -401,41 +401,39 @@ def assert_same_weights(got, want):
 
 def test_swa_writes_its_average_to_ram(tmp_path, monkeypatch):
     """`filepath` on `ram://`: nothing lands on local disk (once a
-    `./ram:/...` folder). The deprecated `backup_dir` is ignored: the
-    running average lives in variables that BackupAndRestore saves."""
+    `./ram:/...` folder)."""
     monkeypatch.chdir(tmp_path)
     remote = ram_folder("swa")
-    with pytest.warns(DeprecationWarning, match="backup_dir"):
-        swa = keras_snapshot.StochasticWeightAveraging(
-            start_step=8,
-            every_steps=4,
-            filepath=f"{remote}/swa.keras",
-            backup_dir=f"{remote}/state",
-            verbose=0,
-        )
+    swa = keras_snapshot.WeightAveraging(
+        mode="swa",
+        average_batchnorm=True,
+        start_step=8,
+        every_steps=4,
+        filepath=f"{remote}/swa.keras",
+        verbose=0,
+    )
     swa_fit(swa)
     assert os.listdir(tmp_path) == []
     assert swa.num_averaged == 6  # Steps 8, 12, ..., 28.
     assert_same_weights(
         load_remote_model(f"{remote}/swa.keras"), swa.averaged_model()
     )
-    assert not gfile.exists(f"{remote}/state")
     assert not [n for n in gfile.listdir(remote) if n.startswith(".partial")]
 
 
 def test_swa_resumes_from_a_remote_backup_dir(tmp_path):
-    """A `fit` stopped after epoch 3, resumed by a new callback object that
-    finds the running average in the remote `backup_dir` (once never
-    found, so the resume failed)."""
+    """A `fit` stopped after epoch 3, resumed by a new callback object
+    whose `filepath` is remote: the same average as a run never stopped."""
     remote = ram_folder("swa")
     backup = str(tmp_path / "backup")
 
-    def make_callback(filepath=f"{remote}/swa.keras", state="state"):
-        return keras_snapshot.StochasticWeightAveraging(
+    def make_callback(filepath=f"{remote}/swa.keras"):
+        return keras_snapshot.WeightAveraging(
+            mode="swa",
+            average_batchnorm=True,
             start_step=8,
             every_steps=4,
             filepath=filepath,
-            backup_dir=f"{remote}/{state}",
             verbose=0,
         )
 
@@ -449,7 +447,7 @@ def test_swa_resumes_from_a_remote_backup_dir(tmp_path):
         )
     resumed = make_callback()
     swa_fit(resumed, extra=[keras.callbacks.BackupAndRestore(backup)])
-    reference = make_callback(filepath=None, state="reference_state")
+    reference = make_callback(filepath=None)
     swa_fit(reference)
     assert resumed.num_averaged == reference.num_averaged == 6
     assert_same_weights(
@@ -461,8 +459,8 @@ def test_swa_resumes_from_a_remote_backup_dir(tmp_path):
 def test_swa_resumes_across_processes_through_gfile(tmp_path):
     """A real SIGKILL at the end of epoch 4 (after BackupAndRestore saved
     step 24, before the average of step 24), then a new process resumes
-    from the `file://` backup_dir: the same average as a run never
-    killed."""
+    and writes the average to a `file://` path: the same average as a run
+    never killed."""
     import test_averaging as script
 
     reference_dir = str(tmp_path / "reference")

@@ -284,7 +284,7 @@ def test_unreachable_steps_rule(spe, k, length, due, start, expected):
     assert tracker.unreachable(start, due, epochs_left=4) == expected
 
 
-# StochasticWeightAveraging(every_steps=...) in the same modes -------------
+# WeightAveraging(mode="swa", every_steps=...) in the same modes -----------
 
 
 def fit_swa(swa, samples=64, spe=1, accumulation=None, mixed=False):
@@ -308,16 +308,24 @@ def assert_average_of(swa, recorder, steps):
 
 def test_swa_averages_updates_under_gradient_accumulation():
     """8 batches an epoch, k=2: 16 updates; every 3 updates from 3."""
-    swa = keras_snapshot.StochasticWeightAveraging(
-        start_step=3, every_steps=3, verbose=0
+    swa = keras_snapshot.WeightAveraging(
+        mode="swa",
+        average_batchnorm=True,
+        start_step=3,
+        every_steps=3,
+        verbose=0,
     )
     recorder = fit_swa(swa, accumulation=2)
     assert_average_of(swa, recorder, [3, 6, 9, 12, 15])
 
 
 def test_swa_counts_only_applied_updates_under_loss_scaling():
-    swa = keras_snapshot.StochasticWeightAveraging(
-        start_step=4, every_steps=4, verbose=0
+    swa = keras_snapshot.WeightAveraging(
+        mode="swa",
+        average_batchnorm=True,
+        start_step=4,
+        every_steps=4,
+        verbose=0,
     )
     recorder = fit_swa(swa, mixed=True)
     last = max(recorder.weights)
@@ -328,13 +336,21 @@ def test_swa_counts_only_applied_updates_under_loss_scaling():
 def test_swa_steps_per_execution_takes_every_due_average():
     """6 batches an epoch, N=2: hooks at every even step."""
     reference = fit_swa(
-        keras_snapshot.StochasticWeightAveraging(
-            start_step=2, every_steps=2, verbose=0
+        keras_snapshot.WeightAveraging(
+            mode="swa",
+            average_batchnorm=True,
+            start_step=2,
+            every_steps=2,
+            verbose=0,
         ),
         samples=48,
     )
-    swa = keras_snapshot.StochasticWeightAveraging(
-        start_step=2, every_steps=2, verbose=0
+    swa = keras_snapshot.WeightAveraging(
+        mode="swa",
+        average_batchnorm=True,
+        start_step=2,
+        every_steps=2,
+        verbose=0,
     )
     fit_swa(swa, samples=48, spe=2)
     assert_average_of(swa, reference, list(range(2, 25, 2)))
@@ -343,8 +359,12 @@ def test_swa_steps_per_execution_takes_every_due_average():
 def test_swa_steps_per_execution_refuses_unreachable_averages():
     """5 batches an epoch, N=2: steps 6 and 8 fall between hooks (once,
     only 6 of the 10 due averages were taken, without a word)."""
-    swa = keras_snapshot.StochasticWeightAveraging(
-        start_step=2, every_steps=2, verbose=0
+    swa = keras_snapshot.WeightAveraging(
+        mode="swa",
+        average_batchnorm=True,
+        start_step=2,
+        every_steps=2,
+        verbose=0,
     )
     with pytest.raises(ValueError, match=r"at steps \[6, 8, 16, 18\]"):
         fit_swa(swa, samples=40, spe=2)
@@ -362,8 +382,12 @@ def test_swa_steps_per_execution_refuses_unreachable_averages():
 def test_averaged_checkpoint_saves_the_epochs_average(tmp_path, mode):
     """`AveragedModelCheckpoint` in each mode: the last epoch's file holds
     the average of every due update, as the callback has it at the end."""
-    swa = keras_snapshot.StochasticWeightAveraging(
-        start_step=2, every_steps=2, verbose=0
+    swa = keras_snapshot.WeightAveraging(
+        mode="swa",
+        average_batchnorm=True,
+        start_step=2,
+        every_steps=2,
+        verbose=0,
     )
     checkpoint = keras_snapshot.AveragedModelCheckpoint(
         swa, str(tmp_path / "avg-{epoch}.keras")

@@ -1,4 +1,4 @@
-"""`WeightAveraging` (SWA and EMA in `fit`) and `greedy_soup`.
+"""`WeightAveraging` (SWA and EMA in `fit`), the greedy soup, old names.
 
 Every update is checked against a numpy reference of the recorded weights.
 The resume test runs this file as a script in a subprocess (see `main` at
@@ -30,10 +30,11 @@ from helpers import make_model  # noqa: E402
 from helpers import script_output  # noqa: E402
 from helpers import start_script  # noqa: E402
 
-from keras_snapshot.averaging import greedy_soup  # noqa: E402
-from keras_snapshot.weight_averaging import AveragedModelCheckpoint  # noqa: E402
-from keras_snapshot.weight_averaging import WeightAveraging  # noqa: E402
-from keras_snapshot.weight_averaging import ema_weight  # noqa: E402
+from keras_snapshot import averaging as averaging_module  # noqa: E402
+from keras_snapshot.averaging import AveragedModelCheckpoint  # noqa: E402
+from keras_snapshot.averaging import WeightAveraging  # noqa: E402
+from keras_snapshot.averaging import average_weights  # noqa: E402
+from keras_snapshot.averaging import ema_weight  # noqa: E402
 
 
 def numpy_weights(model):
@@ -116,21 +117,38 @@ def numpy_average(mode, weights_by_update, decay=None, warmup=False):
 
 
 @pytest.mark.parametrize(
-    "kwargs, steps",
+    "kwargs, steps, fit_kwargs",
     [
-        ({"mode": "swa", "start_epoch": 2}, [12, 18]),
-        ({"mode": "swa", "start_step": 3, "every_steps": 4}, [3, 7, 11, 15]),
-        ({"mode": "ema", "decay": 0.7}, list(range(1, 19))),
+        (
+            {"mode": "swa", "start_epoch": 2, "average_batchnorm": True},
+            [12, 18],
+            {"batchnorm": True},
+        ),
+        (
+            {"mode": "swa", "start_step": 3, "every_steps": 4},
+            [3, 7, 11, 15],
+            {},
+        ),
+        ({"mode": "ema", "decay": 0.7}, list(range(1, 19)), {}),
         (
             {"mode": "ema", "decay": 0.9, "warmup": True, "every_steps": 5},
             [5, 10, 15],
+            {},
+        ),
+        # 6 batches per epoch, 2 per optimizer update: 9 updates.
+        (
+            {"mode": "ema", "decay": 0.8},
+            list(range(1, 10)),
+            {"accumulation": 2},
         ),
     ],
-    ids=["swa_epochs", "swa_steps", "ema", "ema_warmup_every_5"],
+    ids=["swa_epochs_bn", "swa_steps", "ema", "ema_warmup_every_5", "ema_acc"],
 )
-def test_every_update_matches_numpy(kwargs, steps):
+def test_every_update_matches_numpy(kwargs, steps, fit_kwargs):
+    """The one numpy reference of the running averages (SWA's mean, EMA
+    with and without warm-up), BatchNorm statistics averaged too."""
     averaging = WeightAveraging(**kwargs, verbose=0)
-    model, recorder, _ = fit_with(averaging)
+    model, recorder, _ = fit_with(averaging, **fit_kwargs)
     assert averaging.num_averaged == len(steps)
     expected = numpy_average(
         kwargs["mode"],
@@ -144,7 +162,9 @@ def test_every_update_matches_numpy(kwargs, steps):
         for g, w in zip(got, want):
             np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6)
     # Training went on from the trained weights.
-    for g, w in zip(numpy_weights(model), recorder.by_step[18]):
+    for g, w in zip(
+        numpy_weights(model), recorder.by_step[max(recorder.by_step)]
+    ):
         np.testing.assert_array_equal(g, w)
 
 
@@ -153,19 +173,6 @@ def test_ema_weight_warmup_formula():
     assert ema_weight(0.99, True, 1) == pytest.approx(1 - 2 / 11)
     assert ema_weight(0.99, True, 1000) == pytest.approx(0.01)
     assert ema_weight(0.9, False, 3) == pytest.approx(0.1)
-
-
-def test_gradient_accumulation_counts_optimizer_updates():
-    """6 batches per epoch, 2 per update: 9 updates in 3 epochs."""
-    averaging = WeightAveraging(mode="ema", decay=0.8, verbose=0)
-    _, recorder, _ = fit_with(averaging, accumulation=2)
-    assert averaging.num_averaged == 9
-    assert max(recorder.by_step) == 9
-    want = numpy_average(
-        "ema", [recorder.by_step[s] for s in range(1, 10)], 0.8
-    )[-1]
-    for g, w in zip(averaging.averaged_weights(), want):
-        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6)
 
 
 def test_batchnorm_is_recalibrated_not_averaged(tmp_path):
@@ -196,16 +203,6 @@ def test_batchnorm_is_recalibrated_not_averaged(tmp_path):
             rtol=1e-4,
             atol=1e-6,
         )
-
-
-def test_average_batchnorm_averages_the_statistics():
-    averaging = WeightAveraging(
-        start_epoch=2, average_batchnorm=True, verbose=0
-    )
-    _, recorder, _ = fit_with(averaging, batchnorm=True)
-    want = numpy_average("swa", [recorder.by_step[s] for s in (12, 18)])[-1]
-    for g, w in zip(averaging.averaged_weights(), want):
-        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6)
 
 
 def test_validation_sees_the_average_and_training_the_trained_weights():
@@ -454,14 +451,13 @@ def test_average_in_model_in_the_middle_of_an_epoch_adds_no_update():
             with swa.average_in_model():
                 peeked.append(swa.num_averaged)
 
-    _, recorder, _ = fit_with(swa, epochs=3, callbacks=[Peek()])
+    fit_with(swa, epochs=3, callbacks=[Peek()])
     assert swa.num_averaged == 3  # One per epoch, not one per peek.
     assert peeked == [0] * 6 + [1] * 6 + [2] * 6
-    expected = numpy_average("swa", [recorder.by_step[s] for s in (6, 12, 18)])[
-        -1
-    ]
-    for got, want in zip(swa.averaged_weights(), expected):
-        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    unpeeked = WeightAveraging(mode="swa", start_epoch=1, verbose=0)
+    fit_with(unpeeked, epochs=3)
+    for got, want in zip(swa.averaged_weights(), unpeeked.averaged_weights()):
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
 
 
 @pytest.mark.parametrize("averaging_last", [True, False])
@@ -666,24 +662,33 @@ def soup_members():
     return members, (x_val, y_val)
 
 
-@pytest.mark.parametrize("metric", ["accuracy", "nll"])
+def greedy(members, validation_data, **kwargs):
+    """`(soup, kept)` of `average_weights(method="greedy")`."""
+    soup = average_weights(
+        members, method="greedy", validation_data=validation_data, **kwargs
+    )
+    return soup, soup.soup_members
+
+
+@pytest.mark.parametrize("metric", ["error", "nll"])
 def test_greedy_soup_leaves_the_bad_member_out(metric, tmp_path):
+    """The one numpy reference of the greedy soup."""
     members, (x_val, y_val) = soup_members()
     paths = []
     for i, member in enumerate(members):
         paths.append(str(tmp_path / f"member-{i}.keras"))
         member.save(paths[-1])
-    soup, kept = greedy_soup(paths, (x_val, y_val), metric=metric)
+    soup, kept = greedy(paths, (x_val, y_val), metric=metric)
     probs = [m.predict(x_val, verbose=0) for m in members]
-    if metric == "accuracy":
-        own = [np.mean(p.argmax(1) == y_val) for p in probs]
+    if metric == "error":
+        own = [np.mean(p.argmax(1) != y_val) for p in probs]
         # Members 0 and 2 are close: their average keeps the accuracy.
         assert sorted(kept) == [0, 2]
     else:
         picked = [p[np.arange(len(y_val)), y_val] for p in probs]
-        own = [np.mean(np.log(np.clip(q, 1e-12, None))) for q in picked]
+        own = [-np.mean(np.log(np.clip(q, 1e-12, None))) for q in picked]
     assert 1 not in kept
-    assert kept[0] == int(np.argmax(own))
+    assert kept[0] == int(np.argmin(own))
     want = [
         np.mean([numpy_weights(members[i])[k] for i in kept], axis=0)
         for k in range(len(members[0].weights))
@@ -692,10 +697,66 @@ def test_greedy_soup_leaves_the_bad_member_out(metric, tmp_path):
         np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6)
 
 
-def test_greedy_soup_bad_metric():
+def accuracy_greedy_choice(members, x_val, y_val):
+    """The removed `greedy_soup(metric="accuracy")`'s rule in numpy: best
+    accuracy first (ties: input order), a member joins when the soup's
+    accuracy does not drop (`>=`)."""
+    probe = keras.models.clone_model(members[0])
+
+    def accuracy(arrays):
+        probe.set_weights(arrays)
+        return np.mean(probe.predict(x_val, verbose=0).argmax(1) == y_val)
+
+    weights = [m.get_weights() for m in members]
+    own = [accuracy(w) for w in weights]
+    order = sorted(range(len(members)), key=lambda i: -own[i])
+    kept, best = [order[0]], own[order[0]]
+    for i in order[1:]:
+        mean = [
+            np.mean([weights[k][j] for k in kept + [i]], axis=0)
+            for j in range(len(weights[0]))
+        ]
+        candidate = accuracy(mean)
+        if candidate >= best:
+            kept, best = kept + [i], candidate
+    return kept, own
+
+
+def test_error_chooses_what_accuracy_chose_on_ties():
+    """Member 3 is member 1 with its logits scaled by 1.01 (the same
+    argmax): its own score ties with member 1's, and so do soups."""
+    members, (x_val, y_val) = soup_members()
+    scaled = keras.models.clone_model(members[0])
+    scaled.set_weights(
+        [
+            w * (1.01 if i >= 2 else 1)
+            for i, w in enumerate(members[0].get_weights())
+        ]
+    )
+    members = [members[1], members[0], members[2], scaled]
+    _, kept = greedy(members, (x_val, y_val), metric="error")
+    want, own = accuracy_greedy_choice(members, x_val, y_val)
+    assert own[1] == own[3]  # A tie.
+    assert kept == want
+
+
+def test_old_names_warn_or_say_what_to_write(tmp_path):
     members, data = soup_members()
-    with pytest.raises(ValueError, match="metric='error'"):
-        greedy_soup(members, data, metric="error")
+    with pytest.warns(DeprecationWarning, match="method='greedy'"):
+        greedy_soup = averaging_module.greedy_soup
+    old, old_kept = greedy_soup(members, data)  # metric="accuracy"
+    new, new_kept = greedy(members, data, metric="error")
+    assert old_kept == new_kept
+    for g, w in zip(numpy_weights(old), numpy_weights(new)):
+        np.testing.assert_array_equal(g, w)
+    with pytest.raises(AttributeError, match=r"mode='swa', average_batchn"):
+        _ = averaging_module.StochasticWeightAveraging
+    from keras_snapshot import weight_averaging
+
+    for name in ("WeightAveraging", "AveragedModelCheckpoint"):
+        with pytest.warns(DeprecationWarning, match=f"keras_snapshot.{name}"):
+            old = getattr(weight_averaging, name)
+        assert old is getattr(averaging_module, name)
 
 
 # JAX --------------------------------------------------------------------------
@@ -846,31 +907,31 @@ def overflowing(member):
     return copy
 
 
-@pytest.mark.parametrize("metric", ["accuracy", "nll"])
+@pytest.mark.parametrize("metric", ["error", "nll"])
 def test_greedy_soup_never_keeps_a_member_that_predicts_nan(metric):
     members, (x_val, y_val) = soup_members()
     bad = overflowing(members[0])
     assert np.isnan(bad.predict(x_val, verbose=0)).any()
-    soup, kept = greedy_soup(
+    soup, kept = greedy(
         [bad, members[0], members[2]], (x_val, y_val), metric=metric
     )
     assert 0 not in kept
     assert np.all(np.isfinite(soup.predict(x_val, verbose=0)))
     with pytest.raises(ValueError, match="every member predicts non-finite"):
-        greedy_soup([bad, overflowing(members[2])], (x_val, y_val))
+        greedy([bad, overflowing(members[2])], (x_val, y_val))
 
 
 def test_greedy_soup_labels_one_hot_or_refused_in_one_line():
     members, (x_val, y_val) = soup_members()
-    _, kept = greedy_soup(members, (x_val, y_val))
+    _, kept = greedy(members, (x_val, y_val))
     one_hot = keras.utils.to_categorical(y_val, 3)
-    assert greedy_soup(members, (x_val, one_hot))[1] == kept
+    assert greedy(members, (x_val, one_hot))[1] == kept
     for bad, match in [
         (np.where(y_val == 2, 7, y_val), r"between 0 and 2.*max=7"),
         (one_hot[:, :2], r"shape=\(64, 2\)"),
     ]:
         with pytest.raises(ValueError, match=match) as info:
-            greedy_soup(members, (x_val, bad))
+            greedy(members, (x_val, bad))
         assert len(str(info.value).splitlines()) == 1
 
 
@@ -973,5 +1034,5 @@ def test_greedy_soup_refuses_a_single_output_model():
         [keras.Input((8,)), keras.layers.Dense(1, activation="sigmoid")]
     )
     with pytest.raises(ValueError, match=r"one output per class") as info:
-        greedy_soup([model, model], (x, y), from_logits=False)
+        greedy([model, model], (x, y), from_logits=False)
     assert len(str(info.value).splitlines()) == 1

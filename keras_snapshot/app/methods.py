@@ -220,13 +220,15 @@ def snapshot_kwargs(schedule) -> dict:
 
 
 def extra_callbacks(schedule, run_dir: str, recalibration) -> list:
-    """The running `StochasticWeightAveraging` callback of `swa` runs."""
+    """The running SWA callback (`WeightAveraging`) of `swa` runs."""
     if getattr(schedule, "method", None) != "swa":
         return []
-    from keras_snapshot.averaging import StochasticWeightAveraging
+    from keras_snapshot.averaging import WeightAveraging
 
     return [
-        StochasticWeightAveraging(
+        WeightAveraging(
+            mode="swa",
+            average_batchnorm=True,
             start_epoch=schedule.swa_start_epoch,
             filepath=os.path.join(run_dir, SWA_FILE),
             recalibration_data=recalibration,

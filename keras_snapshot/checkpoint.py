@@ -7,7 +7,6 @@ import time
 import warnings
 
 import keras
-import numpy as np
 from keras import ops
 
 from keras_snapshot import _fs
@@ -28,6 +27,7 @@ from keras_snapshot.batchnorm import check_bounded_data
 from keras_snapshot.batchnorm import recalibrate_batchnorm
 from keras_snapshot.batchnorm import restore_batchnorm_statistics
 from keras_snapshot.batchnorm import save_batchnorm_statistics
+from keras_snapshot.loading import weights_are_finite
 from keras_snapshot.schedule import SnapshotSchedule
 from keras_snapshot.schedule import restart_steps
 
@@ -602,10 +602,6 @@ class SnapshotCheckpoint(keras.callbacks.Callback):
 
 
 def _all_finite(model, logs: dict) -> bool:
-    if any(not math.isfinite(v) for v in logs.values()):
-        return False
-    return all(
-        np.all(np.isfinite(ops.convert_to_numpy(w)))
-        for w in model.weights
-        if "float" in str(w.dtype)
+    return all(math.isfinite(v) for v in logs.values()) and (
+        weights_are_finite(model)
     )

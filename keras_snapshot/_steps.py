@@ -5,17 +5,6 @@ index": gradient accumulation, skipped loss-scaling updates and
 `steps_per_execution` all make batches and updates differ. `StepTracker`
 reads it once per epoch, and in a batch hook only when the next due step
 may have been reached, so Keras's asynchronous dispatch stays on.
-
-Example:
-
-```python
-tracker = StepTracker(callback)         # in the callback's __init__
-tracker.attach()                         # in on_train_begin
-step = tracker.epoch_begin()             # in on_epoch_begin
-step = tracker.poll(batch, due=400)      # in on_train_batch_begin
-if step == 400:
-    ...                                  # the 400th update has just run
-```
 """
 
 import weakref

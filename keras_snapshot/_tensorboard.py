@@ -5,16 +5,6 @@
 `log_dir/train` at the optimizer step, from the writing process only.
 It uses a writer of its own under `record_if(True)`: the `record_if`
 filter Keras's `TensorBoard` leaves on between batches would drop them.
-
-Example:
-
-```python
-log = TensorBoardLog()
-log.open("logs", model)                 # in on_train_begin
-log.scalar("snapshot", 1, step=400)
-steps = log.new_steps(start=0, step=400)  # 1..400, each step once
-log.close()                             # in on_train_end
-```
 """
 
 import os
@@ -32,7 +22,17 @@ MAX_POINTS_PER_EPOCH = 500
 
 
 class TensorBoardLog:
-    """Scalars and text into the `train` run of the fit's `TensorBoard`."""
+    """Scalars and text into the `train` run of the fit's `TensorBoard`.
+
+    Example:
+
+    ```python
+    log = TensorBoardLog()
+    log.open("logs", model)  # in on_train_begin
+    log.scalar("snapshot", 1, step=400)
+    log.close()  # in on_train_end
+    ```
+    """
 
     def __init__(self):
         self._writer = None

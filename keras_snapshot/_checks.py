@@ -1,7 +1,4 @@
-"""Argument checks shared by the modules, with errors in one wording.
-
-Every public function and class checks its arguments through these, so that
-a bad value is refused in the same words everywhere:
+"""Argument checks shared by the modules, with errors in one wording:
 "`name` must be ... Received: name=value."
 """
 
@@ -173,18 +170,11 @@ def is_endless(data) -> bool:
 def count_batches(dataset) -> int:
     """The number of batches in one pass over a finite `tf.data.Dataset`.
 
-    `model.fit` needs no `steps_per_epoch` for a finite dataset, but a
-    Snapshot Ensemble schedule (Huang et al. 2017, arXiv:1704.00109) must
-    know its budget in steps before training starts. When the dataset's
-    cardinality is known (`Dataset.from_tensor_slices(...).batch(...)`,
-    `.take(n)`, `assert_cardinality`), it is returned without reading any
-    data. When it is unknown (after `.filter()`, `from_generator`, reading
-    files), the batches are counted in one pass over the dataset (with
-    `Dataset.reduce`): this reads the whole epoch once, so a slow or
-    non-deterministic pipeline (one whose length changes between passes)
-    is better given as an int. An endless dataset (`.repeat()`) is refused:
-    it has no epoch of its own, so pass the steps as an int, the same value
-    you pass to `model.fit(steps_per_epoch=...)`.
+    A schedule must know its budget in steps before training starts. A
+    known cardinality is returned without reading data; an unknown one
+    (after `.filter()`, `from_generator`) is counted in one pass over the
+    dataset, so a slow pipeline is better given as an int. An endless
+    dataset (`.repeat()`) is refused.
 
     Args:
         dataset: A finite `tf.data.Dataset` whose elements are batches.
@@ -203,39 +193,33 @@ def count_batches(dataset) -> int:
     cardinality = getattr(dataset, "cardinality", None)
     if not callable(cardinality) or not hasattr(dataset, "reduce"):
         raise TypeError(
-            "`count_batches` counts the batches of a `tf.data.Dataset`. "
-            f"Received: an object of type {type(dataset).__name__}. Pass "
-            "the number of steps as an int instead."
+            "`count_batches` needs a `tf.data.Dataset`; pass the number of "
+            "steps as an int instead. Received: an object of type "
+            f"{type(dataset).__name__}."
         )
     if is_endless(dataset):
         raise ValueError(
-            "The dataset is endless (its cardinality is INFINITE, e.g. it "
-            "ends in `.repeat()`), so it has no number of steps per epoch. "
-            "Pass `steps_per_epoch=` an int, the value you pass to "
-            "`model.fit(steps_per_epoch=...)`, or a dataset without "
-            f"`.repeat()`. Received: {dataset!r}."
+            "The dataset is endless (cardinality INFINITE, e.g. `.repeat()`),"
+            " so it has no steps per epoch: pass `steps_per_epoch=` an int, "
+            "the value of `model.fit(steps_per_epoch=...)`. "
+            f"Received: {dataset!r}."
         )
     value = int(cardinality())
     if value != _UNKNOWN_CARDINALITY:
         return value
-    # Counted inside tf.data (no Python loop over the batches); the int64
-    # initial state comes from numpy, so this module never imports TF.
+    # A numpy int64 initial state, so this module never imports TF.
     return int(dataset.reduce(np.int64(0), lambda count, _: count + 1))
 
 
 def resolve_steps_per_epoch(steps_per_epoch) -> int:
-    """`steps_per_epoch` as a positive int: an int, or a dataset's batches.
-
-    An int is checked, a `tf.data.Dataset` is counted with
-    `count_batches` and must have at least one batch.
-    """
+    """`steps_per_epoch` as a positive int: an int, or a dataset's batches."""
     if callable(getattr(steps_per_epoch, "cardinality", None)):
         count = count_batches(steps_per_epoch)
         if count < 1:
             raise ValueError(
-                "`steps_per_epoch` is a dataset with no batches, so an "
-                "epoch has no steps. Pass a dataset with at least one batch "
-                f"or a positive int. Received: {steps_per_epoch!r}."
+                "`steps_per_epoch` is a dataset with no batches; pass one with "
+                "at least one batch or a positive int. "
+                f"Received: {steps_per_epoch!r}."
             )
         return count
     return check_positive_int(
@@ -262,9 +246,8 @@ def check_labels(y, num_examples: int, num_classes: int, name: str = "y"):
             np.all((arr == 0) | (arr == 1)) and np.all(arr.sum(axis=1) == 1)
         ):
             raise ValueError(
-                f"{expected} Received a {name} of shape {arr.shape} whose "
-                "rows are not one-hot (exactly one 1, zeros elsewhere). "
-                "Pass integer class labels or one-hot rows."
+                f"{expected} Received: {name}.shape={arr.shape} with rows "
+                "that are not one-hot."
             )
         return np.argmax(arr, axis=1)
     if arr.shape == (num_examples, 1):

@@ -1,34 +1,10 @@
 """Every file-system access of the core, local disk or `tf.io.gfile`.
 
-Keras saves `.keras` files to `gs://...` and other remote paths through
-`tf.io.gfile` (`keras/src/utils/file_utils.py`); this module does the same
-for the snapshot folder, with the strongest guarantee each kind of storage
-offers:
-
-- Local disk (any path that is not remote): `os` and `shutil`, exactly as
-  before. `commit` flushes a file written under a hidden `.partial-*` name
-  in the same folder, renames it into place atomically (`os.replace`) and
-  flushes the folder.
-- Remote paths (`gs://`, `s3://`, `hdfs://`, `ram://`, ... and the
-  `/gcs`-style prefixes Keras treats as remote): `tf.io.gfile`. Object
-  storage has no atomic rename, so `commit` uploads a complete local file
-  under a hidden `.partial-*` name, renames it to its final name (a
-  server-side copy on object storage: the object appears whole or not at
-  all), reads it back and checks its size and sha256 before returning.
-  The caller lists the file in the manifest only after that.
-
-TensorFlow is imported only for a remote path: JAX and PyTorch users who
-write to local disk do not need it. `tf.errors` raised for a remote path
-become `OSError`s (`FileNotFoundError`, `PermissionError`) naming the path,
-so that callers handle both kinds of storage alike.
-
-Example:
-
-```python
-path = join("gs://bucket/run/snapshots", "manifest.json")
-if is_remote(path) and exists(path):
-    data = read_bytes(path)
-```
+Remote paths (`gs://`, ... as Keras's `file_utils.is_remote_path` decides)
+go through `tf.io.gfile`, imported only then; its errors become `OSError`s
+naming the path. `commit` renames atomically on local disk, and on remote
+storage uploads under a hidden name, renames, and checks the read-back
+size and sha256.
 """
 
 import builtins
@@ -62,9 +38,8 @@ def _tensorflow():
         import tensorflow as tf
     except ImportError as e:
         raise ImportError(
-            "Remote paths (gs://, s3://, ...) are read and written through "
-            "`tf.io.gfile`: install TensorFlow (`pip install tensorflow`) to "
-            "use them, or use a local folder."
+            "Remote paths (gs://, s3://, ...) need TensorFlow's `tf.io.gfile`:"
+            " `pip install tensorflow`, or use a local folder."
         ) from e
     return tf
 
@@ -177,11 +152,9 @@ def listdir(path) -> list:
 
 
 def glob(folder, pattern: str) -> list:
-    """Sorted paths of the entries of `folder` whose names match `pattern`.
+    """Sorted paths in `folder` whose names match the `fnmatch` `pattern`.
 
-    `pattern` is an `fnmatch` pattern for one name (`"swa-state-*.npz"`),
-    matched against the names in `folder` only, so that characters such as
-    `[` in the folder's own path mean nothing. A missing folder has none.
+    Only the names are matched, so `[` in the folder's path means nothing.
     """
     if not isdir(folder):
         return []
@@ -295,24 +268,15 @@ def fsync_directory(directory: str) -> None:
 
 
 def scratch_folder(directory) -> str:
-    """Where to write a file bound for `directory` before `commit`.
-
-    `directory` itself on local disk (the same file system, so the rename
-    is atomic); the local temporary folder for a remote `directory`.
-    """
+    """Where to write a file bound for `directory` before `commit`: the
+    folder itself on local disk (atomic rename), else the temporary folder."""
     if is_remote(directory):
         return tempfile.gettempdir()
     return os.path.abspath(directory)
 
 
 def make_scratch_dir(directory) -> str:
-    """A new hidden `.partial-*` folder in `scratch_folder(directory)`.
-
-    On local disk it lives inside `directory` (the same file system, so
-    that `commit`'s rename is atomic) and `SnapshotDirectory.prepare`
-    removes what an interrupted write leaves behind; for a remote
-    `directory` it is a local temporary folder.
-    """
+    """A new hidden `.partial-*` folder in `scratch_folder(directory)`."""
     return tempfile.mkdtemp(
         prefix=PARTIAL_PREFIX, dir=scratch_folder(directory)
     )
@@ -322,11 +286,7 @@ def make_scratch_dir(directory) -> str:
 def atomic_write(final_path):
     """Yields a local scratch path; commits it to `final_path` on success.
 
-    Write the complete file to the yielded path; when the block ends without
-    an exception the file is committed (`commit`: an atomic rename on local
-    disk; upload, rename and read-back check on remote storage). If the
-    block raises, nothing appears at `final_path` and the scratch file is
-    removed. The folder of `final_path` is created if needed.
+    If the block raises, nothing appears at `final_path`.
 
     Example:
 
@@ -379,10 +339,7 @@ def finite_json(value):
 
 
 def write_json(path, data) -> None:
-    """Writes `data` as strict JSON to `path` atomically.
-
-    NaN and infinities become the strings `"nan"`, `"inf"` (`finite_json`),
-    so that every JSON reader accepts the file.
+    """Writes `data` as strict JSON to `path` atomically (`finite_json`).
 
     Example:
 
@@ -398,13 +355,8 @@ def commit(temporary_path: str, final_path: str) -> None:
     """Moves the complete local file `temporary_path` to `final_path`.
 
     Local disk: flush, atomic rename, flush the folder. Remote: upload to a
-    hidden `.partial-*` name next to `final_path`, rename it there, then
-    read the remote file back and compare its size and sha256 with the
-    local file. Only after this returns is the file complete at
-    `final_path`; list it in a manifest only then.
-
-    Raises:
-        OSError: if the write fails or the remote copy does not match.
+    hidden name, rename, and check the read-back size and sha256 (OSError
+    if they differ).
     """
     if not is_remote(final_path):
         with builtins.open(temporary_path, "rb") as f:

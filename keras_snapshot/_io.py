@@ -6,10 +6,8 @@ import keras
 def print_msg(message: str) -> None:
     """Prints `message` on its own line, or logs it when Keras is quiet.
 
-    Like Keras's own callbacks: stdout while interactive logging is on
-    (`keras.config.enable_interactive_logging`), absl logging otherwise.
-    Callbacks call it once an epoch's progress bar is complete, never in the
-    middle of an epoch.
+    Like Keras's own callbacks: stdout while interactive logging is on,
+    absl logging otherwise.
 
     Example:
 

@@ -18,20 +18,10 @@ signature), never read from version strings. What is here:
 - `BACKUP_AND_RESTORE_FILES`: the file names `BackupAndRestore` writes;
 - FreezeOut's per-group learning rates: the optimizer methods it wraps on
   the instance (`update_step`, `_apply_weight_decay`, `stateless_apply`;
-  `check_optimizer_internals` checks them before the first step) and the
-  clean-up after a `fit` that raised (`FitState`, wrapping the model's
-  `make_train_function` and `get_config`). Keras calls no hook when `fit`
-  ends by an exception, so `FitState` asks whether the `fit` is still on
-  the call stack (`fit_frame`): the only place in the package that reads
-  the stack. A wrapper optimizer class (as `LossScaleOptimizer`) would give
-  the same rates, but would put a class of ours into every saved model's
-  config, so that no `.keras` file would load without keras_snapshot.
-
-The import hook that registers our serializable objects after `import
-keras` is in `keras_snapshot/__init__.py`: it uses only the public
-`importlib` machinery, and a `.keras` file that names `keras_snapshot>...`
-loads only if those classes are registered (Keras imports modules by name
-only for its own packages).
+  checked by `check_optimizer_internals`), and the clean-up after a `fit`
+  that raised (`FitState`): Keras calls no hook then, so `FitState` asks
+  whether the `fit` is still on the call stack (`fit_frame`). A wrapper
+  optimizer class would put a class of ours into every saved model's config.
 """
 
 import inspect
@@ -59,8 +49,8 @@ def _version_tuple(version: str) -> tuple:
 
 if _version_tuple(keras.version()) < KERAS_FLOOR:
     raise ImportError(
-        "keras-snapshot needs Keras 3.8 or newer. Received: Keras "
-        f'{keras.version()}. Upgrade it with `pip install "keras>=3.8"`.'
+        'keras-snapshot needs Keras 3.8 or newer: `pip install "keras>=3.8"`.'
+        f" Received: Keras {keras.version()}."
     )
 
 
@@ -76,9 +66,9 @@ def check_backend(backend: str | None = None) -> None:
     backend = backend or keras.backend.backend()
     if backend not in BACKENDS:
         raise RuntimeError(
-            "keras-snapshot supports the TensorFlow and JAX backends of "
-            f"Keras. Received: backend={backend!r}. Set KERAS_BACKEND="
-            "tensorflow (or jax) before importing Keras."
+            "keras-snapshot supports the TensorFlow and JAX backends: set "
+            "KERAS_BACKEND=tensorflow (or jax) before importing Keras. "
+            f"Received: backend={backend!r}."
         )
 
 
@@ -182,13 +172,7 @@ Keras passes them (positionally)."""
 
 def check_optimizer_internals(optimizer) -> None:
     """Refuses an optimizer whose private methods are not what FreezeOut
-    wraps: each must exist and take the arguments Keras passes it,
-    `_get_variable_index` must give each variable the optimizer was built
-    with its position, and updates must go through `update_step`.
-
-    Raises:
-        ValueError: naming what is wrong and the Keras version.
-    """
+    wraps (`OPTIMIZER_INTERNALS`, `_get_variable_index`, `update_step`)."""
     problems = []
     for name, arguments in OPTIMIZER_INTERNALS.items():
         method = getattr(optimizer, name, None)
@@ -232,12 +216,10 @@ def check_optimizer_internals(optimizer) -> None:
     if problems:
         name = type(optimizer).__name__
         raise ValueError(
-            f"FreezeOut cannot set each layer group's learning rate in "
-            f"{name}: {'; '.join(problems)}. FreezeOut wraps these private "
-            "methods of the optimizer, and they are not as it expects in "
-            f"Keras {keras.version()} ({keras.backend.backend()} backend). "
-            "Use a stock Keras optimizer (SGD, Adam, AdamW, ...) on the "
-            f"TensorFlow or JAX backend. Received: optimizer={name}."
+            f"FreezeOut cannot set per-group learning rates in {name}: "
+            f"{'; '.join(problems)} (Keras {keras.version()}, "
+            f"{keras.backend.backend()} backend). Use a stock Keras optimizer "
+            f"(SGD, Adam, AdamW, ...). Received: optimizer={name}."
         )
 
 
@@ -250,25 +232,15 @@ def attach_group_rates(
 ):
     """Makes `optimizer` use a rate per group; returns an undo function.
 
-    The one place that touches optimizer internals, once
-    `check_optimizer_internals` has checked them. Wraps, on this instance
-    only, `update_step` so that each variable is updated with
-    `learning_rate * factor(group)`, where `group = group_of[id(variable)]`
-    (variables of no group take the last group's, `num_groups - 1`) and
-    the variable is found by its position in the optimizer
-    (`_get_variable_index`, the lookup every Keras optimizer's
-    `update_step` uses for its slots).
-    Decoupled weight decay (`weight_decay=`, AdamW) moves into that step
-    too, with the same rate: Keras's own `_apply_weight_decay` pass, which
-    would use the optimizer's rate for every variable, is switched off. On
-    JAX, also wraps `stateless_apply`, which Keras's JAX trainer calls with
-    the model's current trainable variables: after a freeze those are fewer
-    than the optimizer was built with, and the wrapper applies the
-    gradients to them only (`active_variables()` names them).
-
-    Every wrapper first asks `state.ended()`: once the `fit` that attached
-    them no longer runs (it ended by an exception), that undoes them and
-    the optimizer's own method runs.
+    Wraps, on this instance only, `update_step` so that each variable is
+    updated with `learning_rate * factor(group_of[id(variable)])` (no group:
+    the last), found by `_get_variable_index` as Keras's own `update_step`
+    finds its slots. Decoupled weight decay moves into that step with the
+    same rate (Keras's `_apply_weight_decay` pass is switched off). On JAX,
+    also wraps `stateless_apply`, which Keras calls with the model's current
+    trainable variables: fewer than the optimizer's after a freeze
+    (`active_variables()` names them). Each wrapper first asks
+    `state.ended()` and, once the `fit` has ended, runs the original.
     """
     variable_groups = [
         group_of.get(id(v), num_groups - 1)
@@ -341,17 +313,11 @@ def attach_group_rates(
 class FitState:
     """What one FreezeOut `fit` changed on a model, and how to undo it.
 
-    The changes: the frozen layers' `trainable` flags, the wrapped
-    optimizer methods, the train function traced for them. Keras calls
-    `on_train_end` only when `fit` returns; after an exception or a
-    `KeyboardInterrupt` nothing is called. So the changes are undone by
-    `on_train_end`, or else by the first of these that runs once the `fit`
-    that made them no longer runs: the model's `make_train_function`
-    (which every `fit` and `train_on_batch` calls first) or `get_config`
-    (`model.save`, `to_json`), the optimizer's `update_step`, or a new
-    FreezeOut's `on_train_begin`. While that `fit` runs they are left
-    as they are (a checkpoint saved during training keeps the frozen
-    layers' flags).
+    The changes (frozen `trainable` flags, wrapped optimizer methods, the
+    train function traced for them) are undone by `on_train_end`, or, since
+    Keras calls no hook after an exception, by the first of the model's
+    `make_train_function` or `get_config`, the optimizer's `update_step`
+    or a new FreezeOut's `on_train_begin` to run once the `fit` has ended.
 
     Args:
         model: The model being trained.
@@ -414,11 +380,9 @@ class FitState:
             setattr(model, name, guarded)
 
     def _guard_train_function(self) -> None:
-        """Wraps `model.train_function` (which `fit` reads at every step) so
-        that an exception inside a step (an error, a `KeyboardInterrupt`)
-        undoes the changes at once, before it leaves `fit`. The end of a
-        dataset of unknown length (`StopIteration`, `OutOfRangeError`),
-        which Keras catches to end the epoch, is let through."""
+        """Wraps `model.train_function` so that an exception inside a step
+        undoes the changes at once; the end of a dataset of unknown length
+        (`StopIteration`, `OutOfRangeError`), which Keras catches, passes."""
         step = self.model.train_function
         if step is None or getattr(step, "freezeout", False):
             return

@@ -1,26 +1,9 @@
 """The folder lock: one writing process per folder.
 
-`SnapshotCheckpoint` locks its snapshot folder while `fit` runs, and
-`keras-snapshot train` locks its run folder while the command runs, so
-that a second process writing into the same folder is refused before it
-mixes its files with the first one's. The lock is advisory and dies with
-its process (a killed run leaves no stale lock):
-
-- POSIX: `fcntl.flock` on a `.lock` file inside the folder.
-- Windows: `msvcrt.locking` on one byte of that file.
-- Remote storage (`gs://...`): object storage has no lock, so only a
-  second writer in this same process is kept out; give each run its own
-  folder.
-
-The lock is keyed on the folder's real path: a symbolic link to a folder
-and the folder itself are one lock, whichever name each writer uses.
-
-Example:
-
-```python
-with FolderLock("snapshots"):
-    ...  # Another process gets DirectoryLockedError for this folder.
-```
+An advisory lock that dies with its process (`fcntl.flock` on POSIX,
+`msvcrt.locking` on Windows, on a `.lock` file in the folder), keyed on
+the folder's real path. Remote storage has no lock: only a second writer
+in the same process is kept out.
 """
 
 import errno
@@ -58,9 +41,8 @@ class DirectoryLockedError(RuntimeError):
         link = os.path.islink(self.path.rstrip("/" + os.sep) or self.path)
         target = f" (a link to {self.real_path})" if link else ""
         super().__init__(
-            f"The {what} {self.path}{target} is being written by {holder}. "
-            "Two runs in one folder would mix their files: wait for that run "
-            "to finish, or use another folder."
+            f"The {what} {self.path}{target} is being written by {holder}: "
+            "wait for that run to finish, or use another folder."
         )
 
     def __reduce__(self):
@@ -70,17 +52,10 @@ class DirectoryLockedError(RuntimeError):
 class FolderLock:
     """An advisory lock on a folder, held by one process at a time.
 
-    On local disk the lock is `fcntl.flock` (POSIX) or `msvcrt.locking`
-    (Windows) on a `.lock` file in the folder, which a second process
-    cannot take while this one lives; the file names the holder (process
-    id and start time) for the second process's error message. Object
-    storage has no such lock: for a remote folder only a second lock in
-    this same process is kept out.
-
-    Within one process a folder has one lock: a new `FolderLock` on the
-    same folder (a notebook cell run again after an interrupted `fit`)
-    takes it over, and only the newest holder's `release()` releases it.
-    A link and its target are the same folder.
+    The `.lock` file names the holder for the refused process's error.
+    Within one process a new `FolderLock` on the same folder (a notebook
+    cell run again) takes the lock over, and only the newest holder's
+    `release()` releases it.
 
     Args:
         path: The folder, which must exist. A symbolic link locks its

@@ -1,34 +1,10 @@
 """The optimizer's real update count, for every step-driven callback.
 
-`SnapshotCheckpoint`, `WeightAveraging` and `FreezeOut` act at
-given optimizer steps. A batch is not an optimizer update:
-
-- with `gradient_accumulation_steps=k`, the optimizer updates the weights
-  every k batches, and `optimizer.iterations` counts updates (Keras calls
-  learning-rate schedules with the batch count, though: see
-  `check_schedule_counts_updates`);
-- with mixed precision, `LossScaleOptimizer` skips an update whose
-  gradients overflowed, and `optimizer.iterations` (the inner optimizer's)
-  does not count it;
-- with `steps_per_execution=N`, Keras calls the batch hooks once per N
-  batches, at offsets counted from the start of each epoch.
-
-So a step is what `optimizer.iterations` says, never "epoch start + batch
-index". `StepTracker` reads it cheaply: once per epoch, and again in a
-batch hook only when the count may have reached the next step that is due
-(the count grows by at most one update per batch), so Keras's asynchronous
-dispatch stays on through a long cycle.
-
-Example:
-
-```python
-tracker = StepTracker(callback)         # in the callback's __init__
-tracker.attach()                         # in on_train_begin
-step = tracker.epoch_begin()             # in on_epoch_begin
-step = tracker.poll(batch, due=400)      # in on_train_batch_begin
-if step == 400:
-    ...                                  # the 400th update has just run
-```
+A step is what `optimizer.iterations` says, never "epoch start + batch
+index": gradient accumulation, skipped loss-scaling updates and
+`steps_per_execution` all make batches and updates differ. `StepTracker`
+reads it once per epoch, and in a batch hook only when the next due step
+may have been reached, so Keras's asynchronous dispatch stays on.
 """
 
 import weakref
@@ -49,28 +25,16 @@ def accumulation_steps(optimizer) -> int:
 
 
 def optimizer_updates(model) -> int:
-    """The weight updates the optimizer has applied (a device read).
-
-    `optimizer.iterations`: batches // `gradient_accumulation_steps`, and
-    under `LossScaleOptimizer` the inner optimizer's count, which skipped
-    updates do not raise.
-    """
+    """The weight updates the optimizer has applied (a device read)."""
     return _keras_compat.optimizer_iterations(model.optimizer)
 
 
 def check_schedule_counts_updates(owner: str, optimizer) -> None:
     """Refuses gradient accumulation with a schedule that counts batches.
 
-    Keras calls the schedule with the batch count (`_iterations`), while
-    the weights change once per `gradient_accumulation_steps` batches.
-    `SnapshotSchedule` and `FGESchedule` take the same
-    `gradient_accumulation_steps` and then count updates, so that
-    `total_steps`, the cycle ends, the rates and `optimizer.iterations` all
-    count the same thing.
-
-    Raises:
-        ValueError: if the optimizer accumulates gradients and its schedule
-            does not count updates the same way.
+    Keras calls the schedule with the batch count; `SnapshotSchedule` and
+    `FGESchedule` built with the same `gradient_accumulation_steps` count
+    updates instead.
     """
     steps = accumulation_steps(optimizer)
     schedule = learning_rate_schedule(optimizer)
@@ -79,25 +43,22 @@ def check_schedule_counts_updates(owner: str, optimizer) -> None:
     if not hasattr(schedule, "gradient_accumulation_steps"):
         if steps > 1:
             raise ValueError(
-                f"{owner} counts optimizer updates, but with "
-                f"gradient_accumulation_steps={steps} Keras calls the "
-                f"{type(schedule).__name__} schedule with the batch count, "
-                "so its cycles would end between updates. Use "
-                "keras_snapshot.SnapshotSchedule (or FGESchedule) with "
-                f"gradient_accumulation_steps={steps}, whose steps are "
-                "updates."
+                f"{owner} counts optimizer updates, but Keras calls the "
+                f"{type(schedule).__name__} schedule with the batch count; use "
+                "SnapshotSchedule or FGESchedule with "
+                f"gradient_accumulation_steps={steps}. "
+                f"Received: gradient_accumulation_steps={steps}."
             )
         return
     counted = schedule.gradient_accumulation_steps or 1
     if counted != steps:
+        expected = steps if steps > 1 else None
         raise ValueError(
-            f"The optimizer updates the weights every {steps} batch(es) "
-            f"(gradient_accumulation_steps={steps if steps > 1 else None}), "
-            f"but its {type(schedule).__name__} counts one update per "
-            f"{counted} batch(es). Build the schedule with the optimizer's "
-            f"value, gradient_accumulation_steps="
-            f"{steps if steps > 1 else None}. Received: schedule "
-            f"gradient_accumulation_steps={schedule.gradient_accumulation_steps}."
+            f"The optimizer updates every {steps} batch(es), but its "
+            f"{type(schedule).__name__} counts one update per {counted} "
+            "batch(es); build the schedule with gradient_accumulation_steps="
+            f"{expected}. Received: schedule gradient_accumulation_steps="
+            f"{schedule.gradient_accumulation_steps}."
         )
 
 
@@ -109,10 +70,8 @@ def join_fit(callback) -> None:
     """Introduces `callback` to this package's other callbacks in its `fit`.
 
     Call it from `set_params`: Keras hands every callback of one `fit` the
-    same `params` dict, before any `on_train_begin`, so that dict names the
-    fit. Each pair of our callbacks in one fit meets once, and a callback
-    with a `check_fit_peer(other)` method may refuse the other there
-    (FreezeOut refuses a SnapshotCheckpoint).
+    same `params` dict, so that dict names the fit. A callback with a
+    `check_fit_peer(other)` method may refuse the other there.
     """
     params = callback.params
     peers = [
@@ -132,21 +91,24 @@ def join_fit(callback) -> None:
 class StepTracker:
     """What every step-driven callback asks about the steps of its `fit`.
 
-    One per callback (`SnapshotCheckpoint`, `WeightAveraging`,
-    `AveragedModelCheckpoint`, `FreezeOut`), so that each answer is written
-    once: `attach` in `on_train_begin`; `epoch_begin` in `on_epoch_begin`
-    (one device read per epoch; `starts_fit` is True at the first epoch of
-    the fit, after `BackupAndRestore` has restored the step: plan there,
-    once); `poll(batch, due)` in `on_train_batch_begin` returns the real
-    step once it may have reached `due`, and None (without reading the
-    device) before; `epoch_end` in `on_epoch_end`. `fit_updates` is the
-    fit's length in updates, `refuse_unreachable` the one refusal of steps
-    that no hook can see.
+    Call `attach` in `on_train_begin`, `epoch_begin` in `on_epoch_begin`
+    (`starts_fit` is True at the fit's first epoch, after `BackupAndRestore`
+    restored the step: plan there), `poll(batch, due)` in
+    `on_train_batch_begin` and `epoch_end` in `on_epoch_end`.
 
     Args:
         callback: The callback it serves. Its `model` is read through the
             callback: on JAX, `Callback.model` first writes the running
             training state back into the variables.
+
+    Example:
+
+    ```python
+    tracker = StepTracker(callback)      # in the callback's __init__
+    tracker.attach()                     # in on_train_begin
+    step = tracker.epoch_begin()         # in on_epoch_begin
+    step = tracker.poll(batch, due=400)  # in on_train_batch_begin
+    ```
     """
 
     def __init__(self, callback):
@@ -214,9 +176,9 @@ class StepTracker:
             shown = missed[:5] + (["..."] if len(missed) > 5 else [])
             raise ValueError(
                 f"With steps_per_execution={self.steps_per_execution}, Keras "
-                "calls back only at batches 0, N, 2N, ... of each epoch "
-                f"({self.epoch_steps} batches) and at its end, so {what} due "
-                f"at steps {shown} cannot be taken at their step. {fix}"
+                "calls back only every N batches of each epoch "
+                f"({self.epoch_steps} batches), so {what} due at steps "
+                f"{shown} cannot be taken at their step. {fix}"
             )
 
     def poll(self, batch: int, due) -> int | None:
@@ -239,15 +201,10 @@ class StepTracker:
     def unreachable(self, start_step: int, due_steps, epochs_left) -> list:
         """The due steps no batch hook of this `fit` can see exactly.
 
-        Keras calls `on_train_batch_begin` at batch offsets 0, N, 2N, ...
-        of each epoch (N = `steps_per_execution`), and `on_epoch_end` after
-        the epoch's last batch. A step `s` is seen only if one of those
-        calls falls while the update count is `s`: a call at a batch in
-        `[s*k, s*k + k - 1]`, counted from the step `start_step` of this
-        fit (k = `gradient_accumulation_steps`). Assumes no update is
-        skipped. Empty when every batch has a hook (N = 1) or when the
-        epoch length is unknown (then `poll` reports a miss when it
-        happens).
+        Hooks run at batch offsets 0, N, 2N, ... of each epoch and at its
+        end (N = `steps_per_execution`); step `s` is seen if one falls in
+        batches `[s*k, s*k + k - 1]` (k = `gradient_accumulation_steps`).
+        Empty when N = 1 or the epoch length is unknown.
         """
         n, k = self.steps_per_execution, self.accumulation
         length = self.epoch_steps

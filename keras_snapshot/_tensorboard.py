@@ -1,33 +1,10 @@
 """What the callbacks add to TensorBoard, next to Keras's own scalars.
 
-Given the `log_dir` of the fit's `keras.callbacks.TensorBoard` (the
-callbacks' `log_dir` argument), `TensorBoardLog` writes into its
-`log_dir/train` run, at the optimizer step (`_steps`), what a Keras user
-looks for there:
-
-- `learning_rate`: the rate of every update (`SnapshotCheckpoint`: the
-  cyclic schedule, restarts included), and `learning_rate/group_<i>` per
-  FreezeOut layer group;
-- events: `snapshot` (the snapshot's number at its step) and
-  `snapshot_file` (text), `frozen_groups` (how many FreezeOut groups are
-  frozen), `num_averaged` (models in a `WeightAveraging` average).
-
-Without a `log_dir` nothing is written. Only the process that
-writes snapshots writes events (`_distribution.is_writer`). The events go
-through a writer of their own (a second event file in the run, which
-TensorBoard's default loader reads live), and are recorded whatever the
-`TensorBoard`'s `update_freq`: its `record_if` filter, which Keras leaves
-on between batches, would drop them otherwise.
-
-Example:
-
-```python
-log = TensorBoardLog()
-log.open("logs", model)                 # in on_train_begin
-log.scalar("snapshot", 1, step=400)
-steps = log.new_steps(start=0, step=400)  # 1..400, each step once
-log.close()                             # in on_train_end
-```
+`TensorBoardLog` writes `learning_rate` (and `learning_rate/group_<i>`),
+`snapshot`, `snapshot_file`, `frozen_groups` and `num_averaged` into
+`log_dir/train` at the optimizer step, from the writing process only.
+It uses a writer of its own under `record_if(True)`: the `record_if`
+filter Keras's `TensorBoard` leaves on between batches would drop them.
 """
 
 import os
@@ -45,7 +22,17 @@ MAX_POINTS_PER_EPOCH = 500
 
 
 class TensorBoardLog:
-    """Scalars and text into the `train` run of the fit's `TensorBoard`."""
+    """Scalars and text into the `train` run of the fit's `TensorBoard`.
+
+    Example:
+
+    ```python
+    log = TensorBoardLog()
+    log.open("logs", model)  # in on_train_begin
+    log.scalar("snapshot", 1, step=400)
+    log.close()  # in on_train_end
+    ```
+    """
 
     def __init__(self):
         self._writer = None
@@ -66,7 +53,7 @@ class TensorBoardLog:
             return False
         if _fs.exists(log_dir) and not _fs.isdir(log_dir):
             raise ValueError(
-                f"`log_dir` must be a folder, and {log_dir} is a file. Pass "
+                f"`log_dir` must be a folder, and {log_dir} is a file: pass "
                 "the `log_dir` of your keras.callbacks.TensorBoard. "
                 f"Received: log_dir={log_dir!r}"
             )

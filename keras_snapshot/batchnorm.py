@@ -46,21 +46,15 @@ def restore_batchnorm_statistics(model, saved: list) -> None:
 
 
 def check_bounded_data(data, steps: int | None) -> None:
-    """Refuses data that would never end without a `steps` limit.
-
-    An endless `tf.data.Dataset` (the usual `.repeat()` training pipeline)
-    would make recalibration run forever.
-    """
+    """Refuses an endless dataset (`.repeat()`) without a `steps` limit."""
     if steps is not None:
         return
     if is_endless(data):
         raise ValueError(
-            "The recalibration data is an endless dataset (it repeats), "
-            "so BatchNorm recalibration would never finish. Pass "
-            "`steps` (`recalibration_steps` for SnapshotCheckpoint), "
-            "e.g. steps=50, or a dataset without `.repeat()`."
+            "The recalibration data is an endless dataset, so BatchNorm "
+            "recalibration would never finish: pass `steps` "
+            "(`recalibration_steps` for SnapshotCheckpoint), e.g. steps=50."
         )
-    # Other data ends by itself (arrays, lists, finite datasets, generators).
 
 
 def _input_batches(data, batch_size: int, steps: int | None):
@@ -74,12 +68,12 @@ def _input_batches(data, batch_size: int, steps: int | None):
                 raise ValueError(
                     "`data` for BatchNorm recalibration must be a numeric "
                     "array, an `(x, y)` tuple or a dataset of batches. "
-                    "Received a sequence of "
-                    f"{type(array.flat[0]).__name__} objects."
+                    f"Received: a sequence of {type(array.flat[0]).__name__}"
+                    " objects."
                 )
             if array.ndim == 0 or len(array) == 0:
                 raise ValueError(
-                    "`data` for BatchNorm recalibration is empty. Received "
+                    "`data` for BatchNorm recalibration is empty. Received: "
                     f"an array of shape {array.shape}."
                 )
             for count, start in enumerate(range(0, len(array), batch_size)):
@@ -96,7 +90,7 @@ def _input_batches(data, batch_size: int, steps: int | None):
         elif isinstance(batch, dict):
             raise ValueError(
                 "BatchNorm recalibration takes batches of inputs or "
-                "(inputs, targets) tuples. Received a batch that is a dict "
+                "(inputs, targets) tuples. Received: a batch that is a dict "
                 f"with keys {sorted(batch)}."
             )
         yield batch
@@ -108,16 +102,12 @@ def recalibrate_batchnorm(
 ):
     """Recomputes BatchNorm moving statistics from data, weights untouched.
 
-    With short learning-rate cycles a snapshot's BatchNorm moving averages
-    still remember the high-learning-rate part of its cycle, so the snapshot
-    predicts worse than its weights allow. This runs the model over `data` in
-    training mode and sets each `BatchNormalization` layer's moving mean and
-    variance to the exact mean and variance of its inputs over all of `data`
-    (an average weighted by batch size, not an exponential average), as SWA
-    does (Izmailov et al. 2018) and as snapshot ensembles need (Huang et al.
-    2017, arXiv:1704.00109). Nested models are included. Trainable weights,
-    and the moving statistics of frozen (`trainable=False`) BatchNorm layers,
-    which run in inference mode, are left as they are.
+    A snapshot's moving averages still remember the high-rate part of its
+    cycle. This runs the model over `data` in training mode and sets each
+    trainable `BatchNormalization` layer's moving mean and variance to the
+    exact statistics of its inputs over all of `data`, as SWA does
+    (Izmailov et al. 2018). Weights and frozen BatchNorm layers are left
+    as they are.
 
     Args:
         model: A Keras model.
@@ -158,8 +148,8 @@ def recalibrate_batchnorm(
     renorm = [layer.name for layer in bn_layers if batchnorm_renorm(layer)]
     if renorm:
         raise ValueError(
-            "recalibrate_batchnorm does not support batch renormalization "
-            f"layers. Received a model with renorm=True in {renorm}."
+            "recalibrate_batchnorm does not support batch renormalization. "
+            f"Received: renorm=True in {renorm}."
         )
     momenta = [layer.momentum for layer in bn_layers]
     count = 0
@@ -191,7 +181,7 @@ def recalibrate_batchnorm(
             layer.momentum = momentum
     if count == 0:
         raise ValueError(
-            "`data` for BatchNorm recalibration gave no batches. Pass at "
+            "`data` for BatchNorm recalibration gave no batches; pass at "
             "least one batch of training inputs."
         )
     for i, layer in enumerate(bn_layers):

@@ -43,42 +43,19 @@ class SnapshotCheckpoint(keras.callbacks.Callback):
     """Saves a complete `.keras` model at the end of every learning-rate cycle.
 
     Snapshot Ensembles (Huang et al. 2017, arXiv:1704.00109) save the model
-    at each minimum of a cyclic learning rate. This callback finds the cycle
-    ends from the optimizer's schedule (`SnapshotSchedule`, any schedule with
-    a `cycle_end_steps` property such as `FGESchedule`, or Keras's
-    `CosineDecayRestarts`), from `snapshot_steps=` or from `cycle_length=`,
-    and writes snapshot `k` right after optimizer step `k`'s cycle end, also
-    when that step falls in the middle of an epoch. Each snapshot is a full
-    `.keras` file (architecture, weights and optimizer state).
+    at each minimum of a cyclic learning rate. The cycle ends come from the
+    optimizer's schedule (`SnapshotSchedule`, `FGESchedule`, Keras's
+    `CosineDecayRestarts`), from `snapshot_steps=` or from `cycle_length=`;
+    snapshot `k` is written right after its optimizer step, also in the
+    middle of an epoch. The folder gets a `manifest.json` with each
+    snapshot's step, epoch, learning rate, logs, finiteness, size and
+    sha256; files are written atomically (uploaded and read back on remote
+    storage) before the manifest lists them.
 
-    The folder also gets a `manifest.json` that lists, for every snapshot,
-    its index, epoch, optimizer step, learning rate, training logs, whether
-    its weights and loss were finite, and the file's size and sha256. Files
-    are written under a hidden name and renamed when complete; the manifest
-    is replaced atomically afterwards. A remote folder (`gs://...`, any path
-    `tf.io.gfile` supports) has no atomic rename: each file is uploaded
-    complete, read back and checked against its size and sha256, and only
-    then listed in the manifest, which is written last.
-
-    Whether a snapshot is due is decided from the optimizer's step count, so
-    the callback stays right when training resumes through
-    `keras.callbacks.BackupAndRestore`: snapshots from steps a resumed or
-    restarted run has not reached are set aside in a `superseded-*`
-    subfolder (never deleted) and taken again. While `fit` runs, a local
-    folder is locked against a second writing process (object storage has
-    no such lock: give each run its own remote folder).
-
-    A step is an optimizer update (`optimizer.iterations`), also under
-    gradient accumulation (the schedule must then count updates: see
-    `SnapshotSchedule(gradient_accumulation_steps=...)`), mixed-precision
-    loss scaling (a skipped update is not a step) and `steps_per_execution`
-    (a cycle end that no batch hook can see is refused before the first
-    step). The per-batch check is one integer comparison in
-    `on_train_batch_begin` until the next cycle end is near (see
-    `keras_snapshot._steps`), which leaves Keras's asynchronous batch
-    dispatch on. Messages are printed
-    once the epoch's progress bar is complete (at the next epoch or at the
-    end of training).
+    Steps are optimizer updates (`optimizer.iterations`), so a run resumed
+    with `keras.callbacks.BackupAndRestore` stays right: snapshots from
+    steps it has not reached are moved to a `superseded-*` subfolder and
+    taken again. A local folder is locked while `fit` runs.
 
     Args:
         directory: Folder for the snapshots and manifest; created if needed.
@@ -99,16 +76,12 @@ class SnapshotCheckpoint(keras.callbacks.Callback):
         recalibration_steps: Batches of `recalibration_data` to use; needed
             for an endless dataset.
         ema_weights: With an optimizer built with `use_ema=True`, save the
-            exponential moving average of the weights (what `fit` leaves in
-            the model when it ends) instead of the weights trained at the
-            cycle end. Default False: a snapshot holds the trained weights,
-            the minimum the cycle reached, even when the optimizer keeps an
-            EMA. True with an optimizer without EMA is refused.
+            moving average of the weights instead of the weights trained at
+            the cycle end (the default).
         verbose: 1 prints one line per snapshot, 0 is silent.
-        log_dir: The `log_dir` of the fit's `keras.callbacks.TensorBoard`
-            (or any folder): the learning rate of every update and the
-            snapshots go into its `train` run, at the optimizer
-            step (docs/tensorboard.md). None logs nothing.
+        log_dir: The `log_dir` of the fit's `keras.callbacks.TensorBoard`:
+            the learning rate of every update and the snapshots go into its
+            `train` run (docs/tensorboard.md). None logs nothing.
 
     Example:
 
@@ -203,10 +176,9 @@ class SnapshotCheckpoint(keras.callbacks.Callback):
             total = self._steps.fit_updates()
             if total is None:
                 raise ValueError(
-                    "With a CosineDecayRestarts schedule and data of unknown "
-                    "length, SnapshotCheckpoint cannot tell how many "
-                    "restarts the run has: pass `steps_per_epoch` to fit or "
-                    "`snapshot_steps=` to SnapshotCheckpoint."
+                    "With CosineDecayRestarts and data of unknown length, "
+                    "SnapshotCheckpoint cannot count the restarts: pass "
+                    "`steps_per_epoch` to fit or `snapshot_steps=`."
                 )
             ends = restart_steps(schedule, total)
             return ends[: self.num_snapshots] if self.num_snapshots else ends
@@ -221,11 +193,10 @@ class SnapshotCheckpoint(keras.callbacks.Callback):
             return list(schedule.cycle_end_steps)
         if self.cycle_length is None:
             raise ValueError(
-                "SnapshotCheckpoint needs to know where the learning-rate "
-                "cycles end. Compile the model with a "
-                "`keras_snapshot.SnapshotSchedule` (or CosineDecayRestarts, "
-                "or FGESchedule), or pass `cycle_length=` or "
-                "`snapshot_steps=` to SnapshotCheckpoint. Received: "
+                "SnapshotCheckpoint cannot tell where the cycles end: compile "
+                "with a `SnapshotSchedule`, `FGESchedule` or "
+                "`CosineDecayRestarts`, or pass `cycle_length=` or "
+                "`snapshot_steps=`. Received: "
                 f"optimizer={type(self.model.optimizer).__name__} with "
                 f"learning_rate={schedule or 'a constant'}."
             )
@@ -245,12 +216,7 @@ class SnapshotCheckpoint(keras.callbacks.Callback):
         ).cycle_end_steps
 
     def _plan(self, step: int) -> dict:
-        """Snapshots still to take, `{step: index}`, given the current step.
-
-        Snapshots in the folder from steps this run has not reached (a run
-        resumed from an earlier backup, or a new run in a used folder) are
-        set aside and taken again.
-        """
+        """Snapshots still to take, `{step: index}`; later ones set aside."""
         manifest = self._folder.read_or_new(self._cycle_ends)
         shorter = min(len(manifest.cycle_end_steps), len(self._cycle_ends))
         # A plan that grows with the fit (SGDR restarts counted over a
@@ -259,19 +225,18 @@ class SnapshotCheckpoint(keras.callbacks.Callback):
             manifest.cycle_end_steps[:shorter] != self._cycle_ends[:shorter]
         ):
             raise ValueError(
-                f"The snapshot directory {self.directory} holds snapshots of "
-                f"another schedule (cycle ends {manifest.cycle_end_steps}, "
-                f"this run: {self._cycle_ends}). Use a new directory for a "
-                "new run; the old snapshots are left as they are."
+                f"{self.directory} holds snapshots of another schedule (cycle "
+                f"ends {manifest.cycle_end_steps}, this run: "
+                f"{self._cycle_ends}): use a new directory for a new run."
             )
         if self._writer and not self._folder.has_manifest():
             foreign = self._folder.unlisted_snapshot_files(manifest)
             if foreign:
                 raise FileExistsError(
                     f"{self.directory} holds {foreign[:5]} but no "
-                    f"{manifest_lib.MANIFEST_NAME}: files SnapshotCheckpoint "
-                    "did not write, which it would overwrite. Use another "
-                    "folder, or move those files away."
+                    f"{manifest_lib.MANIFEST_NAME}: SnapshotCheckpoint did not "
+                    "write them and would overwrite them. Use another folder "
+                    "or move those files away."
                 )
         manifest.cycle_end_steps = list(self._cycle_ends)
         if self._writer and not self._folder.has_manifest():
@@ -298,10 +263,8 @@ class SnapshotCheckpoint(keras.callbacks.Callback):
             due,
             self._epoch,
             what="the snapshots",
-            fix="Choose cycle ends that are a multiple of steps_per_execution "
-            "from the start of their epoch (e.g. an epoch length that is a "
-            "multiple of steps_per_execution), or a smaller "
-            "steps_per_execution.",
+            fix="Choose cycle ends that are multiples of steps_per_execution "
+            "from the start of their epoch, or a smaller steps_per_execution.",
         )
         return due
 
@@ -343,11 +306,9 @@ class SnapshotCheckpoint(keras.callbacks.Callback):
             if found:
                 raise ValueError(
                     f"The snapshot directory {self.directory} is inside the "
-                    f"BackupAndRestore folder {folder} (it holds {found}). "
-                    "BackupAndRestore deletes its folder when training "
-                    "ends, and the snapshots with it. Give the snapshots "
-                    "and the backup separate folders, e.g. run/snapshots and "
-                    "run/backup."
+                    f"BackupAndRestore folder {folder} (it holds {found}), and "
+                    "BackupAndRestore deletes its folder when training ends. "
+                    "Use separate folders, e.g. run/snapshots and run/backup."
                 )
             folder = _fs.parent(folder)
 
@@ -363,11 +324,11 @@ class SnapshotCheckpoint(keras.callbacks.Callback):
             innermost_optimizer(self.model.optimizer), "use_ema", False
         ):
             raise ValueError(
-                "SnapshotCheckpoint(ema_weights=True) saves the optimizer's "
-                "moving average of the weights, but the optimizer keeps none."
-                " Build it with `use_ema=True`, or leave ema_weights=False. "
-                f"Received: optimizer={type(self.model.optimizer).__name__}"
-                " with use_ema=False."
+                "SnapshotCheckpoint(ema_weights=True) needs an optimizer that "
+                "keeps a moving average. Build it with `use_ema=True`, or "
+                "leave ema_weights=False. Received: "
+                f"optimizer={type(self.model.optimizer).__name__} with "
+                "use_ema=False."
             )
         if self.snapshot_steps is None:
             check_schedule_counts_updates(
@@ -402,15 +363,10 @@ class SnapshotCheckpoint(keras.callbacks.Callback):
             self._save_snapshot(step, batch=batch, logs=logs)
 
     def _take_last_if_short(self, step: int, logs) -> None:
-        """The last snapshot of a run that ran every batch but came up short.
+        """Takes the last snapshot when loss scaling skipped updates.
 
-        Mixed-precision loss scaling skips the updates whose gradients
-        overflowed, so a `fit` sized for `T` updates can end a few updates
-        before the last cycle end. Then the last snapshot is taken at the
-        last update and the manifest records the cycle end it stands for
-        (`planned_step`). Only when the last cycle end alone is missing and
-        by no more updates than were skipped: a `fit` that is simply too
-        short, or stopped early, gets the usual warning instead.
+        Only when the last cycle end alone is missed, by no more updates than
+        were skipped; the manifest records it as `planned_step`.
         """
         epochs, steps = self.params.get("epochs"), self.params.get("steps")
         if (
@@ -631,9 +587,8 @@ class SnapshotCheckpoint(keras.callbacks.Callback):
         except OSError as e:
             raise OSError(
                 f"SnapshotCheckpoint could not write snapshot {entry.index} "
-                f"to {final_path}: {e}. The earlier snapshots and the manifest "
-                f"in {self.directory} are unchanged; free some space or "
-                "choose a writable directory, then resume training."
+                f"to {final_path}: {e}. Earlier snapshots are unchanged: free "
+                "some space or choose a writable directory, then resume."
             ) from e
 
     def _write_and_discard(self) -> None:
@@ -647,6 +602,6 @@ class SnapshotCheckpoint(keras.callbacks.Callback):
 
 
 def _all_finite(model, logs: dict) -> bool:
-    if any(not math.isfinite(v) for v in logs.values()):
-        return False
-    return weights_are_finite(model)
+    return all(math.isfinite(v) for v in logs.values()) and (
+        weights_are_finite(model)
+    )

@@ -14,16 +14,10 @@ from keras_snapshot.loading import load_snapshots
 _EPSILON = 1e-7
 
 
-# The highest temperature `distill` accepts. Once T is well above the
-# spread of the logits, the soft loss is Hinton et al.'s high-temperature
-# limit (matching logits) and a higher T changes nothing but float32
-# rounding: the soft targets and the student's `softmax(z / T)` are both
-# near-uniform, so the gradient `T * (p_T - q_T)` is a difference of
-# numbers that agree to about 1 / T, with a relative error of about
-# 5e-8 * T in float32 (5e-5 at T = 1000, 5% at 1e6); near 1e9 the soft
-# targets round to uniform, and above 1.8e19 `T^2` overflows float32 (NaN
-# weights). The loss value shown by `fit` is noisier still: its KL shrinks
-# as 1 / T^2 while its rounding does not.
+# The highest temperature `distill` accepts. Far above the logits' spread
+# the soft loss is already the high-temperature limit (matching logits) and
+# a higher T only adds float32 rounding to the gradient (relative error
+# about 5e-8 * T), until `T^2` overflows float32 above 1.8e19.
 MAX_TEMPERATURE = 1000.0
 
 
@@ -33,11 +27,8 @@ def _check_temperature(temperature) -> float:
         temperature,
         0.0,
         MAX_TEMPERATURE,
-        "Far above the logits' spread the loss is already the "
-        "high-temperature limit (matching logits); a higher T only adds "
-        "float32 rounding to the gradient (relative error about 5e-8 * T) "
-        "until T^2 overflows float32 above 1.8e19. Hinton et al. use T "
-        "from 1 to 20.",
+        "Hinton et al. use T from 1 to 20; a higher T only adds float32 "
+        "rounding.",
         include_low=False,
         include_high=True,
     )
@@ -125,8 +116,7 @@ def _split_data(data, name: str):
         x = None
     if x is None or x.dtype == object or x.ndim == 0 or len(x) == 0:
         raise ValueError(
-            f"The inputs of `{name}` must be a non-empty numeric array "
-            "(distill computes the teacher's probabilities on them once). "
+            f"The inputs of `{name}` must be a non-empty numeric array. "
             f"Received: {type(data).__name__}."
         )
     return x, y
@@ -154,8 +144,8 @@ def _one_hot(y, num_samples: int, num_classes: int, name: str) -> np.ndarray:
         labels = np.eye(num_classes, dtype="float32")[y]
     if len(labels) != num_samples:
         raise ValueError(
-            f"`{name}` has {num_samples} inputs but {len(labels)} labels. "
-            "Pass one label per input."
+            f"`{name}` has {num_samples} inputs but {len(labels)} labels; "
+            "pass one label per input."
         )
     return labels
 
@@ -204,9 +194,9 @@ def teacher_probabilities(
         ):
             raise ValueError(
                 f"The teacher {model.name!r} does not output class "
-                "probabilities (rows of non-negative numbers that sum to 1)."
-                " If it outputs logits, pass `teacher_from_logits=True`. "
-                f"Received: outputs of shape {output.shape}."
+                "probabilities (non-negative rows that sum to 1); for logits "
+                "pass `teacher_from_logits=True`. Received: outputs of shape "
+                f"{output.shape}."
             )
         total = output if total is None else total + output
     return total / len(teacher_models)
@@ -234,38 +224,23 @@ def distill(
 ):
     """Trains one student model on an ensemble's softened probabilities.
 
-    Knowledge distillation (Hinton, Vinyals, Dean 2015, "Distilling the
-    Knowledge in a Neural Network", arXiv:1503.02531) turns an ensemble,
-    which costs M models at inference, into one model. The teacher's class
-    probabilities `q` (the mean over the members) are computed once on
-    `data`; the student, with logits `z` (the log of its probabilities if
-    it outputs probabilities), is trained with `model.fit` on
+    Knowledge distillation (Hinton et al. 2015, arXiv:1503.02531): the
+    teacher's mean probabilities `q` are computed once on `data`, and the
+    student, with logits `z`, is trained with `model.fit` on
 
     `L = alpha * CE(y, softmax(z))`
     `    + (1 - alpha) * T^2 * KL(q_T || softmax(z / T))`
 
-    where `q_T = softmax(log(q) / T)` are the soft targets at temperature
-    `T`, `CE` the cross-entropy with the labels `y`, and `KL` the
-    Kullback-Leibler divergence (the cross-entropy with the soft targets
-    minus their entropy, a constant: the gradients are Hinton's). The `T^2`
-    factor keeps the soft term's gradients on the scale of the hard one's
-    as `T` changes. The per-sample losses are averaged over each batch.
-
-    The default student is a freshly initialized copy
-    (`keras.models.clone_model`) of the first member: the first snapshot of
-    a directory or list, the `snapshot_1` sub-model of an ensemble built by
-    `build_ensemble`, or else the teacher model itself. The student is
-    trained in place (through a wrapper model that shares its layers) and
-    returned with no keras_snapshot object in it: it saves, reloads and
-    exports like any Keras model, without keras_snapshot. It is returned
-    as it was compiled before (a default student is not compiled).
+    with soft targets `q_T = softmax(log(q) / T)`. The student is trained
+    in place and returned with no keras_snapshot object in it.
 
     Args:
         teacher: A Keras model that outputs class probabilities (such as
             `build_ensemble(...)`), a snapshot directory, or a list of
             `.keras` paths or models (their probabilities are averaged).
         student: The Keras model (functional or Sequential) to train; by
-            default a fresh copy of the first member (see above).
+            default a fresh copy of the first member (the `snapshot_1`
+            sub-model of a `build_ensemble` model).
         data: `x` or an `(x, y)` tuple of arrays; `y` are integer labels
             or one-hot rows. Without labels, `alpha` must be 0.
         temperature: The temperature `T` (Hinton et al. use 1 to 20), in
@@ -309,9 +284,9 @@ def distill(
     x, y = _split_data(data, "data")
     if y is None and alpha > 0:
         raise ValueError(
-            "`data` has no labels, but `alpha` > 0 weights a hard-label loss."
-            " Pass `data=(x, y)`, or `alpha=0` to learn from the teacher "
-            f"only. Received: alpha={alpha}, data without labels."
+            "`data` has no labels, but `alpha` > 0 weights a hard-label loss:"
+            " pass `data=(x, y)`, or `alpha=0`. "
+            f"Received: alpha={alpha}, data without labels."
         )
     if student is not None and not isinstance(student, keras.Model):
         raise TypeError(
@@ -333,9 +308,9 @@ def distill(
         inputs = outputs = None
     if not inputs or not outputs:
         raise ValueError(
-            "`student` must be a functional or Sequential model with known "
-            f"inputs. Received: a model of type {type(student).__name__} "
-            "without `inputs`; build it with `keras.Input`."
+            "`student` must be a functional or Sequential model built with "
+            "`keras.Input`. Received: a model of type "
+            f"{type(student).__name__} without `inputs`."
         )
     if len(outputs) != 1:
         raise ValueError(

@@ -1,10 +1,4 @@
-"""Exporting an ensemble for serving: SavedModel, TFLite or ONNX.
-
-The last step of the data flow: a snapshot run becomes an ensemble
-(`keras_snapshot.ensemble`), and the ensemble becomes files that serve
-without keras_snapshot. `export_ensemble` writes each format with the
-same output name, `probabilities`.
-"""
+"""Exporting an ensemble for serving: SavedModel, TFLite or ONNX."""
 
 import functools
 
@@ -26,29 +20,12 @@ def export_ensemble(
 ):
     """Exports an ensemble for serving: SavedModel, TFLite or ONNX.
 
-    A Snapshot Ensemble (Huang et al. 2017, arXiv:1704.00109) is served as
-    one model. Every format names the output the same: `probabilities`
-    (plus `entropy` and `mutual_information` when the ensemble has those
-    outputs), so a client reads the same key from TensorFlow Serving, a
-    TFLite signature runner or onnxruntime:
-
-    - `"saved_model"`: a TensorFlow SavedModel (a folder). Its
-      `serving_default` signature (what TensorFlow Serving and
-      `TFSMLayer(path, call_endpoint="serving_default")` call) returns
-      `{"probabilities": ...}`; its `serve` endpoint returns what
-      `ensemble(x)` returns, as `ensemble.export(path)` would. Works on the
-      TensorFlow and JAX backends.
-    - `"tflite"`: a TFLite (LiteRT) flatbuffer, `path` ending in
-      `.tflite`, through Keras's `format="litert"` export (TensorFlow
-      backend). Its `serving_default` signature returns `probabilities`.
-      `quantization="dynamic_range"` stores weights as int8,
-      `"float16"` as float16.
-    - `"onnx"`: an ONNX model through Keras's `format="onnx"` export and
-      tf2onnx (`pip install "keras-snapshot[onnx]"`); its input is named
-      after the ensemble's input (`inputs`), its output `probabilities`.
-
-    None of the files need keras_snapshot (or Keras) to run. TensorFlow,
-    TFLite and onnxruntime are imported only by the format that needs them.
+    Every format names its output `probabilities` (plus `entropy` and
+    `mutual_information` if the ensemble has them), so TensorFlow Serving,
+    TFLite and onnxruntime clients read the same key; none of the files
+    needs keras_snapshot. The SavedModel's `serve` endpoint returns what
+    `ensemble(x)` returns; TFLite needs the TensorFlow backend, ONNX
+    `pip install "keras-snapshot[onnx]"`.
 
     Args:
         ensemble: A functional Keras model with one input, such as
@@ -59,7 +36,7 @@ def export_ensemble(
         format: `"saved_model"` (default), `"tflite"` or `"onnx"`; Keras's
             names `"tf_saved_model"` and `"litert"` are accepted too.
         quantization: TFLite only: `None` (float32, default),
-            `"dynamic_range"` or `"float16"`.
+            `"dynamic_range"` (int8 weights) or `"float16"`.
 
     Returns:
         `path`.
@@ -71,10 +48,6 @@ def export_ensemble(
     served = tf.saved_model.load("ensemble_savedmodel")
     signature = served.signatures["serving_default"]
     probabilities = signature(tf.constant(x_test))["probabilities"]
-
-    keras_snapshot.export_ensemble(ensemble, "ensemble.onnx", format="onnx")
-    session = onnxruntime.InferenceSession("ensemble.onnx")
-    (probabilities,) = session.run(["probabilities"], {"inputs": x_test})
     ```
     """
     format = _FORMAT_ALIASES.get(format, format)
@@ -188,9 +161,9 @@ def _export_saved_model(ensemble, named, path):
 def _export_tflite(named, path, quantization):
     if keras.backend.backend() != "tensorflow":
         raise RuntimeError(
-            "TFLite export needs the TensorFlow backend. Received: backend="
-            f"{keras.backend.backend()!r}. Run with KERAS_BACKEND=tensorflow "
-            "(the `.keras` file loads on any backend)."
+            "TFLite export needs the TensorFlow backend: run with "
+            "KERAS_BACKEND=tensorflow. Received: "
+            f"backend={keras.backend.backend()!r}."
         )
     import tensorflow as tf
 

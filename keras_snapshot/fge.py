@@ -19,8 +19,7 @@ def _check_alpha2(alpha1: float, alpha2) -> float:
         alpha2,
         0.0,
         alpha1,
-        "It is the rate at the middle of each cycle, where the snapshots "
-        f"are taken: between 0 and `alpha1` ({alpha1}).",
+        f"It is the lowest rate, between 0 and `alpha1` ({alpha1}).",
         include_high=True,
     )
 
@@ -29,37 +28,17 @@ def _check_alpha2(alpha1: float, alpha2) -> float:
 class FGESchedule(keras.optimizers.schedules.LearningRateSchedule):
     """Fast Geometric Ensembling: short piecewise-linear cycles.
 
-    The schedule of FGE (Garipov, Izmailov, Podoprikhin, Vetrov, Wilson,
-    "Loss Surfaces, Mode Connectivity, and Fast Ensembling of DNNs",
-    NeurIPS 2018, arXiv:1802.10026). The first `start_step` optimizer steps
-    are a normal training phase. Then come cycles of `cycle_steps` steps in
-    which the rate goes linearly from `alpha1` down to `alpha2` at the middle
-    of the cycle and back up to `alpha1`. With `i` the 1-based iteration
-    counted from `start_step` (optimizer step `s` from 0 is `i = s -
-    start_step + 1`) and `t = (((i - 1) mod c) + 1) / c`:
+    The schedule of FGE (Garipov et al. 2018, arXiv:1802.10026). After
+    `start_step` steps of normal training come cycles of `c = cycle_steps`
+    steps in which the rate goes linearly from `alpha1` down to `alpha2` and
+    back. With `i = s - start_step + 1` for optimizer step `s` (from 0) and
+    `t = (((i - 1) mod c) + 1) / c`:
 
     `lr = (1 - 2t) alpha1 + 2t alpha2`        for `t <= 1/2`,
     `lr = (2 - 2t) alpha2 + (2t - 1) alpha1`  for `t > 1/2`.
 
-    A snapshot is taken at each minimum `alpha2`: after the step with
-    `t = 1/2`, i.e. `cycle_end_steps[k - 1] = start_step + (k - 1) * c +
-    c // 2` optimizer steps (for an odd `c` the two steps around the middle
-    share the lowest rate and the snapshot follows the first). Like the
-    reference code, cycles are meant to last 2 to 4 epochs.
-
-    The first phase follows `initial_learning_rate`:
-    - `None` (default): the constant rate `alpha1`.
-    - a number `lr0`: a half cosine from `lr0` at step 0 down to `alpha1` at
-      `start_step`, `alpha1 + (lr0 - alpha1) / 2 * (1 + cos(pi s /
-      start_step))`, so the rate is continuous where the cycles begin.
-    - a `LearningRateSchedule`: that schedule, called with the step.
-
-    To run FGE from an already trained model (say a snapshot), load it,
-    compile it with `FGESchedule(..., start_step=0)` and a new optimizer
-    (whose step count starts at 0) and `fit` for `total_steps` steps.
-
-    `SnapshotCheckpoint` reads `cycle_end_steps`, `cycle_length` and
-    `num_snapshots` as it does from a `SnapshotSchedule`.
+    Snapshots are due at each minimum, `start_step + (k - 1) * c + c // 2`
+    steps (`cycle_end_steps`, read by `SnapshotCheckpoint`).
 
     Args:
         alpha1: The highest rate, at the start and end of each cycle; a
@@ -69,8 +48,10 @@ class FGESchedule(keras.optimizers.schedules.LearningRateSchedule):
         cycle_steps: Steps per cycle `c`, at least 2.
         num_snapshots: Number of cycles, one snapshot each.
         start_step: Steps of the normal training phase before the cycles.
-        initial_learning_rate: The rate of the first phase (see above);
-            only with `start_step > 0`.
+        initial_learning_rate: The rate before `start_step` (only with
+            `start_step > 0`): None for the constant `alpha1`, a number
+            `lr0` for a half cosine from `lr0` down to `alpha1`, or a
+            `LearningRateSchedule`.
         gradient_accumulation_steps: The optimizer's
             `gradient_accumulation_steps`, if set: the schedule then counts
             weight updates (Keras calls it with the batch count), as
@@ -108,16 +89,14 @@ class FGESchedule(keras.optimizers.schedules.LearningRateSchedule):
         self.cycle_steps = check_positive_int("cycle_steps", cycle_steps)
         if self.cycle_steps < 2:
             raise ValueError(
-                "`cycle_steps` must be at least 2: a cycle goes down to "
-                "`alpha2` and back up. FGE uses cycles of 2 to 4 epochs. "
-                f"Received: cycle_steps={cycle_steps}."
+                "`cycle_steps` must be at least 2 (FGE uses cycles of 2 to 4 "
+                f"epochs). Received: cycle_steps={cycle_steps}."
             )
         self.num_snapshots = check_positive_int("num_snapshots", num_snapshots)
         self.start_step = check_non_negative_int(
             "start_step",
             start_step,
-            "It counts the optimizer steps of normal training before the "
-            "FGE cycles.",
+            "It counts the steps of normal training before the cycles.",
         )
         if isinstance(initial_learning_rate, dict):
             initial_learning_rate = keras.optimizers.schedules.deserialize(
@@ -127,9 +106,8 @@ class FGESchedule(keras.optimizers.schedules.LearningRateSchedule):
             if self.start_step == 0:
                 raise ValueError(
                     "`initial_learning_rate` sets the rate before "
-                    "`start_step`, but start_step=0: the cycles begin at "
-                    "once. Leave `initial_learning_rate` unset or pass a "
-                    "positive `start_step`. Received: initial_learning_rate="
+                    "`start_step`: leave it unset or pass a positive "
+                    "`start_step`. Received: initial_learning_rate="
                     f"{initial_learning_rate!r}, start_step=0."
                 )
             if not isinstance(
@@ -162,13 +140,8 @@ class FGESchedule(keras.optimizers.schedules.LearningRateSchedule):
     ) -> "FGESchedule":
         """Builds the schedule from epochs of `steps_per_epoch` steps.
 
-        `steps_per_epoch` is read as by `SnapshotSchedule.from_epochs`: an
-        int, or the finite `tf.data.Dataset` of batches you pass to
-        `model.fit`, counted with `keras_snapshot.schedule.count_batches`
-        (one pass over it when its cardinality is unknown; an endless
-        dataset is refused). Only step counts are kept, never the dataset.
-        With `gradient_accumulation_steps`, epochs are converted to weight
-        updates (`epochs * steps_per_epoch // k`), as the schedule counts.
+        `steps_per_epoch` is an int or a finite `tf.data.Dataset`, as in
+        `SnapshotSchedule.from_epochs`.
 
         Example:
 
@@ -203,12 +176,7 @@ class FGESchedule(keras.optimizers.schedules.LearningRateSchedule):
 
     @property
     def cycle_end_steps(self) -> list[int]:
-        """Step counts after which snapshots 1..M are taken.
-
-        Snapshot `k` is due once `start_step + (k - 1) * cycle_steps +
-        cycle_steps // 2` optimizer steps have run: right after the step
-        with the lowest rate `alpha2`.
-        """
+        """Step counts after which snapshots 1..M are taken (rate `alpha2`)."""
         c = self.cycle_steps
         return [
             self.start_step + k * c + c // 2 for k in range(self.num_snapshots)
@@ -221,10 +189,7 @@ class FGESchedule(keras.optimizers.schedules.LearningRateSchedule):
 
     @property
     def total_steps(self) -> int:
-        """Steps to train: up to the last snapshot (`cycle_end_steps[-1]`).
-
-        The second half of the last cycle would not change any snapshot.
-        """
+        """Steps to train: up to the last snapshot (`cycle_end_steps[-1]`)."""
         return self.cycle_end_steps[-1]
 
     def cycle_of_step(self, step: int) -> int:

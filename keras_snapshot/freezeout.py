@@ -8,65 +8,17 @@ learning rate, which reaches zero at the fraction `t_i` of training:
     t_i     = s(t0 + (1 - t0) * i / L),  s(x) = x, x**2 or x**3
     lr_i(0) = lr0 / t_i   (scaled, the default)   or   lr0   (unscaled)
 
-`t` is the 0-based optimizer step and `T` the number of steps; a step is
-an optimizer update (`optimizer.iterations`: one per
-`gradient_accumulation_steps` batches, and no step for an update that
-loss scaling skipped), read through `keras_snapshot._steps`. The indexing
-is the reference code's (ajbrock/FreezeOut): groups are numbered `0 .. L`,
-so the first group freezes at `s(t0)` and the last group (the classifier)
-has `t_L = 1` and trains to the end. From step `ceil(t_i * T)` on, group `i`
-is frozen: its weights stop changing, its BatchNorm layers run in inference
-mode, and it is left out of the backward pass.
+`t` is the 0-based optimizer step (`optimizer.iterations`, read through
+`keras_snapshot._steps`) and `T` the number of steps; groups are numbered
+`0 .. L` as in the reference code (ajbrock/FreezeOut), so the last group
+has `t_L = 1`. From step `ceil(t_i * T)` on, group `i` is frozen
+(`trainable = False`) and left out of the backward pass.
 
-Design (why a callback that attaches to the optimizer, and nothing else):
-
-- One line for the user: `model.fit(..., callbacks=[FreezeOut()])` with an
-  ordinary, stock optimizer (`SGD`, momentum, Nesterov, `Adam`, ...) whose
-  learning rate is `lr0`. Nothing of ours enters the model or the
-  optimizer's class or config, so `.keras` files written during or after
-  training load and predict without keras_snapshot, with or without
-  `compile`.
-- Exact per-group rates for every optimizer: the rate is applied where the
-  optimizer itself uses its rate, in `update_step(gradient, variable,
-  learning_rate)`, as `learning_rate * factor_i(t)`. Scaling the gradient
-  instead would be exact only for plain and momentum SGD, not for Adam
-  (whose step does not scale with the gradient). For the training run the
-  callback wraps `update_step` of the optimizer *instance* (and, on JAX,
-  `stateless_apply`, so that the optimizer accepts the shrinking set of
-  trainable variables) and removes both wrappers at the end of `fit`. The
-  wrapping lives in `_keras_compat` (`attach_group_rates`, after
-  `check_optimizer_internals` has checked, before the first step, that the
-  internals are what it expects, or refused them naming the Keras
-  version). A wrapper optimizer class would do the same with more code and
-  would put a custom class into every saved file. With a learning-rate schedule
-  in the optimizer, group `i`'s rate is `schedule(t) * factor_i(t)`.
-- Real freezing: at the freeze step the callback sets `layer.trainable =
-  False` on the group's layers (Keras then runs BatchNorm in inference mode
-  and leaves them out of `model.trainable_variables`, the list that the
-  train step differentiates) and asks Keras for a new train function. The
-  new function is traced once, with a gradient graph that stops at the
-  lowest group still training. Groups freezing at the same step share one
-  new function, so there are at most as many retraces as distinct freeze
-  steps. At the end of `fit` the layers get their own `trainable` back.
-- Resuming: the frozen state is a function of `optimizer.iterations`,
-  read at each epoch begin (after `BackupAndRestore` has restored it), so a
-  resumed run freezes what the interrupted run had frozen. Within an epoch,
-  `StepTracker` reads the step again only once the next freeze may be due:
-  no device sync per batch.
-- Whatever ends `fit`: Keras calls `on_train_end` only when `fit` returns.
-  An exception or `KeyboardInterrupt` inside a training step undoes the
-  changes at once (the train function is wrapped). One raised elsewhere
-  (by another callback) leaves them until the next use of the model or
-  optimizer (`_keras_compat.FitState`):
-  the model's `make_train_function` (every `fit` and `train_on_batch`) and
-  `get_config` (`model.save`) are wrapped for that while FreezeOut trains,
-  and a `fit` has ended when its frame has left the call stack.
-- A `SnapshotCheckpoint` or a second FreezeOut in the same `fit` is refused
-  when `fit` hands the callbacks their `params` (`_steps.join_fit`).
-
-Decoupled weight decay (`AdamW`, `weight_decay=`) uses the group's rate,
-`w -= w * weight_decay * lr_i(t)`, like the rest of the update; L2
-regularizers go through the gradient. Both stop when the group freezes.
+The per-group rate is applied where the optimizer uses its rate, in
+`update_step`, so it is exact for every optimizer (Adam included); the
+wrapping of the optimizer instance and its undoing whatever ends `fit`
+live in `_keras_compat`. Nothing of ours enters the model or the saved
+files.
 """
 
 import math
@@ -137,9 +89,8 @@ def freeze_fractions(
 ) -> list[float]:
     """The fraction of training `t_i` at which each group freezes.
 
-    `t_i = s(t0 + (1 - t0) * i / L)` for groups `i = 0 .. L` (FreezeOut,
-    Brock et al. 2017, arXiv:1706.04983, indexed as in the reference code):
-    the first group freezes at `s(t0)`, the last trains to the end (`1.0`).
+    `t_i = s(t0 + (1 - t0) * i / L)` for groups `i = 0 .. L`; the last
+    trains to the end (`1.0`).
 
     Args:
         num_groups: Number of layer groups `L + 1`, at least 2.
@@ -158,9 +109,8 @@ def freeze_fractions(
     num_groups = check_positive_int("num_groups", num_groups)
     if num_groups < 2:
         raise ValueError(
-            "FreezeOut needs at least 2 layer groups: the last one trains "
-            "to the end and the ones below freeze earlier. Received: "
-            f"num_groups={num_groups}"
+            "FreezeOut needs at least 2 layer groups (the last trains to the "
+            f"end). Received: num_groups={num_groups}"
         )
     t0 = _check_t0(t0)
     s = SCALINGS[_check_scaling(scaling)]
@@ -170,9 +120,6 @@ def freeze_fractions(
 
 def freeze_steps(fractions: Sequence[float], total_steps: int) -> list[int]:
     """The first step at which each group is frozen: `ceil(t_i * T)`.
-
-    Group `i` trains at the 0-based steps `t < t_i * T`. The last group
-    (`t_i = 1`) gets `total_steps`: it trains to the end.
 
     Example:
 
@@ -188,8 +135,7 @@ def group_rate_factor(step, fraction, total_steps, scale_lr=True):
     """`lr_i(t) / lr0` for a group that freezes at `fraction` of training.
 
     `0.5 * (1 / t_i if scale_lr else 1) * (1 + cos(pi * t / (t_i * T)))`
-    for `t < t_i * T`, and 0 from there on. In `keras.ops`, so it runs in
-    the train step; `step` can also be a numpy array of steps.
+    for `t < t_i * T`, and 0 from there on (in `keras.ops`).
 
     Example:
 
@@ -210,24 +156,15 @@ def _is_normalization(layer) -> bool:
 
 
 DEFAULT_GROUPS = 4
-"""Groups of `groups=None`: the weighted layers merged into at most this many.
-
-Each freeze step retraces the train function (seconds on a CPU or GPU
-host, whatever the step time), and the estimated FLOP saving of 4 merged
-groups is within 2 points of one group per layer for ResNet-20/56 and
-DenseNets (`benchmarks/freezeout.py`), so the default keeps retraces at 3.
-"""
+"""Groups of `groups=None`: at most 3 retraces, and within 2 points of the
+FLOP saving of one group per layer (`benchmarks/freezeout.py`)."""
 
 
 def layer_groups(model) -> list[list]:
     """One group per trainable weighted layer, in the order of `model.layers`.
 
-    A normalization layer (BatchNorm, LayerNorm, GroupNorm) joins the group
-    of the weighted layer before it (the convolution whose output it
-    normalizes in a post-activation ResNet; the preceding convolution in a
-    pre-activation DenseNet), as in the reference code, where a layer's
-    BatchNorm freezes with it. Layers without trainable weights belong to
-    no group.
+    A normalization layer joins the group of the weighted layer before it,
+    as in the reference code; layers without trainable weights are in none.
 
     Example:
 
@@ -260,8 +197,8 @@ def _check_groups_form(groups) -> None:
     """Raises unless `groups` is None, "layers", an int or a non-empty list."""
     if _is_count(groups) and groups < 2:
         raise ValueError(
-            "An integer `groups` must be at least 2: the last group trains "
-            f"to the end and the ones below freeze. Received: groups={groups}"
+            "An integer `groups` must be at least 2 (the last group trains "
+            f"to the end). Received: groups={groups}"
         )
     if groups is None or _is_per_layer(groups) or _is_count(groups):
         return
@@ -272,7 +209,7 @@ def _check_groups_form(groups) -> None:
         )
     if not groups:
         raise ValueError(
-            "`groups` is empty. Pass None for the default groups, or at "
+            "`groups` is empty: pass None for the default groups, or at "
             "least 2 groups of layers. Received: groups=[]"
         )
 
@@ -283,16 +220,11 @@ def resolve_groups(model, groups=None) -> list[list]:
     Args:
         model: A built Keras model.
         groups: `None` for `layer_groups(model)` merged into at most
-            `DEFAULT_GROUPS` (4) contiguous groups; `"layers"` for
-            `layer_groups(model)` itself (one group per weighted layer, the
-            paper's setting, one retrace per freeze); an int `n >= 2` to
-            merge `layer_groups(model)` into `n` contiguous groups of about
-            the same number of layers; or a list of groups, each a list of
-            layers or layer names, ordered from the input to the output.
-            A layer inside a nested model or block can be given as a
-            layer object, in the same group as that model or instead of
-            it (with the other layers inside it), but not in another group
-            than the model around it.
+            `DEFAULT_GROUPS` contiguous groups; `"layers"` for one group
+            per weighted layer; an int `n >= 2` for `n` contiguous groups;
+            or a list of groups of layers or layer names, from input to
+            output. A nested layer may not be in another group than the
+            model or block around it.
 
     Returns:
         A list of at least 2 non-empty lists of layers. Every trainable
@@ -330,15 +262,14 @@ def resolve_groups(model, groups=None) -> list[list]:
                 group = [group]
             if not group:
                 raise ValueError(
-                    f"Group {index} of `groups` is empty. Every group needs "
+                    f"Group {index} of `groups` is empty; every group needs "
                     f"at least one layer. Received: groups={groups!r}"
                 )
             resolved.append([_get_layer(model, g) for g in group])
     if len(resolved) < 2:
         raise ValueError(
-            "FreezeOut needs at least 2 layer groups: the last one trains "
-            "to the end and the ones below freeze earlier. The model has "
-            f"{len(resolved)} group(s); pass a model with several weighted "
+            "FreezeOut needs at least 2 layer groups, and the model has "
+            f"{len(resolved)} group(s): pass a model with several weighted "
             f"layers or explicit `groups`. Received: groups={groups!r}"
         )
     seen = {}
@@ -347,7 +278,7 @@ def resolve_groups(model, groups=None) -> list[list]:
             if id(layer) in seen:
                 raise ValueError(
                     f"Layer {layer.name!r} is in groups {seen[id(layer)]} "
-                    f"and {index}. Each layer can be in one group only. "
+                    f"and {index}; each layer can be in one group only. "
                     f"Received: groups={groups!r}"
                 )
             seen[id(layer)] = index
@@ -367,9 +298,9 @@ def resolve_groups(model, groups=None) -> list[list]:
     ]
     if missing:
         raise ValueError(
-            f"The trainable layers {missing} are in no group. Add them to "
-            "a group (the last one trains to the end), or set their "
-            f"`trainable` to False. Received: groups={groups!r}"
+            f"The trainable layers {missing} are in no group: add them to "
+            "a group, or set their `trainable` to False. "
+            f"Received: groups={groups!r}"
         )
     return resolved
 
@@ -384,13 +315,9 @@ def _check_nesting(resolved, seen, groups) -> None:
                 if other is not None and other != index:
                     raise ValueError(
                         f"Layer {inner.name!r} (group {other}) is inside "
-                        f"{parent.name!r} (group {index}): freezing "
-                        f"{parent.name!r} freezes {inner.name!r} too, and "
-                        f"the weights of {inner.name!r} would follow the "
-                        "rates of two groups. Put both in one group, or "
-                        f"list the layers inside {parent.name!r} in groups "
-                        f"instead of {parent.name!r} itself. Received: "
-                        f"groups={groups!r}"
+                        f"{parent.name!r} (group {index}): put both in one "
+                        f"group, or list the layers inside {parent.name!r} "
+                        f"instead of it. Received: groups={groups!r}"
                     )
 
 
@@ -400,8 +327,8 @@ def _get_layer(model, layer):
             return model.get_layer(layer)
         except ValueError:
             raise ValueError(
-                f"The model has no layer named {layer!r}. Layer names: "
-                f"{[lay.name for lay in model.layers]}. Received: "
+                f"The model has no layer named {layer!r} (layers: "
+                f"{[lay.name for lay in model.layers]}). Received: "
                 f"groups entry {layer!r}"
             ) from None
     if isinstance(layer, keras.layers.Layer):
@@ -418,13 +345,8 @@ def _get_layer(model, layer):
 
 
 def _layer_flops(layer) -> float:
-    """Forward multiply-adds x 2 of one layer, from its weights and output.
-
-    For layers with a kernel (Dense, ConvND): `2 * kernel.size * positions`
-    where `positions` is the number of output positions per example (1 for
-    Dense, H*W for Conv2D). Other weighted layers (BatchNorm ...): 4 FLOPs
-    per output element.
-    """
+    """Forward FLOPs of one layer: `2 * kernel.size * output positions`
+    with a kernel, else 4 per output element."""
     try:
         shape = layer.output.shape
     except (AttributeError, ValueError):
@@ -449,17 +371,10 @@ def estimate_speedup(
 ) -> float:
     """The fraction of training FLOPs that FreezeOut saves, estimated.
 
-    Like `calc_speedup` of the reference code (Brock et al. 2017,
-    arXiv:1706.04983): group `i` with forward cost `f_i` costs `f_i` per
-    step in the forward pass, always, and `backward_ratio * f_i` in the
-    backward pass while it or a group below it trains, i.e. for the
-    fraction `t_i` of training. The saving is
-
-        1 - sum_i f_i (1 + b t_i) / sum_i f_i (1 + b).
-
-    A layer's backward pass computes the gradients of its input and of its
-    weights, each about as costly as its forward pass, hence `b = 2` by
-    default (the reference code uses `b = 1`).
+    Like `calc_speedup` of the reference code: with forward costs `f_i`,
+    `1 - sum_i f_i (1 + b t_i) / sum_i f_i (1 + b)`, where `b` is the
+    backward over forward cost (2: input and weight gradients; the
+    reference code uses 1).
 
     Args:
         model: A built Keras model.
@@ -489,50 +404,21 @@ def estimate_speedup(
 class FreezeOut(keras.callbacks.Callback):
     """Anneals each layer group's learning rate to zero, then freezes it.
 
-    FreezeOut (Brock, Lim, Ritchie, Weston 2017, arXiv:1706.04983) makes
-    training faster: the layer groups of the network, from the input to the
-    output, get cosine-annealed learning rates that reach zero one after
-    the other. Group `i` of `L + 1` trains for the fraction
-    `t_i = s(t0 + (1 - t0) * i / L)` of the `T` steps with the rate
-    `lr_i(t) = 0.5 * lr_i(0) * (1 + cos(pi * t / (t_i * T)))`, where
-    `lr_i(0) = lr0 / t_i` (`scale_lr=True`) or `lr0`, and `lr0` is the
-    optimizer's learning rate. Then the group is frozen: its layers get
-    `trainable = False` (BatchNorm runs in inference mode) and the train
-    function is rebuilt, so no gradient is computed for the group or
-    anything below it. The last group trains to the end.
+    FreezeOut (Brock et al. 2017, arXiv:1706.04983): group `i` of `L + 1`,
+    from input to output, trains for the fraction
+    `t_i = s(t0 + (1 - t0) * i / L)` of the `T` optimizer steps with the
+    rate `lr_i(t) = 0.5 * lr_i(0) * (1 + cos(pi * t / (t_i * T)))`, where
+    `lr_i(0) = lr0 / t_i` (`scale_lr=True`) or `lr0`, the optimizer's rate.
+    Then the group is frozen and no gradient is computed for it; the last
+    group trains to the end. With `steps_per_execution=N` a group can
+    freeze up to `N - 1` updates late (its rate is already zero).
 
-    A step is an optimizer update, `optimizer.iterations`: with
-    `gradient_accumulation_steps=k` one per `k` batches (`T` is then
-    `epochs * steps_per_epoch // k`), and with mixed-precision loss
-    scaling an update skipped for overflowing gradients is no step. A group
-    freezes at the first Keras callback at or after its step: with
-    `steps_per_execution=N` Keras calls back every `N` batches, so a group
-    can freeze up to `N - 1` updates late. Its rate is already zero then
-    (plain SGD and Adam leave its weights as they are, momentum carries
-    them on for those updates, BatchNorm statistics still move), and its
-    backward pass is dropped that much later.
-
-    The frozen state follows from `optimizer.iterations`, so training
-    resumed by `keras.callbacks.BackupAndRestore` freezes the same groups.
-    At the end of `fit`, the layers' `trainable` flags are restored and
-    the optimizer is left as it was. Nothing of keras_snapshot is saved
-    into the model or the optimizer.
-
-    Whatever ends `fit`: Keras calls `on_train_end` only when `fit`
-    returns, and has no hook for a `fit` ended by an exception or
-    `KeyboardInterrupt`. Then the model keeps its frozen flags and the
-    optimizer its wrapped methods only until the model is next used:
-    the next `fit` or `train_on_batch` (with or without FreezeOut),
-    `model.save`, `get_config` or `to_json` first put the flags, the
-    optimizer and the train function back as they were before the
-    interrupted `fit`. (FreezeOut wraps the model's `make_train_function`
-    and `get_config` for this while it trains, and finds the end of `fit`
-    by its frame leaving the call stack.) Until then `layer.trainable`
-    still shows the frozen groups.
-
-    FreezeOut refuses to share a `fit` with `SnapshotCheckpoint` (a
-    group frozen for good cannot follow the restarts of a snapshot
-    ensemble) or with a second FreezeOut, before the first step.
+    The frozen state follows from `optimizer.iterations`, so a run resumed
+    by `BackupAndRestore` freezes the same groups. The `trainable` flags
+    and the optimizer are restored at the end of `fit`, or, after an
+    exception, at the model's next `fit`, `save` or `get_config`.
+    FreezeOut refuses to share a `fit` with `SnapshotCheckpoint` or a
+    second FreezeOut.
 
     Args:
         t0: Fraction of training after which the first group freezes,
@@ -543,23 +429,13 @@ class FreezeOut(keras.callbacks.Callback):
             `"cubic"` (default).
         scale_lr: Whether to start group `i` at `lr0 / t_i` so that every
             group travels about as far (default `True`).
-        groups: `None` (default) for the weighted layers in the order of
-            `model.layers` (normalization layers join the layer before
-            them) merged into at most 4 contiguous groups, so at most 3
-            retraces; `"layers"` for one group per weighted layer (the
-            paper's setting: finer, but one retrace per freeze step); an
-            int `n` to merge the weighted layers into `n` contiguous
-            groups; or a list of groups from input to output, each a list
-            of layers or layer names (e.g. one group per ResNet stage).
-            A layer nested in a model or block must not be in another
-            group than the model or block around it.
-        total_steps: Optimizer updates `T` of the whole training run. By
-            default `epochs * steps_per_epoch // gradient_accumulation_steps`
-            of the `fit` call, which is right when one `fit` call does the
-            whole run (also when it is resumed). Pass it when training is
-            split over several `fit` calls or the dataset has no known
-            length. A `fit` that runs past `T` gets a warning: from `T` on
-            every group's rate is zero.
+        groups: `None` (default) for the weighted layers merged into at
+            most 4 groups; `"layers"` for one group per weighted layer (the
+            paper's setting, one retrace per freeze); an int `n`; or a list
+            of groups of layers or layer names (see `resolve_groups`).
+        total_steps: Optimizer updates `T` of the whole run. By default
+            those of the `fit` call; pass it when training is split over
+            several `fit` calls or the dataset has no known length.
         verbose: 1 prints the plan before training and the freezes at the
             end of each epoch; 0 is silent.
         log_dir: The `log_dir` of the fit's `keras.callbacks.TensorBoard`
@@ -635,10 +511,7 @@ class FreezeOut(keras.callbacks.Callback):
     # The plan -----------------------------------------------------------
 
     def learning_rate_factor(self, group: int, step):
-        """`lr_i(t) / lr0` of group `i` at `step`; see `group_rate_factor`.
-
-        Valid once `fit` has begun (it needs `T` and the groups).
-        """
+        """`lr_i(t) / lr0` of group `i` at `step`, once `fit` has begun."""
         return group_rate_factor(
             step, self.fractions_[group], self.total_steps_, self.scale_lr
         )
@@ -651,11 +524,10 @@ class FreezeOut(keras.callbacks.Callback):
             epochs, steps = self.params.get("epochs"), self.params.get("steps")
             k = self._steps.accumulation
             raise ValueError(
-                "FreezeOut needs the number of optimizer updates, but this "
-                "`fit` call does not say how many steps an epoch has (or "
-                "runs no update). Pass `FreezeOut(total_steps=...)` or "
-                f"`steps_per_epoch` to `fit`. Received: epochs={epochs}, "
-                f"steps={steps}, gradient_accumulation_steps={k}"
+                "FreezeOut cannot tell how many optimizer updates this `fit` "
+                "runs: pass `FreezeOut(total_steps=...)` or `steps_per_epoch`"
+                f" to `fit`. Received: epochs={epochs}, steps={steps}, "
+                f"gradient_accumulation_steps={k}"
             )
         return total
 
@@ -699,18 +571,13 @@ class FreezeOut(keras.callbacks.Callback):
         (`_steps.join_fit` calls it for each of our callbacks there)."""
         if isinstance(other, SnapshotCheckpoint):
             raise ValueError(
-                "FreezeOut and SnapshotCheckpoint cannot share a fit: "
-                "FreezeOut anneals each layer group's rate to zero once and "
-                "freezes the group for good, while a snapshot ensemble "
-                "restarts the rate every cycle, so every snapshot after the "
-                "first freeze would share the frozen groups. Train them in "
-                "separate fits. Received: callbacks=[FreezeOut, "
-                "SnapshotCheckpoint]"
+                "FreezeOut and SnapshotCheckpoint cannot share a fit: frozen "
+                "groups cannot follow the restarts of the snapshot cycles. "
+                "Received: callbacks=[FreezeOut, SnapshotCheckpoint]"
             )
         if isinstance(other, FreezeOut):
             raise ValueError(
-                "A fit can run one FreezeOut only: each would set the "
-                "layer groups' rates and freeze them. Pass one FreezeOut. "
+                "A fit can run one FreezeOut only. "
                 "Received: callbacks=[FreezeOut, FreezeOut]"
             )
 
@@ -722,7 +589,7 @@ class FreezeOut(keras.callbacks.Callback):
             if left is not None and not left.ended():
                 raise ValueError(
                     "Another FreezeOut is training this model or optimizer "
-                    "in a fit that is still running. Pass one FreezeOut. "
+                    "in a fit that is still running; pass one FreezeOut. "
                     f"Received: optimizer={type(model.optimizer).__name__}"
                 )
         self.groups_ = resolve_groups(model, self.groups)
@@ -817,11 +684,8 @@ class FreezeOut(keras.callbacks.Callback):
                 self._state.restore()
 
     def _log_learning_rates(self, step: int) -> None:
-        """TensorBoard: each group's rate for the updates since last time.
-
-        The update that makes step `s` runs at the optimizer's rate for it
-        times the group's factor at `s - 1` (the update count it reads).
-        """
+        """TensorBoard: each group's rate for the updates since last time
+        (update `s` uses the group's factor at `s - 1`)."""
         if self._steps.fit_start_step is None:
             return
         steps = self._tensorboard.new_steps(self._steps.fit_start_step, step)

@@ -1,14 +1,7 @@
 """Layers for ensemble outputs: temperature scaling and uncertainty.
 
-`build_ensemble(temperature=...)` and `build_ensemble(extra_outputs=...)`
-use them. They are registered serializable, so an ensemble that has them
-reloads from `.keras` once `keras_snapshot` is imported, and its SavedModel
-export needs nothing at all.
-
 `temperature_logits` and `temperature_softmax` are the one implementation
-of temperature scaling: the `TemperatureScaling` layer, distillation's soft
-targets and loss (`keras_snapshot.distill`) and
-`keras_snapshot.selection.apply_temperature` all call them.
+of temperature scaling (layer, distillation, selection).
 """
 
 import keras
@@ -32,14 +25,9 @@ def temperature_logits(
 ):
     """The logits of temperature scaling: `z / T`.
 
-    Temperature scaling (Guo et al. 2017, "On Calibration of Modern Neural
-    Networks") and distillation's softened targets (Hinton, Vinyals, Dean
-    2015, arXiv:1503.02531) divide logits `z` by a temperature `T` before
-    the softmax. For probabilities `p`, such as the average of a Snapshot
-    Ensemble's members (Huang et al. 2017, arXiv:1704.00109), `z = log(p)`,
-    with `p` floored at `epsilon` first. A numpy array is computed in numpy
-    (float64 stays float64); anything else (a tensor, inside a model or a
-    loss) with `keras.ops`.
+    As in temperature scaling (Guo et al. 2017) and distillation (Hinton et
+    al. 2015, arXiv:1503.02531); for probabilities `p`, `z = log(p)` with `p`
+    floored at `epsilon`. Numpy arrays stay numpy, tensors use `keras.ops`.
 
     Args:
         scores: Probabilities, or logits if `from_logits=True`, classes on
@@ -67,9 +55,7 @@ def temperature_softmax(scores, temperature: float, from_logits: bool = False):
     """Probabilities at temperature `T`: `softmax(z / T)`.
 
     `z` as in `temperature_logits`: `T > 1` softens, `T < 1` sharpens, the
-    predicted class never changes. For probabilities the result is
-    `p ** (1 / T)`, renormalised. Numpy arrays go through
-    `scipy.special.softmax`, tensors through `keras.ops.softmax`.
+    predicted class never changes.
 
     Example:
 

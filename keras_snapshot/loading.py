@@ -1,10 +1,7 @@
 """Loading snapshots: sources, `last`, verification and safe mode.
 
-The first half of turning a snapshot run into an ensemble: a snapshot
-directory (read through its manifest, every file checked against its
-sha256), a `.keras` file, a list of `.keras` paths or a list of models
-become a list of named Keras models. `keras_snapshot.ensemble` combines
-them.
+A snapshot directory (every file checked against its manifest), a `.keras`
+file, or a list of paths or models become a list of named Keras models.
 """
 
 import collections
@@ -25,11 +22,8 @@ from keras_snapshot._keras_compat import nested_layers
 Member = collections.namedtuple(
     "Member", ["name", "model", "source"], defaults=[None]
 )
-"""A loaded member: `name` (`"snapshot_3"`), `model`, `source` (its path).
-
-`source` is None for a member passed in as a model; `describe(member)`
-names either kind in an error message.
-"""
+"""A loaded member: `name` (`"snapshot_3"`), `model`, `source` (its path,
+or None for a model passed in)."""
 
 
 def describe(member: Member) -> str:
@@ -91,14 +85,13 @@ def _directory_sources(directory, skip_invalid: bool) -> list:
             n for n in _fs.listdir(directory) if n.endswith(".keras")
         )
         hint = (
-            f"It holds {found[:5]}: pass their paths as a list to use them "
-            "without a manifest."
+            f"it holds {found[:5]}: pass their paths as a list to use them."
             if found
-            else "It holds no `.keras` files."
+            else "it holds no `.keras` files."
         )
         raise FileNotFoundError(
-            f"{directory} has no {manifest_lib.MANIFEST_NAME}, so it was not "
-            f"written by SnapshotCheckpoint. {hint}"
+            f"{directory} has no {manifest_lib.MANIFEST_NAME} (not written by "
+            f"SnapshotCheckpoint), and {hint}"
         )
     manifest = folder.read()
     sources = []
@@ -131,10 +124,9 @@ def _superseded_hint(folder) -> str:
     )
     more = f" and {len(aside) - 5} older" if len(aside) > 5 else ""
     return (
-        "A new run in this folder set the earlier run's snapshots aside "
-        f"before taking its own; they are in {listed}{more}. To use them, "
-        f"pass that folder instead of {folder.path}; to use this run's, "
-        "train it until it takes its first snapshot."
+        f"A new run set the earlier run's snapshots aside in {listed}{more}: "
+        f"pass that folder instead of {folder.path}, or train this run until "
+        "its first snapshot."
     )
 
 
@@ -146,9 +138,8 @@ def _sources(snapshots, skip_invalid: bool) -> list:
             return _directory_sources(path, skip_invalid)
         if not _fs.exists(path):
             raise FileNotFoundError(
-                f"{path} does not exist. `snapshots` must be a snapshot "
-                "directory written by SnapshotCheckpoint, a `.keras` file, or "
-                "a list of `.keras` paths or models."
+                f"{path} does not exist: `snapshots` must be a snapshot "
+                "directory, a `.keras` file, or a list of paths or models."
             )
         items = [path]
     elif isinstance(snapshots, keras.Model):
@@ -191,11 +182,9 @@ def _sources(snapshots, skip_invalid: bool) -> list:
 class LoadOptions:
     """How snapshots are loaded: the keyword arguments every loader shares.
 
-    `load_snapshots`, `build_ensemble`, `select_snapshots`,
-    `average_weights` and `distill` all take these four keyword arguments,
-    with these defaults, and pass them to `load_members`, which makes one
-    `LoadOptions` of them: they are checked here, before anything is read.
-    (`snapshot_paths` reads no model: it takes `skip_invalid` only.)
+    Every loader (`load_snapshots`, `build_ensemble`, `select_snapshots`,
+    `average_weights`, `distill`) takes these keyword arguments; they are
+    checked here, before anything is read.
 
     Attributes:
         safe_mode: Passed to `keras.saving.load_model`; `True` refuses
@@ -236,8 +225,7 @@ class LoadOptions:
         ):
             raise TypeError(
                 "`custom_objects` must be a dict `{name: class or function}`"
-                " (as for `keras.saving.load_model`) or None. Received: "
-                f"custom_objects={self.custom_objects!r}."
+                f" or None. Received: custom_objects={self.custom_objects!r}."
             )
 
 
@@ -252,9 +240,7 @@ def load_members(
     """Loads snapshots as `Member(name, model)` pairs, oldest first.
 
     Members are named after their snapshot index (`snapshot_3` for the
-    third snapshot of a directory or for `snapshot-03.keras`). Every public
-    loader comes here, and the loading keyword arguments become one
-    checked `LoadOptions` here.
+    third snapshot of a directory or for `snapshot-03.keras`).
 
     Args: as `load_snapshots`.
 
@@ -282,9 +268,8 @@ def load_members(
         if not options.allow_nonfinite and not weights_are_finite(model):
             raise ValueError(
                 f"Snapshot {_describe(name, item)} has NaN or infinite "
-                "weights (its training diverged), so an ensemble with it "
-                "would predict NaN. Leave it out (e.g. `last=`), or pass "
-                "`allow_nonfinite=True` to use it anyway."
+                "weights (its training diverged). Leave it out (e.g. "
+                "`last=`), or pass `allow_nonfinite=True` to use it anyway."
             )
         source = None if isinstance(item, keras.Model) else os.fspath(item)
         members.append(Member(name, model, source))
@@ -337,11 +322,9 @@ def clone_model(
 ):
     """A fresh copy of `model`'s architecture, in the mode it was loaded in.
 
-    `keras.models.clone_model(model)`, except for a snapshot loaded with
-    `safe_mode=False`: Keras re-creates a `Lambda` layer only outside safe
-    mode, and `clone_model` runs in it, so such a model is cloned through
-    `keras.saving.deserialize_keras_object(..., safe_mode=False)`, with
-    `custom_objects` and the model's own layer classes at hand.
+    `keras.models.clone_model(model)`, except with `safe_mode=False`: Keras
+    re-creates a `Lambda` layer only outside safe mode, which `clone_model`
+    does not leave, so the model is deserialized with `safe_mode=False`.
 
     Example:
 
@@ -372,16 +355,15 @@ def model_with_weights(
 ):
     """A new model of `template`'s architecture holding `arrays`.
 
-    The one rebuild path of the package (averages, soups, recalibrated
-    ensemble members): `clone_model`, then `assign_weights`, so that the
-    copy predicts as a `.keras` reload of the same weights would.
+    The one rebuild path of the package: `clone_model`, then
+    `assign_weights`.
     """
     model = clone_model(template, safe_mode, custom_objects)
     if len(model.weights) != len(arrays):
         raise ValueError(
             f"Could not rebuild {template.name!r} with clone_model: the "
             f"clone has {len(model.weights)} variables instead of "
-            f"{len(arrays)}. Build subclassed models before averaging."
+            f"{len(arrays)}; build subclassed models before averaging."
         )
     assign_weights(model, arrays)
     return model
@@ -390,10 +372,9 @@ def model_with_weights(
 def assign_weights(model, arrays: list) -> None:
     """Puts `arrays` into `model.weights` as loading a `.keras` file does.
 
-    A layer with its own `load_own_variables` (an adapted `Normalization`
-    recomputes its mean from its variables there) gets its variables
-    through it, as in a `.keras` reload; then a traced predict function,
-    which would hold the old derived state as constants, is dropped.
+    A layer with its own `load_own_variables` (an adapted `Normalization`)
+    gets its variables through it, and a traced predict function, which
+    would hold the old derived state as constants, is dropped.
 
     Example:
 
@@ -447,9 +428,8 @@ def _load_one(path: str, options: LoadOptions):
     with _fs.local_copy(path) as local:
         if path.endswith(".keras") and not zipfile.is_zipfile(local):
             raise ValueError(
-                f"Snapshot file {path} is not a `.keras` model: a `.keras` "
-                "file is a zip archive, and this one is not (truncated, or "
-                "another kind of file)."
+                f"Snapshot file {path} is not a `.keras` model (not a zip "
+                "archive: truncated, or another kind of file)."
             )
         try:
             return keras.saving.load_model(

@@ -1,28 +1,9 @@
 """The snapshot directory on disk: its manifest, atomic writes and a lock.
 
-A snapshot directory holds one `.keras` file per snapshot and a
-`manifest.json` that records, for each snapshot, when it was taken and the
-size and sha256 of its file. Files are written to a hidden temporary name and
-renamed into place only once complete, and the manifest is replaced
-atomically after its file, so an interrupted write never leaves a snapshot
-that looks complete. On remote storage (`gs://...`, through `tf.io.gfile`,
-see `keras_snapshot._fs`) each file is uploaded complete and read back
-against its size and sha256 before the manifest, written last, lists it.
-
-Two types hold that logic in one place:
-
-- `SnapshotEntry`: one snapshot's record (a dataclass, one JSON object).
-- `SnapshotDirectory`: the folder: read and write the manifest, add a
-  snapshot, set aside snapshots a new run supersedes, verify files, lock the
-  folder against a second writer.
-
-Example:
-
-```python
-directory = SnapshotDirectory("snapshots")
-for entry in directory.read().entries:
-    print(entry.index, entry.step, directory.verified_path(entry))
-```
+One `.keras` file per snapshot and a `manifest.json` with each one's step,
+size and sha256. Each file is written atomically (`_fs.atomic_write`)
+before the manifest lists it, so an interrupted write never leaves a
+snapshot that looks complete.
 """
 
 import collections
@@ -76,10 +57,9 @@ class SnapshotEntry:
         finite: False when a weight or a logged loss was NaN or infinite.
         batchnorm_recalibrated: Whether BatchNorm statistics were recomputed.
         saved_at: Local time of the write.
-        planned_step: The cycle end this snapshot stands for when training
-            ended before it (updates skipped by mixed-precision loss
-            scaling): it was taken at the last update, `step`. None when
-            taken at its cycle end.
+        planned_step: The cycle end this snapshot stands for when loss
+            scaling skipped updates and it was taken earlier, at `step`;
+            None when taken at its cycle end.
     """
 
     index: int
@@ -112,7 +92,7 @@ class SnapshotEntry:
         ):
             raise ValueError(
                 f"The snapshot manifest {where} has an entry whose index, "
-                f"step or size is not an integer: {_short(data)}. Restore "
+                f"step or size is not an integer: {_short(data)}; restore "
                 "the file written by SnapshotCheckpoint."
             )
         known = {f.name for f in dataclasses.fields(cls)}
@@ -164,8 +144,6 @@ class SnapshotDirectory:
     """A folder of snapshots and its `manifest.json`.
 
     The one place that reads, writes, verifies and locks a snapshot folder.
-    `SnapshotCheckpoint` writes through it; `keras_snapshot.loading` reads
-    through it.
 
     Args:
         path: The folder.
@@ -201,16 +179,15 @@ class SnapshotDirectory:
         where = self.manifest_path
         if not _fs.isfile(where):
             raise FileNotFoundError(
-                f"No snapshot manifest at {where}. Expected a directory "
-                "written by `keras_snapshot.SnapshotCheckpoint`; to use other "
-                "files, pass a list of `.keras` paths instead."
+                f"No snapshot manifest at {where}: pass a directory written by "
+                "SnapshotCheckpoint, or a list of `.keras` paths."
             )
         size = _fs.getsize(where)
         if size > MAX_MANIFEST_BYTES:
             raise ValueError(
                 f"The snapshot manifest {where} is {size} bytes, larger than "
-                f"any SnapshotCheckpoint writes ({MAX_MANIFEST_BYTES} at "
-                "most). Restore the manifest written by SnapshotCheckpoint."
+                f"SnapshotCheckpoint writes ({MAX_MANIFEST_BYTES}); restore "
+                "the manifest it wrote."
             )
         try:
             data = json.loads(
@@ -225,7 +202,7 @@ class SnapshotDirectory:
         if data is None or _depth(data) > MAX_MANIFEST_DEPTH:
             raise ValueError(
                 f"The snapshot manifest {where} is nested deeper than a "
-                "keras_snapshot manifest can be. Restore the manifest written "
+                "keras_snapshot manifest can be; restore the manifest written "
                 "by SnapshotCheckpoint."
             )
         if (
@@ -247,18 +224,17 @@ class SnapshotDirectory:
             if not 1 <= entry.index <= limit:
                 raise ValueError(
                     f"The snapshot manifest {where} has a snapshot index out "
-                    f"of range: indices run from 1 to {limit} (snapshot 1 is "
-                    "the first cycle's). Restore the manifest written by "
-                    f"SnapshotCheckpoint. Received: index={_short(entry.index)}"
-                    f" in the entry for {_short(entry.file)}."
+                    f"of range (indices run from 1 to {limit}); restore the "
+                    "manifest written by SnapshotCheckpoint. Received: "
+                    f"index={_short(entry.index)} in the entry for "
+                    f"{_short(entry.file)}."
                 )
             if entry.step < 0 or entry.size < 0:
                 raise ValueError(
                     f"The snapshot manifest {where} has an entry with a "
-                    "negative step or size: both count up from 0. Restore the "
-                    "manifest written by SnapshotCheckpoint. Received: "
-                    f"step={entry.step}, size={entry.size} in the entry for "
-                    f"{_short(entry.file)}."
+                    "negative step or size; restore the manifest written by "
+                    f"SnapshotCheckpoint. Received: step={entry.step}, "
+                    f"size={entry.size} in the entry for {_short(entry.file)}."
                 )
             self.path_of(entry)  # Refuses paths that leave the folder.
         for key in ("index", "file"):
@@ -267,21 +243,15 @@ class SnapshotDirectory:
             if repeated:
                 raise ValueError(
                     f"The snapshot manifest {where} lists the same {key} more "
-                    f"than once: {_short(repeated)}. Each snapshot may appear "
-                    "only once; restore the manifest written by "
-                    "SnapshotCheckpoint."
+                    f"than once: {_short(repeated)}; restore the manifest "
+                    "written by SnapshotCheckpoint."
                 )
         entries.sort(key=lambda e: e.index)
         return Manifest(cycle_end_steps=ends, entries=entries)
 
     def superseded(self) -> list:
-        """The `superseded-*` folders here that hold snapshots, oldest first.
-
-        `set_aside` moves the snapshots a new run supersedes into such a
-        folder, a snapshot folder of its own. Returns `[(path, count)]`
-        with the number of snapshots each one's manifest lists; a folder
-        whose manifest is missing or unreadable is left out.
-        """
+        """`[(path, count)]` of the `superseded-*` folders that hold
+        snapshots (readable manifests only), oldest first."""
         found = []
         for path in _fs.glob(self.path, f"{SUPERSEDED_PREFIX}*"):
             if not _fs.isdir(path):
@@ -301,13 +271,8 @@ class SnapshotDirectory:
             return Manifest(cycle_end_steps=list(cycle_end_steps))
 
     def path_of(self, entry: SnapshotEntry) -> str:
-        """The path of an entry's file, refusing paths that leave the folder.
-
-        A manifest may only name plain file names inside its own directory:
-        absolute paths, `..` and symbolic links that point elsewhere are
-        refused. A remote folder (object storage) has no links: there only
-        the name is checked.
-        """
+        """The path of an entry's file, refusing paths that leave the folder
+        (absolute paths, `..`, links that point elsewhere)."""
         name = entry.file
         if (
             not isinstance(name, str)
@@ -318,20 +283,18 @@ class SnapshotDirectory:
             or name in (".", "..")
         ):
             raise ValueError(
-                f"The snapshot manifest {self.manifest_path} names the file "
-                f"{_short(name)}, which is not a plain file name inside its "
-                "directory. Manifest entries may not point outside the "
-                "snapshot directory. Received: "
-                f"file={_short(name)} for snapshot {_short(entry.index)}."
+                f"The snapshot manifest {self.manifest_path} names a file "
+                "that is not a plain file name inside its directory. "
+                f"Received: file={_short(name)} for snapshot "
+                f"{_short(entry.index)}."
             )
         if name.startswith(".") or not name.endswith(".keras"):
             raise ValueError(
-                f"The snapshot manifest {self.manifest_path} names the file "
-                f"{_short(name)}, which is not a snapshot: SnapshotCheckpoint "
-                f"lists `.keras` files such as {snapshot_filename(1)}, never "
-                "hidden or other files. Restore the manifest written by "
-                f"SnapshotCheckpoint. Received: file={_short(name)} for "
-                f"snapshot {_short(entry.index)}."
+                f"The snapshot manifest {self.manifest_path} names a file "
+                f"which is not a snapshot (such as {snapshot_filename(1)}); "
+                "restore the manifest written by SnapshotCheckpoint. "
+                f"Received: file={_short(name)} for snapshot "
+                f"{_short(entry.index)}."
             )
         path = _fs.join(self.path, name)
         if _fs.is_remote(path):
@@ -339,8 +302,7 @@ class SnapshotDirectory:
         if os.path.dirname(_fs.realpath(path)) != _fs.realpath(self.path):
             raise ValueError(
                 f"The snapshot file {path} listed in {self.manifest_path} is "
-                "a link that points outside the snapshot directory; refusing "
-                "to load it."
+                "a link that points outside the snapshot directory."
             )
         return path
 
@@ -391,7 +353,7 @@ class SnapshotDirectory:
         if _fs.exists(self.path) and not _fs.isdir(self.path):
             raise NotADirectoryError(
                 f"Snapshots are written into a folder, but {self.path} is a "
-                "file. Pass the path of a new or existing folder."
+                "file: pass the path of a new or existing folder."
             )
         _fs.makedirs(self.path)
         removed = self._remove_partial_files()
@@ -437,13 +399,7 @@ class SnapshotDirectory:
         return removed
 
     def unlisted_snapshot_files(self, manifest: Manifest) -> list:
-        """`snapshot-NN.keras` files in the folder the manifest does not list.
-
-        A write killed after its rename and before its manifest update
-        leaves such a file: its name is in the cycle plan, and it is
-        replaced by the retaken snapshot. Files that are not part of the
-        plan belong to someone else.
-        """
+        """`snapshot-NN.keras` files here that the manifest does not list."""
         listed = {e.file for e in manifest.entries}
         return sorted(
             name
@@ -454,12 +410,7 @@ class SnapshotDirectory:
         )
 
     def add(self, manifest: Manifest, entry: SnapshotEntry) -> None:
-        """Lists `entry`, whose file is complete in the folder, in `manifest`.
-
-        The file first (`_fs.atomic_write`), the manifest second: a kill
-        between the two leaves a file the manifest does not list, never an
-        entry without its file.
-        """
+        """Lists `entry`, whose file is complete, in `manifest`."""
         manifest.entries = [
             e for e in manifest.entries if e.index != entry.index
         ] + [entry]
@@ -468,12 +419,9 @@ class SnapshotDirectory:
     def set_aside(self, manifest: Manifest, entries: list) -> str:
         """Moves `entries` (files and records) to a `superseded-*` folder.
 
-        A new run that starts before their steps supersedes them; they are
-        kept, as a snapshot folder of their own with its own manifest, and
-        never deleted. Returns that folder. On local disk each file is
-        renamed; on remote storage (no atomic rename) it is copied, and the
-        originals are removed only once both manifests are written, so an
-        interruption leaves a copy too many, never a listed file missing.
+        The folder gets its own manifest and is returned. On remote storage
+        files are copied and the originals removed only once both
+        manifests are written.
         """
         stamp = time.strftime("%Y%m%d-%H%M%S")
         target = _fs.join(self.path, f"{SUPERSEDED_PREFIX}{stamp}")
@@ -510,15 +458,7 @@ class SnapshotDirectory:
     # Locking ---------------------------------------------------------------
 
     def lock(self) -> None:
-        """Takes the folder's lock, which dies with this process.
-
-        A `keras_snapshot._lock.FolderLock`: on local disk a second process
-        cannot take it (`fcntl` on POSIX, `msvcrt` on Windows; a link and
-        its target are one folder), and a new lock in this same process
-        takes it over. Object storage has no such lock: for a remote folder
-        only a second writer in this same process is kept out, and two
-        processes writing into one remote folder are not detected (give
-        each run its own folder).
+        """Takes the folder's `FolderLock`, which dies with this process.
 
         Raises:
             DirectoryLockedError: if another process holds it.

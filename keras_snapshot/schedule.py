@@ -16,22 +16,16 @@ from keras_snapshot._checks import resolve_steps_per_epoch
 class SnapshotSchedule(keras.optimizers.schedules.LearningRateSchedule):
     """Cyclic cosine annealing with restarts, one cycle per snapshot.
 
-    The schedule of Snapshot Ensembles (Huang et al. 2017, "Snapshot
-    Ensembles: Train 1, get M for free", arXiv:1704.00109). A budget of
-    `total_steps` optimizer steps is split into `num_snapshots` cycles of
-    `cycle_length = ceil(total_steps / num_snapshots)` steps. Within a cycle
-    the rate falls from `initial_learning_rate` to almost zero along a half
-    cosine, then restarts:
+    The schedule of Snapshot Ensembles (Huang et al. 2017,
+    arXiv:1704.00109): `total_steps` optimizer steps are split into
+    `num_snapshots` cycles of `c = ceil(total_steps / num_snapshots)` steps,
+    and within each the rate follows a half cosine, updated every step:
 
     `lr(t) = initial_learning_rate / 2 * (cos(pi * (t mod c) / c) + 1)`
 
-    where `t` is the optimizer step counted from 0 and `c` the cycle length.
-    The rate is updated every step, not every epoch. At the end of each cycle
-    the model sits in a minimum: `SnapshotCheckpoint` saves it there.
-
-    This class is the one place where the cycle arithmetic lives:
-    `cycle_length`, `cycle_end_steps` and `cycle_of_step` answer every
-    question about cycles.
+    `SnapshotCheckpoint` saves the model at each cycle end. `cycle_length`,
+    `cycle_end_steps` and `cycle_of_step` are the one home of the cycle
+    arithmetic.
 
     Args:
         initial_learning_rate: Rate at the start of every cycle; a finite
@@ -40,12 +34,9 @@ class SnapshotSchedule(keras.optimizers.schedules.LearningRateSchedule):
             (batches, unless gradients are accumulated).
         num_snapshots: Number of cycles `M`, between 1 and `total_steps`.
         gradient_accumulation_steps: The optimizer's
-            `gradient_accumulation_steps`, if set (an integer >= 2). Keras
-            calls schedules with the batch count; with this the schedule
-            counts weight updates (batch // k), as `optimizer.iterations`
-            and the snapshot manifest do, so a cycle ends on an update.
-            `SnapshotCheckpoint` refuses an optimizer and schedule that
-            disagree.
+            `gradient_accumulation_steps`, if set (an integer >= 2): the
+            schedule then counts weight updates (batch // k), as
+            `optimizer.iterations` does.
         name: Optional name of the schedule.
 
     Example:
@@ -76,20 +67,17 @@ class SnapshotSchedule(keras.optimizers.schedules.LearningRateSchedule):
         if self.num_snapshots > self.total_steps:
             raise ValueError(
                 "`num_snapshots` must be between 1 and `total_steps` "
-                f"({self.total_steps}): each cycle needs at least one step. "
-                f"Received: num_snapshots={num_snapshots}. Train for more "
-                "steps or take fewer snapshots."
+                f"({self.total_steps}); train longer or take fewer snapshots. "
+                f"Received: num_snapshots={num_snapshots}."
             )
         cycle = -(-self.total_steps // self.num_snapshots)
         if (self.num_snapshots - 1) * cycle >= self.total_steps:
             raise ValueError(
-                f"With total_steps={self.total_steps} and num_snapshots="
-                f"{self.num_snapshots}, cycles of ceil({self.total_steps}/"
-                f"{self.num_snapshots})={cycle} steps use up the budget "
-                f"before cycle {self.num_snapshots} starts, so the last "
-                "snapshot would repeat an earlier one. Choose total_steps "
-                "and num_snapshots with (num_snapshots - 1) * cycle length "
-                "< total_steps, e.g. fewer snapshots."
+                f"Cycles of {cycle} steps end before cycle {self.num_snapshots}"
+                " starts, so the last snapshot would repeat an earlier one; "
+                "take fewer snapshots. Received: "
+                f"total_steps={self.total_steps}, "
+                f"num_snapshots={self.num_snapshots}."
             )
         self.gradient_accumulation_steps = check_accumulation_steps(
             gradient_accumulation_steps
@@ -108,13 +96,8 @@ class SnapshotSchedule(keras.optimizers.schedules.LearningRateSchedule):
     ) -> "SnapshotSchedule":
         """Builds the schedule for `epochs` epochs of `steps_per_epoch` steps.
 
-        `steps_per_epoch` counts batches: an int, or the finite
-        `tf.data.Dataset` of batches you pass to `model.fit`, whose batches
-        are counted with `count_batches` (from its cardinality when known,
-        else in one pass over it). With `gradient_accumulation_steps` the
-        budget is the number of weight updates those batches make. Only the
-        resulting `total_steps` is kept: the dataset is not stored, and
-        `get_config()` holds plain numbers.
+        A dataset's batches are counted with `count_batches`; only the
+        resulting `total_steps` is kept.
 
         Args:
             initial_learning_rate: Rate at the start of every cycle.
@@ -135,11 +118,7 @@ class SnapshotSchedule(keras.optimizers.schedules.LearningRateSchedule):
         ```python
         # 50k images, batch 64 -> 782 steps per epoch; 200 epochs, M=5.
         schedule = SnapshotSchedule.from_epochs(0.2, 200, 782, 5)
-        # A pipeline of unknown length (filter): its batches are counted.
-        train = tf.data.Dataset.range(1000).filter(lambda i: i % 3 > 0)
-        train = train.batch(64)  # 666 examples -> 11 batches
-        schedule = SnapshotSchedule.from_epochs(0.2, 40, train, 5)
-        schedule.total_steps  # 440
+        schedule.total_steps  # 156400
         ```
         """
         epochs = check_positive_int("epochs", epochs)
@@ -219,12 +198,9 @@ class SnapshotSchedule(keras.optimizers.schedules.LearningRateSchedule):
 def restart_steps(schedule, total_steps: int) -> list[int]:
     """Steps after which a `CosineDecayRestarts` schedule restarts.
 
-    SGDR (Loshchilov & Hutter 2017) restarts its cosine after
-    `first_decay_steps * (1 + t_mul + ... + t_mul**(k-1))` steps: the k-th
-    restart. The rate is lowest just before each restart, where a snapshot
-    belongs. Returns the restart steps up to and including `total_steps`
-    (rounded up to whole steps, as Keras's schedule restarts at the first
-    step past the boundary).
+    The k-th SGDR restart (Loshchilov & Hutter 2017) comes after
+    `first_decay_steps * (1 + t_mul + ... + t_mul**(k-1))` steps, rounded up
+    as Keras does; returns those up to and including `total_steps`.
 
     Example:
 

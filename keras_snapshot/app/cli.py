@@ -459,11 +459,10 @@ def build_parser() -> argparse.ArgumentParser:
             "--verbose",
             action="count",
             default=0,
-            help="Keras's progress bar for every epoch and TensorFlow's "
-            "start-up log, instead of one line per snapshot and one "
-            "progress bar for the whole command; twice (or --verbose 2): "
-            "one line per epoch (default: off; --verbose 0 is the "
-            "default, --verbose 1 the same as --verbose)",
+            help="Keras's progress bar for every epoch, instead of one bar "
+            "for the whole command, and TensorFlow's start-up log; twice "
+            "(or --verbose 2): one line per epoch (default: off; "
+            "--verbose 0 and 1 also work)",
         )
     for sub in (train, evaluate, export, distill):
         sub.add_argument(

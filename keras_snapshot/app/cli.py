@@ -531,18 +531,27 @@ def quiet_tensorflow() -> None:
 def import_tensorflow_quietly() -> None:
     """Imports TensorFlow without its start-up lines on stderr.
 
-    TensorFlow 2.21 prints the lines of `_TENSORFLOW_STARTUP_LINES`
-    whatever `TF_CPP_MIN_LOG_LEVEL` says, from C++, straight to file
-    descriptor 2: while it is imported, that descriptor goes to a temporary
-    file, and whatever else was written there (an import error, a Python
-    warning) is written to stderr afterwards.
+    TensorFlow 2.21 prints some of `_TENSORFLOW_STARTUP_LINES` (absl's
+    warning, oneDNN's notice) whatever `TF_CPP_MIN_LOG_LEVEL` says, from
+    C++, straight to file descriptor 2: while it is imported, that
+    descriptor goes to a temporary file, and whatever else was written there
+    (an import error, a Python warning) is written to stderr afterwards.
+    Without effect when `TF_CPP_MIN_LOG_LEVEL` is 0: the user asked for
+    every line.
     """
     import tempfile
 
+    if os.environ.get("TF_CPP_MIN_LOG_LEVEL") == "0":
+        importlib.import_module("tensorflow")
+        return
     if "tensorflow" in sys.modules:
         return
     sys.stderr.flush()
-    saved = os.dup(2)
+    try:
+        saved = os.dup(2)
+    except OSError:  # No file descriptor 2: nothing to keep quiet.
+        importlib.import_module("tensorflow")
+        return
     with tempfile.TemporaryFile() as captured:
         os.dup2(captured.fileno(), 2)
         try:

@@ -16,13 +16,18 @@ python examples/quickstart.py
 """
 
 import math
+import os
 
-import keras
-import tensorflow as tf
+# Before TensorFlow loads: without a GPU, it would log "failed call to cuInit".
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
-import keras_snapshot
-from keras_snapshot.app.datasets import load_dataset
+import keras  # noqa: E402
+import tensorflow as tf  # noqa: E402
 
+import keras_snapshot  # noqa: E402
+from keras_snapshot.app.datasets import load_dataset  # noqa: E402
+
+keras.utils.set_random_seed(0)  # the same numbers on every run
 data = load_dataset("digits")  # 8x8 images bundled with scikit-learn
 epochs, batch_size, num_snapshots = 40, 32, 4
 # The steps `fit` will run per epoch: the schedule's cycles end exactly at
@@ -60,7 +65,7 @@ model.fit(
     batch_size=batch_size,
     epochs=epochs,
     callbacks=[keras_snapshot.SnapshotCheckpoint("quickstart_snapshots")],
-    verbose=2,
+    verbose=0,  # The checkpoint prints a line per snapshot.
 )
 
 

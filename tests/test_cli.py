@@ -508,3 +508,72 @@ def test_model_files_that_cannot_be_trained_are_one_line(tmp_path, capsys):
         for word in words:
             assert word in err, err
         assert not run_dir.exists()
+
+
+# Issue 32: what a newcomer sees. Without --verbose, a command that trains
+# prints one line per snapshot and one progress bar for the whole command,
+# not Keras's bar for every epoch, and none of TensorFlow's start-up lines.
+
+TENSORFLOW_STARTUP = ("absl::InitializeLog", "oneDNN", "cpu_feature_guard")
+TENSORFLOW_STARTUP += ("cuInit",)
+
+
+def test_default_output_is_a_line_per_snapshot_and_one_bar(tmp_path):
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("TF_CPP", "ABSL"))
+    }
+    argv = ["train", *QUICK, "--epochs", "4", "--snapshots", "2"]
+    result = subprocess.run(
+        [sys.executable, "-m", "keras_snapshot", *argv]
+        + ["--output-dir", str(tmp_path / "run")],
+        capture_output=True,  # As bytes: text=True would turn "\r" to "\n".
+        env=env,
+    )
+    out, err = result.stdout.decode(), result.stderr.decode()
+    assert result.returncode == 0, err[-2000:]
+    assert "Epoch 1/" not in out
+    assert "36/36" not in out  # Keras's bar over an epoch's 36 steps.
+    lines = out.split("\n")  # A bar's line holds its updates after "\r"s.
+    saved = [line for line in lines if " saved at step " in line]
+    assert [line.split(" saved")[0] for line in saved] == [
+        "Snapshot 1/2",
+        "Snapshot 2/2",
+    ]
+    # One bar over the 4 epochs; its line is ended for each snapshot line.
+    bars = [line for line in lines if "━" in line]
+    assert 1 <= len(bars) <= 3, bars
+    assert "4/4" in bars[-1].split("\r")[-1]
+    for name in TENSORFLOW_STARTUP:
+        assert name not in err, err
+
+
+def test_verbose_shows_kerass_bar_for_every_epoch(tmp_path, capsys):
+    argv = ["train", *QUICK, "--epochs", "2", "--snapshots", "2"]
+    argv += ["--verbose", "--output-dir", str(tmp_path / "run")]
+    assert cli.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "Epoch 1/2" in out and "Epoch 2/2" in out
+    assert "36/36" in out
+    assert out.count("Snapshot 1/2 saved at step") == 1
+
+
+@pytest.mark.parametrize(
+    "argv,verbose",
+    [
+        (["train"], 0),
+        (["train", "--verbose"], 1),
+        (["train", "--verbose", "--verbose"], 2),
+        (["train", "--verbose", "0"], 0),  # The old integer option.
+        (["train", "--verbose", "1"], 1),
+        (["train", "--verbose=2"], 2),
+        (["distill", "--verbose", "runs/a"], 1),
+        (["distill", "runs/a", "--verbose", "2"], 2),
+    ],
+)
+def test_verbose_is_a_count_and_takes_the_old_integers(argv, verbose):
+    args = cli.build_parser().parse_args(cli._verbose_counts(argv))
+    assert args.verbose == verbose
+    if args.command == "distill":
+        assert args.run_dir == "runs/a"

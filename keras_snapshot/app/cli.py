@@ -351,13 +351,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="delete an existing run directory instead of resuming it",
     )
     train.add_argument("--seed", type=int, default=0, help="random seed")
-    train.add_argument(
-        "--verbose",
-        type=int,
-        default=1,
-        choices=(0, 1, 2),
-        help="Keras fit verbosity",
-    )
 
     evaluate = command(
         "evaluate", help="re-evaluate a run's snapshots and ensembles"
@@ -461,6 +454,16 @@ def build_parser() -> argparse.ArgumentParser:
             action="store_true",
             help="use the snapshots of a run whose training has not finished",
         )
+    for sub in (train, distill):
+        sub.add_argument(
+            "--verbose",
+            action="count",
+            default=0,
+            help="Keras's progress bar for every epoch, instead of one bar "
+            "for the whole command, and TensorFlow's start-up log; twice "
+            "(or --verbose 2): one line per epoch (default: off; "
+            "--verbose 0 and 1 also work)",
+        )
     for sub in (train, evaluate, export, distill):
         sub.add_argument(
             "--debug",
@@ -470,22 +473,108 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _verbose_counts(argv: list) -> list:
+    """`--verbose N` (N = 0, 1, 2; the old integer option) as N flags.
+
+    `--verbose` is a count (`--verbose --verbose` is 2); an integer after it
+    would otherwise be refused, or taken for `distill`'s RUN_DIR.
+    """
+    out = []
+    i = 0
+    while i < len(argv):
+        word = argv[i]
+        if word == "--":
+            return out + argv[i:]
+        value = None
+        if word.startswith("--verbose="):
+            value = word.split("=", 1)[1]
+        elif word == "--verbose" and i + 1 < len(argv):
+            if argv[i + 1] in ("0", "1", "2"):
+                value = argv[i + 1]
+                i += 1
+        if value is None:
+            out.append(word)
+        elif value in ("0", "1", "2"):
+            out += ["--verbose"] * int(value)
+        else:
+            out.append(word)  # argparse refuses `--verbose=x` in one line.
+        i += 1
+    return out
+
+
+# TensorFlow's start-up lines, which no log level hides: each of the two
+# shared libraries that `import tensorflow` loads (libtensorflow_framework
+# and, for `tf.profiler`, _pywrap_profiler_plugin) has its own copy of absl
+# logging and of the oneDNN notice, so each line comes twice.
+_TENSORFLOW_STARTUP_LINES = (
+    "All log messages before absl::InitializeLog() is called",
+    "oneDNN custom operations are on.",
+    "cpu_feature_guard.cc",
+    "To enable the following instructions:",
+    "failed call to cuInit",
+)
+
+
 def quiet_tensorflow() -> None:
     """Sets TensorFlow's C++ log level, unless the user has set one.
 
     Before TensorFlow is imported: its C++ INFO and WARNING lines are
     noise on the command line. On a machine without an NVIDIA driver the
     level also hides ERROR lines, of which the only one is "failed call to
-    cuInit". Set `TF_CPP_MIN_LOG_LEVEL` yourself to see them.
+    cuInit". Set `TF_CPP_MIN_LOG_LEVEL` yourself (or use `--verbose`) to
+    see them.
     """
     gpu_driver = os.path.exists("/dev/nvidiactl")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2" if gpu_driver else "3")
 
 
+def import_tensorflow_quietly() -> None:
+    """Imports TensorFlow without its start-up lines on stderr.
+
+    TensorFlow 2.21 prints some of `_TENSORFLOW_STARTUP_LINES` (absl's
+    warning, oneDNN's notice) whatever `TF_CPP_MIN_LOG_LEVEL` says, from
+    C++, straight to file descriptor 2: while it is imported, that
+    descriptor goes to a temporary file, and whatever else was written there
+    (an import error, a Python warning) is written to stderr afterwards.
+    Without effect when `TF_CPP_MIN_LOG_LEVEL` is 0: the user asked for
+    every line.
+    """
+    import tempfile
+
+    if os.environ.get("TF_CPP_MIN_LOG_LEVEL") == "0":
+        importlib.import_module("tensorflow")
+        return
+    if "tensorflow" in sys.modules:
+        return
+    sys.stderr.flush()
+    try:
+        saved = os.dup(2)
+    except OSError:  # No file descriptor 2: nothing to keep quiet.
+        importlib.import_module("tensorflow")
+        return
+    with tempfile.TemporaryFile() as captured:
+        os.dup2(captured.fileno(), 2)
+        try:
+            importlib.import_module("tensorflow")
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            captured.seek(0)
+            text = captured.read().decode(errors="replace")
+            for line in text.splitlines(keepends=True):
+                if not any(s in line for s in _TENSORFLOW_STARTUP_LINES):
+                    sys.stderr.write(line)
+            sys.stderr.flush()
+
+
 def main(argv=None) -> int:
     """Entry point of `keras-snapshot` and `python -m keras_snapshot`."""
-    args = build_parser().parse_args(argv)
-    quiet_tensorflow()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser().parse_args(_verbose_counts(argv))
+    verbose = getattr(args, "verbose", 0)
+    if not verbose:
+        quiet_tensorflow()
     # TensorFlow's Python warnings (e.g. retracing while predicting with
     # several snapshots) are noise on the command line.
     logging.getLogger("tensorflow").setLevel(logging.ERROR)
@@ -494,6 +583,8 @@ def main(argv=None) -> int:
             keras_snapshot.require_tensorflow()
         except ImportError as e:
             raise UsageError(str(e)) from None
+        if not verbose:
+            import_tensorflow_quietly()
         # Importing the command imports Keras, and with it the package's
         # Keras objects (see `keras_snapshot/__init__.py`).
         module, function = _COMMANDS[args.command]

@@ -39,6 +39,7 @@ def distill_command(args) -> int:
     from keras_snapshot import metrics
     from keras_snapshot.app import report as report_lib
     from keras_snapshot.app.evaluate import predict_split
+    from keras_snapshot.app.progress import CommandProgress
 
     keras.utils.set_random_seed(config["seed"])
     teacher = keras.saving.load_model(ensemble_path, compile=False)
@@ -56,16 +57,19 @@ def distill_command(args) -> int:
         f"(T={args.temperature}, alpha={args.alpha}, {epochs} epochs) ..."
     )
     started = time.perf_counter()
-    student = distill(
-        teacher,
-        data=data.arrays("train"),
-        temperature=args.temperature,
-        alpha=args.alpha,
-        epochs=epochs,
-        batch_size=config["batch_size"],
-        optimizer=optimizer,
-        validation_data=validation,
-    )
+    with CommandProgress(epochs, args.verbose) as progress:
+        student = distill(
+            teacher,
+            data=data.arrays("train"),
+            temperature=args.temperature,
+            alpha=args.alpha,
+            epochs=epochs,
+            batch_size=config["batch_size"],
+            optimizer=optimizer,
+            validation_data=validation,
+            callbacks=progress.callbacks(epochs),
+            verbose=progress.fit_verbose,
+        )
     seconds = time.perf_counter() - started
     path = os.path.join(args.run_dir, STUDENT_FILE)
     student.save(path)

@@ -29,6 +29,7 @@ from keras_snapshot.app import pipeline
 from keras_snapshot.app import report as report_lib
 from keras_snapshot.app import run as run_lib
 from keras_snapshot.app.evaluate import predict_models
+from keras_snapshot.app.progress import CommandProgress
 from keras_snapshot.freezeout import FreezeOut
 from keras_snapshot.freezeout import estimate_speedup
 
@@ -155,24 +156,26 @@ def freezeout_command(args) -> int:
         scaling=config["freezeout_scaling"],
         scale_lr=config["scale_lr"],
         total_steps=steps,
-        verbose=1 if args.verbose else 0,
+        verbose=1,  # A line per freeze, with or without --verbose.
     )
-    # A constant optimizer rate: FreezeOut anneals it per group.
-    train_seconds = pipeline.train_model(
-        run,
-        config,
-        data,
-        config["learning_rate"],
-        [freezeout],
-        strategy,
-        args.verbose,
-        model_file=run_lib.FREEZEOUT_FILE,
-    )
-    baseline_seconds = None
-    if args.baseline:
-        baseline_seconds = pipeline.train_baseline(
-            run, config, data, steps, strategy, args.verbose
+    epochs = config["epochs"] * (2 if args.baseline else 1)
+    with CommandProgress(epochs, args.verbose) as progress:
+        # A constant optimizer rate: FreezeOut anneals it per group.
+        train_seconds = pipeline.train_model(
+            run,
+            config,
+            data,
+            config["learning_rate"],
+            [freezeout],
+            strategy,
+            progress,
+            model_file=run_lib.FREEZEOUT_FILE,
         )
+        baseline_seconds = None
+        if args.baseline:
+            baseline_seconds = pipeline.train_baseline(
+                run, config, data, steps, strategy, progress
+            )
     scores = _scores(run_dir, data, args.baseline)
     report = {
         "config": config,

@@ -368,8 +368,12 @@ def compiled_model(config: dict, data, learning_rate, strategy):
     return model
 
 
-def fit(model, data, config: dict, callbacks: list, verbose: int) -> None:
-    """`model.fit` over the run's epochs, shuffled and augmented as set."""
+def fit(model, data, config: dict, callbacks: list, progress) -> None:
+    """`model.fit` over the run's epochs, shuffled and augmented as set.
+
+    `progress` (a `CommandProgress`) sets `fit`'s verbosity and adds the
+    callback of the command's progress bar.
+    """
     train = data.batches(
         "train",
         config["batch_size"],
@@ -384,8 +388,8 @@ def fit(model, data, config: dict, callbacks: list, verbose: int) -> None:
         train,
         epochs=config["epochs"],
         validation_data=validation,
-        callbacks=callbacks,
-        verbose=verbose,
+        callbacks=[*callbacks, *progress.callbacks(config["epochs"])],
+        verbose=progress.fit_verbose,
         shuffle=False,  # The tf.data pipeline shuffles every epoch.
     )
 
@@ -467,7 +471,7 @@ def train_model(
     learning_rate,
     callbacks: list,
     strategy,
-    verbose: int,
+    progress,
     model_file: str | None = None,
 ) -> float:
     """Trains the run's model, or resumes it; returns the training time.
@@ -486,7 +490,8 @@ def train_model(
         callbacks: The method's callbacks (`SnapshotCheckpoint`,
             `FreezeOut`, ...).
         strategy: The distribution (`get_strategy`).
-        verbose: Keras `fit` verbosity.
+        progress: The command's `CommandProgress`: `fit`'s verbosity and
+            progress bar.
         model_file: A file name in the run folder to save the trained
             model to, or None (the callbacks save what the method keeps).
 
@@ -495,6 +500,7 @@ def train_model(
     """
     run_dir = config["output_dir"]
     if not run_lib.start_training(run, run_dir):
+        progress.skip(config["epochs"])
         return run.get("train_seconds", 0.0)
     keras.utils.set_random_seed(config["seed"])
     model = compiled_model(config, data, learning_rate, strategy)
@@ -508,7 +514,7 @@ def train_model(
         StopOnDivergence(),
     ]
     started = time.perf_counter()
-    fit(model, data, config, callbacks, verbose)
+    fit(model, data, config, callbacks, progress)
     seconds = run.get("train_seconds", 0.0) + time.perf_counter() - started
     if model_file is not None:
         _save_model(model, os.path.join(run_dir, model_file))
@@ -518,7 +524,7 @@ def train_model(
 
 
 def train_baseline(
-    run: dict, config: dict, data, total_steps: int, strategy, verbose: int
+    run: dict, config: dict, data, total_steps: int, strategy, progress
 ):
     """A single model with one cosine decay of `--lr` over the same budget.
 
@@ -542,7 +548,7 @@ def train_baseline(
     model = compiled_model(config, data, decay, strategy)
     print("Training the baseline single model (one cosine decay) ...")
     started = time.perf_counter()
-    fit(model, data, config, [], verbose)
+    fit(model, data, config, [], progress)
     seconds = time.perf_counter() - started
     run["baseline_train_seconds"] = seconds
     run_lib.write_run(run_dir, run)

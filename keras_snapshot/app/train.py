@@ -20,12 +20,17 @@ from keras_snapshot.app.evaluate import evaluate_run
 from keras_snapshot.app.export import chosen_snapshots
 from keras_snapshot.app.export import export_files
 from keras_snapshot.app.freezeout_job import freezeout_command
+from keras_snapshot.app.progress import CommandProgress
 
 _RECALIBRATION_SAMPLES = 10000
 
 
-def snapshot_callbacks(config: dict, data, schedule, verbose) -> list:
-    """`SnapshotCheckpoint` and the method's extra callbacks (SWA)."""
+def snapshot_callbacks(config: dict, data, schedule) -> list:
+    """`SnapshotCheckpoint` and the method's extra callbacks (SWA).
+
+    The checkpoint prints one line per snapshot, with or without
+    `--verbose`.
+    """
     run_dir = config["output_dir"]
     recalibration = None
     if config["recalibrate_bn"]:
@@ -34,7 +39,7 @@ def snapshot_callbacks(config: dict, data, schedule, verbose) -> list:
         SnapshotCheckpoint(
             os.path.join(run_dir, run_lib.SNAPSHOT_DIR),
             recalibration_data=recalibration,
-            verbose=1 if verbose else 0,
+            verbose=1,
             **methods_lib.snapshot_kwargs(schedule),
         ),
         *methods_lib.extra_callbacks(schedule, run_dir, recalibration),
@@ -76,20 +81,24 @@ def train_command(args) -> int:
     if data_warning:
         print(data_warning)
 
-    train_seconds = pipeline.train_model(
-        run,
-        config,
-        data,
-        methods_lib.optimizer_schedule(schedule),
-        snapshot_callbacks(config, data, schedule, args.verbose),
-        strategy,
-        args.verbose,
-    )
-    baseline_seconds = None
-    if args.baseline:
-        baseline_seconds = pipeline.train_baseline(
-            run, config, data, schedule.total_steps, strategy, args.verbose
+    epochs = config["epochs"]
+    with CommandProgress(
+        epochs * (2 if args.baseline else 1), args.verbose
+    ) as progress:
+        train_seconds = pipeline.train_model(
+            run,
+            config,
+            data,
+            methods_lib.optimizer_schedule(schedule),
+            snapshot_callbacks(config, data, schedule),
+            strategy,
+            progress,
         )
+        baseline_seconds = None
+        if args.baseline:
+            baseline_seconds = pipeline.train_baseline(
+                run, config, data, schedule.total_steps, strategy, progress
+            )
 
     scores, probs = evaluate_run(run_dir, data)
     choices = None

@@ -71,12 +71,10 @@ model.fit(
 
 def test_metrics(probabilities):
     """(error, NLL) on the test split."""
-    return (
-        keras_snapshot.metrics.error_rate(probabilities, data.y_test),
-        keras_snapshot.metrics.negative_log_likelihood(
-            probabilities, data.y_test
-        ),
+    result = keras_snapshot.metrics.evaluate_predictions(
+        probabilities, data.y_test
     )
+    return result["error"], result["nll"]
 
 
 snapshots = keras_snapshot.load_snapshots("quickstart_snapshots")

@@ -71,12 +71,14 @@ def test_report_numbers_match_the_snapshots(cli_run):
     probs = np.stack([m.predict(data.x_test, verbose=0) for m in members])
     for i, entry in enumerate(report["test"]["snapshots"]):
         assert entry["error"] == pytest.approx(
-            metrics.error_rate(probs[i], data.y_test)
+            metrics.evaluate_predictions(probs[i], data.y_test)["error"]
         )
     for entry in report["test"]["last_m"]:
         m = entry["m"]
         assert entry["error"] == pytest.approx(
-            metrics.error_rate(probs[-m:].mean(0), data.y_test)
+            metrics.evaluate_predictions(probs[-m:].mean(0), data.y_test)[
+                "error"
+            ]
         )
     ensemble = keras.saving.load_model(os.path.join(cli_run, "ensemble.keras"))
     np.testing.assert_allclose(

@@ -110,7 +110,7 @@ def test_swa_exports_one_recalibrated_averaged_model(swa_run):
         )
     probs = swa.predict(data.x_test, verbose=0)
     assert report["test"]["swa"]["error"] == pytest.approx(
-        metrics.error_rate(probs, data.y_test)
+        metrics.evaluate_predictions(probs, data.y_test)["error"]
     )
 
 
@@ -125,10 +125,10 @@ def test_distill_command_adds_the_student(swa_run, tmp_path):
         report = json.load(f)
     scores = report["test"]["student"]
     assert scores["error"] == pytest.approx(
-        metrics.error_rate(probs, data.y_test)
+        metrics.evaluate_predictions(probs, data.y_test)["error"]
     )
     assert scores["nll"] == pytest.approx(
-        metrics.negative_log_likelihood(probs, data.y_test), rel=1e-4
+        metrics.evaluate_predictions(probs, data.y_test)["nll"], rel=1e-4
     )
     assert report["student"]["temperature"] == 2.0
     assert report["student"]["epochs"] == 1

@@ -238,11 +238,13 @@ def test_temperature_and_uncertainty_outputs_survive_export(
     want = selection.apply_temperature(member_probs.mean(0), 2.0)
     np.testing.assert_allclose(got["probabilities"], want, atol=1e-5)
     np.testing.assert_allclose(
-        got["entropy"], metrics.predictive_entropy(want), atol=1e-5
+        got["entropy"],
+        metrics.uncertainty(np.asarray(want)[None])["entropy"],
+        atol=1e-5,
     )
     np.testing.assert_allclose(
         got["mutual_information"],
-        metrics.mutual_information(member_probs),
+        metrics.uncertainty(member_probs)["mutual_information"],
         atol=1e-5,
     )
     path = str(tmp_path / "ensemble.keras")

@@ -136,9 +136,9 @@ def test_confident_and_wrong():
         1.0
     )
     # Clipping keeps the NLL finite: -log(eps).
-    assert metrics.evaluate_predictions(probs, labels)[
-        "nll"
-    ] == pytest.approx(-math.log(1e-12))
+    assert metrics.evaluate_predictions(probs, labels)["nll"] == pytest.approx(
+        -math.log(1e-12)
+    )
 
 
 @pytest.mark.parametrize("num_classes", [2, 10, 100])

@@ -53,32 +53,8 @@ def steps_in(directory):
     ]
 
 
-# 2. The last snapshot after a kill between the last backup and the snapshot.
-
-
-def test_kill_after_last_backup_still_ends_with_every_snapshot(tmp_path):
-    """A real SIGKILL after epoch 5's backup, before snapshot 4 (step 30)."""
-    workdir = str(tmp_path / "run")
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
-    env["PYTHONPATH"] = os.pathsep.join([ROOT, env.get("PYTHONPATH", "")])
-    command = [sys.executable, os.path.join(HERE, "train_script.py"), workdir]
-    killed = subprocess.run(
-        command,
-        env={**env, "TRAIN_SCRIPT_FAULT": "kill_before_snapshot:4"},
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
-    snapshots = os.path.join(workdir, "snapshots")
-    assert steps_in(snapshots) == [8, 16, 24]
-    # The backup says all 5 epochs ran: Keras runs no epoch on resume.
-    resumed = subprocess.run(
-        command, env=env, capture_output=True, text=True, timeout=300
-    )
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert steps_in(snapshots) == [8, 16, 24, 30]
-    assert len(keras_snapshot.snapshot_paths(snapshots)) == 4
+# 2. The last snapshot after a kill between the last backup and the
+# snapshot: `snapshot-after-last-backup` in tests/test_resume.py.
 
 
 # 3. A snapshot folder shared with BackupAndRestore.

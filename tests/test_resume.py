@@ -18,6 +18,8 @@ the callbacks (`SCENARIOS`):
 - `averaging`: `WeightAveraging` (EMA, with BatchNorm recalibration), its
   `AveragedModelCheckpoint`s (every epoch and the best) and
   `WeightAveraging` (SWA, every 4 steps), in one `fit`; killed twice.
+  `averaging-remote`: the same, its averages written to `file://` paths
+  (the `tf.io.gfile` code path of remote storage); killed once.
 - `freezeout`: `FreezeOut`, killed once between its two freezes.
 
 Subprocesses are few (each one imports TensorFlow): the uninterrupted runs
@@ -54,6 +56,7 @@ TIMEOUT = 300
 ARGS = {
     "snapshot": ("--callbacks", "snapshot"),
     "averaging": ("--callbacks", "averaging"),
+    "averaging-remote": ("--callbacks", "averaging", "--url-prefix", "file://"),
     "freezeout": ("--callbacks", "freezeout", "--epochs", "4"),
 }
 
@@ -362,6 +365,19 @@ def averages_completed(workdir, out, err, uninterrupted):
     assert records[0] == records[1]  # The same monitor, epoch and step.
 
 
+def remote_averages_completed(workdir, out, err, uninterrupted):
+    # Killed at the end of epoch 4 (after BackupAndRestore saved step 24,
+    # before the SWA of step 24); the new process resumes and writes the
+    # averages to a `file://` path: the same averages as a run never killed.
+    reference = uninterrupted.workdirs("averaging")[0]
+    assert "resumed at step 24 with the average of 5 models" in out
+    for name in ("swa.keras", "ema.keras"):
+        assert_close(
+            load_weights(os.path.join(workdir, name)),
+            load_weights(os.path.join(reference, name)),
+        )
+
+
 # FreezeOut: t0=0.5 over 24 steps, groups 0 and 1 freeze at steps 12 and 18.
 
 
@@ -401,6 +417,11 @@ SCENARIOS = {
             ("kill_at_epoch_end:4", averages_killed_at_end_of_epoch_4),
         ],
         averages_completed,
+    ),
+    "averaging-remote": (
+        "averaging-remote",
+        [("kill_at_epoch_end:4", lambda workdir, out, err: None)],
+        remote_averages_completed,
     ),
     "freezeout": (
         "freezeout",

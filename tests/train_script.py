@@ -8,6 +8,7 @@ Usage:
 
     python tests/train_script.py WORKDIR [--callbacks snapshot]
         [--epochs 5] [--snapshots 4] [--deterministic] [--sleep SECONDS]
+        [--url-prefix file://]
 
 `--callbacks` picks what trains besides `BackupAndRestore` (in
 `WORKDIR/backup`):
@@ -18,7 +19,9 @@ Usage:
   (`WORKDIR/ema.keras`), two `AveragedModelCheckpoint`s of it (every epoch,
   `ema-EE.keras`, and the best loss, `best_ema.keras`), and
   `WeightAveraging(mode="swa", average_batchnorm=True)` every 4 steps from
-  step 8 (`swa.keras`).
+  step 8 (`swa.keras`). `--url-prefix file://` writes the two averages
+  through `tf.io.gfile`, the code path of remote storage, on a local disk
+  that processes share.
 - `freezeout`: `FreezeOut(t0=0.5, scaling="linear")` on three Dense
   layers (with `--epochs 4`: groups 0 and 1 freeze at steps 12 and 18).
 
@@ -219,7 +222,7 @@ def averaging_callbacks(args, fault, x, backup, faults):
         decay=0.9,
         warmup=True,
         recalibration_data=x,
-        filepath=os.path.join(args.workdir, "ema.keras"),
+        filepath=args.url_prefix + os.path.join(args.workdir, "ema.keras"),
     )
     every = keras_snapshot.AveragedModelCheckpoint(
         ema, os.path.join(args.workdir, "ema-{epoch:02d}.keras")
@@ -235,7 +238,7 @@ def averaging_callbacks(args, fault, x, backup, faults):
         average_batchnorm=True,  # What StochasticWeightAveraging was.
         start_step=8,
         every_steps=4,
-        filepath=os.path.join(args.workdir, "swa.keras"),
+        filepath=args.url_prefix + os.path.join(args.workdir, "swa.keras"),
     )
     return [ema, every, best, backup, faults, swa], {}
 
@@ -258,6 +261,7 @@ def main(argv=None):
     parser.add_argument(
         "--callbacks", choices=sorted(CALLBACKS), default="snapshot"
     )
+    parser.add_argument("--url-prefix", default="")
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--snapshots", type=int, default=4)
     parser.add_argument("--sleep", type=float, default=0.0)

@@ -430,6 +430,7 @@ def test_help_and_version_do_not_import_tensorflow():
     assert "keras-snapshot " + keras_snapshot.__version__ in result.stdout
 
 
+@pytest.mark.slow
 def test_the_program_registers_keras_objects_when_it_runs_a_command():
     code = """
 import sys

@@ -60,6 +60,7 @@ def steps_in(directory):
 # 3. A snapshot folder shared with BackupAndRestore.
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layout", ["same", "inside"])
 def test_snapshots_inside_the_backup_folder_are_refused(tmp_path, layout):
     backup = str(tmp_path / "backup")
@@ -86,6 +87,7 @@ _HOLDER = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_second_writer_is_refused_and_a_killed_one_leaves_no_lock(tmp_path):
     directory = str(tmp_path / "snaps")
     os.makedirs(directory)
@@ -108,6 +110,7 @@ def test_second_writer_is_refused_and_a_killed_one_leaves_no_lock(tmp_path):
     assert steps_in(directory) == [10, 20, 30]
 
 
+@pytest.mark.slow
 def test_one_process_can_refit_into_its_own_folder(tmp_path):
     """A notebook cell run again: the same process takes its lock over."""
     directory = str(tmp_path / "snaps")
@@ -126,6 +129,7 @@ def test_one_process_can_refit_into_its_own_folder(tmp_path):
 # 5. A rerun of a finished training.
 
 
+@pytest.mark.slow
 def test_rerun_sets_old_snapshots_aside_and_a_crash_loses_nothing(tmp_path):
     directory = str(tmp_path / "snaps")
     first = fit(directory)
@@ -153,6 +157,7 @@ def test_rerun_sets_old_snapshots_aside_and_a_crash_loses_nothing(tmp_path):
 # 7. Diverged training.
 
 
+@pytest.mark.slow
 def test_nonfinite_snapshots_are_marked_and_refused(tmp_path):
     directory = str(tmp_path / "snaps")
     with pytest.warns(UserWarning, match="NaN or infinite"):
@@ -188,6 +193,7 @@ def test_endless_recalibration_data_is_refused_up_front():
         keras_snapshot.recalibrate_batchnorm(make_model(), endless)
 
 
+@pytest.mark.slow
 def test_large_and_deep_manifests_are_read_or_refused(tmp_path):
     directory = tmp_path / "snaps"
     directory.mkdir()
@@ -259,6 +265,7 @@ def test_unsafe_layer_refusal_keeps_keras_reason(tmp_path):
     assert path in str(info.value)
 
 
+@pytest.mark.slow
 def test_training_past_total_steps_and_short_fits_warn(tmp_path):
     with pytest.warns(UserWarning, match="past the schedule's total_steps"):
         fit(str(tmp_path / "long"), epochs=7)

@@ -235,6 +235,7 @@ def test_argparse_errors_exit_2_without_traceback(argv):
     assert "error" in result.stderr
 
 
+@pytest.mark.slow
 def test_export_onto_an_existing_file_or_folder(cli_run, tmp_path, capsys):
     blocker = tmp_path / "taken.keras"
     blocker.write_text("keep me")
@@ -379,6 +380,7 @@ def test_killed_cli_run_resumes_with_the_same_command(tmp_path):
     assert os.path.isfile(os.path.join(run_dir, "report.json"))
 
 
+@pytest.mark.slow
 def test_temperature_scaling_is_fitted_on_validation(cli_run, tmp_path):
     import shutil
 

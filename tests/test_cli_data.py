@@ -56,6 +56,7 @@ def test_an_image_folder_trains_end_to_end_and_is_named_by_its_path(folder_run):
     assert ensemble.output_shape == (None, 3)
 
 
+@pytest.mark.slow
 def test_the_same_command_resumes_and_other_image_settings_are_refused(
     folder_run, capsys
 ):

@@ -189,6 +189,7 @@ def test_another_method_is_refused_before_anything_is_written(
     assert not run_dir.exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "command, verb",
     [

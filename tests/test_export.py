@@ -136,6 +136,7 @@ def run_tflite(path, x):
     return by_signature, by_tensor, dtypes
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_tflite_float_matches_predict(members, variant, tmp_path):
     ensemble = make_ensemble(members, variant)

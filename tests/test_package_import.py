@@ -144,6 +144,7 @@ def test_a_public_name_is_the_first_use_of_keras():
     assert result.stdout.split() == ["select_snapshots", "SnapshotSchedule"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "statement",
     [

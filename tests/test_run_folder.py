@@ -74,6 +74,7 @@ def test_symlinked_output_dir_is_the_run_folder(linked_run, tmp_path, capsys):
     assert RUN_FILES | {"saved_model"} <= set(os.listdir(real))
 
 
+@pytest.mark.slow
 def test_export_refuses_a_dangling_link_or_a_file_entry(
     linked_run, tmp_path, capsys
 ):

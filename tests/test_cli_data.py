@@ -83,6 +83,7 @@ def test_distill_works_on_a_streamed_run(folder_run):
     assert student.input_shape == (None, 16, 12, 3)
 
 
+@pytest.mark.slow
 def test_evaluate_and_export_refuse_an_unfinished_run(
     folder_run, tmp_path, capsys
 ):

@@ -178,6 +178,7 @@ def test_tflite_quantized_keeps_the_predicted_class(
         np.testing.assert_allclose(probabilities.sum(1), 1.0, atol=1e-3)
 
 
+@pytest.mark.slow
 @needs_onnx
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_onnx_in_onnxruntime_matches_predict(members, variant, tmp_path):

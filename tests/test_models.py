@@ -107,7 +107,13 @@ def test_model_names():
     assert models.small_cnn((8, 8, 1), 10).name == "small_cnn"
 
 
-@pytest.mark.parametrize("name", sorted(models.MODELS))
+@pytest.mark.parametrize(
+    "name",
+    [
+        pytest.param(name, marks=pytest.mark.slow) if name in BIG else name
+        for name in sorted(models.MODELS)
+    ],
+)
 def test_no_regularizer_by_default(name):
     """Weight decay is the optimizer's job (the CLI's `--weight-decay`):
     a default L2 penalty would decay the weights a second time."""

@@ -1,31 +1,18 @@
 """`average_weights` (uniform, greedy soup) and SWA with `WeightAveraging`.
 
-The resume test runs this file as a script in a subprocess (see `main` at
-the bottom), kills it with SIGKILL and runs the same command again, as
-`tests/test_resume.py` does with `tests/train_script.py`. The numpy
-references of the running averages are in `tests/test_weight_averaging.py`.
+The kill-and-resume test of the running averages is in `tests/test_resume.py`;
+their numpy references are in `tests/test_weight_averaging.py`.
 """
 
-import argparse
 import os
-import signal
-import sys
-import time
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-if __name__ == "__main__":
-    sys.path.insert(0, HERE)
-    sys.path.insert(1, os.path.dirname(HERE))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
-from helpers import finish_script  # noqa: E402
 from helpers import make_data  # noqa: E402
 from helpers import make_model  # noqa: E402
-from helpers import script_output  # noqa: E402
-from helpers import start_script  # noqa: E402
 
 from keras_snapshot.averaging import WeightAveraging  # noqa: E402
 from keras_snapshot.averaging import average_weights  # noqa: E402
@@ -293,134 +280,3 @@ def test_start_in_the_past_without_a_saved_average_is_refused():
             verbose=0,
             callbacks=[averaging],
         )
-
-
-# Resume after a real kill ----------------------------------------------------
-
-SCRIPT = os.path.abspath(__file__)
-FAULT_VARIABLE = "SWA_SCRIPT_FAULT"
-# A prefix for the average's `filepath` (`file://`: the
-# `tf.io.gfile` code path of remote storage, on a disk processes share).
-URL_VARIABLE = "SWA_SCRIPT_URL_PREFIX"
-TIMEOUT = 300
-
-
-def start(workdir, fault=None, url_prefix=""):
-    env = {FAULT_VARIABLE: fault or None, URL_VARIABLE: url_prefix}
-    return start_script(SCRIPT, workdir, env)
-
-
-output = script_output
-finish = finish_script
-
-
-@pytest.mark.slow
-def test_killed_run_resumes_to_the_uninterrupted_average(tmp_path):
-    reference_dir = str(tmp_path / "reference")
-    reference = start(reference_dir)
-    workdir = str(tmp_path / "killed")
-
-    # 1. SIGKILL from outside at step 22 (epoch 4; last backup at step 18).
-    #    Averages at steps 8, 12, 16 and 20 were saved; 20 is stale then.
-    process = start(workdir, fault="pause_at_step:22")
-    deadline = time.monotonic() + TIMEOUT
-    while "paused at step 22" not in output(workdir)[0]:
-        if process.poll() is not None or time.monotonic() > deadline:
-            process.kill()
-            pytest.fail(f"The script did not pause: {output(workdir)}")
-        time.sleep(0.1)
-    os.kill(process.pid, signal.SIGKILL)
-    returncode, out, err = finish(process, workdir)
-    assert returncode == -signal.SIGKILL, err[-3000:]
-
-    # 2. Resumes at step 18 from the average of steps 8, 12, 16, which
-    #    BackupAndRestore saved with the weights (the one of step 20 is
-    #    redone), then dies at the end of epoch 4 after BackupAndRestore
-    #    saved step 24 but before the average of step 24 was taken.
-    process = start(workdir, fault="kill_at_epoch_end:4")
-    returncode, out, err = finish(process, workdir)
-    assert returncode == -signal.SIGKILL, err[-3000:]
-    assert "resumed at step 18 with the average of 3 models" in out
-
-    # 3. Resumes at step 24 from the average of step 20 and redoes the one
-    #    of step 24 from the restored weights, then completes (step 30).
-    process = start(workdir)
-    returncode, out, err = finish(process, workdir)
-    assert returncode == 0, err[-3000:]
-    assert "resumed at step 24 with the average of 5 models" in out
-    assert "average of 6 models (last at step 28)" in out
-
-    returncode, ref_out, err = finish(reference, reference_dir)
-    assert returncode == 0, err[-3000:]
-    assert "average of 6 models (last at step 28)" in ref_out
-    got = keras.saving.load_model(os.path.join(workdir, "swa.keras"))
-    want = keras.saving.load_model(os.path.join(reference_dir, "swa.keras"))
-    for g, w in zip(numpy_weights(got), numpy_weights(want)):
-        np.testing.assert_allclose(g, w, rtol=1e-6, atol=1e-7)
-
-
-class FaultCallback(keras.callbacks.Callback):
-    def __init__(self, fault):
-        super().__init__()
-        kind, _, value = (fault or ":").partition(":")
-        self.kind, self.value = kind, int(value) if value else None
-
-    def on_train_batch_begin(self, batch, logs=None):
-        step = int(keras.ops.convert_to_numpy(self.model.optimizer.iterations))
-        if self.kind == "pause_at_step" and step == self.value:
-            print(f"paused at step {step}", flush=True)
-            while True:  # Until the parent's SIGKILL.
-                time.sleep(1)
-
-    def on_epoch_end(self, epoch, logs=None):
-        if self.kind == "kill_at_epoch_end" and epoch + 1 == self.value:
-            sys.stdout.flush()
-            os.kill(os.getpid(), signal.SIGKILL)
-
-
-def main():
-    """48 samples, batch 8: 6 steps per epoch, 5 epochs; average every 4
-    steps from step 8 (8, 12, ..., 28), BackupAndRestore every epoch."""
-    parser = argparse.ArgumentParser()
-    parser.add_argument("workdir")
-    args = parser.parse_args()
-    import tensorflow as tf
-
-    tf.config.threading.set_intra_op_parallelism_threads(1)
-    tf.config.threading.set_inter_op_parallelism_threads(1)
-    tf.config.experimental.enable_op_determinism()
-    keras.utils.set_random_seed(0)
-    x, y = make_data(n=48)
-    model = make_model()
-    model.compile(
-        keras.optimizers.SGD(0.05, momentum=0.9),
-        "sparse_categorical_crossentropy",
-    )
-    prefix = os.environ.get(URL_VARIABLE, "")
-    swa = WeightAveraging(
-        mode="swa",
-        average_batchnorm=True,
-        start_step=8,
-        every_steps=4,
-        filepath=prefix + os.path.join(args.workdir, "swa.keras"),
-    )
-    model.fit(
-        x,
-        y,
-        batch_size=8,
-        epochs=5,
-        shuffle=False,
-        verbose=0,
-        callbacks=[
-            keras.callbacks.BackupAndRestore(
-                os.path.join(args.workdir, "backup")
-            ),
-            FaultCallback(os.environ.get(FAULT_VARIABLE)),
-            swa,
-        ],
-    )
-    print("done", flush=True)
-
-
-if __name__ == "__main__":
-    main()

@@ -237,6 +237,7 @@ def test_argparse_errors_exit_2_without_traceback(argv):
     assert "error" in result.stderr
 
 
+@pytest.mark.slow
 def test_export_onto_an_existing_file_or_folder(cli_run, tmp_path, capsys):
     blocker = tmp_path / "taken.keras"
     blocker.write_text("keep me")
@@ -381,6 +382,7 @@ def test_killed_cli_run_resumes_with_the_same_command(tmp_path):
     assert os.path.isfile(os.path.join(run_dir, "report.json"))
 
 
+@pytest.mark.slow
 def test_temperature_scaling_is_fitted_on_validation(cli_run, tmp_path):
     import shutil
 
@@ -432,6 +434,7 @@ def test_help_and_version_do_not_import_tensorflow():
     assert "keras-snapshot " + keras_snapshot.__version__ in result.stdout
 
 
+@pytest.mark.slow
 def test_the_program_registers_keras_objects_when_it_runs_a_command():
     code = """
 import sys

@@ -38,6 +38,7 @@ def folder_run(tmp_path_factory):
     return root, root / "runs" / "pets_flat_cnn_seed0"
 
 
+@pytest.mark.slow
 def test_an_image_folder_trains_end_to_end_and_is_named_by_its_path(folder_run):
     root, run_dir = folder_run
     report = json.loads((run_dir / "report.json").read_text())
@@ -55,6 +56,7 @@ def test_an_image_folder_trains_end_to_end_and_is_named_by_its_path(folder_run):
     assert ensemble.output_shape == (None, 3)
 
 
+@pytest.mark.slow
 def test_the_same_command_resumes_and_other_image_settings_are_refused(
     folder_run, capsys
 ):
@@ -71,6 +73,7 @@ def test_the_same_command_resumes_and_other_image_settings_are_refused(
         os.chdir(cwd)
 
 
+@pytest.mark.slow
 def test_distill_works_on_a_streamed_run(folder_run):
     _, run_dir = folder_run
     assert cli.main(["distill", str(run_dir), "--epochs", "1"]) == 0
@@ -80,6 +83,7 @@ def test_distill_works_on_a_streamed_run(folder_run):
     assert student.input_shape == (None, 16, 12, 3)
 
 
+@pytest.mark.slow
 def test_evaluate_and_export_refuse_an_unfinished_run(
     folder_run, tmp_path, capsys
 ):
@@ -187,6 +191,7 @@ def _model_file(path, activation, outputs=1):
     keras.Model(inputs, heads if outputs > 1 else heads[0]).save(path)
 
 
+@pytest.mark.slow
 def test_a_model_file_is_recorded_by_its_absolute_path(
     tmp_path, monkeypatch, capsys
 ):
@@ -213,6 +218,7 @@ def test_a_model_file_is_recorded_by_its_absolute_path(
     assert "Training already finished" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_a_model_file_that_now_scales_its_input_is_refused_on_resume(
     tmp_path, monkeypatch, capsys
 ):
@@ -232,6 +238,7 @@ def test_a_model_file_that_now_scales_its_input_is_refused_on_resume(
     ) in err, err
 
 
+@pytest.mark.slow
 def test_a_logits_model_file_trains_with_from_logits_on_an_npz(
     tmp_path, monkeypatch
 ):
@@ -381,6 +388,7 @@ def _input_model_file(path, first_layers=(), channels=1):
     keras.Model(inputs, outputs).save(path)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "first_layers, pixel_max, words",
     [
@@ -467,6 +475,7 @@ def test_which_models_scale_their_own_input(tmp_path, first_layers, scales):
     assert pipeline.model_pixel_max(path) == (255 if scales else 1)
 
 
+@pytest.mark.slow
 def test_an_ensemble_no_better_than_chance_is_flagged(
     tmp_path, monkeypatch, capsys
 ):
@@ -594,6 +603,7 @@ def test_too_few_images_are_refused_before_anything_is_written(
     assert not (tmp_path / "runs").exists()
 
 
+@pytest.mark.slow
 def test_evaluate_and_export_warn_when_the_data_changed_since_training(
     tmp_path, monkeypatch, capsys
 ):

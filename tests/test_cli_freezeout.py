@@ -58,6 +58,7 @@ def test_flags_parse():
     assert defaults.freezeout_scaling == "cubic" and defaults.scale_lr
 
 
+@pytest.mark.slow
 def test_report_keys_and_scores(fo_run, fo_output):
     run_dir, _ = fo_run
     report = _report(run_dir)
@@ -86,6 +87,7 @@ def test_report_keys_and_scores(fo_run, fo_output):
     assert not os.path.exists(os.path.join(run_dir, "snapshots"))
 
 
+@pytest.mark.slow
 def test_freezeout_really_froze_and_savings_are_printed(fo_output):
     assert "Estimated saving:" in fo_output
     assert "Measured saving:" in fo_output
@@ -93,6 +95,7 @@ def test_freezeout_really_froze_and_savings_are_printed(fo_output):
     assert "Training the baseline single model" in fo_output
 
 
+@pytest.mark.slow
 def test_other_options_are_recorded_and_no_baseline_without_flag(tmp_path):
     run_dir = str(tmp_path / "run")
     code = cli.main(
@@ -121,6 +124,7 @@ def test_other_options_are_recorded_and_no_baseline_without_flag(tmp_path):
         assert json.load(f)["status"] == "trained"
 
 
+@pytest.mark.slow
 def test_resume_and_other_mode_refused(fo_run, fo_output, capsys):
     run_dir, argv = fo_run
     capsys.readouterr()
@@ -185,6 +189,7 @@ def test_another_method_is_refused_before_anything_is_written(
     assert not run_dir.exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "command, verb",
     [
@@ -212,6 +217,7 @@ def test_ensemble_commands_say_what_a_freezeout_run_is(
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_run_json_records_both_training_times(fo_run, fo_output):
     run_dir, _ = fo_run
     with open(os.path.join(run_dir, "run.json")) as f:

@@ -46,6 +46,7 @@ def swa_run(tmp_path_factory):
     return train(tmp_path_factory, "swa")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "method, ends",
     [
@@ -82,6 +83,7 @@ def test_each_snapshot_method_trains_and_exports(
         assert f"Method: `{method}`" in f.read()
 
 
+@pytest.mark.slow
 def test_swa_exports_one_recalibrated_averaged_model(swa_run):
     run_dir, report = swa_run
     data = load_dataset("digits", validation_fraction=0.1, seed=0)
@@ -114,6 +116,7 @@ def test_swa_exports_one_recalibrated_averaged_model(swa_run):
     )
 
 
+@pytest.mark.slow
 def test_distill_command_adds_the_student(swa_run, tmp_path):
     run_dir, _ = swa_run
     code = cli.main(["distill", run_dir, "--epochs", "1", "--temperature", "2"])
@@ -181,6 +184,7 @@ def test_distill_of_a_folder_without_a_run_exits_2(tmp_path, capsys):
     assert os.listdir(folder) == []
 
 
+@pytest.mark.slow
 def test_resuming_with_another_method_exits_2(swa_run, capsys):
     run_dir, _ = swa_run
     code = cli.main(
@@ -190,6 +194,7 @@ def test_resuming_with_another_method_exits_2(swa_run, capsys):
     assert "--method swa" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_another_method_with_overwrite_starts_over(swa_run, tmp_path):
     run_dir = str(tmp_path / "run")
     shutil.copytree(swa_run[0], run_dir)

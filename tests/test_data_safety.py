@@ -53,37 +53,14 @@ def steps_in(directory):
     ]
 
 
-# 2. The last snapshot after a kill between the last backup and the snapshot.
-
-
-def test_kill_after_last_backup_still_ends_with_every_snapshot(tmp_path):
-    """A real SIGKILL after epoch 5's backup, before snapshot 4 (step 30)."""
-    workdir = str(tmp_path / "run")
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
-    env["PYTHONPATH"] = os.pathsep.join([ROOT, env.get("PYTHONPATH", "")])
-    command = [sys.executable, os.path.join(HERE, "train_script.py"), workdir]
-    killed = subprocess.run(
-        command,
-        env={**env, "TRAIN_SCRIPT_FAULT": "kill_before_snapshot:4"},
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
-    snapshots = os.path.join(workdir, "snapshots")
-    assert steps_in(snapshots) == [8, 16, 24]
-    # The backup says all 5 epochs ran: Keras runs no epoch on resume.
-    resumed = subprocess.run(
-        command, env=env, capture_output=True, text=True, timeout=300
-    )
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert steps_in(snapshots) == [8, 16, 24, 30]
-    assert len(keras_snapshot.snapshot_paths(snapshots)) == 4
+# 2. The last snapshot after a kill between the last backup and the
+# snapshot: `snapshot-after-last-backup` in tests/test_resume.py.
 
 
 # 3. A snapshot folder shared with BackupAndRestore.
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layout", ["same", "inside"])
 def test_snapshots_inside_the_backup_folder_are_refused(tmp_path, layout):
     backup = str(tmp_path / "backup")
@@ -110,6 +87,7 @@ _HOLDER = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_second_writer_is_refused_and_a_killed_one_leaves_no_lock(tmp_path):
     directory = str(tmp_path / "snaps")
     os.makedirs(directory)
@@ -132,6 +110,7 @@ def test_second_writer_is_refused_and_a_killed_one_leaves_no_lock(tmp_path):
     assert steps_in(directory) == [10, 20, 30]
 
 
+@pytest.mark.slow
 def test_one_process_can_refit_into_its_own_folder(tmp_path):
     """A notebook cell run again: the same process takes its lock over."""
     directory = str(tmp_path / "snaps")
@@ -150,6 +129,7 @@ def test_one_process_can_refit_into_its_own_folder(tmp_path):
 # 5. A rerun of a finished training.
 
 
+@pytest.mark.slow
 def test_rerun_sets_old_snapshots_aside_and_a_crash_loses_nothing(tmp_path):
     directory = str(tmp_path / "snaps")
     first = fit(directory)
@@ -177,6 +157,7 @@ def test_rerun_sets_old_snapshots_aside_and_a_crash_loses_nothing(tmp_path):
 # 7. Diverged training.
 
 
+@pytest.mark.slow
 def test_nonfinite_snapshots_are_marked_and_refused(tmp_path):
     directory = str(tmp_path / "snaps")
     with pytest.warns(UserWarning, match="NaN or infinite"):
@@ -212,6 +193,7 @@ def test_endless_recalibration_data_is_refused_up_front():
         keras_snapshot.recalibrate_batchnorm(make_model(), endless)
 
 
+@pytest.mark.slow
 def test_large_and_deep_manifests_are_read_or_refused(tmp_path):
     directory = tmp_path / "snaps"
     directory.mkdir()
@@ -283,6 +265,7 @@ def test_unsafe_layer_refusal_keeps_keras_reason(tmp_path):
     assert path in str(info.value)
 
 
+@pytest.mark.slow
 def test_training_past_total_steps_and_short_fits_warn(tmp_path):
     with pytest.warns(UserWarning, match="past the schedule's total_steps"):
         fit(str(tmp_path / "long"), epochs=7)

@@ -127,6 +127,7 @@ def test_tfds_prepared_dummy_mnist_loads(tmp_path):
     np.testing.assert_array_equal(np.bincount(data.y_test), [2] * 10)
 
 
+@pytest.mark.slow
 def test_tfds_supervised_keys_and_validation_as_test(tmp_path):
     TinyRgb(data_dir=tmp_path).download_and_prepare()
     data = load_dataset("tiny_rgb", data_dir=tmp_path, validation_fraction=0.2)

@@ -281,6 +281,7 @@ def test_readme_commands_name_the_run_folders_train_makes():
             assert os.path.normpath(args.run_dir) in made, argv
 
 
+@pytest.mark.slow
 def test_fine_tuning_example_runs(tmp_path):
     result = _run(
         [os.path.join(ROOT, "examples", "fine_tuning.py"), "--quick"],

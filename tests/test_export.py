@@ -90,6 +90,7 @@ def assert_same(got, want, atol=1e-5):
         np.testing.assert_allclose(got[key], want[key], atol=atol)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_saved_model_in_every_tensorflow_consumer(members, variant, tmp_path):
     ensemble = make_ensemble(members, variant)
@@ -135,6 +136,7 @@ def run_tflite(path, x):
     return by_signature, by_tensor, dtypes
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_tflite_float_matches_predict(members, variant, tmp_path):
     ensemble = make_ensemble(members, variant)
@@ -148,6 +150,7 @@ def test_tflite_float_matches_predict(members, variant, tmp_path):
     assert np.int8 not in dtypes and np.float16 not in dtypes
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("quantization", ["dynamic_range", "float16"])
 def test_tflite_quantized_keeps_the_predicted_class(
     members, quantization, tmp_path
@@ -175,6 +178,7 @@ def test_tflite_quantized_keeps_the_predicted_class(
         np.testing.assert_allclose(probabilities.sum(1), 1.0, atol=1e-3)
 
 
+@pytest.mark.slow
 @needs_onnx
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_onnx_in_onnxruntime_matches_predict(members, variant, tmp_path):
@@ -247,6 +251,7 @@ def test_export_refuses_bad_arguments(members, tmp_path):
     assert not os.path.exists(path)
 
 
+@pytest.mark.slow
 def test_onnx_without_tf2onnx_says_how_to_install(
     members, digits_run, tmp_path, monkeypatch, capsys
 ):
@@ -303,6 +308,7 @@ assert not any(m.startswith("keras_snapshot") for m in sys.modules)
 """
 
 
+@pytest.mark.slow
 def test_which_files_reload_without_import_keras_snapshot(members, tmp_path):
     x, y = make_data(seed=5)
     np.save(tmp_path / "x.npy", x)
@@ -370,6 +376,7 @@ def digits_run(tmp_path_factory):
     return run_dir
 
 
+@pytest.mark.slow
 def test_cli_export_formats_and_serving_layout(digits_run, tmp_path, capsys):
     from keras_snapshot.app.datasets import load_dataset
 

@@ -2,16 +2,15 @@
 
 The tests not marked slow are backend-agnostic; `test_core_tests_pass_on_jax`
 runs them again in a subprocess with `KERAS_BACKEND=jax`. The file is also a
-script (`python tests/test_freezeout.py MODE OUT`) for the runs that need a
-process of their own: a training killed with SIGKILL and resumed, and a
-`MirroredStrategy` over 2 logical CPUs.
+script (`python tests/test_freezeout.py MODE OUT`) for the run that needs a
+process of its own: a `MirroredStrategy` over 2 logical CPUs. The resume
+after a real kill is in `tests/test_resume.py`.
 """
 
 import importlib.util
 import json
 import math
 import os
-import signal
 import subprocess
 import sys
 import threading
@@ -1065,28 +1064,6 @@ def run(args, env=None, check=True):
 
 
 @pytest.mark.slow
-def test_resume_after_sigkill_lands_in_the_frozen_state(tmp_path):
-    script = os.path.abspath(__file__)
-    killed = run([script, "resume", str(tmp_path / "a"), "kill"], check=False)
-    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
-    run([script, "resume", str(tmp_path / "a")])
-    run([script, "resume", str(tmp_path / "b")])
-    with open(tmp_path / "a" / "result.json") as f:
-        resumed = json.load(f)
-    with open(tmp_path / "b" / "result.json") as f:
-        straight = json.load(f)
-    # Killed after epoch 3 (step 18): the new process starts at step 18
-    # and freezes groups 0 and 1 there, in one go.
-    assert resumed["first_step"] == 18
-    assert resumed["events"] == [[18, [0, 1]]]
-    assert straight["events"] == [[12, [0]], [18, [1]]]
-    a = np.load(tmp_path / "a" / "weights.npz")
-    b = np.load(tmp_path / "b" / "weights.npz")
-    for key in a:
-        np.testing.assert_allclose(a[key], b[key], rtol=1e-6, atol=1e-7)
-
-
-@pytest.mark.slow
 def test_saved_files_load_without_keras_snapshot(tmp_path):
     x, _ = make_data()
     model, _, _ = train(
@@ -1165,49 +1142,6 @@ def test_mirrored_strategy_on_two_cpus_matches_one_device(tmp_path):
 # script modes ---------------------------------------------------------------
 
 
-def _resume(out, kill):
-    os.makedirs(out, exist_ok=True)
-    keras.utils.set_random_seed(0)
-    x, y = make_data()
-    model = make_model(3, batchnorm=True)
-    model.compile(OPTIMIZERS["momentum"](), "sparse_categorical_crossentropy")
-    freeze = FreezeOut(t0=0.5, scaling="linear", verbose=0)
-
-    class Watch(keras.callbacks.Callback):
-        def on_epoch_begin(self, epoch, logs=None):
-            if not hasattr(self, "first_step"):
-                self.first_step = int(
-                    keras.ops.convert_to_numpy(self.model.optimizer.iterations)
-                )
-
-        def on_epoch_end(self, epoch, logs=None):
-            if kill and epoch == 2:
-                os.kill(os.getpid(), signal.SIGKILL)
-
-    watch = Watch()
-    model.fit(
-        x,
-        y,
-        batch_size=BATCH,
-        epochs=4,
-        shuffle=False,
-        verbose=0,
-        callbacks=[
-            keras.callbacks.BackupAndRestore(os.path.join(out, "backup")),
-            freeze,
-            watch,
-        ],
-    )
-    np.savez(
-        os.path.join(out, "weights.npz"),
-        *[keras.ops.convert_to_numpy(w) for w in model.weights],
-    )
-    with open(os.path.join(out, "result.json"), "w") as f:
-        json.dump(
-            {"first_step": watch.first_step, "events": freeze.freeze_events}, f
-        )
-
-
 def _mirrored(out):
     import tensorflow as tf
 
@@ -1259,9 +1193,7 @@ def _mirrored(out):
 if __name__ == "__main__":
     mode, out = sys.argv[1], sys.argv[2]
     sys.path.insert(0, ROOT)
-    if mode == "resume":
-        _resume(out, kill=sys.argv[3:] == ["kill"])
-    elif mode == "mirrored":
+    if mode == "mirrored":
         os.makedirs(out, exist_ok=True)
         _mirrored(out)
     else:

@@ -167,39 +167,6 @@ def test_no_import_cycle_between_modules():
     assert find_cycle(graph) is None, f"import cycle: {find_cycle(graph)}"
 
 
-def test_the_graph_splits_app_and_sees_imports_in_functions():
-    graph = import_graph()
-    assert {"app.train", "app.freezeout_job", "app.pipeline"} <= set(graph)
-    assert "app.pipeline" in graph["app.train"]
-    assert "app.pipeline" in graph["app.freezeout_job"]
-    # `methods.make_schedule` imports `run` inside the function only.
-    assert "app.run" in graph["app.methods"]
-
-
-def test_find_cycle_finds_a_cycle_inside_app():
-    graph = {
-        "schedule": set(),
-        "app.run": {"schedule"},
-        "app.train": {"app.run", "app.freezeout_job"},
-        "app.freezeout_job": {"app.run", "app.train"},
-    }
-    cycle = find_cycle(graph)
-    assert cycle is not None
-    assert cycle[0] == cycle[-1]
-    assert set(cycle) == {"app.train", "app.freezeout_job"}
-    graph["app.freezeout_job"] = {"app.run"}
-    assert find_cycle(graph) is None
-    assert find_cycle({"a": {"a"}}) == ["a", "a"]
-
-
-def test_imports_inside_functions_are_read(tmp_path):
-    path = tmp_path / "module.py"
-    path.write_text(
-        "def later():\n    from keras_snapshot.app.train import run_config\n"
-    )
-    assert imported_names(str(path)) == {"app.train", "app.train.run_config"}
-
-
 def _app_module_aliases(tree):
     """`{alias: app module}` bound by the file's imports of app modules."""
     aliases = {}

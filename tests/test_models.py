@@ -6,6 +6,9 @@ import pytest
 
 from keras_snapshot.app import models
 
+# The deep CIFAR networks, a few seconds each on a CPU.
+BIG = {"resnet56", "resnet110", "densenet40", "wrn32_4"}
+
 
 def _trainable(model):
     return sum(int(np.prod(w.shape)) for w in model.trainable_weights)
@@ -71,7 +74,13 @@ def test_zero_pad_shortcut_is_subsample_and_zero_channels():
     assert block.count_params() == 0
 
 
-@pytest.mark.parametrize("name", sorted(models.MODELS))
+@pytest.mark.parametrize(
+    "name",
+    [
+        pytest.param(name, marks=pytest.mark.slow) if name in BIG else name
+        for name in sorted(models.MODELS)
+    ],
+)
 def test_registry_models_output_softmax(name):
     keras.utils.set_random_seed(0)
     model = models.get_model(name, (32, 32, 3), 7)
@@ -98,7 +107,13 @@ def test_model_names():
     assert models.small_cnn((8, 8, 1), 10).name == "small_cnn"
 
 
-@pytest.mark.parametrize("name", sorted(models.MODELS))
+@pytest.mark.parametrize(
+    "name",
+    [
+        pytest.param(name, marks=pytest.mark.slow) if name in BIG else name
+        for name in sorted(models.MODELS)
+    ],
+)
 def test_no_regularizer_by_default(name):
     """Weight decay is the optimizer's job (the CLI's `--weight-decay`):
     a default L2 penalty would decay the weights a second time."""

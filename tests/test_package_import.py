@@ -54,6 +54,7 @@ print(model.optimizer.get_config()["learning_rate"]["registered_name"])
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "first, second",
     [
@@ -85,6 +86,7 @@ print("registered")
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("argv0", ["/usr/bin/keras-snapshot", "python", ""])
 def test_import_does_not_depend_on_the_program_name(argv0):
     code = CHECK_ARGV.format(registered=REGISTERED)
@@ -104,6 +106,7 @@ def test_python_m_help_imports_neither_keras_nor_tensorflow():
     assert not imported & {"keras", "tensorflow", "jax", "torch"}
 
 
+@pytest.mark.slow
 def test_the_import_hook_outlives_a_probe_and_is_gone_once_used():
     code = """
 import importlib.util
@@ -124,6 +127,7 @@ print("removed")
     assert run_python("-c", code).stdout.strip().endswith("removed")
 
 
+@pytest.mark.slow
 def test_a_public_name_is_the_first_use_of_keras():
     """`keras_snapshot.select_snapshots` before any `import keras`: the
     first submodule imports Keras, whose hook must not import the package
@@ -140,6 +144,7 @@ def test_a_public_name_is_the_first_use_of_keras():
     assert result.stdout.split() == ["select_snapshots", "SnapshotSchedule"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "statement",
     [

@@ -453,30 +453,3 @@ def test_swa_resumes_from_a_remote_backup_dir(tmp_path):
     assert_same_weights(
         load_remote_model(f"{remote}/swa.keras"), reference.averaged_model()
     )
-
-
-@pytest.mark.slow
-def test_swa_resumes_across_processes_through_gfile(tmp_path):
-    """A real SIGKILL at the end of epoch 4 (after BackupAndRestore saved
-    step 24, before the average of step 24), then a new process resumes
-    and writes the average to a `file://` path: the same average as a run
-    never killed."""
-    import test_averaging as script
-
-    reference_dir = str(tmp_path / "reference")
-    reference = script.start(reference_dir, url_prefix="file://")
-    workdir = str(tmp_path / "killed")
-    process = script.start(
-        workdir, fault="kill_at_epoch_end:4", url_prefix="file://"
-    )
-    returncode, out, err = script.finish(process, workdir)
-    assert returncode == -signal.SIGKILL, err[-3000:]
-    process = script.start(workdir, url_prefix="file://")
-    returncode, out, err = script.finish(process, workdir)
-    assert returncode == 0, err[-3000:]
-    assert "resumed at step 24 with the average of 5 models" in out
-    returncode, ref_out, err = script.finish(reference, reference_dir)
-    assert returncode == 0, err[-3000:]
-    got = keras.saving.load_model(os.path.join(workdir, "swa.keras"))
-    want = keras.saving.load_model(os.path.join(reference_dir, "swa.keras"))
-    assert_same_weights(got, want)

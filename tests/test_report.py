@@ -345,6 +345,7 @@ def test_error_band_is_the_exact_interval_in_percent():
         assert (low[i], high[i]) == pytest.approx((100 * ref[0], 100 * ref[1]))
 
 
+@pytest.mark.slow
 def test_error_vs_snapshots_plot(tmp_path):
     labels = _labels()
     members = _members(labels)
@@ -453,6 +454,7 @@ def tiny_run(tmp_path_factory):
     return run_dir, report, out.getvalue()
 
 
+@pytest.mark.slow
 def test_report_json_keys_hold_the_exported_and_single_models(tiny_run):
     run_dir, report, _ = tiny_run
     test = report["test"]
@@ -493,6 +495,7 @@ def test_report_json_keys_hold_the_exported_and_single_models(tiny_run):
     assert test["num_examples"] == len(data.y_test)
 
 
+@pytest.mark.slow
 def test_cli_says_what_temperature_scaling_did(tiny_run):
     run_dir, report, output = tiny_run
     fit = report["exported"]["temperature_fit"]

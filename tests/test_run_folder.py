@@ -29,6 +29,7 @@ def linked_run(tmp_path_factory):
     return link
 
 
+@pytest.mark.slow
 def test_overwrite_keeps_the_users_files_and_trains(tmp_path, capsys):
     run_dir = tmp_path / "run"
     (run_dir / "snapshots").mkdir(parents=True)
@@ -46,6 +47,7 @@ def test_overwrite_keeps_the_users_files_and_trains(tmp_path, capsys):
         assert json.load(f)["status"] == "trained"
 
 
+@pytest.mark.slow
 def test_symlinked_output_dir_is_the_run_folder(linked_run, tmp_path, capsys):
     link = linked_run
     real = link.parent / "real"
@@ -72,6 +74,7 @@ def test_symlinked_output_dir_is_the_run_folder(linked_run, tmp_path, capsys):
     assert RUN_FILES | {"saved_model"} <= set(os.listdir(real))
 
 
+@pytest.mark.slow
 def test_export_refuses_a_dangling_link_or_a_file_entry(
     linked_run, tmp_path, capsys
 ):
@@ -105,6 +108,7 @@ def test_export_refuses_a_dangling_link_or_a_file_entry(
         assert sorted(os.listdir(out)) == ["saved_model"]
 
 
+@pytest.mark.slow
 def test_rerun_keeps_the_distilled_student_in_the_report(tmp_path, capsys):
     run_dir = str(tmp_path / "run")
     assert cli.main(["train", *SMALL, "--output-dir", run_dir]) == 0

@@ -1,17 +1,13 @@
 """`WeightAveraging` (SWA and EMA in `fit`), the greedy soup, old names.
 
 Every update is checked against a numpy reference of the recorded weights.
-The resume test runs this file as a script in a subprocess (see `main` at
-the bottom), kills it with SIGKILL and runs it again.
+The resume after a real kill is in `tests/test_resume.py`.
 """
 
-import argparse
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 import warnings
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -24,11 +20,8 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 from helpers import CrashAtEpochEnd  # noqa: E402
-from helpers import finish_script  # noqa: E402
 from helpers import make_data  # noqa: E402
 from helpers import make_model  # noqa: E402
-from helpers import script_output  # noqa: E402
-from helpers import start_script  # noqa: E402
 
 from keras_snapshot import averaging as averaging_module  # noqa: E402
 from keras_snapshot.averaging import AveragedModelCheckpoint  # noqa: E402
@@ -790,114 +783,6 @@ def test_on_jax():
     )
     assert result.returncode == 0, result.stdout[-5000:] + result.stderr[-2000:]
     assert " passed" in result.stdout
-
-
-# Resume after a real kill ----------------------------------------------------
-
-SCRIPT = os.path.abspath(__file__)
-FAULT_VARIABLE = "WEIGHT_AVERAGING_SCRIPT_FAULT"
-TIMEOUT = 300
-
-
-def start(workdir, fault=None):
-    return start_script(SCRIPT, workdir, {FAULT_VARIABLE: fault or None})
-
-
-output = script_output
-finish = finish_script
-
-
-@pytest.mark.slow
-def test_ema_resumes_after_sigkill_to_the_uninterrupted_average(tmp_path):
-    """SIGKILL from outside at step 22 (epoch 4; last backup at step 18),
-    then a new process: the same EMA as a run never killed."""
-    reference_dir = str(tmp_path / "reference")
-    reference = start(reference_dir)
-    workdir = str(tmp_path / "killed")
-    process = start(workdir, fault="pause_at_step:22")
-    deadline = time.monotonic() + TIMEOUT
-    while "paused at step 22" not in output(workdir)[0]:
-        if process.poll() is not None or time.monotonic() > deadline:
-            process.kill()
-            pytest.fail(f"The script did not pause: {output(workdir)}")
-        time.sleep(0.1)
-    os.kill(process.pid, signal.SIGKILL)
-    returncode, _, err = finish(process, workdir)
-    assert returncode == -signal.SIGKILL, err[-3000:]
-
-    process = start(workdir)
-    returncode, out, err = finish(process, workdir)
-    assert returncode == 0, err[-3000:]
-    assert "resumed at step 18 with the average of 18 models" in out
-    returncode, ref_out, err = finish(reference, reference_dir)
-    assert returncode == 0, err[-3000:]
-    assert "average of 30 models (last at step 30)" in out
-    assert "average of 30 models (last at step 30)" in ref_out
-    got = keras.saving.load_model(os.path.join(workdir, "ema.keras"))
-    want = keras.saving.load_model(os.path.join(reference_dir, "ema.keras"))
-    for g, w in zip(numpy_weights(got), numpy_weights(want)):
-        np.testing.assert_allclose(g, w, rtol=1e-6, atol=1e-7)
-
-
-class PauseAt(keras.callbacks.Callback):
-    def __init__(self, fault):
-        super().__init__()
-        _, _, value = (fault or ":").partition(":")
-        self.step = int(value) if value else None
-
-    def on_train_batch_begin(self, batch, logs=None):
-        step = int(keras.ops.convert_to_numpy(self.model.optimizer.iterations))
-        if step == self.step:
-            print(f"paused at step {step}", flush=True)
-            while True:  # Until the parent's SIGKILL.
-                time.sleep(1)
-
-
-def main():
-    """48 samples, batch 8: 6 steps per epoch, 5 epochs; EMA of every
-    step with warm-up, BackupAndRestore every epoch."""
-    parser = argparse.ArgumentParser()
-    parser.add_argument("workdir")
-    args = parser.parse_args()
-    import tensorflow as tf
-
-    tf.config.threading.set_intra_op_parallelism_threads(1)
-    tf.config.threading.set_inter_op_parallelism_threads(1)
-    tf.config.experimental.enable_op_determinism()
-    keras.utils.set_random_seed(0)
-    x, y = make_data(n=48)
-    model = make_model()
-    model.compile(
-        keras.optimizers.SGD(0.05, momentum=0.9),
-        "sparse_categorical_crossentropy",
-    )
-    averaging = WeightAveraging(
-        mode="ema",
-        decay=0.9,
-        warmup=True,
-        recalibration_data=x,
-        filepath=os.path.join(args.workdir, "ema.keras"),
-    )
-    model.fit(
-        x,
-        y,
-        batch_size=8,
-        epochs=5,
-        shuffle=False,
-        verbose=0,
-        callbacks=[
-            PauseAt(os.environ.get(FAULT_VARIABLE)),
-            averaging,
-            keras.callbacks.BackupAndRestore(
-                os.path.join(args.workdir, "backup")
-            ),
-        ],
-    )
-    print("done", flush=True)
-
-
-if __name__ == "__main__":
-    main()
 
 
 def overflowing(member):

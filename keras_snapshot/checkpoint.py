@@ -431,7 +431,9 @@ class SnapshotCheckpoint(keras.callbacks.Callback):
         try:
             step = self._steps.read()
             if self._steps.fit_start_step is None:
-                # A run restored at its very end runs no epoch: plan here.
+                # A run restored at its very end runs no epoch: plan here;
+                # its snapshots belong to the last epoch.
+                self._epoch = max((self.params or {}).get("epochs", 1) - 1, 0)
                 self._steps_due = self._plan(step)
             self._take_due(step, None, logs)
             self._take_last_if_short(step, logs)

@@ -311,6 +311,13 @@ def last_snapshot_taken(workdir, out, err, uninterrupted):
     directory = os.path.join(workdir, "snapshots")
     assert steps_in(directory) == [8, 16, 24, 30]
     assert len(keras_snapshot.snapshot_paths(directory)) == 4
+    entries = keras_snapshot.read_manifest(directory)["snapshots"]
+    # Taken at the end of the last epoch (epoch 5), not "epoch 1".
+    assert [(e["epoch"], e["batch"]) for e in entries][-1] == (5, None)
+    want = keras_snapshot.read_manifest(uninterrupted.directories()[0])
+    assert [e["epoch"] for e in entries] == [
+        e["epoch"] for e in want["snapshots"]
+    ]
 
 
 # WeightAveraging (EMA of every step), its AveragedModelCheckpoints, and

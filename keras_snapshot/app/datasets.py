@@ -1046,55 +1046,29 @@ def open_dataset(
     if channels not in (None, 1, 3):
         raise ValueError(f"`channels` must be 1 or 3. Received: {channels!r}")
     pixel_max = _check_pixel_max(pixel_max)
-    data = _open_source(
-        source,
-        data_dir,
-        validation_fraction,
-        seed,
-        download,
-        test_fraction,
-        image_size,
-        channels,
-    )
-    return data if pixel_max == 1 else data.with_pixel_max(pixel_max)
-
-
-def _open_source(
-    source,
-    data_dir,
-    validation_fraction,
-    seed,
-    download,
-    test_fraction,
-    image_size,
-    channels,
-):
-    """`open_dataset` once its arguments are checked."""
-    if os.path.isdir(source):
-        return _open_image_folder(
-            source,
-            validation_fraction,
-            seed,
-            test_fraction,
-            image_size,
-            channels,
+    fraction = validation_fraction
+    if is_folder:
+        data = _open_image_folder(
+            source, fraction, seed, test_fraction, image_size, channels
         )
-    if os.path.isfile(source):
+    elif os.path.isfile(source):
         if not source.endswith(".npz"):
             raise ValueError(
                 f"{source} is a file, not an .npz of arrays: pass an .npz or "
                 "a folder of images in class subfolders."
             )
-        return _load_npz(source, validation_fraction, seed, test_fraction)
-    if source.endswith(".npz") or os.sep in source:
+        data = _load_npz(source, fraction, seed, test_fraction)
+    elif source.endswith(".npz") or os.sep in source:
         raise FileNotFoundError(
             f"No file or folder at {source}: pass an image folder or .npz."
         )
-    if source in EMBEDDED_DATASETS:
-        return load_dataset(source, data_dir, validation_fraction, seed)
-    if data_dir is not None:
-        data_dir = os.fspath(data_dir)
-    return _open_tfds(source, data_dir, validation_fraction, seed, download)
+    elif source in EMBEDDED_DATASETS:
+        data = load_dataset(source, data_dir, fraction, seed)
+    else:
+        if data_dir is not None:
+            data_dir = os.fspath(data_dir)
+        data = _open_tfds(source, data_dir, fraction, seed, download)
+    return data if pixel_max == 1 else data.with_pixel_max(pixel_max)
 
 
 def fingerprint_changes(recorded: dict, current: dict) -> list:

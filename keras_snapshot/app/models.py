@@ -486,8 +486,8 @@ def _load_model_file(
     if len(model.outputs) != 1:
         names = ", ".join(getattr(model, "output_names", None) or [])
         raise ValueError(
-            f"The model in {path!r} must have one softmax or linear output. "
-            f"Received: {len(model.outputs)} outputs ({names})"
+            f"The model in {path!r} has {len(model.outputs)} outputs "
+            f"({names}): save one with a single softmax or linear output."
         )
     outputs = model.output_shape
     if not isinstance(outputs, tuple) or len(outputs) != 2:

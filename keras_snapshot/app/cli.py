@@ -1,15 +1,7 @@
-"""`keras-snapshot`: train, evaluate and export snapshot ensembles.
+"""`keras-snapshot`: train, evaluate, export and distill snapshot ensembles.
 
-A front end over the public API. `keras-snapshot train` with no options
-trains a small CNN on scikit-learn's bundled digits (no network needed),
-saves a snapshot at the end of every learning-rate cycle, evaluates every
-snapshot and every ensemble of the last m snapshots, exports the ensemble
-(`.keras` and TensorFlow SavedModel) and writes a report with plots.
-
-This module only parses the command line and dispatches to
-`keras_snapshot.app.train`, `evaluate` and `export`, imported when a command
-runs: `keras-snapshot --help` and `--version` import neither TensorFlow nor
-Keras.
+Parses the command line and dispatches to the command's module, imported
+only then: `--help` and `--version` import neither TensorFlow nor Keras.
 """
 
 import argparse
@@ -518,11 +510,8 @@ _TENSORFLOW_STARTUP_LINES = (
 def quiet_tensorflow() -> None:
     """Sets TensorFlow's C++ log level, unless the user has set one.
 
-    Before TensorFlow is imported: its C++ INFO and WARNING lines are
-    noise on the command line. On a machine without an NVIDIA driver the
-    level also hides ERROR lines, of which the only one is "failed call to
-    cuInit". Set `TF_CPP_MIN_LOG_LEVEL` yourself (or use `--verbose`) to
-    see them.
+    INFO and WARNING are hidden; without an NVIDIA driver also ERROR, whose
+    only line there is "failed call to cuInit".
     """
     gpu_driver = os.path.exists("/dev/nvidiactl")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2" if gpu_driver else "3")
@@ -531,13 +520,9 @@ def quiet_tensorflow() -> None:
 def import_tensorflow_quietly() -> None:
     """Imports TensorFlow without its start-up lines on stderr.
 
-    TensorFlow 2.21 prints some of `_TENSORFLOW_STARTUP_LINES` (absl's
-    warning, oneDNN's notice) whatever `TF_CPP_MIN_LOG_LEVEL` says, from
-    C++, straight to file descriptor 2: while it is imported, that
-    descriptor goes to a temporary file, and whatever else was written there
-    (an import error, a Python warning) is written to stderr afterwards.
-    Without effect when `TF_CPP_MIN_LOG_LEVEL` is 0: the user asked for
-    every line.
+    TensorFlow writes some from C++ to fd 2 whatever the log level: fd 2
+    goes to a temporary file during the import, and the other lines are
+    written back. Without effect when `TF_CPP_MIN_LOG_LEVEL` is 0.
     """
     import tempfile
 

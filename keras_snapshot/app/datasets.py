@@ -1,25 +1,10 @@
-"""Image-classification data for snapshot-ensemble experiments.
+"""Image-classification data: train, validation and test splits.
 
-A front end: it opens a user's data (a folder of images in class
-subfolders, an `.npz` of arrays), the bundled datasets and any
-tensorflow-datasets image-classification dataset, split into train,
-validation and test, and turns them into `tf.data` pipelines with the
-standard augmentation of Huang et al. 2017, "Snapshot Ensembles: Train 1,
-get M for free" (arXiv:1704.00109). The validation split is always carved
-from the training data, never from the test data, so snapshots can be
-selected on validation without touching the test set.
-
-Two kinds of data answer the same questions (`count`, `labels`,
-`batches`, `inputs`): a `Dataset` holds numpy arrays in memory (the
-bundled datasets, `.npz` files); a `StreamedDataset` holds only file names
-or record indices and labels, and decodes images batch by batch (image
-folders, tensorflow-datasets), so that its memory does not grow with the
-number of images.
-
-Both carry the class names (label i is `class_names[i]`), a
-`fingerprint()` that tells whether the data changed since a run was
-trained, and `pixel_max`: the images reach the model in `[0, pixel_max]`,
-1 by default, 255 for a model that scales its own input.
+Opens an image folder, an `.npz`, the bundled datasets or a
+tensorflow-datasets dataset, and makes `tf.data` pipelines with the
+augmentation of Huang et al. 2017 (arXiv:1704.00109). Validation is
+always carved from training data, never from test. A `Dataset` holds
+arrays in memory; a `StreamedDataset` decodes images batch by batch.
 """
 
 import dataclasses
@@ -60,6 +45,7 @@ SPLITS = ("train", "val", "test")
 _PROBE_TIMEOUT = 10.0
 """Seconds to wait for a tensorflow-datasets download server to answer."""
 _PAD = 4
+_REINSTALL = "apt-get install --reinstall dataset-fashion-mnist"
 _FASHION_FILES = {
     "x_train": "train-images-idx3-ubyte.gz",
     "y_train": "train-labels-idx1-ubyte.gz",
@@ -88,11 +74,8 @@ def _check_split(split: str) -> str:
 class _Splits:
     """What a job asks of its data, in memory or streamed.
 
-    A subclass provides `labels(split)` and `_stream(split)`: the
-    elements of the split before decoding, the function that decodes one
-    into `(float32 image in [0, 1], int32 label)` (or None) and how many
-    elements a shuffle holds at once; and the fields `num_classes`,
-    `class_names` and `pixel_max`.
+    A subclass provides `labels(split)`, and `_stream(split)`: the
+    undecoded elements, their decode function (or None), a shuffle buffer.
     """
 
     @property
@@ -104,8 +87,7 @@ class _Splits:
     def with_pixel_max(self, pixel_max: float):
         """The same data, its images reaching the model in `[0, pixel_max]`.
 
-        `pixel_max=255` gives raw pixel values, for a model that scales
-        its own input (a `Rescaling` or `Normalization` first layer).
+        255 gives raw pixel values, for a model that scales its own input.
         """
         pixel_max = _check_pixel_max(pixel_max)
         return dataclasses.replace(self, pixel_max=pixel_max)
@@ -113,11 +95,8 @@ class _Splits:
     def fingerprint(self) -> dict:
         """What identifies the data a run was trained on, for `run.json`.
 
-        The number of examples of each split, a sha256 of their labels,
-        for an `.npz` a sha256 of each split's images and, for a folder of
-        images, a sha256 of its sorted file list and one of each file's
-        size and modification time. `fingerprint_changes` compares two
-        fingerprints.
+        Split counts, a sha256 of the labels and, where known, of the
+        images (`.npz`) or of the file list and file sizes/mtimes (folder).
         """
         digest = hashlib.sha256()
         for split in SPLITS:
@@ -169,10 +148,7 @@ class _Splits:
     def inputs(
         self, split: str, batch_size: int, limit: int | None = None
     ) -> tf.data.Dataset:
-        """Batches of the images of `split` only, in order (for predict).
-
-        `limit` keeps the first `limit` images.
-        """
+        """Batches of the first `limit` images of `split`, in order."""
         elements, decode, _ = self._stream(_check_split(split))
         if limit is not None:
             elements = elements.take(limit)
@@ -289,14 +265,10 @@ class StreamedDataset(_Splits):
 
 
 def _split(labels, fraction, seed):
-    """Random split stratified by class: indices `(keep, held_out)`, sorted.
+    """Seeded split stratified by class: sorted indices `(keep, held_out)`.
 
-    `round(fraction * len(labels))` examples are held out, shared among the
-    classes in proportion to their sizes by scikit-learn's
-    `train_test_split(stratify=...)`, with `seed` as its `random_state`.
-    Where the data is too small to stratify (a class with a single example,
-    or fewer held-out or kept examples than classes), the split is a plain
-    seeded random split.
+    Holds out `round(fraction * len(labels))`; a plain random split where
+    the data is too small to stratify.
     """
     from sklearn.model_selection import train_test_split
 
@@ -373,20 +345,32 @@ def _read_idx(path, magic, ndim):
     found = struct.unpack(">I", data[:4])[0] if len(data) >= 4 else None
     if found != magic:
         raise ValueError(
-            f"{path!r} is not an IDX file of {ndim}-D unsigned bytes: its "
-            f"magic number is {found}, expected {magic}. Reinstall the data "
-            "with `apt-get install --reinstall dataset-fashion-mnist`."
+            f"{path!r} is not an IDX file: reinstall it with `{_REINSTALL}`. "
+            f"Received: magic number {found}, expected {magic}"
         )
     shape = struct.unpack(f">{ndim}I", data[4:header])
     array = np.frombuffer(data, dtype=np.uint8, offset=header)
     if array.size != int(np.prod(shape)):
         raise ValueError(
-            f"{path!r} is truncated: its header announces shape {shape} "
-            f"({int(np.prod(shape))} bytes) but it holds {array.size} bytes. "
-            "Reinstall it with "
-            "`apt-get install --reinstall dataset-fashion-mnist`."
+            f"{path!r} is truncated: reinstall it with `{_REINSTALL}`. "
+            f"Received: {array.size} bytes for shape {shape}"
         )
     return array.reshape(shape)
+
+
+def _finish_fashion(name, arrays, fraction, seed):
+    """The `Dataset` of Fashion-MNIST uint8 arrays, scaled to [0, 1]."""
+    return _finish(
+        name,
+        arrays["x_train"][..., np.newaxis] / np.float32(255),
+        arrays["y_train"],
+        arrays["x_test"][..., np.newaxis] / np.float32(255),
+        arrays["y_test"],
+        10,
+        fraction,
+        seed,
+        example_data.CLASS_NAMES,
+    )
 
 
 def _load_fashion_mnist(data_dir, fraction, seed):
@@ -395,67 +379,38 @@ def _load_fashion_mnist(data_dir, fraction, seed):
     missing = [p for p in paths.values() if not os.path.isfile(p)]
     if missing:
         raise FileNotFoundError(
-            f"Fashion-MNIST files not found: {missing}. Install them with "
-            "`apt-get install -y dataset-fashion-mnist` (Debian), which puts "
-            f"them in {FASHION_MNIST_DIR}, or pass `data_dir=` the folder "
-            "holding the 4 original IDX gzip files."
+            "Fashion-MNIST files not found: `apt-get install "
+            f"dataset-fashion-mnist` puts them in {FASHION_MNIST_DIR}, or "
+            f"pass `data_dir=` their folder. Received: missing {missing}"
         )
     arrays = {
         k: _read_idx(p, 2051, 3) if k.startswith("x") else _read_idx(p, 2049, 1)
         for k, p in paths.items()
     }
-    return _finish(
-        "fashion_mnist_local",
-        arrays["x_train"][..., np.newaxis] / np.float32(255),
-        arrays["y_train"],
-        arrays["x_test"][..., np.newaxis] / np.float32(255),
-        arrays["y_test"],
-        10,
-        fraction,
-        seed,
-        example_data.CLASS_NAMES,
-    )
+    return _finish_fashion("fashion_mnist_local", arrays, fraction, seed)
 
 
 def _load_fashion_mnist_small(data_dir, fraction, seed):
-    """The class-balanced Fashion-MNIST subset bundled with the package.
-
-    `keras_snapshot/data/fashion_mnist_small.npz` (uint8, made by
-    `benchmarks/make_fashion_subset.py`; MIT licence, see the README in that
-    folder), or the file of that name in `data_dir`.
-    """
+    """The bundled class-balanced Fashion-MNIST subset (or `data_dir`'s)."""
     folder = data_dir
     if folder is None:
         folder = os.path.dirname(example_data.FASHION_MNIST_SMALL)
     path = os.path.join(folder, "fashion_mnist_small.npz")
     if not os.path.isfile(path):
         raise FileNotFoundError(
-            f"{path!r} does not exist. It is installed with the package; "
-            "reinstall keras-snapshot, or make it with `python "
-            "benchmarks/make_fashion_subset.py --out PATH` and pass its folder "
-            "as `data_dir`."
+            "fashion_mnist_small.npz is missing: reinstall keras-snapshot, or "
+            "make it with `python benchmarks/make_fashion_subset.py --out "
+            f"PATH` and pass its folder as `data_dir`. Received: {path!r}"
         )
     with np.load(path) as f:
         arrays = {k: f[k] for k in ("x_train", "y_train", "x_test", "y_test")}
-    return _finish(
-        "fashion_mnist_small",
-        arrays["x_train"][..., np.newaxis] / np.float32(255),
-        arrays["y_train"],
-        arrays["x_test"][..., np.newaxis] / np.float32(255),
-        arrays["y_test"],
-        10,
-        fraction,
-        seed,
-        example_data.CLASS_NAMES,
-    )
+    return _finish_fashion("fashion_mnist_small", arrays, fraction, seed)
 
 
 def _image_label_keys(tfds, info, name):
     """The `(image, label)` feature names of an image-classification dataset.
 
-    The dataset's supervised keys, or, where it declares none (e.g. a
-    dataset read back from its prepared files), its only `Image` and only
-    `ClassLabel` features.
+    Its supervised keys, or else its only `Image` and `ClassLabel` features.
     """
     features = info.features
     image_type, label_type = tfds.features.Image, tfds.features.ClassLabel
@@ -480,16 +435,14 @@ def _image_label_keys(tfds, info, name):
     ):
         raise ValueError(
             f"The tensorflow-datasets dataset {name!r} is not an image "
-            "classification dataset: its supervised keys are "
-            f"{info.supervised_keys}. Pick one whose input is an image and "
-            f"whose target is a class label. Received: name={name!r}"
+            "classification dataset: pick one of images and class labels. "
+            f"Received: name={name!r}, supervised keys {info.supervised_keys}"
         )
     if None in features[keys[0]].shape:
         raise ValueError(
-            f"The images of {name!r} have variable sizes "
-            f"{features[keys[0]].shape}; `load_dataset` needs fixed-size "
-            f"images. Pick a dataset of fixed-size images. Received: "
-            f"name={name!r}"
+            f"The images of {name!r} vary in size: pick a dataset of "
+            f"fixed-size images. Received: name={name!r}, image shape "
+            f"{features[keys[0]].shape}"
         )
     return tuple(keys)
 
@@ -497,10 +450,8 @@ def _image_label_keys(tfds, info, name):
 def _unreachable_server(urls, timeout=_PROBE_TIMEOUT):
     """`(host, reason)` of the first server of `urls` that does not answer.
 
-    One HEAD request per host, no retries, with the proxies of the
-    environment (as tensorflow-datasets' own downloads use them). Any HTTP
-    answer, even an error status, counts as reachable. Returns `None` when
-    every server answers.
+    One HEAD request per host, no retries; any HTTP answer, even an error,
+    counts as reachable. None when every server answers.
     """
     import urllib.error
     import urllib.parse
@@ -526,16 +477,14 @@ def _unreachable_server(urls, timeout=_PROBE_TIMEOUT):
 def _prepare_tfds(builder, name, download):
     """Downloads and prepares `builder` unless it is prepared already.
 
-    Fails in one line, without tensorflow-datasets' minutes of retries,
-    when the data is not there and cannot be downloaded.
+    Fails at once, not after tensorflow-datasets' minutes of retries.
     """
     if builder.is_prepared():
         return
     hint = (
-        'Download it where there is network access (`python -c "import '
-        f"tensorflow_datasets as tfds; tfds.builder('{name}')"
-        '.download_and_prepare()"`) and pass the folder that holds its '
-        f"`{name}/` folder with `--data-dir` (`data_dir=` in Python)."
+        "Download it where there is network (`tfds.builder("
+        f"'{name}').download_and_prepare()`) and pass the folder holding "
+        f"its `{name}/` with `--data-dir` (`data_dir=` in Python)."
     )
     where = f"{name!r} is not downloaded in {builder.data_dir}"
     if not download:
@@ -556,12 +505,8 @@ def _prepare_tfds(builder, name, download):
 def _import_tfds(name):
     """tensorflow_datasets, or a one-line ImportError naming the dataset.
 
-    It is an optional dependency (the `tensorflow`, `tensorflow-cpu` and
-    `datasets` extras, setup.py): only the tensorflow-datasets names need
-    it. The command it suggests is setup.py's `datasets` extra with the
-    installed TensorFlow and its version: tensorflow-datasets pulls
-    protobuf 6.33+, and pip would upgrade protobuf under a TensorFlow
-    2.18-2.19 it was not asked to keep.
+    The command suggested pins the installed TensorFlow: tensorflow-datasets
+    pulls a protobuf that pip would otherwise upgrade under TensorFlow 2.18.
     """
     try:
         import tensorflow_datasets as tfds
@@ -584,9 +529,9 @@ def _import_tfds(name):
             pass
         checkout = f' (or, in a checkout, `pip install -e ".[{extra}]"`)'
         raise ImportError(
-            f"The dataset {name!r} is a tensorflow-datasets dataset, which "
-            f"is not installed. Install it with `{command}`"
-            f"{checkout if extra else ''}. Received: name={name!r}."
+            f"The dataset {name!r} needs tensorflow-datasets: install it "
+            f"with `{command}`{checkout if extra else ''}. "
+            f"Received: name={name!r}."
         ) from None
     return tfds
 
@@ -598,11 +543,9 @@ def _tfds_builder(name, data_dir):
         return tfds.builder(name, data_dir=data_dir)
     except tfds.core.registered.DatasetNotFoundError:
         raise ValueError(
-            f"Unknown dataset {name!r}. Use one of the embedded datasets "
-            f"{list(EMBEDDED_DATASETS)}, the path of a folder of images in "
-            "class subfolders or of an .npz file, or the name of any "
-            "tensorflow-datasets image-classification dataset (e.g. "
-            '"mnist", "cifar10", "cifar100", "svhn_cropped"). '
+            f"Unknown dataset: use one of {list(EMBEDDED_DATASETS)}, an "
+            "image folder or .npz path, or a tensorflow-datasets "
+            'image-classification dataset (e.g. "mnist", "cifar10"). '
             f"Received: name={name!r}"
         ) from None
 
@@ -610,11 +553,8 @@ def _tfds_builder(name, data_dir):
 def _open_tfds(name, data_dir, fraction, seed, download):
     """A tensorflow-datasets dataset, streamed from its prepared files.
 
-    Labels are read once with the images left encoded; the images of a
-    split are decoded batch by batch. Validation is carved from "train" by
-    record index (`_split`, as for arrays), so records are read in file
-    order and shuffled in a buffer of at most `_SHUFFLE_BUFFER` encoded
-    images.
+    Labels are read once, images decoded batch by batch; validation is
+    carved from "train" by record index, as for arrays.
     """
     tfds = _import_tfds(name)
     builder = _tfds_builder(name, data_dir)
@@ -625,9 +565,8 @@ def _open_tfds(name, data_dir, fraction, seed, download):
     if splits and "test" not in splits:
         if "validation" not in splits:
             raise ValueError(
-                f"The dataset {name!r} has no 'test' or 'validation' split "
-                f"to test on (splits: {sorted(splits)}). Pick another "
-                f"dataset. Received: name={name!r}"
+                f"The dataset {name!r} has no 'test' or 'validation' split: "
+                f"pick another. Received: splits {sorted(splits)}"
             )
         test_split = "validation"
     image_feature = builder.info.features[keys[0]]
@@ -735,9 +674,8 @@ def _open_image_folder(
     if listed.test_paths is None:
         if not 0 < test_fraction < 1:
             raise ValueError(
-                f"{folder} has no test/ folder, so a test split is held "
-                "out of its images: `test_fraction` must be in (0, 1). "
-                f"Received: test_fraction={test_fraction!r}"
+                f"{folder} has no test/ folder, so `test_fraction` must be "
+                f"in (0, 1). Received: test_fraction={test_fraction!r}"
             )
         pool, test = _split(labels, test_fraction, _TEST_SEED)
         test_paths, test_labels = paths[test], labels[test]
@@ -796,18 +734,13 @@ def _open_image_folder(
 def _check_counts(
     name, counts, held_out_test, held_out_val, fraction, test_fraction
 ):
-    """Refuses a split too small to train or test on, before any training.
-
-    Every split needs an image; validation only where it was asked for
-    (`fraction` > 0 or a validation folder).
-    """
+    """Refuses, before training, a split with no image where one is needed."""
     total = sum(counts.values())
     if counts["test"] == 0 and held_out_test:
         raise ValueError(
-            f"{name} has {total} images, so holding out `test_fraction` "
-            f"(--test-fraction) {test_fraction} of them leaves no test "
-            "images. Add images, or raise --test-fraction. Received: "
-            f"test_fraction={test_fraction}"
+            f"{name} has {total} images, which leaves no test images: add "
+            "images, or raise `test_fraction` (--test-fraction). "
+            f"Received: test_fraction={test_fraction}"
         )
     if counts["test"] == 0:
         raise ValueError(
@@ -817,10 +750,9 @@ def _check_counts(
     if counts["val"] == 0 and held_out_val and fraction > 0:
         pool = counts["train"] + counts["val"]
         raise ValueError(
-            f"{name} has {pool} images to train on, so holding out "
-            f"`validation_fraction` (--validation-fraction) {fraction} of "
-            "them leaves no validation images. Add images, raise "
-            "--validation-fraction, or pass 0 to train without validation. "
+            f"{name} has {pool} images to train on, which leaves no "
+            "validation images: add images, raise `validation_fraction` "
+            "(--validation-fraction), or pass 0 for no validation. "
             f"Received: validation_fraction={fraction}"
         )
     if counts["val"] == 0 and not held_out_val:
@@ -830,9 +762,8 @@ def _check_counts(
         )
     if counts["train"] == 0:
         raise ValueError(
-            f"{name} has no training images left once test and validation "
-            "are held out. Add images, or lower --test-fraction and "
-            f"--validation-fraction. Received: {counts}"
+            f"{name} has no training images left: add images, or lower "
+            f"--test-fraction and --validation-fraction. Received: {counts}"
         )
 
 
@@ -843,16 +774,15 @@ def _npz_images(x, path, key):
         x = x[..., np.newaxis]
     if x.ndim != 4 or len(x) == 0:
         raise ValueError(
-            f"`{key}` in {path} must hold images shaped (N, height, width) "
-            f"or (N, height, width, channels), N > 0. Received shape "
-            f"{x.shape}."
+            f"`{key}` in {path} must hold N > 0 images shaped (N, height, "
+            f"width[, channels]). Received: shape {x.shape}"
         )
     if x.dtype == np.uint8:
         return x
     if not np.issubdtype(x.dtype, np.floating):
         raise ValueError(
             f"`{key}` in {path} must be uint8 (0-255) or float images. "
-            f"Received dtype {x.dtype}."
+            f"Received: dtype {x.dtype}"
         )
     x = x.astype(np.float32)
     if not np.all(np.isfinite(x)):
@@ -861,12 +791,10 @@ def _npz_images(x, path, key):
 
 
 def _npz_scale(images: dict, path) -> np.float32:
-    """255 when any split holds a value above 1, else 1: one rule for all.
+    """255 when any split holds a value above 1, else 1, for every split.
 
-    Every split is divided by the same number, decided from all splits,
-    so that a uint8 `x_train` and a float 0-255 `x_test` are both 0-255.
-    A float split in [0, 1] beside a split of values above 1 is refused:
-    one of them was scaled and the other not.
+    A float split in [0, 1] beside one above 1 is refused: one of them was
+    scaled and the other not.
     """
     low = {key: float(x.min()) for key, x in images.items()}
     high = {key: float(x.max()) for key, x in images.items()}
@@ -874,8 +802,7 @@ def _npz_scale(images: dict, path) -> np.float32:
         if low[key] < 0 or high[key] > 255:
             raise ValueError(
                 f"The images in {path} must hold pixel values in [0, 1] or "
-                "[0, 255]. Rescale them. Received: values from "
-                f"{low[key]:g} to {high[key]:g} in `{key}`."
+                f"[0, 255]. Received: {low[key]:g} to {high[key]:g} in `{key}`"
             )
     large = [key for key in images if high[key] > 1]
     if not large:
@@ -902,8 +829,8 @@ def _npz_labels(y, path, key, count):
     if y.ndim != 1 or len(y) != count:
         raise ValueError(
             f"`{key}` in {path} must hold one class index per image, shape "
-            f"({count},). Received shape {y.shape} (for one-hot labels, "
-            "save y.argmax(axis=1))."
+            f"({count},); for one-hot labels save y.argmax(axis=1). "
+            f"Received: shape {y.shape}"
         )
     if y.dtype.kind == "f" and np.all(np.mod(y, 1) == 0):
         y = y.astype(np.int64)
@@ -922,8 +849,7 @@ def _npz_labels(y, path, key, count):
 def _label_words(values, counts, first: int) -> str:
     """Labels in words, e.g. "0..9 and 255 (1 sample)".
 
-    `values[:first]` are 0..first-1; the others are listed in runs, with
-    how many samples hold them.
+    `values[:first]` are 0..first-1; the others are listed in runs.
     """
     runs = []
     for value, count in zip(values[first:], counts[first:], strict=True):
@@ -941,13 +867,7 @@ def _label_words(values, counts, first: int) -> str:
 
 
 def _check_labels(y, y_test, path, key):
-    """The number of classes: `y` must hold each of 0..K-1, `y_test` no other.
-
-    Raises:
-        ValueError: naming the labels that are not 0..K-1 (a 255 among
-            0..9, labels from 1, negative labels) and how many samples
-            hold them.
-    """
+    """The number of classes: `y` holds each of 0..K-1, `y_test` no other."""
     values, counts = np.unique(y, return_counts=True)
     present = values[values >= 0]
     # 0, 1, ... up to the first gap are classes; any other label offends.
@@ -963,8 +883,8 @@ def _check_labels(y, y_test, path, key):
         )
     if first < 2:
         raise ValueError(
-            f"The training labels of {path} hold one class ({int(y[0])}): a "
-            "classifier needs at least 2."
+            f"The training labels of {path} hold one class; a classifier "
+            f"needs at least 2. Received: class {int(y[0])}"
         )
     if y_test is not None:
         outside = (y_test < 0) | (y_test >= first)
@@ -975,8 +895,7 @@ def _check_labels(y, y_test, path, key):
                 raise ValueError(
                     f"The test labels of {path} go up to "
                     f"{int(y_test.max())}, but the training labels only to "
-                    f"{first - 1}: every test class must be a training "
-                    f"class. {received}"
+                    f"{first - 1}. {received}"
                 )
             raise ValueError(
                 f"The test labels of {path} must be class indices "
@@ -986,8 +905,8 @@ def _check_labels(y, y_test, path, key):
 
 
 def _load_npz(path, fraction, seed, test_fraction):
-    """An `.npz` of `x`/`y` (a test split is held out) or of the four
-    `x_train`/`y_train`/`x_test`/`y_test` arrays (as `keras.datasets`)."""
+    """An `.npz` of `x`, `y` (test held out) or of `x_train`, `y_train`,
+    `x_test`, `y_test`."""
     try:
         with np.load(path, allow_pickle=False) as f:
             arrays = {k: f[k] for k in f.files}
@@ -1001,8 +920,8 @@ def _load_npz(path, fraction, seed, test_fraction):
         y_test = _npz_labels(arrays["y_test"], path, "y_test", len(x_test))
         if x_test.shape[1:] != x.shape[1:]:
             raise ValueError(
-                f"In {path}, x_test's images are {x_test.shape[1:]} and "
-                f"x_train's {x.shape[1:]}: they must be the same shape."
+                f"In {path}, x_test and x_train must be the same shape. "
+                f"Received: {x_test.shape[1:]} and {x.shape[1:]}"
             )
         num_classes = _check_labels(y, y_test, path, "y_train")
         scale = _npz_scale({"x_train": x, "x_test": x_test}, path)
@@ -1011,9 +930,8 @@ def _load_npz(path, fraction, seed, test_fraction):
     elif "x" in arrays and "y" in arrays:
         if not 0 < test_fraction < 1:
             raise ValueError(
-                f"{path} holds x and y only, so a test split is held out: "
-                "`test_fraction` must be in (0, 1). Received: "
-                f"test_fraction={test_fraction!r}"
+                f"{path} holds x and y only, so `test_fraction` must be in "
+                f"(0, 1). Received: test_fraction={test_fraction!r}"
             )
         images = _npz_images(arrays["x"], path, "x")
         labels = _npz_labels(arrays["y"], path, "y", len(images))
@@ -1030,7 +948,7 @@ def _load_npz(path, fraction, seed, test_fraction):
     else:
         raise ValueError(
             f"{path} must hold arrays `x` and `y`, or `x_train`, `y_train`, "
-            f"`x_test` and `y_test`. Received arrays {sorted(arrays)}."
+            f"`x_test` and `y_test`. Received: {sorted(arrays)}"
         )
     data = _finish(path, x, y, x_test, y_test, num_classes, fraction, seed)
     images = hashlib.sha256()
@@ -1064,27 +982,18 @@ def open_dataset(
 
     `source` is one of:
 
-    - the path of a folder of images in class subfolders
-      (`folder/<class>/*.png`, the layout of
-      `keras.utils.image_dataset_from_directory`; hidden files and
-      folders are skipped), or of a folder of split folders
-      (`image_folder.LAYOUTS`: `train/<class>/` with `test/<class>/`,
-      `val/<class>/` or both, in any case): a `StreamedDataset`. Every
-      image is decoded once before training (`image_folder.scan_images`)
-      so that a broken file or mixed sizes are refused first;
-    - the path of an `.npz` file with `x` and `y` (or `x_train`,
-      `y_train`, `x_test`, `y_test`): uint8 or float images, divided by
-      255 in every split when any split holds a value above 1; labels
-      the integers 0..K-1; a `Dataset` in memory;
-    - a name: the embedded datasets are a `Dataset` (`load_dataset`), a
-      tensorflow-datasets name a `StreamedDataset`.
+    - a folder of images in class subfolders (`folder/<class>/*.png`), or
+      of split folders (`train/<class>/` with `test/` and/or `val/`): a
+      `StreamedDataset`, every image checked once before training;
+    - an `.npz` with `x` and `y` (or `x_train`, `y_train`, `x_test`,
+      `y_test`): uint8 or float images, divided by 255 in every split
+      when any split holds a value above 1; labels 0..K-1; a `Dataset`;
+    - a name: an embedded dataset (`load_dataset`) or a
+      tensorflow-datasets name (a `StreamedDataset`).
 
-    Where the data has no test split, `test_fraction` of it (stratified by
-    class, always the same images whatever `seed`) is the test split.
-    `validation_fraction` of the rest is carved into validation with
-    `seed`. A folder or `.npz` whose test split (or, with
-    `validation_fraction` > 0, validation split) would hold no image is
-    refused.
+    Where the data has no test split, `test_fraction` of it (stratified,
+    the same images whatever `seed`) is the test split; `validation_fraction`
+    of the rest is carved into validation with `seed`.
 
     Args:
         source: A path or a name, see above.
@@ -1130,65 +1039,36 @@ def open_dataset(
     is_folder = os.path.isdir(source)
     if (image_size is not None or channels is not None) and not is_folder:
         raise ValueError(
-            "`image_size` and `channels` apply to a folder of images, and "
-            f"{source!r} is not a folder. Received: image_size={image_size}"
-            f", channels={channels}"
+            f"`image_size` and `channels` apply to a folder of images. "
+            f"Received: source={source!r}, image_size={image_size}, "
+            f"channels={channels}"
         )
     if channels not in (None, 1, 3):
         raise ValueError(f"`channels` must be 1 or 3. Received: {channels!r}")
     pixel_max = _check_pixel_max(pixel_max)
-    data = _open_source(
-        source,
-        data_dir,
-        validation_fraction,
-        seed,
-        download,
-        test_fraction,
-        image_size,
-        channels,
-    )
-    return data if pixel_max == 1 else data.with_pixel_max(pixel_max)
-
-
-def _open_source(
-    source,
-    data_dir,
-    validation_fraction,
-    seed,
-    download,
-    test_fraction,
-    image_size,
-    channels,
-):
-    """`open_dataset` once its arguments are checked."""
-    if os.path.isdir(source):
-        return _open_image_folder(
-            source,
-            validation_fraction,
-            seed,
-            test_fraction,
-            image_size,
-            channels,
+    fraction = validation_fraction
+    if is_folder:
+        data = _open_image_folder(
+            source, fraction, seed, test_fraction, image_size, channels
         )
-    if os.path.isfile(source):
+    elif os.path.isfile(source):
         if not source.endswith(".npz"):
             raise ValueError(
-                f"{source} is a file, and the data file keras-snapshot reads "
-                "is an .npz of arrays (x, y or x_train, y_train, x_test, "
-                "y_test). Pass an .npz file or a folder of images in class "
-                "subfolders."
+                f"{source} is a file, not an .npz of arrays: pass an .npz or "
+                "a folder of images in class subfolders."
             )
-        return _load_npz(source, validation_fraction, seed, test_fraction)
-    if source.endswith(".npz") or os.sep in source:
+        data = _load_npz(source, fraction, seed, test_fraction)
+    elif source.endswith(".npz") or os.sep in source:
         raise FileNotFoundError(
-            f"No file or folder at {source}. Pass an existing folder of "
-            "images (in class subfolders) or .npz file."
+            f"No file or folder at {source}: pass an image folder or .npz."
         )
-    if source in EMBEDDED_DATASETS:
-        return load_dataset(source, data_dir, validation_fraction, seed)
-    if data_dir is not None:
-        data_dir = os.fspath(data_dir)
-    return _open_tfds(source, data_dir, validation_fraction, seed, download)
+    elif source in EMBEDDED_DATASETS:
+        data = load_dataset(source, data_dir, fraction, seed)
+    else:
+        if data_dir is not None:
+            data_dir = os.fspath(data_dir)
+        data = _open_tfds(source, data_dir, fraction, seed, download)
+    return data if pixel_max == 1 else data.with_pixel_max(pixel_max)
 
 
 def fingerprint_changes(recorded: dict, current: dict) -> list:
@@ -1240,34 +1120,23 @@ def load_dataset(
 ) -> Dataset:
     """Loads an image-classification dataset as numpy train/val/test arrays.
 
-    Snapshot ensembles (Huang et al. 2017, arXiv:1704.00109) are evaluated
-    on a held-out test set; choosing snapshots or ensemble sizes needs a
-    separate validation set. This function carves `validation_fraction` of
-    the training data (stratified by class, with `seed`) into validation and
-    leaves the test split untouched.
+    `validation_fraction` of the training data (stratified by class, with
+    `seed`) becomes validation; the test split is left untouched.
 
     Names:
-        - `"digits"`: scikit-learn's bundled 8x8 handwritten digits (1797
-          images, 10 classes, no network). 30% of the images, stratified by
-          class and always the same whatever `seed`, are the test split.
-        - `"fashion_mnist_local"`: Fashion-MNIST (60000 + 10000 28x28
-          images) read from the original IDX gzip files in `data_dir`,
-          by default `/usr/share/datasets/fashion-mnist` where Debian's
-          `dataset-fashion-mnist` package installs them.
-        - `"fashion_mnist_small"`: a class-balanced subset of Fashion-MNIST
-          bundled with the package (1000 training and 5000 test 28x28
-          images, no network; MIT licence, (c) Zalando SE), read from
-          `fashion_mnist_small.npz` in `data_dir` if given.
+        - `"digits"`: scikit-learn's 8x8 digits (1797 images, 10 classes);
+          a fixed stratified 30% is the test split.
+        - `"fashion_mnist_local"`: Fashion-MNIST from the IDX gzip files
+          in `data_dir`, by default where Debian's `dataset-fashion-mnist`
+          puts them.
+        - `"fashion_mnist_small"`: a class-balanced Fashion-MNIST subset
+          bundled with the package (1000 train, 5000 test images; MIT
+          licence, (c) Zalando SE).
         - Any other name: a tensorflow-datasets image-classification
-          dataset with fixed-size images (`"mnist"`, `"cifar10"`,
-          `"cifar100"`, ...) in tensorflow-datasets' `data_dir`, or
-          one prepared there by a `tfds` builder. It is downloaded and
-          prepared on first use; where it is not there and its download
-          server cannot be reached, a one-line `FileNotFoundError` says
-          so at once (tensorflow-datasets itself would retry for
-          minutes). Its `"test"` split (or `"validation"` where there is
-          no test split) is the test set. The whole dataset is held in
-          memory: `open_dataset` streams it instead.
+          dataset of fixed-size images (`"mnist"`, `"cifar10"`, ...),
+          downloaded on first use; its `"test"` split (or `"validation"`)
+          is the test set. `open_dataset` streams it instead of holding it
+          in memory.
 
     Args:
         name: Dataset name, see above. Defaults to `"digits"`.
@@ -1340,12 +1209,9 @@ def make_dataset(
 ) -> tf.data.Dataset:
     """Turns image and label arrays into a batched `tf.data.Dataset`.
 
-    Optionally shuffles (anew each epoch), then applies the standard CIFAR
-    augmentation used by Huang et al. 2017 (arXiv:1704.00109) after He et
-    al. 2016: zero-pad 4 pixels on each side, take a random crop of the
-    original size, and flip horizontally with probability 1/2. Random
-    choices change every epoch and are reproducible when `seed` is set. The
-    dataset is batched (the last batch may be smaller) and prefetched.
+    Optionally shuffles each epoch and applies the CIFAR augmentation of
+    Huang et al. 2017: zero-pad 4 pixels per side, random crop back, random
+    horizontal flip, new each epoch and reproducible with `seed`.
 
     Args:
         x: Images, shaped `(N, height, width, channels)`.
@@ -1398,12 +1264,9 @@ def _pipeline(
     shuffle_buffer=1,
     scale=1.0,
 ):
-    """Shuffles, decodes, scales, augments, batches and prefetches.
+    """Shuffles, decodes, scales by `scale`, augments, batches, prefetches.
 
-    The one pipeline of `make_dataset` and of every `Dataset` and
-    `StreamedDataset`: shuffling comes before decoding, so that a
-    streamed split shuffles file names, not images. `scale` multiplies
-    the images (255 for raw pixel values).
+    Shuffling comes before decoding: a streamed split shuffles file names.
     """
     batch_size = check_positive_int("batch_size", batch_size)
     ds = elements

@@ -1,11 +1,8 @@
 """`keras-snapshot distill RUN_DIR`: the run's ensemble in one model.
 
-Knowledge distillation (Hinton, Vinyals, Dean 2015, arXiv:1503.02531) with
-`keras_snapshot.distill`: the teacher is the run's exported ensemble
-(`ensemble.keras`), the student a fresh copy of the snapshot architecture,
-trained with the run's SGD settings and a cosine decay. Saves
-`RUN_DIR/student.keras` and adds its test scores to `report.json` as
-`test.student`.
+The teacher is the run's `ensemble.keras`, the student a fresh copy of the
+snapshot architecture (`keras_snapshot.distill`, Hinton et al. 2015); saves
+`student.keras` and adds `test.student` to `report.json`.
 """
 
 import json

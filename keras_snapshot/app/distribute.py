@@ -95,18 +95,16 @@ def get_strategy(
     if name == "data_parallel":
         if backend != "jax":
             raise ValueError(
-                "The 'data_parallel' strategy is keras.distribution."
-                "DataParallel, which needs KERAS_BACKEND=jax. Received "
-                f"backend {backend!r}; on TensorFlow, use 'mirrored'."
+                "The 'data_parallel' strategy needs KERAS_BACKEND=jax; on "
+                f"TensorFlow use 'mirrored'. Received: backend {backend!r}"
             )
         return keras.distribution.DataParallel(
             devices=devices or keras.distribution.list_devices()
         )
     if name != "default" and backend != "tensorflow":
         raise ValueError(
-            f"The {name!r} strategy is a tf.distribute strategy and needs "
-            f"KERAS_BACKEND=tensorflow. Received backend {backend!r}; on "
-            "JAX, use 'data_parallel' (keras.distribution.DataParallel)."
+            f"The {name!r} strategy needs KERAS_BACKEND=tensorflow; on JAX "
+            f"use 'data_parallel'. Received: backend {backend!r}"
         )
     import tensorflow as tf
 
@@ -134,10 +132,9 @@ def _tpu_strategy(tpu: str | None):
     except (ValueError, RuntimeError, tf.errors.OpError) as e:
         cause = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise ValueError(
-            "No TPU found for the 'tpu' strategy. Run on a TPU runtime "
+            "No TPU found for the 'tpu' strategy: run on a TPU runtime "
             "(Colab: Runtime > Change runtime type > TPU), set TPU_NAME or "
-            "pass `tpu=`, or choose another strategy: "
-            f"{[n for n in STRATEGY_NAMES if n != 'tpu']}. "
-            f"Cause: {type(e).__name__}: {cause[:200]}"
+            "pass `tpu=`, or choose another strategy. "
+            f"Received: {type(e).__name__}: {cause[:200]}"
         ) from e
     return tf.distribute.TPUStrategy(resolver)

@@ -1,11 +1,8 @@
 """The evaluate step of `keras-snapshot`: score a run's snapshots.
 
-Predicts with every snapshot once per split and scores each snapshot, each
-ensemble of the last m snapshots (Figure 3 of Huang et al. 2017,
-arXiv:1704.00109) and the baseline when there is one, with exact McNemar
-tests of the ensemble against the single models; chooses ensembles (and
-temperatures) on the validation split. `keras-snapshot train` and
-`keras-snapshot evaluate` both run it.
+Scores each snapshot, each ensemble of the last m snapshots and the
+baseline, with McNemar tests of the ensemble against the single models, and
+chooses ensembles (and temperatures) on the validation split.
 """
 
 import os
@@ -110,10 +107,9 @@ CHOICES = {"uniform": "all", "last_m": "last_m", "greedy": "greedy"}
 def choose_ensembles(val_probs, y_val, test_probs, y_test) -> dict:
     """Uniform, last-m and greedy-weighted ensembles chosen on validation.
 
-    The members, weights and temperatures are fitted on `val_probs` only
-    (with `selection.choose_members` and `selection.calibrate_temperature`)
-    and then scored on the test predictions, as they must be. A temperature
-    that validation cannot identify is 1; `temperature_fit` says why.
+    Members, weights and temperatures are fitted on `val_probs` only, then
+    scored on test; a temperature validation cannot identify is 1
+    (`temperature_fit` says why).
     """
     result = {}
     for name, method in CHOICES.items():
@@ -151,10 +147,7 @@ def _splits(data, splits):
 def predict_split(models: list, data, split: str) -> np.ndarray:
     """`(M, n, k)` probabilities of `models` on `split`, batch by batch.
 
-    The images are streamed (`data.inputs`), never held whole; models
-    whose output layer is linear (logits) get a softmax
-    (`selection.predict_members` with `from_logits=None`), so that every
-    prediction is a probability.
+    The images are streamed; a linear (logits) output gets a softmax.
     """
     run_lib.check_split(data, split)
     inputs = data.inputs(split, _PREDICT_BATCH)

@@ -1,13 +1,8 @@
 """The export step of `keras-snapshot`: the chosen ensemble, saved twice.
 
-Writes `ensemble.keras` (reloads with `keras.saving.load_model`) and one
-serving format into one folder: `saved_model/` (TensorFlow SavedModel; with
-`--serving-version N`, `saved_model/N/` as TensorFlow Serving expects),
-`ensemble.tflite` or `ensemble.onnx`. Every format names its output
-`probabilities` (`keras_snapshot.export_ensemble`), and `classes.json`
-beside them names the classes: entry i is the class of output i.
-`keras-snapshot train` exports a SavedModel into its run directory;
-`keras-snapshot export RUN OUT` into a new folder `OUT`.
+`ensemble.keras` and one serving format (`saved_model/`, or `saved_model/N/`
+with `--serving-version N`, `ensemble.tflite`, `ensemble.onnx`), whose
+output is `probabilities`; `classes.json` names output i's class.
 """
 
 import importlib.util
@@ -39,14 +34,8 @@ FORMAT_ENTRIES = {
 
 
 def chosen_snapshots(run_dir: str, weights=None):
-    """Paths of the run's snapshots and weights for `build_ensemble`.
-
-    `weights` (one per snapshot, from `selection.choose_members`) may leave
-    members out with a zero; `None` keeps all snapshots, unweighted.
-
-    Raises:
-        UsageError: when the run's snapshot folder is missing or unusable.
-    """
+    """Paths of the run's snapshots and weights for `build_ensemble`;
+    a zero weight leaves a member out, `None` keeps all unweighted."""
     with run_lib.as_usage_error():
         paths = snapshot_paths(os.path.join(run_dir, run_lib.SNAPSHOT_DIR))
     if weights is None:
@@ -60,21 +49,18 @@ def check_output(
 ) -> None:
     """Refuses an output an export must not write over, in one line.
 
-    Without `overwrite`: a non-empty folder, or a symbolic link to nothing.
-    Even with `overwrite`: a file at `output` (an export is a folder, so
-    a file there was not written by it), and an entry of another kind
-    where the export writes its own (`_check_entries`). With `overwrite`,
-    a folder keeps everything but the exported entries, which are replaced
-    only once the new export is complete (`export_files`); a link to
-    nothing is replaced by the new folder, and said so.
+    Overwrite safety: without `overwrite`, a non-empty folder or a dangling
+    link is refused; even with it, a file at `output` or an entry of the
+    wrong kind (`_check_entries`). With it, only exported entries are
+    replaced, once the new export is complete.
     """
     if os.path.islink(output) and not os.path.exists(output):
         target = os.readlink(output)
         if not overwrite:
             raise run_lib.UsageError(
                 f"the output {output} is a symbolic link to {target}, which "
-                "does not exist; create that folder to export into it, or "
-                "pass --overwrite to replace the link with a new folder."
+                "does not exist: create that folder, or pass --overwrite to "
+                "replace the link with a new folder."
             )
         print(
             f"Note: replacing the symbolic link {output} (to {target}, "
@@ -83,9 +69,9 @@ def check_output(
         return
     if os.path.lexists(output) and not os.path.isdir(output):
         raise run_lib.UsageError(
-            f"the output {output} is an existing file, and an export is a "
-            "folder: --overwrite replaces only an earlier export, never a "
-            "file. Choose a new path, or move the file away."
+            f"the output {output} is an existing file, and --overwrite "
+            "replaces an earlier export, never a file: choose a new path, or "
+            "move the file away."
         )
     if not os.path.isdir(output):
         return
@@ -100,11 +86,8 @@ def check_output(
 def _check_entries(output: str, format: str, serving_version) -> None:
     """Refuses an entry of `output` that is not what an export writes there.
 
-    `ENSEMBLE_FILE` and the `.tflite` or `.onnx` entry are files, the
-    SavedModel entry (and its `--serving-version` folder) a folder: found
-    as another kind, or as a symbolic link to a folder, it was not written
-    by an export and is never replaced. `CLASSES_FILE` is a plain file:
-    a folder or any symbolic link there is the user's.
+    An entry of another kind, a link to a folder, or any link at
+    `CLASSES_FILE` was not written by an export and is never replaced.
     """
     entry = format_entry(format, serving_version)
     wanted = {ENSEMBLE_FILE: "file", entry: "file", CLASSES_FILE: "file"}
@@ -124,9 +107,9 @@ def _check_entries(output: str, format: str, serving_version) -> None:
             found = "file"
         if found != want:
             raise run_lib.UsageError(
-                f"{path} is a {found}, where the export writes a {want}: it "
-                "is not an earlier export, so even --overwrite keeps it. "
-                "Move it away, or choose another output."
+                f"{path} is a {found} where the export writes a {want}, so "
+                "even --overwrite keeps it: move it away, or choose another "
+                "output."
             )
 
 
@@ -198,14 +181,9 @@ def export_files(
 
     With `classes` (the class names, label i first), `CLASSES_FILE` too.
 
-    Both are written into a scratch folder (in `output` when it is a
-    folder, else beside it) first, and moved into `output` only once both
-    are complete: a failed export (a full disk, a converter error) leaves
-    what was there before. The
-    entry (`format_entry`) replaces an existing one; with a
-    `serving_version`, other versions in `saved_model/` are kept. A
-    symbolic link to a folder is that folder (the link is kept); a link
-    to nothing is replaced by the folder (`check_output` allowed it).
+    Written into a scratch folder, then moved into `output` once complete:
+    a failed export leaves what was there. Other `saved_model/` versions
+    are kept; a link to a folder is kept, a dangling link replaced.
     """
     ensemble = build_ensemble(
         snapshots, weights=weights, temperature=temperature

@@ -1,25 +1,9 @@
 """`keras-snapshot train --freezeout`: a FreezeOut single model, timed.
 
-FreezeOut (Brock, Lim, Ritchie, Weston 2017, arXiv:1706.04983) trains one
-model whose layer groups get their own cosine-annealed rates and freeze one
-after the other (`keras_snapshot.freezeout.FreezeOut`). This job trains that
-model (the optimizer's rate is the constant `--lr`; FreezeOut anneals it per
-group, the last group over the whole budget), and with `--baseline` the same
-model trained normally (one cosine decay of `--lr` over the same budget). It
-prints the estimated saving of training FLOPs before training and the
-measured saving of wall time after, and writes `report.json` and
-`report.md`:
-
-    train_seconds, baseline_train_seconds (with --baseline),
-    estimated_saving, measured_saving (with --baseline),
-    test: {final_single: {error, nll, ...}, baseline: {...}}
-
-Training is the pipeline of snapshot runs (`pipeline.train_model`, with
-`FreezeOut` as the method's callback, and `pipeline.train_baseline`), so
-resuming works as for them: `run.json` records the status, and
-`keras.callbacks.BackupAndRestore` the training state, from which FreezeOut
-derives which groups are frozen. The run has no snapshots: `evaluate`,
-`export` and `distill` refuse it (`run.check_has_ensemble`).
+FreezeOut (Brock et al. 2017, arXiv:1706.04983) as the method's callback of
+`pipeline.train_model`, with `--baseline` the same model trained normally;
+reports the estimated FLOPs saving and the measured time saving. The run
+has no snapshots: `evaluate`, `export` and `distill` refuse it.
 """
 
 import os
@@ -37,9 +21,8 @@ from keras_snapshot.freezeout import estimate_speedup
 def _check_options(args) -> None:
     if args.method != "snapshot":
         raise run_lib.UsageError(
-            "--freezeout trains one model with FreezeOut's own per-group "
-            f"cosine anneal, not a --method schedule; Received: --method "
-            f"{args.method}. Drop --method or --freezeout."
+            "--freezeout has its own schedule, not a --method one. Drop "
+            f"--method or --freezeout. Received: --method {args.method}"
         )
     if args.temperature_scaling:
         raise run_lib.UsageError(

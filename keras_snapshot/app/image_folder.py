@@ -1,28 +1,9 @@
 """A folder of images in class subfolders: listed, checked, then streamed.
 
-The layout `keras.utils.image_dataset_from_directory` reads:
-
-    data/cat/001.png  data/cat/002.jpg  data/dog/003.png ...
-
-or, with splits of its own, `data/train/<class>/...` beside
-`data/test/<class>/...` and/or `data/val/<class>/...` (`SPLIT_FOLDERS`
-lists the names understood, in any case). Hidden files and folders (a
-name starting with ".") are skipped. Only the file names and labels are
-held in memory; the images are decoded batch by batch while training
-(`image_reader`).
-
-Before any training, `scan_images` decodes every image once, in parallel,
-so that what would stop training half-way is refused in one line first: a
-file that does not decode, images of several sizes without an
-`image_size`. It also infers the image size and channels.
-
-Example:
-
-```python
-folder = list_image_folder("data")
-shapes = scan_images(folder.paths)
-size, channels = image_format(folder, shapes, image_size=None)
-```
+`data/<class>/*.png`, or split folders `data/train/<class>/` beside
+`data/test/<class>/` and/or `data/val/<class>/`; hidden names are skipped.
+`scan_images` decodes every image once before training, so a broken file
+or mixed sizes are refused first; `image_reader` decodes batch by batch.
 """
 
 import dataclasses
@@ -93,9 +74,8 @@ def _subfolders(folder: str) -> list:
 def _class_images(folder: str, class_names) -> tuple:
     """Paths and labels of the images in each class subfolder (recursive).
 
-    Hidden files and folders (`.thumbnails/`, macOS's `._x.jpg`) are
-    skipped: they are not images of the class. Symlinked folders are
-    followed, each real folder once (a link back up is no cycle).
+    Hidden names are skipped; symlinked folders are followed, each real
+    folder once (a link back up is no cycle).
     """
     paths, labels = [], []
     for label, name in enumerate(class_names):
@@ -122,9 +102,9 @@ def _class_images(folder: str, class_names) -> tuple:
             ]
         if not found:
             raise ValueError(
-                f"The class folder {class_dir} holds no "
-                f"images ({', '.join(IMAGE_EXTENSIONS)}). Remove it, or put "
-                "the images of that class in it."
+                f"The class folder {class_dir} holds no images: remove it, "
+                "or put that class's images in it. Received: no "
+                f"{', '.join(IMAGE_EXTENSIONS)} file"
             )
         paths += found
         labels += [label] * len(found)
@@ -141,34 +121,30 @@ def _check_no_split_inside(folder: str, name: str) -> None:
     if inside:
         raise ValueError(
             f"The class folder {os.path.join(folder, name)} holds split "
-            f"folders: splits go above the classes (train/<class>/ beside "
-            "test/<class>/ or val/<class>/), not inside them. Received: "
-            f"{inside}."
+            "folders: put splits above the classes (train/<class>/, "
+            f"test/<class>/). Received: {inside}."
         )
 
 
 def _check_classes(folder: str, class_names) -> None:
     if not class_names:
         raise ValueError(
-            f"{folder} has no class subfolders. Put the images of each class "
-            f"in a subfolder named after it ({os.path.join(folder, 'cat')}"
-            f"/1.png, {os.path.join(folder, 'dog')}/2.png, ...), or, with "
-            "a test split of your own, in train/<class>/ and test/<class>/."
+            f"{folder} has no class subfolders: put each class's images in "
+            "a subfolder named after it (cat/1.png, dog/2.png), or in "
+            "train/<class>/ and test/<class>/."
         )
     if len(class_names) == 1:
         raise ValueError(
-            f"{folder} has one class subfolder ({class_names[0]!r}): a "
-            "classifier needs at least 2 classes, each in its own subfolder."
+            f"{folder} has one class subfolder; a classifier needs at least "
+            f"2. Received: {class_names[0]!r}"
         )
 
 
 def _split_folders(folder: str, names) -> dict | None:
     """`{split: folder name}` of a folder laid out in splits, else None.
 
-    A folder looks laid out in splits when it has a train folder, or two
-    folders or more named as splits (`SPLIT_FOLDERS`); a single `test/` or
-    `valid/` beside other folders is a class. A folder that looks laid out
-    in splits but is not one of `LAYOUTS` is refused.
+    Split folders: a train folder, or two or more split names; a lone
+    `test/` beside other folders is a class. Other layouts are refused.
     """
     splits = {}
     for name in names:
@@ -193,29 +169,21 @@ def _split_folders(folder: str, names) -> dict | None:
         problem = f"has a {found[0]} folder but no test or val folder"
     if problem is not None:
         raise ValueError(
-            f"{folder} {problem}: a folder of splits holds one folder per "
-            "split, each with the class subfolders. Layouts understood "
-            "(any case; training, testing, valid and validation too): "
-            f"{LAYOUTS}."
+            f"{folder} {problem}: use one folder per split, each with the "
+            f"class subfolders, as in {LAYOUTS} (any case)."
         )
     return {split: folders[0] for split, folders in splits.items()}
 
 
 def _check_lone_split(folder: str, name: str, names) -> None:
-    """Refuses a lone `test/` (or val) whose subfolders are its siblings.
-
-    `data/cat/`, `data/dog/`, `data/test/cat/`, `data/test/dog/` is a test
-    split beside classes, not a class named "test"; a `test/` of other
-    subfolders stays a class.
-    """
+    """Refuses a lone `test/` (or val) whose subfolders are its siblings:
+    a test split beside the classes, not a class named "test"."""
     inside = _subfolders(os.path.join(folder, name))
     if inside and set(inside) <= set(names) - {name}:
         raise ValueError(
-            f"{os.path.join(folder, name)} holds the other class folders "
-            f"({', '.join(inside)}), so it is a split, but the training "
-            "images are not in a train folder. Layouts understood: class "
-            "folders only (a test split is held out), or split folders "
-            f"each holding the class folders: {LAYOUTS}. Received: "
+            f"{os.path.join(folder, name)} holds the class folders "
+            f"({', '.join(inside)}), so it is a split: put the training "
+            f"images in a train folder, as in {LAYOUTS}. Received: "
             f"{sorted(names)}."
         )
 
@@ -223,17 +191,9 @@ def _check_lone_split(folder: str, name: str, names) -> None:
 def list_image_folder(folder: str) -> ImageFolder:
     """Lists the images of `folder` and their labels (no image is read).
 
-    A folder of split folders (`LAYOUTS`; names from `SPLIT_FOLDERS`, in
-    any case) has its own test split: `test/`, or `val/` where there is
-    no `test/` (as tensorflow-datasets' "validation" serves as test there);
-    beside `test/`, `val/` is the validation split. Each split folder holds
-    the class subfolders. Any other folder is one pool of class
-    subfolders, and the caller holds out a test split.
-
-    Raises:
-        ValueError: for a folder with fewer than 2 classes, an empty class,
-            split folders in no understood layout, or test or validation
-            classes that the train folder does not have.
+    With split folders (`LAYOUTS`), `test/` (or `val/` without `test/`) is
+    the test split and `val/` beside `test/` validation; otherwise the
+    caller holds out a test split.
     """
     names = _subfolders(folder)
     splits = _split_folders(folder, names)
@@ -271,8 +231,7 @@ def _held_out(split_dir: str, train: str, class_names) -> tuple:
     unknown = sorted(set(names) - set(class_names))
     if unknown:
         raise ValueError(
-            f"{split_dir} has classes that {train} does not have: {unknown}. "
-            "The test and validation classes must be training classes."
+            f"{split_dir} has classes that {train} does not have: {unknown}."
         )
     found = [n for n in class_names if n in names]
     paths, labels = _class_images(split_dir, found)
@@ -291,12 +250,7 @@ def _decoded(path, channels: int = 0):
 def scan_images(paths) -> np.ndarray:
     """`(N, 3)` height, width and channels of each image, decoded once.
 
-    The images are decoded in parallel and dropped at once: memory stays
-    that of a few images whatever N.
-
-    Raises:
-        ValueError: naming the first file that does not decode, and how
-            many do not.
+    Decoded in parallel and dropped at once: memory stays a few images.
     """
     paths = np.asarray(paths)
     ds = tf.data.Dataset.from_tensor_slices((np.arange(len(paths)), paths))
@@ -312,8 +266,7 @@ def scan_images(paths) -> np.ndarray:
     if broken.size:
         raise ValueError(
             f"{paths[broken[0]]} is not a readable image ({broken.size} of "
-            f"{len(paths)} files do not decode as BMP, GIF, JPEG or PNG). "
-            "Remove or replace the broken files."
+            f"{len(paths)} files do not decode): remove or replace them."
         )
     return shapes
 
@@ -343,7 +296,7 @@ def image_format(paths, shapes, image_size=None, channels=None) -> tuple:
             f"The images have {len(sizes)} different sizes: {paths[a]} is "
             f"{shapes[a, 0]}x{shapes[a, 1]} and {paths[b]} is "
             f"{shapes[b, 0]}x{shapes[b, 1]}. Pass --image-size HEIGHTxWIDTH "
-            "(image_size=(height, width) in Python) to resize them all."
+            "(`image_size=` in Python) to resize them."
         )
     return (int(sizes[0, 0]), int(sizes[0, 1])), channels
 

@@ -1,26 +1,13 @@
 """The cheap-ensemble methods of `keras-snapshot train --method`.
 
-One recipe per method, on the same budget (`--epochs` of `--batch-size`
-steps) and the same model, so that runs compare side by side:
+One `MethodPlan` per method, on the same budget and model:
 
-- `snapshot`: `SnapshotSchedule`, M cosine cycles, a snapshot at each end
-  (Huang et al. 2017, arXiv:1704.00109).
-- `sgdr`: Keras's `CosineDecayRestarts` with `t_mul=2` (Loshchilov &
-  Hutter 2017): cycles that double, the first `total / (2^M - 1)` steps
-  long, a snapshot at every restart.
-- `fge`: Fast Geometric Ensembling (Garipov et al. 2018,
-  arXiv:1802.10026): a normal phase (cosine from `--lr` down to
-  `alpha1 = lr / 2`), then M short cycles between `alpha1` and
-  `alpha2 = lr / 200`, a snapshot at each minimum.
-- `swa`: Stochastic Weight Averaging (Izmailov et al. 2018,
-  arXiv:1803.05407): cosine from `--lr` down to `lr / 10` over the first
-  75% of the epochs, then that constant rate, the weights averaged at the
-  end of every epoch of the final phase; the average, with its BatchNorm
-  statistics recomputed, is exported as a one-model predictor.
-
-The benchmark (`benchmarks/methods.py`) uses these same recipes. Each
-recipe is a `MethodPlan`: the Keras learning-rate schedule for the
-optimizer plus what the run directory, the report and the plots need.
+- `snapshot`: M cosine cycles, a snapshot at each end (Huang et al. 2017).
+- `sgdr`: `CosineDecayRestarts` with `t_mul=2`, a snapshot per restart.
+- `fge`: a normal phase down to `lr / 2`, then M short cycles between
+  `lr / 2` and `lr / 200`, a snapshot at each minimum (Garipov et al. 2018).
+- `swa`: cosine to `lr / 10` over 75% of the epochs, then constant, the
+  weights averaged each final epoch (Izmailov et al. 2018).
 """
 
 import math

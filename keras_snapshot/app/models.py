@@ -1,20 +1,10 @@
 """Classification models to train as snapshot ensembles.
 
-A front end: it builds plain Keras functional models and knows nothing about
-snapshots. The architectures are the ones used by Huang et al. 2017,
-"Snapshot Ensembles: Train 1, get M for free" (arXiv:1704.00109): the CIFAR
-ResNets of He et al. 2016, DenseNet-40 of Huang et al. 2017 and Wide-ResNet-32
-of Zagoruyko & Komodakis 2016, plus a small CNN that trains in seconds on a
-CPU.
-
-Every model is built from stock Keras layers only, so a saved `.keras` file
-loads with `keras.saving.load_model` without importing this module.
-
-Weight decay: the builders add no regularizer by default
-(`weight_decay=0.0`). The `keras-snapshot` command line decays the weights
-once, through the optimizer (`SGD(weight_decay=...)`, decoupled). An
-explicit `weight_decay` here adds the papers' coupled L2 penalty instead;
-use one or the other, not both.
+The networks of Huang et al. 2017 (arXiv:1704.00109): CIFAR ResNets,
+DenseNet-40, Wide-ResNet-32, plus a small CNN for CPUs; stock Keras layers
+only, so a saved `.keras` file loads without this module. `weight_decay`
+adds the papers' coupled L2 penalty; the command line decays through the
+optimizer instead (use one, not both).
 """
 
 import functools
@@ -78,13 +68,14 @@ def _check_depth(depth: int, name: str, rule: str, valid: bool) -> None:
         )
 
 
-def _l2(weight_decay):
-    """The Keras L2 penalty for an SGD weight-decay coefficient `lambda`.
+def _check_resnet_depth(depth, name: str, examples: str) -> None:
+    valid = isinstance(depth, int) and depth >= 8 and (depth - 2) % 6 == 0
+    _check_depth(depth, name, f"6 * n + 2 with n >= 1 (e.g. {examples})", valid)
 
-    Weight decay `lambda` adds `lambda * w` to the gradient, as in the papers'
-    Torch code; the Keras L2 penalty `l2 * w**2` adds `2 * l2 * w`, so
-    `l2 = lambda / 2`.
-    """
+
+def _l2(weight_decay):
+    """The Keras L2 penalty for an SGD weight decay `lambda`: `L2(lambda/2)`,
+    whose gradient `2 * l2 * w` is the papers' `lambda * w`."""
     return keras.regularizers.L2(weight_decay / 2) if weight_decay else None
 
 
@@ -307,12 +298,7 @@ def resnet(
     model.count_params()  # 271,098: 269,722 trainable + BN moving stats
     ```
     """
-    _check_depth(
-        depth,
-        "ResNet",
-        "6 * n + 2 with n >= 1 (e.g. 20, 32, 44, 56, 110)",
-        isinstance(depth, int) and depth >= 8 and (depth - 2) % 6 == 0,
-    )
+    _check_resnet_depth(depth, "ResNet", "20, 32, 44, 56, 110")
     return _cifar_resnet(
         (depth - 2) // 6,
         (16, 32, 64),
@@ -361,12 +347,7 @@ def wide_resnet(
     model = wide_resnet(32, 4, input_shape=(32, 32, 3), num_classes=100)
     ```
     """
-    _check_depth(
-        depth,
-        "Wide-ResNet",
-        "6 * n + 2 with n >= 1 (e.g. 14, 20, 26, 32)",
-        isinstance(depth, int) and depth >= 8 and (depth - 2) % 6 == 0,
-    )
+    _check_resnet_depth(depth, "Wide-ResNet", "14, 20, 26, 32")
     check_positive_int("width", width)
     return _cifar_resnet(
         (depth - 2) // 6,
@@ -462,17 +443,12 @@ _UNKNOWN_OBJECT = re.compile(r"Could not locate (class|function) '([^']+)'")
 
 
 def _read_model_file(path: str) -> keras.Model:
-    """The model saved in `path`, uncompiled, or a one-line `ValueError`.
-
-    Loaded with `compile=False`: the command line compiles the model with
-    its own optimizer and loss, so a custom loss or metric saved with the
-    model needs no registration.
-    """
+    """The model saved in `path`, uncompiled (a custom loss or metric needs
+    no registration), or a one-line `ValueError`."""
     if not zipfile.is_zipfile(path) and not path.endswith((".h5", ".hdf5")):
         raise ValueError(
-            f"{path} is not a Keras model file (.keras): a .keras file is a "
-            "zip archive saved by `model.save(...)`, and this one is not. "
-            f"Received: model={path!r}"
+            f"{path} is not a Keras model file (.keras): save one with "
+            f"`model.save(...)`. Received: model={path!r}"
         )
     try:
         return keras.saving.load_model(path, compile=False)
@@ -485,10 +461,10 @@ def _read_model_file(path: str) -> keras.Model:
         if unknown:
             kind, name = unknown.groups()
             raise ValueError(
-                f"The model in {path} uses the custom {kind} {name!r}, which "
-                "is not registered: register it with "
-                "`@keras.saving.register_keras_serializable()` where it is "
-                f"defined, or use stock Keras layers. Received: model={path!r}"
+                f"The model in {path} uses the unregistered custom {kind} "
+                f"{name!r}: register it with "
+                "`@keras.saving.register_keras_serializable()`, or use stock "
+                f"Keras layers. Received: model={path!r}"
             ) from e
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise ValueError(
@@ -503,29 +479,26 @@ def _load_model_file(
 ) -> keras.Model:
     if not os.path.isfile(path):
         raise FileNotFoundError(
-            f"No model file at {path!r}. Pass an existing `.keras` file "
-            f"or one of the model names {sorted(MODELS)}."
+            f"No model file at {path!r}: pass an existing `.keras` file or "
+            f"one of {sorted(MODELS)}."
         )
     model = _read_model_file(path)
     if len(model.outputs) != 1:
         names = ", ".join(getattr(model, "output_names", None) or [])
         raise ValueError(
             f"The model in {path!r} has {len(model.outputs)} outputs "
-            f"({names}); a classifier here has one output of class scores. "
-            "Save a model with one softmax or linear output."
+            f"({names}): save one with a single softmax or linear output."
         )
     outputs = model.output_shape
     if not isinstance(outputs, tuple) or len(outputs) != 2:
         raise ValueError(
-            f"The model in {path!r} has output shape {outputs}; a classifier "
-            "here outputs (batch, classes), one score per class. Flatten or "
-            f"pool the output to 2 dimensions. Received: output_shape={outputs}"
+            f"The model in {path!r} must output (batch, classes): flatten or "
+            f"pool its output. Received: output_shape={outputs}"
         )
     if outputs[-1] != num_classes:
         raise ValueError(
-            f"The model in {path!r} has output shape {outputs}, but the "
-            f"data has {num_classes} classes. Pass a model whose last layer "
-            f"has {num_classes} units (one per class). Received: "
+            f"The model in {path!r} has output shape {outputs}: its last "
+            "layer needs one unit per class. Received: "
             f"num_classes={num_classes}"
         )
     inputs = model.input_shape
@@ -538,10 +511,9 @@ def _load_model_file(
         )
     ):
         raise ValueError(
-            f"The model in {path!r} takes inputs of shape {inputs}, which "
-            f"does not match images of shape {input_shape}. Pass the "
-            "model's `input_shape`, or a model built for these images. "
-            f"Received: input_shape={input_shape}"
+            f"The model in {path!r} takes inputs of shape {inputs}: pass a "
+            "model built for these images. Received: "
+            f"input_shape={input_shape}"
         )
     return model
 
@@ -595,7 +567,6 @@ def get_model(
     if name.endswith(".keras") or os.sep in name or os.path.exists(name):
         return _load_model_file(name, input_shape, num_classes)
     raise ValueError(
-        f"Unknown model name {name!r}. Valid names are {sorted(MODELS)}, "
-        "or pass the path of a `.keras` file saved with `model.save()`. "
-        f"Received: name={name!r}"
+        f"Unknown model name {name!r}: use one of {sorted(MODELS)} or the "
+        f"path of a `.keras` file. Received: name={name!r}"
     )

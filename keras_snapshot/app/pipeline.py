@@ -1,26 +1,9 @@
 """The training steps of `keras-snapshot train`, with or without FreezeOut.
 
-A snapshot run (`train.py`) and a FreezeOut run (`freezeout_job.py`) train
-the same way; only the callbacks of the method differ (`SnapshotCheckpoint`
-and its kin, or `keras_snapshot.FreezeOut`). The steps, in the order a job
-calls them:
-
-1. `run_config`: the settings, checked before any work, with the range
-   of the pixel values the model gets (`model_pixel_max`).
-2. `check_model`: the model fits the data, before a run is recorded.
-3. `start_run`: lock the run folder, then record a new run or resume one;
-   `record_data` writes the data's classes and fingerprint in `run.json`
-   (`data_warning` says what changed since, for `evaluate` and `export`).
-4. `get_strategy`: the `--strategy` distribution.
-5. `train_model`: the model compiled with SGD (`compiled_model`), the
-   backup checked (`check_backup`), `fit` (`fit`) with
-   `keras.callbacks.BackupAndRestore`, the method's callbacks and
-   `StopOnDivergence`; the status and the training time go to `run.json`.
-6. `train_baseline`: with `--baseline`, the same model trained with one
-   cosine decay over the same budget.
-
-The job then scores its models (`evaluate.py`) and writes `report.json`
-and `report.md` with `report.write_report`, atomically.
+In order: `run_config`, `check_model`, `start_run` (and `record_data`),
+`get_strategy`, `train_model`, `train_baseline`. A snapshot run
+(`train.py`) and a FreezeOut run (`freezeout_job.py`) differ only in the
+method's callbacks.
 """
 
 import math
@@ -40,20 +23,8 @@ from keras_snapshot.app.models import get_model
 
 
 def run_config(args) -> dict:
-    """The run's settings from the command line, checked before any work.
-
-    Args:
-        args: The parsed `keras-snapshot train` arguments.
-
-    Returns:
-        The settings recorded in `run.json` (`run.RUN_KEYS` and a few
-        more), with the run folder: `--output-dir`, by default
-        `default_run_dir(args)`.
-
-    Raises:
-        UsageError: for a model that is neither a name nor a file, an empty
-            `--output-dir`, or temperature scaling without validation.
-    """
+    """The settings for `run.json` from the parsed `train` arguments,
+    checked before any work (`UsageError`)."""
     if args.data is not None and args.dataset is not None:
         raise run_lib.UsageError(
             f"--data {args.data} and --dataset {args.dataset} both name the "
@@ -104,8 +75,8 @@ def run_config(args) -> dict:
     return config
 
 
-# Layers that keep the pixel values' scale: skipped on the way to the
-# model's first layer that uses the values.
+# Layers that keep the pixel values' scale: skipped to find the first
+# layer that uses the values.
 _SCALE_KEEPING_LAYERS = (
     keras.layers.InputLayer,
     keras.layers.Identity,
@@ -133,14 +104,9 @@ def _flat_layers(model):
 def input_scaling_layer(model):
     """The layer that scales the model's 0-255 input first thing, or None.
 
-    That is a `keras.layers.Rescaling` that scales down (|scale| <= 0.05,
-    as 1/255 and 1/127.5 do) or a `Normalization` whose mean has a value
-    above 2, met before any other layer after the `Input`, past layers
-    that keep the values' scale (resizing, cropping, flips, contrast,
-    brightness and other augmentation), also inside a nested model (a
-    `keras.Sequential` of augmentation layers first, as in the Keras
-    tutorials). A `Rescaling(2.0, offset=-1)` or a `Normalization` of
-    mean 0.5 expects values in [0, 1]: None.
+    The pixel-scale rule: past scale-keeping layers (also in nested
+    models), the first layer is a `Rescaling` with |scale| <= 0.05 (1/255,
+    1/127.5) or a `Normalization` with a mean above 2.
     """
     for layer in _flat_layers(model):
         if not isinstance(layer, _SCALE_KEEPING_LAYERS):
@@ -164,14 +130,8 @@ def _expects_0_255(layer) -> bool:
 
 
 def model_pixel_max(name: str) -> int:
-    """255 for a `.keras` model that scales its own input, else 1.
-
-    A model whose first layer after the `Input` is a `Rescaling` that
-    scales 0-255 down or a `Normalization` of mean above 2
-    (`input_scaling_layer`) gets raw pixel values 0-255, as the Keras
-    tutorials' models expect; the named models and any other model get
-    images in `[0, 1]`.
-    """
+    """255 for a `.keras` model that scales its own input
+    (`input_scaling_layer`), else 1."""
     if name in MODELS or not os.path.isfile(name):
         return 1
     try:
@@ -192,13 +152,8 @@ def _stem(path: str) -> str:
 
 
 def default_run_dir(args) -> str:
-    """`runs/<data>_<model>[_<method>|_freezeout]_seed<seed>`.
-
-    `<data>` is the dataset name or the stem of `--data`, `<model>` the
-    model name or the stem of its `.keras` file; each method has its own
-    folder (the default `snapshot` method none, as before), so that runs
-    of several methods on the same data and model sit side by side.
-    """
+    """`runs/<data>_<model>[_<method>|_freezeout]_seed<seed>`, with file
+    stems for `--data` and a `.keras` model; `snapshot` adds no suffix."""
     data = _stem(args.data) if args.data else args.dataset or DEFAULT_DATASET
     kind = ""
     if args.freezeout:
@@ -262,9 +217,8 @@ def output_is_probabilities(model, name: str) -> bool:
         kind = getattr(activation, "__name__", type(last).__name__)
         raise run_lib.UsageError(
             f"the output layer {last.name!r} of the model {name} has a "
-            f"{kind} activation; keras-snapshot trains a classifier whose "
-            "output is a softmax (probabilities) or linear (logits). "
-            "Change the output layer to one of those."
+            f"{kind} activation: make it softmax (probabilities) or linear "
+            "(logits)."
         )
     return declared
 
@@ -425,12 +379,8 @@ def _loads(model, path: str) -> bool:
 def check_backup(model, backup_dir: str) -> None:
     """Makes an unreadable backup harmless before `fit` reads it.
 
-    A kill while `BackupAndRestore` writes can leave a backup that does not
-    load. Keras falls back to its older copy (`double_checkpoint`) only for
-    some errors; here both copies are tried, and when neither loads the
-    backup is moved aside and training starts again from step 0. The
-    snapshots are never deleted: `SnapshotCheckpoint` sets those from later
-    steps aside in `snapshots/superseded-*`.
+    Tries both copies; when neither loads, the backup is moved aside and
+    training restarts from step 0 (snapshots are set aside, not deleted).
     """
     latest = os.path.join(backup_dir, "latest.weights.h5")
     if not os.path.exists(latest):
@@ -476,10 +426,7 @@ def train_model(
 ) -> float:
     """Trains the run's model, or resumes it; returns the training time.
 
-    `run.json` records the status, so that a run killed during training
-    resumes from its last backup (`keras.callbacks.BackupAndRestore`, two
-    copies) and a finished one is not trained again. The callbacks run
-    between the backup and `StopOnDivergence`.
+    The callbacks run between `BackupAndRestore` and `StopOnDivergence`.
 
     Args:
         run: The run (`start_run`); its status and `train_seconds` are
@@ -528,14 +475,8 @@ def train_baseline(
 ):
     """A single model with one cosine decay of `--lr` over the same budget.
 
-    Saved as `run.BASELINE_FILE`, once: a run that has it is not trained
-    again. Its training time goes to `run.json` first, then the model is
-    saved atomically, so that a saved baseline has its time (a baseline
-    saved by an older version may not).
-
-    Returns:
-        The baseline's training time in seconds, or None when it was
-        trained by a version that did not record it.
+    Saved once as `run.BASELINE_FILE`, after its time is in `run.json`.
+    Returns that time, or None for a baseline of an older version.
     """
     run_dir = config["output_dir"]
     path = os.path.join(run_dir, run_lib.BASELINE_FILE)

@@ -1,16 +1,9 @@
 """One progress bar over every `fit` a command runs: the quiet default.
 
-Without `--verbose`, `train` (every method, `--freezeout`, `--baseline`)
-and `distill` run `fit` with `verbose=0` and show one
-`keras.utils.Progbar` over the epochs of all their fits, updated at the end
-of each epoch. The lines the callbacks print (one per snapshot, one per
-FreezeOut freeze) go above the bar: while the bar is drawn, `sys.stdout`
-passes through `_BarStream`, which ends the bar's line before anything
-else is written (on a terminal it erases the bar and draws it again below).
-
-The bar only reads the epoch numbers `fit` reports, from an epoch hook: the
-snapshot callbacks keep their step-exact timing and Keras's asynchronous
-dispatch, and a resumed fit starts the bar at the epoch it resumes from.
+Without `--verbose`, `fit` runs with `verbose=0` under one
+`keras.utils.Progbar` over all the command's epochs, updated from an epoch
+hook. Lines printed by callbacks go above the bar: `_BarStream` ends (or,
+on a terminal, erases and redraws) the bar before anything else is written.
 """
 
 import sys

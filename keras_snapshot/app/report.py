@@ -1,9 +1,7 @@
 """The report step of `keras-snapshot`: tables, Markdown, JSON and plots.
 
-Writes what `keras-snapshot train` found (scores from
-`keras_snapshot.app.evaluate`) as `report.json`, `report.md` and four PNG
-plots. The plots use matplotlib's object-oriented API (`Figure` and
-`savefig`), which needs no backend and sets no global state.
+`report.json`, `report.md` and four PNG plots, drawn with matplotlib's
+object-oriented API (no backend, no global state).
 """
 
 import json
@@ -101,10 +99,8 @@ def compare_sentence(name: str, ensemble: dict, single: dict, test) -> str:
 def verdict(report: dict) -> str:
     """How the exported ensemble compares with the single models.
 
-    Says, for the final single model and the baseline (when run), whether
-    the test error differs beyond chance (exact McNemar test at
-    `ALPHA`, from `test["mcnemar"]`) and how the NLL compares, and which
-    split chose the last-m ensemble it mentions.
+    Against the final single model and the baseline: whether the error
+    differs beyond chance (McNemar at `ALPHA`) and how the NLL compares.
     """
     test = report["test"]
     ensemble = _ensemble(test)
@@ -376,8 +372,7 @@ def summary_table(report: dict) -> str:
 def write_report(run_dir: str, report: dict, markdown: str | None = None):
     """Writes `report.json` and `report.md` into `run_dir`, atomically.
 
-    Each file appears whole or not at all (`_fs.write_json`, which also
-    writes NaN and infinities as strings, so that the JSON is strict).
+    NaN and infinities are written as strings, so the JSON is strict.
 
     Args:
         run_dir: The run directory.
@@ -468,10 +463,8 @@ def write_run_report(run_dir: str, report: dict, schedule, probs, y_test):
 def _keep_student(run_dir: str, report: dict) -> None:
     """Carries the distilled student's recorded scores into `report`.
 
-    `keras-snapshot distill` adds them to `report.json`; `train` run again
-    on the finished run rewrites the report, and keeps them while
-    `student.keras` is there. (The run's settings, hence its test split,
-    change only with `--overwrite`, which deletes the student.)
+    A rewritten report keeps them while `student.keras` is there
+    (`--overwrite`, the only way to change the test split, deletes it).
     """
     path = os.path.join(run_dir, "report.json")
     if "student" in report["test"] or not os.path.isfile(
@@ -537,12 +530,9 @@ def error_band(errors, num_examples: int):
 def plot_error_vs_snapshots(test: dict, path: str, chosen_m=None) -> None:
     """Test error of the ensemble of the last m snapshots against m.
 
-    Figure 3 of Huang et al. 2017 (arXiv:1704.00109): m = 1 is the final
-    snapshot alone, m = M the ensemble of all snapshots. The single models
-    are horizontal reference lines; the shaded band is the exact 95%
-    interval of each ensemble error on this many test images (when
-    `test["num_examples"]` is known); `chosen_m`, the m chosen on the
-    validation split, is circled.
+    Figure 3 of Huang et al. 2017, with the single models as lines, the
+    exact 95% interval of each error shaded (when `num_examples` is known)
+    and `chosen_m`, chosen on validation, circled.
     """
     errors = np.array([e["error"] for e in test["last_m"]])
     m = np.arange(1, len(errors) + 1)
@@ -620,9 +610,8 @@ def reliability_points(probs, y, num_bins: int = 15):
 def plot_reliability(single_probs, ensemble_probs, y, path: str) -> None:
     """Reliability diagram of the final single model and the ensemble.
 
-    The top panel plots accuracy against confidence for the bins holding
-    at least `min_bin_images` images (a bin of one or two images is noise);
-    the bottom panel shows how many test images fall in each bin.
+    Accuracy against confidence for bins of at least `min_bin_images`
+    images, above the number of test images in each bin.
     """
     fig = Figure(figsize=(5, 6))
     top, bottom = fig.subplots(

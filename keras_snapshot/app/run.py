@@ -1,13 +1,7 @@
 """The run directory of `keras-snapshot` and the settings of a run.
 
-A run directory holds `run.json` (the settings and the training status),
-`snapshots/` (written by `SnapshotCheckpoint`), the exported ensemble and the
-report. The helpers here are shared by the `train`, `evaluate` and `export`
-steps: reading and writing `run.json`, loading the run's data, and the
-number of optimizer steps per epoch, computed here and nowhere else.
-
-Nothing here imports TensorFlow or Keras at module level, so that
-`keras-snapshot --help` stays fast.
+`run.json` (settings, training status), `snapshots/`, the ensemble and the
+report. No TensorFlow or Keras import at module level: `--help` stays fast.
 """
 
 import contextlib
@@ -90,8 +84,7 @@ RUN_KEY_DEFAULTS = {
 class UsageError(Exception):
     """A mistake in the command line: reported in one line, exit code 2.
 
-    Only this error (and argparse's) gives exit code 2; any other exception
-    is a bug and reaches the user with its traceback.
+    Any other exception is a bug and keeps its traceback.
     """
 
 
@@ -99,20 +92,9 @@ class UsageError(Exception):
 def as_usage_error():
     """Reports the input errors of the block as a `UsageError`.
 
-    For calls of the public API on what the user typed (a dataset name, a
-    model file, a snapshot folder): their `ValueError`,
-    `FileNotFoundError` and `PermissionError` say what was wrong with the
-    input, and an `ImportError` what to install for it (a
-    tensorflow-datasets name without tensorflow-datasets), so the command
-    line shows them in one line, with exit code 2.
-    Wrap only such calls: elsewhere these errors are bugs.
-
-    Example:
-
-    ```python
-    with as_usage_error():
-        data = load_dataset(name)
-    ```
+    Wrap only public-API calls on what the user typed: there a
+    `ValueError`, `FileNotFoundError`, `PermissionError` or `ImportError`
+    is the input's fault; elsewhere these errors are bugs.
     """
     try:
         yield
@@ -121,37 +103,26 @@ def as_usage_error():
 
 
 def check_has_ensemble(run: dict, run_dir: str, command: str) -> None:
-    """Refuses a FreezeOut run for `command` ("evaluate", "export", ...).
-
-    A FreezeOut run (`keras-snapshot train --freezeout`) trains one model
-    (`FREEZEOUT_FILE`, and `BASELINE_FILE` with `--baseline`) and scores it
-    in `report.json`: it has no snapshots and no ensemble.
-    """
+    """Refuses a FreezeOut run (one model, no ensemble) for `command`."""
     if not run["config"].get("freezeout", False):
         return
     raise UsageError(
-        f"{run_dir} is a FreezeOut run (keras-snapshot train --freezeout): "
-        f"it holds one model, {FREEZEOUT_FILE}, and no snapshot ensemble "
-        f"to {command}. Its test scores are in report.json; load the model "
-        "with keras.saving.load_model, or train a snapshot run (without "
-        "--freezeout) in another --output-dir."
+        f"{run_dir} is a FreezeOut run: it holds one model, {FREEZEOUT_FILE}, "
+        f"and no snapshot ensemble to {command}. Its scores are in "
+        "report.json; for an ensemble, train without --freezeout in "
+        "another --output-dir."
     )
 
 
 def check_finished(run: dict, run_dir: str, command: str, allow: bool):
-    """Refuses a run whose training has not finished, unless `allow`.
-
-    An interrupted run has only the snapshots of the cycles it reached:
-    evaluating or exporting it silently would pass a partial ensemble off
-    as the run's.
-    """
+    """Refuses a run whose training has not finished, unless `allow`:
+    its snapshots are a partial ensemble."""
     if run.get("status") == "trained":
         return
     if not allow:
         raise UsageError(
             f"{run_dir} has not finished training (status: "
-            f"{run.get('status')!r}), so its snapshots are only those of the "
-            "cycles it reached. Run the same `keras-snapshot train` command "
+            f"{run.get('status')!r}): run the same `keras-snapshot train` "
             f"again to finish it, or pass --allow-unfinished to {command} "
             "the snapshots it has."
         )
@@ -207,13 +178,9 @@ def _contents(run_dir: str) -> list:
 def lock_run_dir(run_dir: str):
     """Locks the run folder for this command, creating it if needed.
 
-    A second `keras-snapshot train` on the same `--output-dir` is refused
-    with one line before it reads or writes anything. A symbolic link to
-    a folder is used like that folder, and locked as it: a second command
-    is refused whether it names the link or the folder. `cli.main`
-    releases the lock when the command ends; a killed process loses it.
-    Returns the held `FolderLock`, or None for a path that is not a run
-    folder (then `start_or_resume` says why).
+    A symbolic link is locked as its folder, so a second command is refused
+    whichever it names. Returns the held `FolderLock`, or None for a path
+    that is not a run folder (then `start_or_resume` says why).
     """
     from keras_snapshot._lock import DirectoryLockedError
     from keras_snapshot._lock import FolderLock
@@ -243,11 +210,8 @@ def release_run_dirs() -> None:
 
 
 def _same_setting(key: str, recorded: dict, config: dict) -> bool:
-    """Whether a run's recorded `key` is `config[key]`.
-
-    A model file recorded as typed (before paths were made absolute) is
-    the same as its absolute path from the current folder.
-    """
+    """Whether a run's recorded `key` is `config[key]`; a relative model
+    path recorded by an older run equals its absolute path."""
     old = recorded.get(key, RUN_KEY_DEFAULTS.get(key))
     new = config[key]
     if old == new:
@@ -264,13 +228,10 @@ def _same_setting(key: str, recorded: dict, config: dict) -> bool:
 def start_or_resume(config: dict, overwrite: bool) -> dict:
     """The run in `config["output_dir"]`: a new one, or the one to resume.
 
-    Resuming with other settings (`RUN_KEYS`) is refused; `overwrite`
-    first deletes the run's own files (`remove_run`: only in a folder that
-    holds a run, and never the user's other files), then starts anew.
+    Resuming with other settings (`RUN_KEYS`) is refused; `overwrite` first
+    deletes the run's own files (`remove_run`), then starts anew.
     """
     run_dir = config["output_dir"]
-    # `remove_run` decides before it deletes: it refuses (and deletes
-    # nothing) unless the folder holds a run, then keeps the user's files.
     removed = overwrite and os.path.lexists(run_dir)
     if removed:
         remove_run(run_dir)
@@ -302,15 +263,13 @@ def start_or_resume(config: dict, overwrite: bool) -> dict:
 def remove_run(run_dir: str) -> None:
     """Deletes a run's own files (`RUN_OUTPUTS`) and nothing else.
 
-    Refuses (`UsageError`) a path that is not a folder or holds no
-    keras-snapshot run, so that `--overwrite` never deletes someone's data.
-    A symbolic link to a run folder is that folder: the run's files in it
-    are removed, the link is kept.
+    Refuses a path that holds no run, so `--overwrite` never deletes
+    someone's data; a link to a run folder is kept, its run files removed.
     """
     if not os.path.isdir(run_dir):
         raise UsageError(
             f"--overwrite replaces a keras-snapshot run folder, and {run_dir} "
-            "is not a folder; choose another --output-dir."
+            "is not a folder: choose another --output-dir."
         )
     if not os.path.isfile(os.path.join(run_dir, RUN_FILE)):
         if not _contents(run_dir):
@@ -329,11 +288,8 @@ def remove_run(run_dir: str) -> None:
 
 
 def start_training(run: dict, run_dir: str) -> bool:
-    """Records that training starts or resumes; False if it already ended.
-
-    `run.json` records the status, so that a run killed during training
-    resumes from its last backup and a finished one is not trained again.
-    """
+    """Records in `run.json` that training starts or resumes; False if it
+    already ended."""
     if run["status"] == "trained":
         print("Training already finished; evaluating what it saved.")
         return False
@@ -345,12 +301,8 @@ def start_training(run: dict, run_dir: str) -> bool:
 
 
 def load_data(config: dict, data_dir=None):
-    """The run's data (`--data` or `--dataset`), split as for training.
-
-    Raises:
-        UsageError: for data that is unknown, cannot be loaded or cannot
-            be trained on (`open_dataset`'s errors, in one line).
-    """
+    """The run's data (`--data` or `--dataset`), split as for training;
+    `open_dataset`'s errors as a `UsageError`."""
     from keras_snapshot.app.datasets import open_dataset
 
     size = config.get("image_size")
@@ -383,9 +335,6 @@ def check_split(data, name: str) -> None:
 
 
 def steps_per_epoch(config: dict, data) -> int:
-    """Optimizer steps in one epoch over the training split.
-
-    The one place this is computed: the schedule, the baseline's cosine
-    decay and the printed plan all use it.
-    """
+    """Optimizer steps in one epoch over the training split (computed here
+    only: the schedule, the baseline and the printed plan use it)."""
     return math.ceil(data.count("train") / config["batch_size"])

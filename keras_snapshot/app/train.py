@@ -1,10 +1,7 @@
 """`keras-snapshot train`: train, evaluate, export and report, in that order.
 
-`train_command` reads top to bottom as the job it runs; each step is a
-function of `pipeline` (training, shared with `train --freezeout`),
-`evaluate`, `export` and `report`, which the `evaluate` and `export`
-commands reuse. What is particular to snapshot runs lives here: the
-callbacks (`snapshot_callbacks`) and the choice of the exported ensemble.
+`train_command` reads top to bottom as the job it runs; what is particular
+to snapshot runs lives here: the callbacks and the exported ensemble.
 """
 
 import os

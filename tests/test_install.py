@@ -70,7 +70,7 @@ def test_a_tfds_name_without_tfds_says_how_to_install_it(
         function("cifar10", download=False)
     message = str(info.value)
     assert len(message.splitlines()) == 1
-    assert "'cifar10' is a tensorflow-datasets dataset" in message
+    assert "dataset 'cifar10' needs tensorflow-datasets" in message
     assert "pip install tensorflow-datasets importlib_resources" in message
     assert "Received: name='cifar10'" in message
     assert info.value.__cause__ is None and info.value.__suppress_context__

@@ -95,6 +95,7 @@ def test_report_numbers_match_the_snapshots(cli_run):
     assert "Baseline single model" in markdown
 
 
+@pytest.mark.slow
 def test_running_again_resumes_instead_of_retraining(cli_run, capsys):
     before = os.path.getmtime(
         os.path.join(cli_run, "snapshots", "snapshot-01.keras")
@@ -118,6 +119,7 @@ def test_other_settings_on_an_existing_run_are_refused(cli_run, capsys):
     assert "epochs: 2 != 3" in err and "--overwrite" in err
 
 
+@pytest.mark.slow
 def test_evaluate_and_export(cli_run, tmp_path, capsys):
     assert cli.main(["evaluate", cli_run, "--split", "val"]) == 0
     assert os.path.isfile(os.path.join(cli_run, "evaluation_val.json"))
@@ -312,6 +314,7 @@ def test_weight_decay_is_the_optimizers_and_applied_once(tmp_path):
     assert not model.losses  # no L2 penalty on top
 
 
+@pytest.mark.slow
 def test_tfds_dataset_path_on_prepared_data(tmp_path):
     # Real tensorflow-datasets files, prepared offline. (Under
     # `tfds.testing.mock_data` a dataset is never prepared, so the loader
@@ -523,6 +526,7 @@ TENSORFLOW_STARTUP = ("absl::InitializeLog", "oneDNN", "cpu_feature_guard")
 TENSORFLOW_STARTUP += ("cuInit",)
 
 
+@pytest.mark.slow
 def test_default_output_is_a_line_per_snapshot_and_one_bar(tmp_path):
     env = {
         k: v
@@ -554,6 +558,7 @@ def test_default_output_is_a_line_per_snapshot_and_one_bar(tmp_path):
         assert name not in err, err
 
 
+@pytest.mark.slow
 def test_verbose_shows_kerass_bar_for_every_epoch(tmp_path, capsys):
     argv = ["train", *QUICK, "--epochs", "2", "--snapshots", "2"]
     argv += ["--verbose", "--output-dir", str(tmp_path / "run")]

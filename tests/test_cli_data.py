@@ -115,6 +115,7 @@ def test_evaluate_and_export_refuse_an_unfinished_run(
         run_file.write_text(saved)
 
 
+@pytest.mark.slow
 def test_export_overwrite_keeps_a_classes_json_folder_or_link(
     folder_run, tmp_path, capsys
 ):
@@ -147,6 +148,7 @@ def _members(path):
     )
 
 
+@pytest.mark.slow
 def test_export_overwrite_keeps_the_old_output_until_the_new_one_is_complete(
     folder_run, tmp_path, monkeypatch
 ):

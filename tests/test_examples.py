@@ -237,6 +237,7 @@ def _readme():
         return f.read()
 
 
+@pytest.mark.slow
 def test_readme_python_quickstart_runs_as_written(tmp_path):
     import re
 

@@ -4,6 +4,7 @@ import keras
 import numpy as np
 from keras import ops
 
+from keras_snapshot import _scoring
 from keras_snapshot._checks import check_in_range
 from keras_snapshot._checks import check_positive_int
 from keras_snapshot.layers import temperature_logits
@@ -185,12 +186,11 @@ def teacher_probabilities(
                     f"'probabilities' key (keys {sorted(output)})."
                 )
             output = output["probabilities"]
-        output = np.asarray(output, dtype=np.float64)
-        if from_logits:
-            output = temperature_softmax(output, 1.0, from_logits=True)
-        elif output.ndim != 2 or not (
-            np.all(output >= -1e-6)
-            and np.allclose(output.sum(axis=-1), 1.0, atol=1e-3)
+        output = _scoring.probabilities(output, from_logits)
+        if not from_logits and (
+            output.ndim != 2
+            or not np.all(output >= -1e-6)
+            or not np.allclose(output.sum(axis=-1), 1.0, atol=1e-3)
         ):
             raise ValueError(
                 f"The teacher {model.name!r} does not output class "

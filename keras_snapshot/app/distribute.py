@@ -104,7 +104,8 @@ def get_strategy(
     if name != "default" and backend != "tensorflow":
         raise ValueError(
             f"The {name!r} strategy needs KERAS_BACKEND=tensorflow; on JAX "
-            f"use 'data_parallel'. Received: backend {backend!r}"
+            "use 'data_parallel' (keras.distribution.DataParallel). "
+            f"Received: backend {backend!r}"
         )
     import tensorflow as tf
 

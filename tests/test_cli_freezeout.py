@@ -82,7 +82,7 @@ def test_report_keys_and_scores(fo_run, fo_output):
         )
         probs = model.predict(data.x_test, verbose=0)
         assert report["test"][name]["error"] == pytest.approx(
-            metrics.error_rate(probs, data.y_test)
+            metrics.evaluate_predictions(probs, data.y_test)["error"]
         )
     assert not os.path.exists(os.path.join(run_dir, "snapshots"))
 

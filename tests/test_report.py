@@ -473,10 +473,10 @@ def test_report_json_keys_hold_the_exported_and_single_models(tiny_run):
     }
     for key, p in probs.items():
         assert test[key]["error"] == pytest.approx(
-            metrics.error_rate(p, data.y_test), abs=1e-9
+            metrics.evaluate_predictions(p, data.y_test)["error"], abs=1e-9
         )
         assert test[key]["nll"] == pytest.approx(
-            metrics.negative_log_likelihood(p, data.y_test), rel=1e-3
+            metrics.evaluate_predictions(p, data.y_test)["nll"], rel=1e-3
         )
     for key in ("final_single", "baseline"):
         recomputed = metrics.mcnemar_test(

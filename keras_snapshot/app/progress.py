@@ -73,8 +73,6 @@ class CommandProgress:
             self._bar = keras.utils.Progbar(
                 self.total_epochs,
                 interval=0.0,
-                stateful_metrics=None,
-                stateless_metrics=[],
                 unit_name="epoch",
             )
             self._stdout = sys.stdout
@@ -82,6 +80,9 @@ class CommandProgress:
         self._current = min(current, self.total_epochs)
         if logs:
             self._values = [(k, float(v)) for k, v in logs.items()]
+            # Shown as the epoch's value, not averaged over epochs (the
+            # `stateless_metrics` argument is Keras 3.9+).
+            self._bar.stateful_metrics.update(logs)
         self._draw()
 
     def _draw(self) -> None:
